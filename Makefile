@@ -1,0 +1,29 @@
+# The two commands of the README: `make demo` and `make test`. Both set up .venv first.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# Pinned CPU wheel: an unpinned torch pulls a several-GB CUDA build. GPU users install their torch
+# into .venv first (see README); `setup` keeps any torch that is already there.
+TORCH  ?= torch==2.13.0
+
+.PHONY: setup demo test test-fast bench clean-demo
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH)"
+	$(PIP) install -q -e ".[test,onnx,deepspeed]"
+	touch $@
+
+demo: setup
+	$(VENV)/bin/emformer demo
+
+test: setup
+	$(PY) -m pytest -q tests
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow and not slurm" tests
+
+bench: setup
+	$(PY) benchmarks/run_all.py

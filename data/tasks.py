@@ -1,0 +1,126 @@
+"""Task specs: what distribution of clustering episodes to draw (DESIGN §1).
+
+A `TaskSpec` is a plain dataclass so that it can be a config group (`task/`) in OmegaConf structured
+configs and also be built directly in Python. Ranges are expressed by an optional `*_max` field: `n=64`
+alone is fixed, `n=64, n_max=128` draws n uniformly in [64, 128] and pads to 128 with a mask.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from emformer.errors import ConfigError
+
+WEIGHT_MODES = ("uniform", "dirichlet", "range")
+NOISE_MODES = ("isotropic", "diagonal", "student_t")
+INIT_MODES = ("noisy_truth", "kmeans++", "spectral", "none")
+
+
+@dataclass
+class TaskSpec:
+    """One distribution of GMM clustering episodes. Field docs are the help text."""
+
+    k: int = 3
+    """number of clusters (the minimum when k_max is set)"""
+    k_max: Optional[int] = None
+    """if set, k is uniform in [k, k_max] and centroids are padded to k_max with a mask"""
+    d: int = 8
+    """dimension of the data"""
+    d_max: Optional[int] = None
+    """if set, points are zero-padded up to d_max coordinates (d itself stays fixed)"""
+    n: int = 128
+    """points per episode (the minimum when n_max is set)"""
+    n_max: Optional[int] = None
+    """if set, n is uniform in [n, n_max] and points are padded to n_max with a mask"""
+    separation: float = 4.0
+    """Δ = min_{a≠b} ‖μ_a − μ_b‖ / σ, hit exactly (the minimum when separation_max is set)"""
+    separation_max: Optional[float] = None
+    """if set, Δ is uniform in [separation, separation_max]"""
+    sigma: float = 1.0
+    """noise scale σ"""
+    weights: str = "uniform"
+    """mixing weights: uniform | dirichlet (weights_alpha) | range (uniform in [weights_lo, weights_hi], normalised)"""
+    weights_alpha: float = 1.0
+    weights_lo: float = 0.5
+    weights_hi: float = 2.0
+    noise: str = "isotropic"
+    """isotropic (σ I) | diagonal (per-axis scales σ·r, log r uniform in ±log diag_ratio) | student_t (noise_df)"""
+    noise_df: float = 5.0
+    """degrees of freedom of Student-t noise (> 2: scaled to unit variance per axis)"""
+    diag_ratio: float = 2.0
+    """largest per-axis scale factor for diagonal noise"""
+    init: str = "noisy_truth"
+    """initial centroids: noisy_truth (true means + noise of relative size init_noise) | kmeans++ | spectral | none"""
+    init_noise: float = 0.3
+    """ρ: noisy_truth adds Gaussian noise of expected norm ρ·Δ·σ to each true mean"""
+
+    # ------------------------------------------------------------------ derived sizes (padded shapes)
+    @property
+    def k_pad(self) -> int:
+        return self.k_max if self.k_max is not None else self.k
+
+    @property
+    def n_pad(self) -> int:
+        return self.n_max if self.n_max is not None else self.n
+
+    @property
+    def d_pad(self) -> int:
+        return self.d_max if self.d_max is not None else self.d
+
+    def validate(self, prefix: str = "task") -> "TaskSpec":
+        """Raise ConfigError naming the first bad key; return self so calls chain."""
+
+        def bad(key: str, expected: str) -> ConfigError:
+            return ConfigError(f"{prefix}.{key}: expected {expected}, got {getattr(self, key)!r}")
+
+        if self.k < 2:
+            raise bad("k", "an integer >= 2")
+        if self.k_max is not None and self.k_max < self.k:
+            raise bad("k_max", f"null or an integer >= task.k ({self.k})")
+        if self.d < 1:
+            raise bad("d", "an integer >= 1")
+        if self.d_max is not None and self.d_max < self.d:
+            raise bad("d_max", f"null or an integer >= task.d ({self.d})")
+        if self.n < self.k_pad:
+            raise bad("n", f"an integer >= the number of clusters ({self.k_pad})")
+        if self.n_max is not None and self.n_max < self.n:
+            raise bad("n_max", f"null or an integer >= task.n ({self.n})")
+        if not (self.separation > 0 and math.isfinite(self.separation)):
+            raise bad("separation", "a finite number > 0")
+        if self.separation_max is not None and not (self.separation <= self.separation_max < math.inf):
+            raise bad("separation_max", f"null or a finite number >= task.separation ({self.separation})")
+        if not (self.sigma > 0 and math.isfinite(self.sigma)):
+            raise bad("sigma", "a finite number > 0")
+        if self.weights not in WEIGHT_MODES:
+            raise bad("weights", f"one of {', '.join(WEIGHT_MODES)}")
+        if not self.weights_alpha > 0:
+            raise bad("weights_alpha", "a number > 0")
+        if not self.weights_lo > 0:
+            raise bad("weights_lo", "a number > 0 (weights must be positive)")
+        if not self.weights_hi >= self.weights_lo:
+            raise bad("weights_hi", f"a number >= task.weights_lo ({self.weights_lo})")
+        if self.noise not in NOISE_MODES:
+            raise bad("noise", f"one of {', '.join(NOISE_MODES)}")
+        if self.noise == "student_t" and not self.noise_df > 2:
+            raise bad("noise_df", "a number > 2 (finite variance)")
+        if not self.diag_ratio >= 1:
+            raise bad("diag_ratio", "a number >= 1")
+        if self.init not in INIT_MODES:
+            raise bad("init", f"one of {', '.join(INIT_MODES)}")
+        if not self.init_noise >= 0:
+            raise bad("init_noise", "a number >= 0")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], where: str = "task") -> "TaskSpec":
+        """Build from a plain dict (a manifest, an export config.json), refusing unknown keys."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"{where}: unknown task key(s) {unknown}; known keys are {sorted(known)}")
+        return cls(**values).validate(where)

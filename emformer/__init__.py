@@ -1,0 +1,19 @@
+"""emformer: transformers that cluster Gaussian mixtures in context.
+
+`from emformer import Clusterer` loads an exported model without importing lightning or deepspeed.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+__all__ = ["Clusterer", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy so that `import emformer` stays cheap for every subcommand.
+    if name == "Clusterer":
+        from emformer.models.clusterer import Clusterer
+
+        return Clusterer
+    raise AttributeError(f"module 'emformer' has no attribute {name!r}")

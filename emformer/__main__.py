@@ -1,0 +1,3 @@
+from emformer.train.cli import main
+
+raise SystemExit(main())

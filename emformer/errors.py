@@ -1,0 +1,17 @@
+"""Errors that users see. Each names the file or key at fault and what was expected."""
+
+
+class EmformerError(Exception):
+    """Base class: the CLI prints these as one clear line, without a traceback."""
+
+
+class ConfigError(EmformerError):
+    """A config key is unknown, mistyped or out of range."""
+
+
+class DataError(EmformerError):
+    """A shard, manifest or input array is missing, corrupt or inconsistent with the config."""
+
+
+class CheckpointError(EmformerError):
+    """A checkpoint is corrupt or does not fit the model being built."""

@@ -1,0 +1,333 @@
+"""Run configuration: dataclasses merged with YAML files and `key=value` overrides by OmegaConf.
+
+The schema is the dataclasses below (struct mode: an unknown or mistyped key is an error that names it).
+A YAML file may start with a `defaults:` mapping that selects files from config groups, e.g.
+
+    defaults: {task: k3_d8, model: small, strategy: ddp}
+
+and a command-line `group=name` override (no dot, value a file in `configs/<group>/`) does the same, so
+`strategy=deepspeed_zero2` merges `configs/strategy/deepspeed_zero2.yaml` into the `strategy` section.
+Precedence, lowest first: dataclass defaults < group files < the YAML body < command-line overrides.
+This module must stay light (no torch, no lightning): `generate` and `cluster` import it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from emformer.data.tasks import TaskSpec
+from emformer.errors import ConfigError
+
+GROUPS = ("task", "model", "data", "optim", "trainer", "strategy", "wandb", "eval")
+SOURCES = ("fresh", "pool", "shards")
+STRATEGIES = ("auto", "ddp", "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3")
+
+
+@dataclass
+class ModelConfig:
+    depth: int = 4
+    """L: number of transformer blocks"""
+    heads: int = 4
+    """M: attention heads per block"""
+    width: int = 64
+    """D: residual stream width (must be divisible by heads)"""
+    mlp_ratio: int = 4
+    """hidden width of each MLP as a multiple of D"""
+    dropout: float = 0.0
+    centroid_head: bool = False
+    """also read out refined centroids (trained with a matched-mean MSE term)"""
+
+
+@dataclass
+class DataConfig:
+    source: str = "fresh"
+    """fresh: new episodes every step (N = ∞) | pool: a finite pool of pool_size episodes | shards: read shards_dir"""
+    pool_size: int = 0
+    """N, the number of distinct pre-training episodes when source=pool"""
+    shards_dir: Optional[str] = None
+    """directory written by `emformer generate` when source=shards"""
+    seed: int = 0
+    """seed of the training episodes (the eval set uses eval.seed)"""
+    batch_size: int = 64
+    """episodes per step per rank"""
+    num_workers: int = 0
+    """dataloader worker processes per rank"""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.95
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    """cosine decay ends at lr * min_lr_ratio at trainer.max_steps"""
+    grad_clip: float = 1.0
+    """gradient-norm clipping (0 disables)"""
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 2000
+    val_every: int = 250
+    log_every: int = 25
+    ckpt_every: int = 250
+    accelerator: str = "auto"
+    """auto | cpu | gpu"""
+    devices: int = 1
+    num_nodes: int = 1
+    precision: str = "auto"
+    """auto (bf16-mixed on GPUs that support it, else 32) | 32 | bf16-mixed | 16-mixed"""
+    seed: int = 0
+    """seed of the model initialisation"""
+    threads: int = 0
+    """torch CPU threads per process (0: torch's default)"""
+    progress: bool = True
+
+
+@dataclass
+class StrategyConfig:
+    name: str = "ddp"
+    """auto | ddp | deepspeed_zero1 | deepspeed_zero2 | deepspeed_zero3"""
+    find_unused_parameters: bool = False
+    offload_optimizer: bool = False
+    """DeepSpeed only: keep optimizer state in CPU memory"""
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"
+    """offline (default, no network) | online (needs a key) | disabled"""
+    project: str = "emformer"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class EvalConfig:
+    seed: int = 1_000_003
+    """seed of the fixed eval set (distinct from data.seed)"""
+    episodes: int = 512
+    em_iters: int = 10
+    """iterations of the EM and Lloyd baselines"""
+    batch_size: int = 256
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    task: TaskSpec = field(default_factory=TaskSpec)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# Sections that do not change what a run computes, so they stay out of its hash and name.
+_UNHASHED = ("wandb",)
+_UNHASHED_TRAINER = ("progress", "threads")
+
+
+def configs_root(config_path: Path) -> Path:
+    """The folder holding config groups: the nearest ancestor of the file with a `task/` or `model/` dir."""
+    for folder in [config_path.parent, *config_path.parent.parents]:
+        if (folder / "task").is_dir() or (folder / "model").is_dir():
+            return folder
+    return config_path.parent
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys at the top level, got {type(data).__name__}")
+    return data
+
+
+def _group_file(root: Path, group: str, choice: str, where: str) -> dict[str, Any]:
+    path = root / group / f"{choice}.yaml"
+    if not path.is_file():
+        options = sorted(p.stem for p in (root / group).glob("*.yaml")) if (root / group).is_dir() else []
+        raise ConfigError(f"{where}: no config '{choice}' in group '{group}' ({root / group}); options: {options}")
+    return _read_yaml(path)
+
+
+def _merge(base: DictConfig, update: Any, where: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, update)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{where}: {_describe(exc)}") from None
+
+
+def _describe(exc: OmegaConfBaseException) -> str:
+    key = getattr(exc, "full_key", None)
+    message = str(exc).splitlines()[0]
+    if "not in struct" in message or "Key '" in message and "not" in message:
+        return f"unknown key '{key}'" if key else message
+    return f"bad value for '{key}': {message}" if key else message
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:
+    """Schema defaults < `defaults:` groups < YAML body < overrides; validated; struct mode."""
+    cfg = OmegaConf.structured(RunConfig)
+    OmegaConf.set_struct(cfg, True)
+    root = Path("configs")
+    body: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        body = _read_yaml(path)
+        root = configs_root(path)
+        defaults = body.pop("defaults", {}) or {}
+        if not isinstance(defaults, dict):
+            raise ConfigError(f"{path}: 'defaults' must be a mapping like {{task: k3_d8, model: small}}")
+        for group, choice in defaults.items():
+            if group not in GROUPS:
+                raise ConfigError(f"{path}: defaults names unknown group '{group}'; groups are {list(GROUPS)}")
+            cfg = _merge(cfg, {group: _group_file(root, group, str(choice), str(path))}, str(root / group / f"{choice}.yaml"))
+        cfg = _merge(cfg, body, str(path))
+    dotted = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}': expected key=value, e.g. model.depth=4")
+        key, value = item.split("=", 1)
+        if "." not in key and key in GROUPS and not isinstance(OmegaConf.select(cfg, key), (int, float, str)):
+            cfg = _merge(cfg, {key: _group_file(root, key, value, f"override '{item}'")}, f"override '{item}'")
+        else:
+            dotted.append(item)
+    if dotted:
+        try:
+            cli = OmegaConf.from_dotlist(dotted)
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"overrides {dotted}: {_describe(exc)}") from None
+        cfg = _merge(cfg, cli, "command-line override")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: DictConfig) -> None:
+    """Range checks the type system cannot express; each error names its key."""
+    task = to_task_spec(cfg)
+    task.validate()
+
+    def need(ok: bool, key: str, expected: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key}: expected {expected}, got {OmegaConf.select(cfg, key)!r}")
+
+    m, d, o, t, e = cfg.model, cfg.data, cfg.optim, cfg.trainer, cfg.eval
+    need(m.depth >= 1, "model.depth", "an integer >= 1")
+    need(m.heads >= 1, "model.heads", "an integer >= 1")
+    need(m.width >= 1 and m.width % m.heads == 0, "model.width", f"a positive multiple of model.heads ({m.heads})")
+    need(m.mlp_ratio >= 1, "model.mlp_ratio", "an integer >= 1")
+    need(0 <= m.dropout < 1, "model.dropout", "a number in [0, 1)")
+    need(d.source in SOURCES, "data.source", f"one of {', '.join(SOURCES)}")
+    need(d.source != "pool" or d.pool_size >= 1, "data.pool_size", "an integer >= 1 when data.source=pool")
+    need(d.source != "shards" or bool(d.shards_dir), "data.shards_dir", "a directory when data.source=shards")
+    need(d.seed >= 0, "data.seed", "an integer >= 0")
+    need(d.batch_size >= 1, "data.batch_size", "an integer >= 1")
+    need(d.num_workers >= 0, "data.num_workers", "an integer >= 0")
+    need(o.lr > 0, "optim.lr", "a number > 0")
+    need(o.warmup_steps >= 0, "optim.warmup_steps", "an integer >= 0")
+    need(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "a number in [0, 1]")
+    need(o.grad_clip >= 0, "optim.grad_clip", "a number >= 0")
+    need(t.max_steps >= 1, "trainer.max_steps", "an integer >= 1")
+    for key in ("val_every", "log_every", "ckpt_every"):
+        need(t[key] >= 1, f"trainer.{key}", "an integer >= 1")
+    need(t.accelerator in ("auto", "cpu", "gpu", "cuda"), "trainer.accelerator", "auto, cpu or gpu")
+    need(t.devices >= 1, "trainer.devices", "an integer >= 1")
+    need(t.num_nodes >= 1, "trainer.num_nodes", "an integer >= 1")
+    need(t.precision in ("auto", "32", "bf16-mixed", "16-mixed"), "trainer.precision", "auto, 32, bf16-mixed or 16-mixed")
+    need(cfg.strategy.name in STRATEGIES, "strategy.name", f"one of {', '.join(STRATEGIES)}")
+    need(cfg.wandb.mode in ("offline", "online", "disabled"), "wandb.mode", "offline, online or disabled")
+    need(e.episodes >= 1, "eval.episodes", "an integer >= 1")
+    need(e.em_iters >= 1, "eval.em_iters", "an integer >= 1")
+    need(e.seed != d.seed, "eval.seed", f"a seed different from data.seed ({d.seed}) so eval episodes are unseen")
+
+
+def to_task_spec(cfg: DictConfig) -> TaskSpec:
+    return TaskSpec(**OmegaConf.to_container(cfg.task, resolve=True))
+
+
+def to_dict(cfg: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def config_hash(cfg: DictConfig | dict[str, Any]) -> str:
+    """8 hex digits identifying what a run computes (wandb and console settings excluded)."""
+    values = to_dict(cfg) if isinstance(cfg, DictConfig) else json.loads(json.dumps(cfg))
+    for key in _UNHASHED:
+        values.pop(key, None)
+    values.pop("name", None)
+    for key in _UNHASHED_TRAINER:
+        values.get("trainer", {}).pop(key, None)
+    blob = json.dumps(values, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:8]
+
+
+def run_name(cfg: DictConfig) -> str:
+    return f"{cfg.name}-{config_hash(cfg)}"
+
+
+def save_yaml(cfg: DictConfig, path: Path) -> None:
+    """Write the resolved config atomically."""
+    from emformer.data.atomic import atomic_write_text
+
+    atomic_write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def schema_help() -> str:
+    """Every key with its default and help text, for `emformer train --help-config`."""
+    lines = []
+
+    def walk(cls: type, prefix: str) -> None:
+        docs = _field_docs(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(f.type) or (isinstance(f.type, str) and f.name in GROUPS):
+                sub = {"task": TaskSpec, "model": ModelConfig, "data": DataConfig, "optim": OptimConfig,
+                       "trainer": TrainerConfig, "strategy": StrategyConfig, "wandb": WandbConfig,
+                       "eval": EvalConfig}[f.name]
+                walk(sub, f"{prefix}{f.name}.")
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            doc = docs.get(f.name, "")
+            lines.append(f"{prefix}{f.name} = {default!r}" + (f"    # {doc}" if doc else ""))
+
+    walk(RunConfig, "")
+    return "\n".join(lines)
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings (the string right after a field) as help text."""
+    import ast
+    import inspect
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
+    docs: dict[str, str] = {}
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr) \
+                and isinstance(getattr(nxt, "value", None), ast.Constant) and isinstance(nxt.value.value, str):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
