@@ -1,0 +1,191 @@
+"""The training stream: whole batches of episodes, split by global rank and dataloader worker (DESIGN §5, §6).
+
+`EpisodeStream` is one IterableDataset with three sources:
+
+- `fresh`: new episodes every step (N = ∞). Batch g of rank r holds episodes (g*world + r)*B + b, b < B, of
+  `seed`, so 2 ranks with batch B see exactly what 1 rank with batch 2B sees.
+- `pool`: a finite pool of exactly N distinct episodes, sample_episodes(spec, seed, range(N)). Global position
+  p = (g*world + r)*B + b is in epoch e = p // N and takes pool episode perm_e[p % N], perm_e a permutation of
+  range(N) seeded by (seed, e): every epoch visits each pool episode exactly once, across all ranks.
+- `shards`: episodes read from a directory written by `emformer generate` (manifest verified on open). The
+  training (infinite) mode resamples them exactly like `pool` (N = episodes in the manifest), reading each
+  episode by random access, so it has the same guarantees. `finite=True` yields each episode exactly once,
+  shards split across (rank, worker) readers (shard j goes to reader j % readers), then stops.
+
+Batches are yielded whole: use `DataLoader(stream, batch_size=None, num_workers=W)`. Worker w of W produces
+batches g = start_step + w, start_step + w + W, ..., so the DataLoader's in-order round robin over workers
+reproduces g = start_step, start_step + 1, ... whatever W is; `start_step` lets a resumed run continue
+exactly where it stopped. Batch g is a pure function of (spec, source, seed, batch_size, N, rank, world, g).
+
+This module stays light (torch + numpy, no lightning): `generate` and tests import it.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from emformer.data.episodes import EPISODE_KEYS, Batch, sample_episodes
+from emformer.data.tasks import TaskSpec
+from emformer.errors import ConfigError
+
+SOURCES = ("fresh", "pool", "shards")
+# A pool is generated once per process and kept in memory when it fits in this budget; above it, pool
+# episodes are regenerated from (seed, index) on demand (identical values, as episodes are pure functions).
+POOL_CACHE_BYTES = int(os.environ.get("EMFORMER_POOL_CACHE_MB", "2048")) * 2**20
+_POOL_CACHE: dict[tuple[str, int, int], Batch] = {}
+
+
+def resolve_rank(rank: Optional[int] = None, world_size: Optional[int] = None) -> tuple[int, int]:
+    """(rank, world): the arguments if given, else torch.distributed if initialised, else env RANK/WORLD_SIZE."""
+    if rank is None or world_size is None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            found = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        else:
+            found = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        rank = found[0] if rank is None else rank
+        world_size = found[1] if world_size is None else world_size
+    if not (world_size >= 1 and 0 <= rank < world_size):
+        raise ConfigError(f"rank/world_size: expected 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    return int(rank), int(world_size)
+
+
+def epoch_permutation(seed: int, epoch: int, size: int) -> torch.Tensor:
+    """perm_e: a permutation of range(size) that depends only on (seed, epoch)."""
+    # SeedSequence mixes (seed, epoch, tag) into a key: the tag keeps these streams apart from the episodes'
+    # Philox keys (seed, index). (A raw Philox key >= 2**63 is silently collapsed by numpy: avoid raw keys.)
+    rng = np.random.Generator(np.random.Philox(np.random.SeedSequence([int(seed), int(epoch), 0x5045524D])))
+    return torch.from_numpy(rng.permutation(size))
+
+
+def resampled_indices(seed: int, size: int, start: int, count: int) -> torch.Tensor:
+    """Episode indices at global positions start .. start+count-1 of the epoch-permuted stream over range(size)."""
+    positions = torch.arange(start, start + count)
+    out = torch.empty(count, dtype=torch.long)
+    epochs = positions // size
+    for epoch in torch.unique(epochs).tolist():
+        sel = epochs == epoch
+        out[sel] = epoch_permutation(seed, int(epoch), size)[positions[sel] % size]
+    return out
+
+
+def episode_bytes(spec: TaskSpec) -> int:
+    """Approximate memory of one padded episode (for the pool cache budget)."""
+    k, n, d = spec.k_pad, spec.n_pad, spec.d_pad
+    return 4 * (n * d + 3 * k * d + k + d) + 9 * n + k + 8 * 8
+
+
+def pool_episodes(spec: TaskSpec, seed: int, size: int) -> Optional[Batch]:
+    """The whole pool sample_episodes(spec, seed, range(size)), generated once per process; None if too big."""
+    if size * episode_bytes(spec) > POOL_CACHE_BYTES:
+        return None
+    key = (json.dumps(spec.to_dict(), sort_keys=True), seed, size)
+    if key not in _POOL_CACHE:
+        chunks = [sample_episodes(spec, seed, range(lo, min(lo + 4096, size))) for lo in range(0, size, 4096)]
+        _POOL_CACHE[key] = {name: torch.cat([c[name] for c in chunks]) for name in chunks[0]}
+    return _POOL_CACHE[key]
+
+
+def select(batch: Batch, rows: torch.Tensor) -> Batch:
+    """Rows of a batch (every tensor indexed along its first dimension)."""
+    return {name: value.index_select(0, rows) for name, value in batch.items()}
+
+
+class EpisodeStream(IterableDataset):
+    """Whole batches of episodes forever (or once, for `finite` shards); see the module doc for the order."""
+
+    def __init__(self, spec: TaskSpec, *, source: str = "fresh", seed: int, batch_size: int, pool_size: int = 0,
+                 shards_dir: Optional[str | os.PathLike] = None, start_step: int = 0, rank: Optional[int] = None,
+                 world_size: Optional[int] = None, finite: bool = False, verify: bool = True) -> None:
+        super().__init__()
+        if source not in SOURCES:
+            raise ConfigError(f"data.source: expected one of {', '.join(SOURCES)}, got {source!r}")
+        if batch_size < 1:
+            raise ConfigError(f"data.batch_size: expected an integer >= 1, got {batch_size!r}")
+        if seed < 0:
+            raise ConfigError(f"data.seed: expected an integer >= 0, got {seed!r}")
+        if start_step < 0:
+            raise ConfigError(f"start_step: expected an integer >= 0, got {start_step!r}")
+        if source == "pool" and pool_size < 1:
+            raise ConfigError(f"data.pool_size: expected an integer >= 1 when data.source=pool, got {pool_size!r}")
+        if source == "shards" and not shards_dir:
+            raise ConfigError("data.shards_dir: expected a directory when data.source=shards, got None")
+        if finite and source != "shards":
+            raise ConfigError(f"finite: only data.source=shards has a finite mode (use eval_set for {source})")
+        self.spec = spec.validate()
+        self.source, self.seed, self.batch_size = source, int(seed), int(batch_size)
+        self.pool_size, self.start_step, self.finite = int(pool_size), int(start_step), finite
+        self.rank, self.world_size = resolve_rank(rank, world_size)
+        self.shards_dir = None if shards_dir is None else os.fspath(shards_dir)
+        self._reader: Any = None
+        if source == "shards":
+            from emformer.data.shards import ShardReader
+
+            # Verified here, in the main process, so errors surface before workers start.
+            self._reader = ShardReader(self.shards_dir, spec=self.spec, verify=verify)
+            self.pool_size = self._reader.episodes
+
+    # ------------------------------------------------------------------ one batch
+    def batch(self, step: int) -> Batch:
+        """Batch number `step` of this rank (infinite modes): a pure function of the stream's settings."""
+        first = (step * self.world_size + self.rank) * self.batch_size
+        if self.source == "fresh":
+            return sample_episodes(self.spec, self.seed, range(first, first + self.batch_size))
+        indices = resampled_indices(self.seed, self.pool_size, first, self.batch_size)
+        if self.source == "shards":
+            return self._reader.read(indices)
+        pool = pool_episodes(self.spec, self.seed, self.pool_size)
+        if pool is None:
+            return sample_episodes(self.spec, self.seed, indices)
+        return select(pool, indices)
+
+    # ------------------------------------------------------------------ iteration
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if self.finite:
+            yield from self._reader.iter_finite(self.rank * workers + worker, self.world_size * workers,
+                                                self.batch_size)
+            return
+        step = self.start_step + worker
+        while True:
+            yield self.batch(step)
+            step += workers
+
+
+def eval_set(spec: TaskSpec, seed: int, episodes: int) -> Batch:
+    """A fixed finite set: sample_episodes(spec, seed, range(episodes))."""
+    if episodes < 1:
+        raise ConfigError(f"eval.episodes: expected an integer >= 1, got {episodes!r}")
+    return sample_episodes(spec, seed, range(episodes))
+
+
+def pool_eval_set(cfg: Any) -> Batch:
+    """Up to cfg.eval.episodes of the *training* episodes, to measure the train/test gap.
+
+    fresh: episodes 0.. of data.seed (the first ones trained on) · pool: the first pool episodes ·
+    shards: the first episodes of the manifest.
+    """
+    from emformer.train.config import to_task_spec
+
+    spec = to_task_spec(cfg).validate()
+    data, wanted = cfg.data, int(cfg.eval.episodes)
+    if data.source == "pool":
+        wanted = min(wanted, int(data.pool_size))
+        pool = pool_episodes(spec, int(data.seed), int(data.pool_size))
+        if pool is not None:
+            return {name: value[:wanted].clone() for name, value in pool.items()}
+    if data.source == "shards":
+        from emformer.data.shards import ShardReader
+
+        reader = ShardReader(data.shards_dir, spec=spec)
+        return reader.read(torch.arange(min(wanted, reader.episodes)))
+    return sample_episodes(spec, int(data.seed), range(wanted))
+
+
+__all__ = ["EpisodeStream", "eval_set", "pool_eval_set", "resolve_rank", "epoch_permutation",
+           "resampled_indices", "pool_episodes", "EPISODE_KEYS"]

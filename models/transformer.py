@@ -1,0 +1,164 @@
+"""The clustering transformer of DESIGN §2, top to bottom like the math.
+
+An episode is n points x_1..x_n in R^d and k initial centroids m_1..m_k. Every one becomes a token:
+
+    point token     t_i = E x_i + e_point                    (E: one linear map shared by points and centroids)
+    centroid token  c_j = E m_j + e_centroid                 (or a learned slot vector s_j when there is no init)
+
+The n + k tokens go through L pre-LN blocks (multi-head softmax self-attention, then an MLP, each added to
+the residual stream); padded points and padded clusters are masked out as keys. After a final LayerNorm,
+point i scores centroid token j:
+
+    logits_ij = <W_q h_i, W_k c_j> / sqrt(D)                 (padded clusters: -inf)
+
+so softmax_j(logits_ij) is a soft assignment, the role of the E-step. An optional head reads refined
+centroids m_j + W_c c_j (the M-step). There is no positional encoding, so permuting the points permutes the
+output rows and nothing else. This file imports torch only (no lightning): export and `cluster` use it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class TransformerConfig:
+    """Everything needed to rebuild the model (stored in checkpoints and exports)."""
+
+    d_in: int = 8
+    """input dimension (the task's padded d)"""
+    k_max: int = 3
+    """number of centroid tokens (the task's padded k)"""
+    depth: int = 4
+    heads: int = 4
+    width: int = 64
+    mlp_ratio: int = 4
+    dropout: float = 0.0
+    centroid_head: bool = False
+    learned_centroids: bool = False
+    """init = none: centroid tokens are learned slot vectors instead of embedded initial centroids"""
+
+    @classmethod
+    def from_run_config(cls, cfg: Any) -> "TransformerConfig":
+        """From a RunConfig (DictConfig or plain dict): model section + the task's padded sizes."""
+        task, model = cfg["task"], cfg["model"]
+        k_pad = task["k_max"] if task.get("k_max") is not None else task["k"]
+        d_pad = task["d_max"] if task.get("d_max") is not None else task["d"]
+        return cls(d_in=int(d_pad), k_max=int(k_pad), depth=int(model["depth"]), heads=int(model["heads"]),
+                   width=int(model["width"]), mlp_ratio=int(model["mlp_ratio"]), dropout=float(model["dropout"]),
+                   centroid_head=bool(model["centroid_head"]), learned_centroids=task["init"] == "none")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TransformerConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown TransformerConfig key(s) {unknown}; known keys are {sorted(known)}")
+        return cls(**values)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head softmax attention over all tokens; `keep [B, T]` says which tokens may be attended to."""
+
+    def __init__(self, width: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        batch, tokens, width = x.shape
+        q, k, v = self.qkv(x).split(width, dim=-1)
+        shape = (batch, tokens, self.heads, width // self.heads)
+        q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))  # [B, M, T, D/M]
+        attn_mask = keep[:, None, None, :]  # True = may attend; broadcast over heads and queries
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(batch, tokens, width))
+
+
+class MLP(nn.Module):
+    def __init__(self, width: int, ratio: int, dropout: float) -> None:
+        super().__init__()
+        self.up = nn.Linear(width, ratio * width)
+        self.down = nn.Linear(ratio * width, width)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.down(F.gelu(self.up(x))))
+
+
+class Block(nn.Module):
+    """Pre-LN: x + attn(LN(x)), then x + mlp(LN(x))."""
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.ln_attn = nn.LayerNorm(cfg.width)
+        self.attn = SelfAttention(cfg.width, cfg.heads, cfg.dropout)
+        self.ln_mlp = nn.LayerNorm(cfg.width)
+        self.mlp = MLP(cfg.width, cfg.mlp_ratio, cfg.dropout)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_attn(x), keep)
+        return x + self.mlp(self.ln_mlp(x))
+
+
+class ClusterTransformer(nn.Module):
+    """points [B,n,d], mask [B,n], init [B,k,d], kmask [B,k] -> logits [B,n,k] (padded clusters -inf)."""
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        if cfg.width % cfg.heads:
+            raise ValueError(f"width ({cfg.width}) must be a multiple of heads ({cfg.heads})")
+        self.cfg = cfg
+        self.embed = nn.Linear(cfg.d_in, cfg.width)  # shared by points and centroids: same space
+        self.type_point = nn.Parameter(torch.zeros(cfg.width))
+        self.type_centroid = nn.Parameter(torch.zeros(cfg.width))
+        self.slots = nn.Parameter(torch.randn(cfg.k_max, cfg.width) * 0.02) if cfg.learned_centroids else None
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.ln_final = nn.LayerNorm(cfg.width)
+        self.read_point = nn.Linear(cfg.width, cfg.width, bias=False)  # W_q
+        self.read_centroid = nn.Linear(cfg.width, cfg.width, bias=False)  # W_k
+        self.centroid_head = nn.Linear(cfg.width, cfg.d_in) if cfg.centroid_head else None
+        if self.centroid_head is not None:
+            # Start at "refined = init": the head learns a correction.
+            nn.init.zeros_(self.centroid_head.weight)
+            nn.init.zeros_(self.centroid_head.bias)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, points: torch.Tensor, mask: torch.Tensor, init: torch.Tensor,
+                kmask: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_centroids(points, mask, init, kmask)[0]
+
+    def forward_with_centroids(self, points: torch.Tensor, mask: torch.Tensor, init: torch.Tensor,
+                               kmask: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        n = points.shape[1]
+        point_tokens = self.embed(points) + self.type_point
+        if self.slots is None:
+            centroid_tokens = self.embed(init) + self.type_centroid
+        else:
+            centroid_tokens = (self.slots + self.type_centroid).expand(points.shape[0], -1, -1)
+        x = torch.cat([point_tokens, centroid_tokens], dim=1)  # [B, n + k, D]
+        keep = torch.cat([mask, kmask], dim=1).bool()
+        for block in self.blocks:
+            x = block(x, keep)
+        x = self.ln_final(x)
+        h, c = x[:, :n], x[:, n:]
+        logits = self.read_point(h) @ self.read_centroid(c).transpose(1, 2) / math.sqrt(self.cfg.width)
+        logits = logits.masked_fill(~kmask.bool()[:, None, :], float("-inf"))
+        centroids = None
+        if self.centroid_head is not None:
+            centroids = (init + self.centroid_head(c).to(init.dtype)) * kmask[..., None]
+        return logits, centroids

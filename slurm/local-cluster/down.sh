@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Stop the local SLURM started by up.sh: cancel all jobs, then stop slurmd, slurmctld and munged by pid file.
+# Jobs go first: with proctrack/linuxproc a job's slurmstepd outlives slurmd otherwise.
+# KEEP_MUNGE=1 leaves munged running.
+set -uo pipefail
+
+say() { echo "[local-cluster] $*"; }
+
+alive() {  # alive PIDFILE COMM  (same test as up.sh: live, right command name, not a zombie)
+    local pid
+    [ -s "$1" ] || return 1
+    pid=$(cat "$1")
+    [ -r "/proc/$pid/status" ] || return 1
+    [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$2" ] || return 1
+    ! grep -q '^State:[[:space:]]*Z' "/proc/$pid/status"
+}
+
+stop() {  # stop PIDFILE COMM: SIGTERM, wait up to 10 s, then SIGKILL
+    local pid i
+    alive "$1" "$2" || return 0
+    pid=$(cat "$1")
+    say "stopping $2 (pid $pid)"
+    kill -TERM "$pid" 2>/dev/null || return 0
+    for i in $(seq 100); do alive "$1" "$2" || return 0; sleep 0.1; done
+    say "$2 did not stop in 10 s: SIGKILL"
+    kill -KILL "$pid" 2>/dev/null || true
+}
+
+if alive /run/slurm/slurmctld.pid slurmctld && command -v scancel >/dev/null; then
+    if [ -n "$(squeue -h -o %i 2>/dev/null)" ]; then
+        say "cancelling jobs"
+        scancel --full --quiet --user="$(id -un)" 2>/dev/null || scancel --quiet --user="$(id -un)" || true
+        for i in $(seq 100); do [ -z "$(squeue -h -t R,CG -o %i 2>/dev/null)" ] && break; sleep 0.1; done
+    fi
+fi
+stop /run/slurm/slurmd.pid slurmd
+stop /run/slurm/slurmctld.pid slurmctld
+[ "${KEEP_MUNGE:-0}" = 1 ] || stop /run/munge/munged.pid munged
+say "down"

@@ -1,0 +1,153 @@
+"""Episodes: a pure function of (spec, seed, index); Δ, weights, padding and init exactly as the spec says."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from emformer.data.episodes import EPISODE_KEYS, sample_episodes
+from emformer.data.tasks import TaskSpec
+
+VARIABLE = TaskSpec(k=2, k_max=4, d=3, d_max=6, n=16, n_max=32, separation=3.0, separation_max=6.0,
+                    weights="dirichlet", noise="diagonal")
+SPECS = {
+    "fixed": TaskSpec(k=3, d=8, n=64),
+    "variable": VARIABLE,
+    "student_t": TaskSpec(k=2, d=2, n=20, noise="student_t", weights="range", init="none"),
+}
+
+
+def assert_same_episode(batch, row, single):
+    for key in EPISODE_KEYS:
+        assert torch.equal(batch[key][row], single[key][0]), key
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_episode_alone_equals_episode_in_batch(name):
+    spec = SPECS[name]
+    batch = sample_episodes(spec, 11, range(40, 56))
+    for row in (0, 5, 15):
+        assert_same_episode(batch, row, sample_episodes(spec, 11, [40 + row]))
+    again = sample_episodes(spec, 11, torch.tensor([55, 40]))
+    assert_same_episode(batch, 15, {k: v[:1] for k, v in again.items()})
+    assert batch["seed"].eq(11).all() and batch["index"].tolist() == list(range(40, 56))
+
+
+def test_different_seeds_and_indices_differ():
+    spec = SPECS["fixed"]
+    a, b = sample_episodes(spec, 0, range(4)), sample_episodes(spec, 1, range(4))
+    assert not torch.allclose(a["points"], b["points"])
+    assert not torch.allclose(a["points"][0], a["points"][1])
+
+
+@pytest.mark.parametrize("name", ["fixed", "variable"])
+def test_empirical_separation_is_exact(name):
+    spec = SPECS[name]
+    batch = sample_episodes(spec, 3, range(64))
+    means, kmask = batch["means"].double(), batch["kmask"]
+    dist = torch.cdist(means, means)
+    pair = kmask[:, :, None] & kmask[:, None, :] & ~torch.eye(spec.k_pad, dtype=torch.bool)
+    min_dist = dist.masked_fill(~pair, math.inf).amin(dim=(1, 2)) / batch["sigma"].double()
+    torch.testing.assert_close(min_dist, batch["separation"].double(), rtol=1e-5, atol=0)
+    hi = spec.separation_max if spec.separation_max is not None else spec.separation
+    assert batch["separation"].min() >= spec.separation - 1e-5 and batch["separation"].max() <= hi + 1e-5
+    if spec.separation_max is None:
+        assert torch.allclose(batch["separation"], torch.full((64,), spec.separation))
+
+
+def test_uniform_weights_and_label_frequencies():
+    spec = TaskSpec(k=4, d=2, n=4000)
+    batch = sample_episodes(spec, 0, range(8))
+    assert torch.allclose(batch["weights"], torch.full((8, 4), 0.25))
+    freq = torch.nn.functional.one_hot(batch["labels"], 4).float().mean(1)
+    assert (freq - batch["weights"]).abs().max() < 0.035  # 4.5 binomial standard errors at n=4000
+
+
+def test_dirichlet_weights_mean_and_spread():
+    alpha, k, episodes = 2.0, 3, 3000
+    batch = sample_episodes(TaskSpec(k=k, d=1, n=3, weights="dirichlet", weights_alpha=alpha), 0, range(episodes))
+    w = batch["weights"].double()
+    assert torch.allclose(w.sum(1), torch.ones(episodes, dtype=torch.double), atol=1e-6)
+    # Symmetric Dirichlet: each coordinate has mean 1/k and variance (1/k)(1 - 1/k) / (k α + 1).
+    sorted_w = torch.sort(w, dim=1).values  # anchoring permutes components: compare order-free statistics
+    assert abs(w.mean().item() - 1 / k) < 1e-6
+    var = (1 / k) * (1 - 1 / k) / (k * alpha + 1)
+    assert abs(w.var().item() - var) < 0.1 * var
+    assert sorted_w[:, 0].min() > 0
+
+
+def test_range_weights_stay_in_their_ratio():
+    spec = TaskSpec(k=3, d=2, n=10, weights="range", weights_lo=1.0, weights_hi=3.0)
+    w = sample_episodes(spec, 0, range(2000))["weights"]
+    ratio = w.max(1).values / w.min(1).values
+    assert ratio.max() <= 3.0 + 1e-5 and ratio.max() > 2.5  # the full range is used
+    # unnormalised u ~ U[1, 3]: the mean weight is 1/k and the spread is visible
+    assert abs(w.mean().item() - 1 / 3) < 1e-6 and w.std() > 0.05
+
+
+def test_variable_sizes_are_padded_with_masks():
+    spec = VARIABLE
+    b = sample_episodes(spec, 5, range(200))
+    assert b["points"].shape == (200, 32, 6) and b["means"].shape == (200, 4, 6) and b["init"].shape == (200, 4, 6)
+    assert b["labels"].shape == (200, 32) and b["kmask"].shape == (200, 4) and b["scales"].shape == (200, 6)
+    assert torch.equal(b["mask"].sum(1), b["n"]) and torch.equal(b["kmask"].sum(1), b["k"])
+    assert set(b["k"].tolist()) == {2, 3, 4} and b["n"].min() == 16 and b["n"].max() == 32
+    assert (b["labels"][~b["mask"]] == -1).all() and (b["points"][~b["mask"]] == 0).all()
+    valid = b["labels"][b["mask"]]
+    k_of_point = b["k"][:, None].expand(-1, 32)[b["mask"]]
+    assert (valid >= 0).all() and (valid < k_of_point).all()
+    assert (b["points"][..., 3:] == 0).all() and (b["means"][..., 3:] == 0).all() and (b["init"][..., 3:] == 0).all()
+    assert (b["means"][~b["kmask"]] == 0).all() and (b["weights"][~b["kmask"]] == 0).all()
+    assert (b["init"][~b["kmask"]] == 0).all()
+    assert torch.allclose(b["weights"].sum(1), torch.ones(200), atol=1e-6)
+    # diagonal noise: per-axis scales in [σ / ratio, σ · ratio], padded axes zero
+    scales = b["scales"][:, :3]
+    assert scales.min() >= 0.5 - 1e-6 and scales.max() <= 2.0 + 1e-6 and (b["scales"][:, 3:] == 0).all()
+
+
+@pytest.mark.parametrize("noise", ["isotropic", "student_t"])
+def test_noise_has_unit_variance_per_axis(noise):
+    spec = TaskSpec(k=2, d=4, n=2000, noise=noise, sigma=1.5, init="none")
+    b = sample_episodes(spec, 0, range(4))
+    centres = torch.gather(b["means"], 1, b["labels"][..., None].expand(-1, -1, 4))
+    residual = (b["points"] - centres) / 1.5
+    assert abs(residual.var().item() - 1.0) < 0.1
+
+
+def test_noisy_truth_init_is_anchored():
+    spec = TaskSpec(k=4, d=8, n=64, init_noise=0.05)
+    b = sample_episodes(spec, 0, range(32))
+    nearest = torch.cdist(b["init"], b["means"]).argmin(-1)  # init slot j sits next to component j
+    assert torch.equal(nearest, torch.arange(4).expand(32, -1))
+    exact = sample_episodes(TaskSpec(k=4, d=8, n=64, init_noise=0.0), 0, range(8))
+    assert torch.equal(exact["init"], exact["means"])
+
+
+def test_init_none_is_zero():
+    b = sample_episodes(SPECS["student_t"], 0, range(4))
+    assert (b["init"] == 0).all()
+
+
+@pytest.mark.parametrize("init", ["kmeans++", "spectral"])
+def test_data_driven_init_modes(init):
+    spec = TaskSpec(k=3, k_max=4, d=3, n=24, n_max=40, separation=6.0, init=init)
+    b = sample_episodes(spec, 2, range(12))
+    assert b["init"].shape == (12, 4, 3) and torch.isfinite(b["init"]).all()
+    assert (b["init"][~b["kmask"]] == 0).all()
+    for row in (0, 7):
+        assert_same_episode(b, row, sample_episodes(spec, 2, [row]))
+    if init == "kmeans++":  # k-means++ seeds are data points of the episode
+        for e in range(12):
+            pts = b["points"][e][b["mask"][e]]
+            dist = (b["init"][e][b["kmask"][e]][:, None] - pts[None]).norm(dim=-1).amin(-1)  # not cdist: mm rounding
+            assert (dist < 1e-5).all()
+    # anchoring: every point's label names an init slot of a real cluster
+    assert (b["labels"][b["mask"]] < b["k"][:, None].expand(-1, 40)[b["mask"]]).all()
+
+
+def test_negative_seed_or_index_is_refused():
+    with pytest.raises(ValueError, match="seed"):
+        sample_episodes(SPECS["fixed"], -1, [0])
+    with pytest.raises(ValueError, match="index"):
+        sample_episodes(SPECS["fixed"], 0, [-3])

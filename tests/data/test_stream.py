@@ -1,0 +1,165 @@
+"""EpisodeStream: batch g of rank r is fixed by (seed, rank, world, g), whatever the workers; no episode is
+duplicated or lost across ranks x workers; a resumed stream continues exactly."""
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from emformer.data import stream as stream_module
+from emformer.data.episodes import EPISODE_KEYS, sample_episodes
+from emformer.data.stream import EpisodeStream, eval_set, pool_eval_set, resolve_rank
+from emformer.data.tasks import TaskSpec
+from emformer.errors import ConfigError, DataError
+from emformer.train.config import load_config
+
+BASE = Path(__file__).resolve().parents[2] / "configs" / "base.yaml"
+SPEC = TaskSpec(k=2, d=2, n=8)
+
+
+def take(stream, steps: int, workers: int = 0) -> list[dict]:
+    batches = iter(DataLoader(stream, batch_size=None, num_workers=workers))
+    try:
+        return list(itertools.islice(batches, steps))
+    finally:
+        # Stop the workers now: left to a later gc cycle (an exception's traceback keeps the iterator alive),
+        # torch's shutdown waits 5 s per worker.
+        getattr(batches, "_shutdown_workers", lambda: None)()
+
+
+def indices(batches) -> list[list[int]]:
+    return [b["index"].tolist() for b in batches]
+
+
+def assert_batches_equal(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        for key in EPISODE_KEYS:
+            assert torch.equal(x[key], y[key]), key
+
+
+def test_fresh_order_ranks_and_batch_split():
+    one = EpisodeStream(SPEC, seed=3, batch_size=8, rank=0, world_size=1)
+    halves = [EpisodeStream(SPEC, seed=3, batch_size=4, rank=r, world_size=2) for r in range(2)]
+    assert indices(take(halves[1], 2)) == [[4, 5, 6, 7], [12, 13, 14, 15]]
+    for g in range(3):
+        whole, parts = one.batch(g), [h.batch(g) for h in halves]
+        for key in EPISODE_KEYS:
+            assert torch.equal(whole[key], torch.cat([p[key] for p in parts])), key
+    assert_batches_equal([one.batch(0)], [sample_episodes(SPEC, 3, range(8))])
+
+
+@pytest.mark.parametrize("source", ["fresh", "pool"])
+def test_worker_count_does_not_change_the_sequence_and_resume_continues(source):
+    make = lambda start=0: EpisodeStream(SPEC, source=source, seed=1, batch_size=4, pool_size=10,
+                                        rank=1, world_size=2, start_step=start)
+    serial = take(make(), 7)
+    assert_batches_equal(take(make(), 7, workers=2), serial)
+    assert_batches_equal(take(make(start=4), 3, workers=2), serial[4:])
+    assert_batches_equal(take(make(start=4), 3), serial[4:])
+
+
+def test_pool_visits_each_episode_once_per_epoch_across_ranks():
+    pool, batch, world = 24, 4, 2  # 3 steps of 2 ranks x 4 = one epoch
+    streams = [EpisodeStream(SPEC, source="pool", seed=5, batch_size=batch, pool_size=pool, rank=r, world_size=world)
+               for r in range(world)]
+    epochs = [sorted(sum((s.batch(g)["index"].tolist() for s in streams for g in steps), []))
+              for steps in (range(0, 3), range(3, 6))]
+    assert epochs == [list(range(pool)), list(range(pool))]
+    first = [streams[0].batch(g)["index"].tolist() for g in range(6)]
+    assert first[:3] != first[3:]  # a fresh permutation each epoch
+    # pool episodes are episodes 0..N-1 of the seed, cached or regenerated alike
+    cached = streams[1].batch(4)
+    assert_batches_equal([cached], [sample_episodes(SPEC, 5, cached["index"])])
+
+
+def test_pool_without_cache_gives_the_same_batches(monkeypatch):
+    make = lambda: EpisodeStream(SPEC, source="pool", seed=2, batch_size=6, pool_size=9)
+    expected = [make().batch(g) for g in range(4)]
+    monkeypatch.setattr(stream_module, "POOL_CACHE_BYTES", 0)
+    assert_batches_equal([make().batch(g) for g in range(4)], expected)
+
+
+def test_shards_infinite_two_ranks_two_workers_no_duplicate_no_gap(shard_dir, small_spec):
+    batch, world, episodes = 4, 2, 96  # 12 steps per rank = one epoch of the 96 episodes
+    per_rank = [take(EpisodeStream(small_spec, source="shards", shards_dir=shard_dir, seed=9, batch_size=batch,
+                                   rank=r, world_size=world), 12, workers=2) for r in range(world)]
+    seen = [i for batches in per_rank for b in batches for i in b["index"].tolist()]
+    assert sorted(seen) == list(range(episodes))
+    b = per_rank[1][5]
+    assert_batches_equal([b], [sample_episodes(small_spec, 7, b["index"])])  # shard seed is 7
+    resumed = take(EpisodeStream(small_spec, source="shards", shards_dir=shard_dir, seed=9, batch_size=batch,
+                                 rank=1, world_size=world, start_step=9), 5)
+    assert indices(resumed[:3]) == indices(per_rank[1][9:12])
+    assert indices(resumed[3:]) != indices(per_rank[1][:2])  # the second epoch is reshuffled
+
+
+def test_shards_finite_two_ranks_two_workers_each_episode_once(shard_dir, small_spec):
+    seen = []
+    for rank in range(2):
+        stream = EpisodeStream(small_spec, source="shards", shards_dir=shard_dir, seed=0, batch_size=5,
+                               rank=rank, world_size=2, finite=True)
+        batches = take(stream, 1000, workers=2)
+        assert all(len(b["index"]) <= 5 for b in batches)
+        seen += [i for b in batches for i in b["index"].tolist()]
+    assert sorted(seen) == list(range(96))
+
+
+def test_fewer_shards_than_readers_is_a_clear_error(shard_dir, small_spec):
+    stream = EpisodeStream(small_spec, source="shards", shards_dir=shard_dir, seed=0, batch_size=5,
+                           rank=3, world_size=5, finite=True)
+    with pytest.raises(DataError, match=r"8 shard\(s\) for 10 readers"):
+        take(stream, 1, workers=2)
+
+
+def test_shards_of_another_task_are_refused(shard_dir):
+    with pytest.raises(DataError, match=r"manifest.json.*d: 4 != 8"):
+        EpisodeStream(TaskSpec(k=3, d=8, n=32, separation=4.0), source="shards", shards_dir=shard_dir,
+                      seed=0, batch_size=4)
+
+
+def test_rank_defaults_and_bad_arguments(monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert resolve_rank() == (1, 3) and resolve_rank(0, 2) == (0, 2)
+    assert EpisodeStream(SPEC, seed=0, batch_size=2).batch(0)["index"].tolist() == [2, 3]
+    with pytest.raises(ConfigError, match="rank"):
+        resolve_rank(2, 2)
+    with pytest.raises(ConfigError, match="data.pool_size"):
+        EpisodeStream(SPEC, source="pool", seed=0, batch_size=2)
+    with pytest.raises(ConfigError, match="data.source"):
+        EpisodeStream(SPEC, source="web", seed=0, batch_size=2)
+    with pytest.raises(ConfigError, match="data.shards_dir"):
+        EpisodeStream(SPEC, source="shards", seed=0, batch_size=2)
+    with pytest.raises(DataError, match="no such directory"):
+        EpisodeStream(SPEC, source="shards", seed=0, batch_size=2, shards_dir="/nonexistent/shards")
+
+
+def test_eval_sets():
+    assert_batches_equal([eval_set(SPEC, 11, 5)], [sample_episodes(SPEC, 11, range(5))])
+    fresh = load_config(BASE, ["task.n=16", "eval.episodes=6"])
+    assert pool_eval_set(fresh)["index"].tolist() == list(range(6))
+    pool = load_config(BASE, ["task.n=16", "data.source=pool", "data.pool_size=4", "data.seed=3"])
+    got = pool_eval_set(pool)
+    assert got["index"].tolist() == [0, 1, 2, 3] and got["seed"].eq(3).all()
+
+
+def test_pool_eval_set_from_shards(shard_dir):
+    cfg = load_config(BASE, ["task.d=4", "task.n=32", "data.source=shards", f"data.shards_dir={shard_dir}",
+                             "eval.episodes=10"])
+    got = pool_eval_set(cfg)
+    assert got["index"].tolist() == list(range(10)) and got["seed"].eq(7).all()
+
+
+def test_datamodule_uses_trainer_step_rank_and_world():
+    from emformer.data.datamodule import EpisodeDataModule
+
+    cfg = load_config(BASE, ["task.n=16", "data.batch_size=3", "data.num_workers=0"])
+    module = EpisodeDataModule(cfg)
+    module.trainer = SimpleNamespace(global_step=5, global_rank=1, world_size=2)
+    first = next(iter(module.train_dataloader()))
+    assert first["index"].tolist() == [(5 * 2 + 1) * 3 + b for b in range(3)]

@@ -1,0 +1,207 @@
+"""`emformer report` on fabricated sweep directories (config.yaml + metrics.jsonl exactly as the contracts).
+
+The fabricated metrics follow known laws, so the checks' verdicts are known: the excess test loss falls as
+N^(−1), the train/test gap as N^(−0.9), err falls with depth and heads, and err tracks the oracle across Δ.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from emformer.errors import ConfigError
+from emformer.train import report
+from emformer.train.config import load_config, run_name, save_yaml
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+BASE = ["eval.episodes=64", "wandb.mode=disabled", "trainer.max_steps=200", "trainer.val_every=100"]
+INIT_LOSS = 0.2468  # init-only loss of configs/debug.yaml's task on eval.episodes=64 (computed by the report)
+
+
+def _phi(x: float) -> float:
+    return 0.5 * math.erfc(-x / math.sqrt(2))
+
+
+def _final_values(cfg, seed: int) -> dict[str, float]:
+    """A known law for every metric of the final val row."""
+    n = math.inf if cfg.data.source == "fresh" else cfg.data.pool_size
+    delta, depth, heads = cfg.task.separation, cfg.model.depth, cfg.model.heads
+    wiggle = 1 + 0.03 * math.sin(7 * seed + 3)
+    oracle = _phi(-delta / 2)
+    err = oracle * 1.3 + 0.02 / depth + 0.01 / heads
+    if cfg.task.noise == "student_t":
+        err *= 1.5
+    loss_inf = 0.2 + 0.001 * math.cos(5 * seed)
+    if n == math.inf:
+        loss, gap = loss_inf, 0.0005
+    elif n < 512:
+        loss, gap = 0.5, 0.45  # memorised: worse than the init alone
+    else:
+        loss, gap = loss_inf + 10.0 / n * wiggle, 5.0 * n ** -0.9 * wiggle
+    return {
+        "loss": loss, "err": err * wiggle, "err_anchored": err, "ari": 0.8, "train_loss": loss - gap,
+        "train_err": err, "err_em": oracle * 1.5 + 0.01, "err_em_anchored": oracle * 1.6, "loss_em": 0.22,
+        "err_lloyd": oracle * 1.7 + 0.01, "err_oracle": oracle, "err_oracle_anchored": oracle, "loss_oracle": 0.15,
+        "err_em_depth": oracle * 1.5 + 0.04 / depth, "err_em_depth_anchored": oracle * 1.6 + 0.04 / depth,
+    }
+
+
+def make_run(runs_dir: Path, overrides: list[str], seed: int, *, done: bool = True, metrics: bool = True,
+             last_step: int | None = None) -> Path:
+    cfg = load_config(CONFIGS / "debug.yaml", [*BASE, *overrides, f"trainer.seed={seed}", f"data.seed={seed}"])
+    run_dir = runs_dir / run_name(cfg)
+    run_dir.mkdir(parents=True)
+    save_yaml(cfg, run_dir / "config.yaml")
+    if not metrics:
+        return run_dir
+    final = _final_values(cfg, seed)
+    rows = []
+    last = last_step if last_step is not None else cfg.trainer.max_steps
+    for step in range(cfg.trainer.log_every, last + 1, cfg.trainer.log_every):
+        rows.append({"step": step, "split": "train", "loss": final["loss"] + 1.0 / step, "lr": 1e-3,
+                     "episodes_per_s": 100.0, "tokens_per_s": 3200.0})
+        if step % cfg.trainer.val_every == 0:
+            scale = 1 + (cfg.trainer.max_steps - step) / cfg.trainer.max_steps
+            rows.append({"step": step, "split": "val", **{k: v * (scale if k in ("loss", "err") else 1)
+                                                        for k, v in final.items()}})
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if done:
+        (run_dir / "DONE").write_text(json.dumps(rows[-1]))
+    return run_dir
+
+
+def make_sweep(root: Path, seeds=(0, 1, 2)) -> Path:
+    """Every family the report knows, plus a missing, a partial, a metrics-less and a corrupt run."""
+    sweep = root / "sweep"
+    runs = sweep / "runs"
+    points = [["data.source=fresh"]]
+    points += [["data.source=pool", f"data.pool_size={n}"] for n in (128, 512, 1024, 2048, 4096)]
+    points += [["data.source=fresh", f"model.depth={d}"] for d in (1, 4)]
+    points += [["data.source=fresh", f"model.heads={m}"] for m in (1, 4)]
+    points += [["data.source=fresh", f"task.separation={s}"] for s in (2.0, 4.0, 5.0)]
+    points += [["data.source=fresh", "task.noise=student_t"], ["data.source=fresh", "task.init=none"]]
+    index = []
+    for overrides in points:
+        for seed in seeds:
+            index.append({"run_dir": str(make_run(runs, overrides, seed).relative_to(sweep))})
+    partial = make_run(runs, ["data.source=pool", "data.pool_size=8192"], 0, done=False, last_step=100)
+    empty = make_run(runs, ["data.source=pool", "data.pool_size=8192"], 1, metrics=False)
+    index += [{"run_dir": str(partial.relative_to(sweep))}, {"run_dir": str(empty.relative_to(sweep))},
+              {"run_dir": "runs/never-started-00000000"}]
+    (sweep / "index.json").write_text(json.dumps({"points": index}))
+    (sweep / "sweep.yaml").write_text("name: fabricated\n")
+    return sweep
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    sweep = make_sweep(tmp_path_factory.mktemp("report"))
+    corrupt = sorted(p for p in (sweep / "runs").glob("*/metrics.jsonl") if (p.parent / "DONE").is_file())[0]
+    lines = corrupt.read_text().splitlines(keepends=True)
+    lines.insert(2, "{not json\n")
+    corrupt.write_text("".join(lines))
+    return sweep, corrupt, report.build_report(sweep, sweep / "report")
+
+
+def test_report_writes_every_plot_and_the_summary_table(built):
+    sweep, _, result = built
+    for name in ("curves", "sample_complexity", "depth_heads", "separation"):
+        path = result.figures[name]
+        assert path.is_file() and path.stat().st_size > 10_000 and path.read_bytes()[:4] == b"\x89PNG"
+    text = result.report_path.read_text()
+    assert text.index("## Summary") < text.index("## Sample complexity")
+    for figure in report.FIGURES.values():
+        assert f"]({figure})" in text
+    assert "not in this sweep" not in text
+    assert report.NOT_IN_SWEEP not in report.format_summary(result)
+
+
+def test_the_checks_come_out_as_the_fabricated_laws_say(built):
+    _, _, result = built
+    sc = result.sections["sample_complexity"]
+    assert sc.memorised == [128.0]
+    assert sc.fitted == [512.0, 1024.0, 2048.0, 4096.0]
+    assert sc.init_loss == pytest.approx(INIT_LOSS, abs=1e-3)
+    assert sc.excess_fit.low <= -1.0 <= sc.excess_fit.high and sc.excess_verdict == "PASS"
+    assert sc.gap_fit.estimate == pytest.approx(-0.9, abs=0.05) and sc.gap_verdict == "PASS"
+    assert [t.verdict for t in result.sections["depth"]] == ["PASS"]
+    assert [t.verdict for t in result.sections["heads"]] == ["PASS"]
+    (sep,) = result.sections["separation"]
+    assert 2.0 in sep.excluded and sep.fitted == [3.0, 4.0, 5.0]
+    beyond = {r.setting: r for r in result.sections["beyond"]}
+    assert any("student_t" in name for name in beyond)
+    by_check = {c.name: c for c in result.checks}
+    assert by_check["sample complexity: test loss_N − test loss_∞ ∝ N^b"].verdict == "PASS"
+
+
+def test_missing_partial_and_metricless_runs_are_listed(built):
+    sweep, _, result = built
+    states = {r.path.name: r.state for r in result.runs}
+    assert states["never-started-00000000"] == "missing"
+    assert sorted(states.values()).count("partial") == 1
+    assert sorted(states.values()).count("no metrics") == 1
+    text = result.report_path.read_text()
+    runs_section = text[text.index("## Runs"):text.index("## Training curves")]
+    assert "never-started-00000000" in runs_section
+    assert "no DONE: last logged step 100 of 200" in runs_section
+    assert "no metrics.jsonl yet" in runs_section
+
+
+def test_a_corrupt_line_is_reported_with_file_and_line_and_the_rest_is_used(built, capsys):
+    sweep, corrupt, result = built
+    assert result.problems == [f"{corrupt}:3: not valid JSON (Expecting property name enclosed in double quotes at column 2)"]
+    assert f"{corrupt}:3:" in result.report_path.read_text()
+    assert result.exit_code == 1
+    bad_run = next(r for r in result.runs if r.path == corrupt.parent)
+    assert bad_run.complete and len(bad_run.val_rows) == 2
+
+
+def test_cli_prints_the_summary_and_exits_1_on_corrupt_input(built, tmp_path, capsys):
+    from emformer.train.cli import main
+
+    sweep, corrupt, _ = built
+    code = main(["report", str(sweep), "--out", str(tmp_path / "r"), "--wandb", "disabled"])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert "report.md" in out and "verdict" in out and "PASS" in out
+    assert f"{corrupt}:3:" in err
+
+
+def test_a_sweep_without_the_axes_says_not_in_this_sweep(tmp_path):
+    sweep = tmp_path / "single"
+    for seed in (0, 1):
+        make_run(sweep / "runs", ["data.source=fresh"], seed)
+    result = report.build_report(sweep, tmp_path / "out")
+    assert result.exit_code == 0
+    assert set(result.figures) == {"curves"}
+    assert [c.verdict for c in result.checks].count(report.NOT_IN_SWEEP) == 5
+    assert "Not in this sweep" in result.report_path.read_text()
+
+
+def test_no_runs_at_all_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="no runs found"):
+        report.build_report(tmp_path, tmp_path / "out")
+    with pytest.raises(ConfigError, match="not found"):
+        report.build_report(tmp_path / "absent", tmp_path / "out")
+
+
+@pytest.mark.slow
+def test_demo_quick_runs_sweep_then_report_end_to_end(tmp_path):
+    """`emformer demo --quick`: 4 tiny real training runs through the local sweep backend, then the report."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "emformer", "demo", "--quick", "--out", str(tmp_path / "demo")],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report_md = tmp_path / "demo" / "report" / "report.md"
+    assert f"report: {report_md}" in done.stdout
+    assert "verdict" in done.stdout and "err falls with depth L" in done.stdout
+    text = report_md.read_text()
+    assert "## Sample complexity" in text and "4 done" in text
+    for figure in ("curves.png", "sample_complexity.png", "depth_heads.png"):
+        assert (tmp_path / "demo" / "report" / figure).is_file()

@@ -1,0 +1,252 @@
+"""What happens at the end of each training step, in this order (DESIGN §4, §6):
+
+1. flags agreed across ranks (one all-reduce): a non-finite loss on any rank stops every rank with a clear
+   error (the last good checkpoint stays as it was); a SIGUSR1 on any rank asks for preemption;
+2. a train row every `log_every` steps (loss averaged over ranks and steps, lr, throughput);
+3. a val row every `val_every` steps and at the end (every rank evaluates; rank 0 writes), `best` on
+   improvement of the val loss;
+4. `last` every `ckpt_every` steps, at the end, and on preemption (then training stops, without DONE);
+5. the EMFORMER_CRASH_AT_STEP test hook (os._exit(1) after step S and its checkpoint).
+
+The callback also carries the RNG states and the best val loss through checkpoints.
+"""
+from __future__ import annotations
+
+import os
+import random
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from emformer.errors import EmformerError
+from emformer.train.checkpoints import BEST, LAST, checkpoint_dir, save_atomic
+from emformer.train.tracking import Tracker
+
+CRASH_ENV = "EMFORMER_CRASH_AT_STEP"
+
+
+class NonFiniteLoss(EmformerError):
+    """The training loss became NaN or infinite."""
+
+
+class Preemption:
+    """Set from a signal handler; acted on at the next step end (the handler itself does nothing else)."""
+
+    def __init__(self) -> None:
+        self.requested = threading.Event()
+
+    def install(self) -> None:
+        import signal
+
+        if hasattr(signal, "SIGUSR1") and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGUSR1, lambda signum, frame: self.requested.set())
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy and torch RNG states as plain containers (loadable with weights_only=True)."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    python = state["python"]
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    npst = state["numpy"]
+    np.random.set_state(("MT19937", npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"],
+                         npst["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class RunControl(Callback):
+    """Logging, evaluation, checkpoints, preemption and the crash hook (see the module doc)."""
+
+    def __init__(self, run_dir: Path, config: dict[str, Any], tracker: Tracker,
+                 preemption: Optional[Preemption] = None) -> None:
+        self.run_dir = Path(run_dir)
+        self.trainer_cfg = config["trainer"]
+        self.tokens_per_episode = _tokens_per_episode(config)
+        self.batch_size = int(config["data"]["batch_size"])
+        self.tracker = tracker
+        self.preemption = preemption or Preemption()
+        self.best_loss = float("inf")
+        self.last_val: Optional[dict[str, Any]] = None
+        self.preempted = False
+        self._pending_rng: Optional[dict[str, Any]] = None
+        self._crash_at = int(os.environ[CRASH_ENV]) if os.environ.get(CRASH_ENV) else None
+        self._loss_sum = torch.zeros(())
+        self._loss_count = 0
+        self._window_start = 0.0
+        self._window_steps = 0
+        self._excluded = 0.0  # seconds of eval / checkpointing inside the current window
+
+    # ------------------------------------------------------------------ checkpoint state
+    def state_dict(self) -> dict[str, Any]:
+        return {"best_loss": self.best_loss, "rng": rng_state(), "last_val": self.last_val}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best_loss = float(state.get("best_loss", float("inf")))
+        self.last_val = state.get("last_val")
+        # Applied just before the next training step: Lightning draws from the RNG while it sets up.
+        self._pending_rng = state.get("rng")
+
+    # ------------------------------------------------------------------ hooks
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        step = trainer.global_step
+        if trainer.is_global_zero:
+            self.tracker.start(step)
+        if step == 0:
+            # The untrained model next to the baselines: the first point of every curve.
+            self._validate(trainer, module, step)
+        self._window_start = time.perf_counter()
+        self._window_steps, self._excluded = 0, 0.0
+
+    def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self._pending_rng is not None:
+            set_rng_state(self._pending_rng)
+            self._pending_rng = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        cfg = self.trainer_cfg
+        loss = (outputs["loss"] if isinstance(outputs, dict) else outputs).detach().float().cpu()
+        self._loss_sum += loss
+        self._loss_count += 1
+        self._window_steps += 1
+
+        bad_loss, preempt = self._agree(trainer, not bool(torch.isfinite(loss)), self.preemption.requested.is_set())
+        if bad_loss:
+            last = checkpoint_dir(self.run_dir) / LAST
+            kept = f"the last good checkpoint {last} is kept" if last.exists() else "no checkpoint was written"
+            raise NonFiniteLoss(f"training loss is {float(loss)} at step {step}: stopping ({kept}); "
+                                "try a lower optim.lr or optim.grad_clip")
+
+        max_steps = int(cfg["max_steps"])
+        done = step >= max_steps
+        if step % int(cfg["log_every"]) == 0 or done:
+            self._log_train(trainer, module, step)
+        started = time.perf_counter()
+        if step % int(cfg["val_every"]) == 0 or done:
+            self._validate(trainer, module, step)
+        if step % int(cfg["ckpt_every"]) == 0 or done or preempt:
+            save_atomic(trainer, checkpoint_dir(self.run_dir) / LAST)
+        self._excluded += time.perf_counter() - started
+        if preempt and not done:
+            self.preempted = True
+            trainer.should_stop = True
+            if trainer.is_global_zero:
+                print(f"emformer train: preempted at step {step}: saved {checkpoint_dir(self.run_dir) / LAST}",
+                      file=sys.stderr, flush=True)
+        if self._crash_at is not None and step == self._crash_at:
+            self.tracker.metrics.close()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
+
+    # ------------------------------------------------------------------ pieces
+    def _agree(self, trainer: L.Trainer, *flags: bool) -> list[bool]:
+        """Any-rank OR of each flag, with one all-reduce (or none on a single process)."""
+        if trainer.world_size == 1:
+            return list(flags)
+        values = torch.tensor([float(f) for f in flags], device=trainer.strategy.root_device)
+        values = trainer.strategy.reduce(values, reduce_op="sum")
+        return [bool(v > 0) for v in values.cpu()]
+
+    def _log_train(self, trainer: L.Trainer, module: L.LightningModule, step: int) -> None:
+        mean = self._loss_sum / max(self._loss_count, 1)
+        if trainer.world_size > 1:
+            mean = trainer.strategy.reduce(mean.to(trainer.strategy.root_device), reduce_op="mean").cpu()
+        elapsed = max(time.perf_counter() - self._window_start - self._excluded, 1e-9)
+        episodes_per_s = self._window_steps * self.batch_size * trainer.world_size / elapsed
+        lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else float("nan")
+        row = {"step": step, "split": "train", "loss": float(mean), "lr": float(lr),
+               "episodes_per_s": episodes_per_s, "tokens_per_s": episodes_per_s * self.tokens_per_episode,
+               "s_per_step": elapsed / max(self._window_steps, 1)}
+        if trainer.is_global_zero:
+            self.tracker.log(row)
+        self._progress_update(trainer, loss=float(mean))
+        self._loss_sum = torch.zeros(())
+        self._loss_count = 0
+        self._window_start = time.perf_counter()
+        self._window_steps, self._excluded = 0, 0.0
+
+    def _validate(self, trainer: L.Trainer, module: L.LightningModule, step: int) -> None:
+        values = module.evaluate()  # type: ignore[operator]
+        row = {"step": step, "split": "val", **values}
+        self.last_val = row
+        if trainer.is_global_zero:
+            self.tracker.log(row)
+        self._progress_update(trainer, val_err=values["err"])
+        # Every rank computed the same numbers; rank 0's decision is broadcast so ranks cannot disagree.
+        improved = bool(trainer.strategy.broadcast(values["loss"] < self.best_loss and step > 0))
+        if improved:
+            self.best_loss = values["loss"]
+            save_atomic(trainer, checkpoint_dir(self.run_dir) / BEST)
+
+    def _progress_update(self, trainer: L.Trainer, **values: float) -> None:
+        for callback in trainer.callbacks:
+            if isinstance(callback, StepProgress):
+                callback.show(**values)
+
+
+class StepProgress(Callback):
+    """A console progress bar over steps (rank 0): step / max_steps, loss, val err."""
+
+    def __init__(self, max_steps: int, enabled: bool = True) -> None:
+        self.max_steps = max_steps
+        self.enabled = enabled
+        self.bar: Any = None
+        self.values: dict[str, float] = {}
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if self.enabled and trainer.is_global_zero:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.max_steps, initial=trainer.global_step, unit="step", dynamic_ncols=True,
+                            file=sys.stderr, mininterval=0.5, desc="train")
+
+    def show(self, **values: float) -> None:
+        self.values.update(values)
+        if self.bar is not None:
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in self.values.items()}, refresh=False)
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self.bar is not None:
+            self.bar.update(trainer.global_step - self.bar.n)
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.close()
+
+    def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _tokens_per_episode(config: dict[str, Any]) -> int:
+    task = config["task"]
+    n = task["n_max"] if task.get("n_max") is not None else task["n"]
+    k = task["k_max"] if task.get("k_max") is not None else task["k"]
+    return int(n) + int(k)

@@ -1,0 +1,254 @@
+"""`emformer train CONFIG [key=value ...] [--run-dir DIR]`: pre-train one transformer (DESIGN §4).
+
+setup (config, run dir, resume checks, meta) -> the Lightning fit -> finish (DONE, curves). A run directory
+that has DONE is left alone; one that has checkpoints/last.ckpt resumes from it (same optimizer, scheduler,
+data-stream position and RNG state). Under DDP Lightning re-executes this command for the other local ranks,
+so everything before `trainer.fit` must be safe to run on every rank (only rank 0 writes).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+from emformer.data.atomic import atomic_write_json
+from emformer.errors import ConfigError
+
+DONE_FILE = "DONE"
+META_FILE = "meta.json"
+CURVES_FILE = "curves.png"
+SLURM_KEYS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_NAME", "SLURM_NODELIST",
+              "SLURM_NTASKS", "SLURM_NNODES", "SLURM_RESTART_COUNT", "SLURM_CLUSTER_NAME")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from emformer.train.cli import add_config_arguments
+
+    add_config_arguments(parser)
+    parser.add_argument("--run-dir", default=None, help="run directory (default: runs/<name>-<confighash>)")
+    parser.add_argument("--help-config", action="store_true", help="list every config key with its default")
+
+
+def run(args: argparse.Namespace) -> int:
+    from emformer.train.config import load_config, run_name, schema_help
+
+    if args.help_config:
+        print(schema_help())
+        return 0
+    if not args.config:
+        raise ConfigError("missing CONFIG: e.g. `emformer train configs/debug.yaml` (see --help-config)")
+    cfg = load_config(args.config, args.overrides)
+    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / run_name(cfg)
+    return train(cfg, run_dir)
+
+
+def is_global_zero() -> bool:
+    """Whether this process will be global rank 0, before any process group exists (env set by Lightning's
+    launcher for the ranks it starts, or by srun)."""
+    for key in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(key):
+            return int(os.environ[key]) == 0
+    return int(os.environ.get("NODE_RANK", 0)) == 0 and int(os.environ.get("LOCAL_RANK", 0)) == 0
+
+
+def train(cfg: Any, run_dir: Path) -> int:
+    """Train (or resume, or skip a finished) run of `cfg` in `run_dir`; 0 when done or preempted."""
+    run_dir = Path(run_dir)
+    is_zero = is_global_zero()
+    done = run_dir / DONE_FILE
+    if done.is_file():
+        if is_zero:
+            print(f"emformer train: {run_dir} is finished (DONE); nothing to do")
+        return 0
+
+    from emformer.train import strategies
+
+    accelerator = strategies.resolve_accelerator(str(cfg.trainer.accelerator))
+    precision = strategies.resolve_precision(str(cfg.trainer.precision), accelerator)
+    strategies.check_devices(int(cfg.trainer.devices), accelerator)
+    if int(cfg.trainer.threads) > 0:
+        import torch
+
+        torch.set_num_threads(int(cfg.trainer.threads))
+
+    _quiet_lightning()
+    import lightning as L
+
+    from emformer.data.datamodule import EpisodeDataModule
+    from emformer.train.callbacks import Preemption, RunControl, StepProgress
+    from emformer.train.checkpoints import check_resumable, resume_path
+    from emformer.train.config import config_hash, save_yaml, to_dict
+    from emformer.train.module import ClusterModule
+    from emformer.train.tracking import Tracker, plot_curves
+
+    config = to_dict(cfg)
+    L.seed_everything(int(cfg.trainer.seed), workers=True, verbose=False)
+    module = ClusterModule(config)
+    params = module.model.num_parameters()
+
+    ckpt = resume_path(run_dir)
+    resumed_from = check_resumable(ckpt, module.model) if ckpt is not None else None
+    _check_same_config(run_dir, cfg, config_hash)
+    meta = _meta(run_dir, params, resumed_from, accelerator, precision, cfg)
+    if is_zero:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_yaml(cfg, run_dir / "config.yaml")
+        atomic_write_json(run_dir / META_FILE, meta)
+        where = f"resuming from step {resumed_from}" if resumed_from is not None else "from scratch"
+        print(f"emformer train: {run_dir} ({where}): {params:,} parameters, {accelerator} x "
+              f"{int(cfg.trainer.devices) * int(cfg.trainer.num_nodes)}, strategy {cfg.strategy.name}, "
+              f"precision {precision}", file=sys.stderr, flush=True)
+
+    tracker = Tracker(run_dir, dict(config["wandb"]), config, name=run_dir.name, meta=meta) if is_zero \
+        else Tracker.null()
+    preemption = Preemption()
+    preemption.install()
+    control = RunControl(run_dir, config, tracker, preemption)
+    progress = StepProgress(int(cfg.trainer.max_steps), enabled=bool(cfg.trainer.progress) and is_zero)
+    trainer = L.Trainer(
+        accelerator=accelerator, devices=int(cfg.trainer.devices), num_nodes=int(cfg.trainer.num_nodes),
+        strategy=strategies.build_strategy(cfg, accelerator), precision=precision,
+        max_steps=int(cfg.trainer.max_steps), max_epochs=-1,
+        gradient_clip_val=float(cfg.optim.grad_clip) or None, gradient_clip_algorithm="norm",
+        callbacks=[progress, control], plugins=_slurm_plugins(),
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False,
+        deterministic=False, default_root_dir=str(run_dir),
+    )
+    exit_code = 1
+    try:
+        trainer.fit(module, datamodule=EpisodeDataModule(cfg), ckpt_path=str(ckpt) if ckpt else None,
+                    weights_only=False if ckpt is not None and ckpt.is_dir() else True)
+        exit_code = 0
+    finally:
+        if trainer.is_global_zero:
+            curves = plot_curves(run_dir / "metrics.jsonl", run_dir / CURVES_FILE) if exit_code == 0 else None
+            finished = exit_code == 0 and not control.preempted and trainer.global_step >= int(cfg.trainer.max_steps)
+            if finished:
+                atomic_write_json(done, {"step": trainer.global_step, "val": control.last_val,
+                                         "finished_at": _now(), "run_dir": str(run_dir)})
+            tracker.finish(control.last_val if finished else None, curves, exit_code=exit_code)
+    if control.preempted:
+        if trainer.is_global_zero:
+            requeue()
+        return 0
+    if trainer.is_global_zero and control.last_val:
+        val = control.last_val
+        print(f"emformer train: done at step {trainer.global_step}: val loss {val['loss']:.4f}, err "
+              f"{val['err']:.4f} (anchored {val['err_anchored']:.4f}); EM {val.get('err_em', float('nan')):.4f} "
+              f"(anchored {val.get('err_em_anchored', float('nan')):.4f}), oracle "
+              f"{val.get('err_oracle', float('nan')):.4f} -> {run_dir}", file=sys.stderr)
+    return 0
+
+
+def requeue() -> None:
+    """`scontrol requeue` this job (array task aware) when running under SLURM."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return
+    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    status = "requeued" if result.returncode == 0 else f"requeue failed: {result.stderr.strip()}"
+    print(f"emformer train: job {job} {status}", file=sys.stderr, flush=True)
+
+
+def _slurm_plugins() -> Optional[list[Any]]:
+    """Under SLURM, Lightning's environment without its own auto-requeue: our SIGUSR1 handler owns it."""
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    if SLURMEnvironment.detect():
+        return [SLURMEnvironment(auto_requeue=False)]
+    return None
+
+
+def _check_same_config(run_dir: Path, cfg: Any, config_hash: Any) -> None:
+    """A run dir belongs to one config: refuse to continue it with a different one (nothing overwritten)."""
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return
+    from omegaconf import OmegaConf
+
+    try:
+        old = OmegaConf.to_container(OmegaConf.load(saved), resolve=True)
+    except Exception as exc:  # noqa: BLE001
+        raise ConfigError(f"{saved}: unreadable ({exc}); move the run dir away or fix the file") from None
+    if config_hash(old) != config_hash(cfg):
+        raise ConfigError(f"{run_dir} holds a run of a different config (hash {config_hash(old)}, this one "
+                          f"{config_hash(cfg)}); use another --run-dir, or the same config to resume")
+
+
+def _meta(run_dir: Path, params: int, resumed_from: Optional[int], accelerator: str, precision: str,
+          cfg: Any) -> dict[str, Any]:
+    import lightning
+    import torch
+
+    from emformer import __version__
+    from emformer.train.config import config_hash
+
+    previous: dict[str, Any] = {}
+    path = run_dir / META_FILE
+    if path.is_file():
+        try:
+            previous = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            previous = {}
+    starts = list(previous.get("starts", []))
+    starts.append({"time": _now(), "step": resumed_from or 0, "host": socket.gethostname(),
+                   "slurm_job_id": os.environ.get("SLURM_JOB_ID")})
+    versions = {"emformer": __version__, "python": platform.python_version(), "torch": torch.__version__,
+                "lightning": lightning.__version__}
+    for name in ("deepspeed", "wandb", "omegaconf", "numpy"):
+        versions[name] = _dist_version(name)
+    return {
+        "run_name": run_dir.name, "config_hash": config_hash(cfg), "git_commit": _git_commit(),
+        "param_count": params, "host": socket.gethostname(), "platform": platform.platform(),
+        "accelerator": accelerator, "devices": int(cfg.trainer.devices), "num_nodes": int(cfg.trainer.num_nodes),
+        "strategy": str(cfg.strategy.name), "precision": precision, "versions": versions,
+        "slurm": {key: os.environ[key] for key in SLURM_KEYS if key in os.environ},
+        "created_at": previous.get("created_at", _now()), "starts": starts, "argv": sys.argv,
+    }
+
+
+def _dist_version(name: str) -> Optional[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def _git_commit() -> Optional[str]:
+    """HEAD of the source checkout (where the package lives), if it is a git checkout."""
+    source = Path(__file__).resolve().parents[1]
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def _quiet_lightning() -> None:
+    """Lightning's advice about workers, iterable datasets and tips does not apply to this stream."""
+    import logging
+
+    for pattern in (".*does not have many workers.*", ".*IterableDataset.*", ".*LeafSpec.*",
+                    ".*train_dataloader.*", ".*Total length of.*", ".*torch.cuda.amp.*", ".*treespec.*",
+                    ".*could not determine.*", ".*srun.*", ".*Checkpoint directory.*", ".*_pytree.*"):
+        warnings.filterwarnings("ignore", message=pattern)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    logging.getLogger("lightning.pytorch.accelerators.cuda").setLevel(logging.WARNING)
+    logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)

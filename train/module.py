@@ -1,0 +1,183 @@
+"""The LightningModule: the transformer, its loss, AdamW with warmup + cosine, and the evaluation.
+
+Evaluation is not Lightning's validation loop: the callback in `train/callbacks.py` calls `evaluate()` every
+`trainer.val_every` steps on every rank at once (the eval set is the same everywhere and small), so there is
+no sampler and no rank can be left waiting. The baselines (EM, Lloyd, oracle) do not change during training:
+they are computed once per eval set and cached.
+
+The checkpoint's `hyper_parameters` hold the resolved run config as a plain dict under "config" (no
+OmegaConf objects, so checkpoints load with weights_only=True), and the model weights sit under
+`state_dict` with the prefix "model.", so export can rebuild the model from the checkpoint alone.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import lightning as L
+import torch
+
+from emformer.data.episodes import Batch
+from emformer.models.losses import (clustering_loss, per_episode_cross_entropy,
+                                    per_episode_permutation_cross_entropy)
+from emformer.models.transformer import ClusterTransformer, TransformerConfig
+
+
+class WarmupCosine:
+    """lr multiplier: linear 0 -> 1 over warmup steps, then cosine 1 -> min_ratio at max_steps.
+
+    A class (not a lambda) so LambdaLR's state_dict keeps its numbers in the checkpoint.
+    """
+
+    def __init__(self, warmup_steps: int, max_steps: int, min_ratio: float) -> None:
+        self.warmup_steps, self.max_steps, self.min_ratio = int(warmup_steps), int(max_steps), float(min_ratio)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / (self.warmup_steps + 1)
+        span = max(1, self.max_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def model_inputs(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return batch["points"], batch["mask"], batch["init"], batch["kmask"]
+
+
+class ClusterModule(L.LightningModule):
+    """Trains a ClusterTransformer on episodes; `config` is the resolved run config as a plain dict."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__()
+        self.save_hyperparameters({"config": config})
+        self.config = config
+        self.model_config = TransformerConfig.from_run_config(config)
+        self.model = ClusterTransformer(self.model_config)
+        self.anchored = config["task"]["init"] != "none"
+        self._eval: Optional[dict[str, Any]] = None  # eval sets and cached baselines, built on first use
+
+    # ------------------------------------------------------------------ training
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        return self.model.forward_with_centroids(*model_inputs(batch))
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        logits, centroids = self(batch)
+        return clustering_loss(logits, batch, self.anchored, centroids)
+
+    def configure_optimizers(self) -> Any:
+        optim, trainer = self.config["optim"], self.config["trainer"]
+        # Weight decay on matrices only: not on biases, LayerNorm gains or the type/slot embeddings.
+        decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2 and "slots" not in n]
+        no_decay = [p for n, p in self.model.named_parameters() if not (p.ndim >= 2 and "slots" not in n)]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": float(optim["weight_decay"])},
+             {"params": no_decay, "weight_decay": 0.0}],
+            lr=float(optim["lr"]), betas=(float(optim["beta1"]), float(optim["beta2"])),
+        )
+        schedule = WarmupCosine(optim["warmup_steps"], trainer["max_steps"], optim["min_lr_ratio"])
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ evaluation
+    def _eval_sets(self) -> dict[str, Any]:
+        if self._eval is None:
+            from omegaconf import OmegaConf
+
+            from emformer.data.stream import eval_set, pool_eval_set
+            from emformer.train.config import to_task_spec
+
+            cfg = OmegaConf.create(self.config)
+            spec = to_task_spec(cfg)
+            ev = self.config["eval"]
+            self._eval = {
+                "spec": spec,
+                "val": eval_set(spec, int(ev["seed"]), int(ev["episodes"])),
+                "train": pool_eval_set(cfg),
+                "baselines": None,
+            }
+        return self._eval
+
+    def baseline_means(self) -> dict[str, float]:
+        """Mean over the eval set of every evaluate_baselines key (computed once, then cached)."""
+        sets = self._eval_sets()
+        if sets["baselines"] is None:
+            from emformer.models.baselines import evaluate_baselines
+
+            ev = self.config["eval"]
+            chunks: dict[str, list[torch.Tensor]] = {}
+            for part in _chunks(sets["val"], int(ev["batch_size"])):
+                values = evaluate_baselines(part, sets["spec"], em_iters=int(ev["em_iters"]),
+                                            depth=int(self.model_config.depth))
+                for key, value in values.items():
+                    chunks.setdefault(key, []).append(value.detach().double().cpu())
+            means = {key: float(torch.cat(vals).mean()) for key, vals in chunks.items()}
+            if self.anchored:
+                means["err_init"] = float(torch.cat(init_errors(sets["val"])).mean())
+            sets["baselines"] = means
+        return dict(sets["baselines"])
+
+    @torch.no_grad()
+    def score(self, batch: Batch, batch_size: int) -> dict[str, float]:
+        """Model loss / err / err_anchored / ari on a fixed batch, in chunks, as means over episodes."""
+        from emformer.models.metrics import adjusted_rand_index, anchored_error, misclustering_rate
+
+        k = self.model_config.k_max
+        sums = {"loss": 0.0, "err": 0.0, "err_anchored": 0.0, "ari": 0.0}
+        count = 0
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for part in _chunks(batch, batch_size):
+                part = {key: value.to(self.device) for key, value in part.items()}
+                with self.trainer.precision_plugin.forward_context() if self._trainer is not None else _nothing():
+                    logits = self.model(*model_inputs(part))
+                logits = logits.float()
+                labels, mask = part["labels"], part["mask"]
+                pred = logits.argmax(-1)
+                if self.anchored:
+                    loss = per_episode_cross_entropy(logits, labels, mask)
+                else:
+                    loss = per_episode_permutation_cross_entropy(logits, labels, mask, part["kmask"])
+                sums["loss"] += float(loss.double().sum())
+                sums["err"] += float(misclustering_rate(pred, labels, mask, k).double().sum())
+                sums["err_anchored"] += float(anchored_error(pred, labels, mask).double().sum())
+                sums["ari"] += float(adjusted_rand_index(pred, labels, mask, k).double().sum())
+                count += labels.shape[0]
+        finally:
+            self.model.train(was_training)
+        return {key: value / max(count, 1) for key, value in sums.items()}
+
+    def evaluate(self) -> dict[str, float]:
+        """One val row (without step/split): the model on the eval set, on training episodes, and baselines."""
+        sets = self._eval_sets()
+        batch_size = int(self.config["eval"]["batch_size"])
+        row = self.score(sets["val"], batch_size)
+        train = self.score(sets["train"], batch_size)
+        row["train_loss"], row["train_err"] = train["loss"], train["err"]
+        row.update(self.baseline_means())
+        return row
+
+
+def init_errors(batch: Batch, batch_size: int = 1024) -> list[torch.Tensor]:
+    """Anchored error of 'nearest initial centroid' per episode: what the model must beat."""
+    from emformer.models.metrics import anchored_error
+
+    out = []
+    for part in _chunks(batch, batch_size):
+        dist = torch.cdist(part["points"].float(), part["init"].float())
+        dist = dist.masked_fill(~part["kmask"].bool()[:, None, :], float("inf"))
+        out.append(anchored_error(dist.argmin(-1), part["labels"], part["mask"]).double())
+    return out
+
+
+def _chunks(batch: Batch, size: int) -> list[Batch]:
+    total = next(iter(batch.values())).shape[0]
+    return [{key: value[start:start + size] for key, value in batch.items()} for start in range(0, total, size)]
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *args: Any) -> None:
+        return None

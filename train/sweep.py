@@ -1,0 +1,524 @@
+"""`emformer sweep`: a grid of training runs over any config keys, times seeds, locally or on SLURM.
+
+A sweep spec (configs/sweeps/*.yaml) names a base run config and what to vary:
+
+    name: debug_grid                 # the sweep dir defaults to sweeps/<name>
+    base: ../debug.yaml              # relative to the spec file
+    overrides: {trainer.max_steps: 100}        # every point
+    grid: {model.depth: [1, 2], model.heads: [1, 2]}   # cartesian product, last key fastest
+    points: [{model.depth: 4, model.heads: 1}]  # explicit points after the grid
+    seeds: [0, 1]                    # seed s sets trainer.seed=s and data.seed=s
+    local: {parallel: 2, threads_per_run: 1}
+    slurm: {partition: gpu, time: "04:00:00", gpus_per_node: 4, ...}   # see slurm.launcher.SlurmOptions
+    wandb: {group: null}             # default: the sweep name
+
+Point ids run seed-major (all of the grid for the first seed, then the next seed), so a partial sweep already
+covers the grid. Per point, later wins: overrides < grid/point values < seed < wandb.group.
+The sweep dir holds sweep.yaml (the resolved spec), index.json (the points), runs/<run_name>/ per point,
+local/ (local launches) and slurm/ (rendered scripts, submissions.json, logs/).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from emformer.data.atomic import atomic_write_json, atomic_write_text
+from emformer.errors import ConfigError
+from emformer.slurm.launcher import SlurmOptions
+from emformer.train.config import GROUPS, config_hash, load_config, run_name, save_yaml
+
+SPEC_KEYS = ("name", "base", "overrides", "grid", "points", "seeds", "local", "slurm", "wandb")
+SEED_KEYS = ("trainer.seed", "data.seed")
+_MISSING = object()
+
+
+@dataclass
+class LocalOptions:
+    parallel: int = 1
+    """runs at once"""
+    threads_per_run: int = 1
+    """OMP/MKL threads of each run"""
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None, where: str) -> "LocalOptions":
+        values = dict(values or {})
+        unknown = sorted(set(values) - {"parallel", "threads_per_run"})
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {unknown} in 'local'; known: ['parallel', 'threads_per_run']")
+        options = cls(**values)
+        for key in ("parallel", "threads_per_run"):
+            value = getattr(options, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{where}: local.{key}: expected an integer >= 1, got {value!r}")
+        return options
+
+
+@dataclass
+class SweepSpec:
+    name: str
+    base: Path
+    """absolute path of the base run config"""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    points: list[dict[str, Any]] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    local: LocalOptions = field(default_factory=LocalOptions)
+    slurm: SlurmOptions = field(default_factory=SlurmOptions)
+    wandb_group: Optional[str] = None
+    source: str = "<spec>"
+    """where the spec came from, for error messages"""
+
+    @property
+    def group(self) -> str:
+        return self.wandb_group or self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved spec, as written to the sweep dir's sweep.yaml (loadable by `spec_from_dict`)."""
+        return {
+            "name": self.name,
+            "base": str(self.base),
+            "overrides": dict(self.overrides),
+            "grid": {key: list(values) for key, values in self.grid.items()},
+            "points": [dict(point) for point in self.points],
+            "seeds": list(self.seeds),
+            "local": dataclasses.asdict(self.local),
+            "slurm": dataclasses.asdict(self.slurm),
+            "wandb": {"group": self.group},
+        }
+
+
+@dataclass
+class Point:
+    id: int
+    name: str
+    """run_name(cfg): <config name>-<hash8>"""
+    run_dir: str
+    """relative to the sweep dir: runs/<name>"""
+    overrides: dict[str, Any]
+    """the swept values of this point (grid / explicit point), dotted keys"""
+    seed: int
+    config: Optional[DictConfig] = None
+
+    def index_entry(self) -> dict[str, Any]:
+        return {"id": self.id, "name": self.name, "run_dir": self.run_dir, "overrides": self.overrides,
+                "seed": self.seed}
+
+
+@dataclass
+class Sweep:
+    """A prepared sweep directory."""
+
+    dir: Path
+    spec: SweepSpec
+    points: list[Point]
+
+    def run_dir(self, point: Point) -> Path:
+        return self.dir / point.run_dir
+
+    def point(self, point_id: int) -> Point:
+        for point in self.points:
+            if point.id == point_id:
+                return point
+        raise ConfigError(f"{self.dir}: no point with id {point_id}")
+
+
+# ---------------------------------------------------------------------------------------------- the spec
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_cli_overrides(data: dict[str, Any], items: Sequence[str], where: str) -> dict[str, Any]:
+    """`key=value` items: run config keys go to `overrides`; `sweep.KEY=value` sets a spec key
+    (e.g. sweep.slurm.partition=gpu, sweep.seeds=[0,1], sweep.local.parallel=2)."""
+    data = json.loads(json.dumps(data))  # a private copy
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}': expected key=value, e.g. trainer.max_steps=100 "
+                              "or sweep.slurm.partition=gpu")
+        key, text = item.split("=", 1)
+        value = _parse_value(text)
+        if key.startswith("sweep."):
+            path = key.split(".")[1:]
+            if not path or path[0] not in SPEC_KEYS:
+                raise ConfigError(f"override '{item}': '{path[0] if path else ''}' is not a sweep spec key; "
+                                  f"known: {list(SPEC_KEYS)}")
+            node = data
+            for part in path[:-1]:
+                node = node.setdefault(part, {})
+                if not isinstance(node, dict):
+                    raise ConfigError(f"override '{item}': sweep.{part} is not a mapping")
+            node[path[-1]] = value
+        else:
+            overrides = data.setdefault("overrides", {}) or {}
+            data["overrides"] = overrides
+            overrides[key] = value
+    return data
+
+
+def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> SweepSpec:
+    """Read and check a sweep spec file; `overrides` as in `apply_cli_overrides`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"sweep spec not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping with keys {list(SPEC_KEYS)}")
+    data = apply_cli_overrides(data, overrides, str(path))
+    return spec_from_dict(data, relative_to=path.parent, source=str(path))
+
+
+def spec_from_dict(data: dict[str, Any], relative_to: Path, source: str, check_base: bool = True) -> SweepSpec:
+    where = source
+    unknown = sorted(set(data) - set(SPEC_KEYS))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; a sweep spec has {list(SPEC_KEYS)}")
+    name = data.get("name")
+    if not isinstance(name, str) or not name or "/" in name or name.strip() != name or " " in name:
+        raise ConfigError(f"{where}: name: expected a sweep name without spaces or '/', got {name!r}")
+    base = data.get("base")
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{where}: base: expected the path of a run config (relative to the spec), got {base!r}")
+    base_path = Path(base) if Path(base).is_absolute() else relative_to / base
+    if check_base and not base_path.is_file():
+        raise ConfigError(f"{where}: base: run config not found: {base_path}")
+
+    overrides = data.get("overrides") or {}
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"{where}: overrides: expected a mapping of dotted keys, e.g. {{trainer.max_steps: 100}}")
+    grid = data.get("grid") or {}
+    if not isinstance(grid, dict):
+        raise ConfigError(f"{where}: grid: expected a mapping of dotted keys to lists, e.g. {{model.depth: [1, 2]}}")
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{where}: grid.{key}: expected a non-empty list of values, got {values!r}")
+    points = data.get("points") or []
+    if not isinstance(points, list) or not all(isinstance(p, dict) and p for p in points):
+        raise ConfigError(f"{where}: points: expected a list of non-empty mappings of dotted keys")
+    if not grid and not points:
+        raise ConfigError(f"{where}: the sweep is empty: give a non-empty 'grid' and/or 'points'")
+    seeds = data.get("seeds", [0])
+    if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
+        raise ConfigError(f"{where}: seeds: expected a non-empty list of distinct integers >= 0, got {seeds!r}")
+    for section, keys in (("overrides", overrides), ("grid", grid), *((f"points[{i}]", p) for i, p in enumerate(points))):
+        for key in keys:
+            if key in SEED_KEYS:
+                raise ConfigError(f"{where}: {section}.{key}: seeds are set by 'seeds:' (seed s sets trainer.seed "
+                                  "and data.seed), not by hand")
+            if key == "wandb.group":
+                raise ConfigError(f"{where}: {section}.{key}: the wandb group is the sweep's: use wandb: {{group: ...}}")
+    wandb = data.get("wandb") or {}
+    if not isinstance(wandb, dict) or sorted(set(wandb) - {"group"}):
+        raise ConfigError(f"{where}: wandb: expected {{group: NAME or null}}, got {wandb!r}")
+    group = wandb.get("group")
+    if group is not None and not isinstance(group, str):
+        raise ConfigError(f"{where}: wandb.group: expected a string or null, got {group!r}")
+    return SweepSpec(
+        name=name,
+        base=base_path.resolve(),
+        overrides=dict(overrides),
+        grid={str(k): list(v) for k, v in grid.items()},
+        points=[dict(p) for p in points],
+        seeds=list(seeds),
+        local=LocalOptions.from_dict(data.get("local"), where),
+        slurm=SlurmOptions.from_dict(data.get("slurm"), where),
+        wandb_group=group,
+        source=source,
+    )
+
+
+# -------------------------------------------------------------------------------------------- the points
+
+def _override_item(key: str, value: Any) -> str:
+    if "." not in key and key in GROUPS and isinstance(value, str):
+        return f"{key}={value}"  # a config group choice, e.g. trainer=gpu
+    return f"{key}={json.dumps(value)}"  # JSON is YAML, so OmegaConf reads back the same value
+
+
+def _check_keys(spec: SweepSpec, base: DictConfig) -> None:
+    """Every key the spec sets must be a run config key: name the first one that is not."""
+    sections = [("overrides", spec.overrides), ("grid", spec.grid)]
+    sections += [(f"points[{i}]", point) for i, point in enumerate(spec.points)]
+    for section, keys in sections:
+        for key in keys:
+            if not isinstance(key, str) or not key:
+                raise ConfigError(f"{spec.source}: {section}: keys must be dotted config keys, got {key!r}")
+            if "." not in key and key in GROUPS:
+                value = keys[key]
+                if isinstance(value, dict):
+                    raise ConfigError(f"{spec.source}: {section}.{key}: use dotted keys ({key}.x: ...) "
+                                      "or a group file name, not a nested mapping")
+                continue
+            found = OmegaConf.select(base, key, default=_MISSING)
+            if found is _MISSING:
+                raise ConfigError(f"{spec.source}: {section}: '{key}' is not a key of the run config "
+                                  f"(see `emformer train --help-config`)")
+            if isinstance(found, DictConfig):
+                raise ConfigError(f"{spec.source}: {section}: '{key}' is a section, not a value; "
+                                  "name a key inside it")
+
+
+def expand_points(spec: SweepSpec) -> list[Point]:
+    """Every (grid or explicit point) x seed, each loaded and validated as a run config."""
+    base = load_config(spec.base)
+    _check_keys(spec, base)
+    swept: list[dict[str, Any]] = []
+    keys = list(spec.grid)
+    for values in itertools.product(*(spec.grid[key] for key in keys)):
+        swept.append(dict(zip(keys, values)))
+    swept.extend(dict(point) for point in spec.points)
+
+    # A GPU allocation decides the world size: SLURM starts gpus_per_node tasks on each of `nodes` nodes.
+    resources: dict[str, Any] = {}
+    if spec.slurm.gpus_per_node > 0:
+        resources = {"trainer.devices": spec.slurm.tasks_per_node(1), "trainer.num_nodes": spec.slurm.nodes}
+
+    points: list[Point] = []
+    seen: dict[str, int] = {}
+    for seed in spec.seeds:
+        for values in swept:
+            point_id = len(points)
+            merged = {**resources, **spec.overrides, **values}
+            items = [_override_item(k, v) for k, v in merged.items()]
+            items += [f"trainer.seed={seed}", f"data.seed={seed}", _override_item("wandb.group", spec.group)]
+            try:
+                cfg = load_config(spec.base, items)
+            except ConfigError as exc:
+                raise ConfigError(f"{spec.source}: point {point_id} {values or ''} seed {seed}: {exc}") from None
+            for key, want in resources.items():
+                have = OmegaConf.select(cfg, key)
+                if have != want:
+                    raise ConfigError(f"{spec.source}: point {point_id}: {key}={have} but the slurm section runs "
+                                      f"{want} ({'tasks per node' if key.endswith('devices') else 'nodes'})")
+            name = run_name(cfg)
+            if name in seen:
+                raise ConfigError(f"{spec.source}: points {seen[name]} and {point_id} are the same run ({name}); "
+                                  "remove the duplicate")
+            seen[name] = point_id
+            points.append(Point(point_id, name, f"runs/{name}", values, seed, cfg))
+    return points
+
+
+# ------------------------------------------------------------------------------------------- the sweep dir
+
+def _identity(points: Sequence[Point] | Sequence[dict[str, Any]]) -> list[tuple[int, str]]:
+    return [(p.id, p.name) if isinstance(p, Point) else (int(p["id"]), str(p["name"])) for p in points]
+
+
+def prepare_sweep(spec: SweepSpec, out: str | Path | None = None) -> Sweep:
+    """Create (or re-open) the sweep dir; refuse one that a different spec made."""
+    points = expand_points(spec)
+    sweep_dir = Path(out) if out is not None else Path("sweeps") / spec.name
+    index_path = sweep_dir / "index.json"
+    if index_path.is_file():
+        old = _read_index(sweep_dir)
+        if _identity(old) != _identity(points):
+            old_names = {p["name"] for p in old}
+            new_names = {p.name for p in points}
+            raise ConfigError(
+                f"{sweep_dir} was made by a different sweep spec ({len(new_names - old_names)} new points, "
+                f"{len(old_names - new_names)} missing, e.g. {sorted(new_names ^ old_names)[:2] or 'order differs'}); "
+                "refusing to mix them: choose another --out or remove that directory")
+    elif sweep_dir.exists() and any(sweep_dir.iterdir()):
+        raise ConfigError(f"{sweep_dir} exists, is not empty and holds no sweep (no index.json): choose another --out")
+    for point in points:
+        run_dir = sweep_dir / point.run_dir
+        config_path = run_dir / "config.yaml"
+        if config_path.is_file():
+            existing = yaml.safe_load(config_path.read_text()) or {}
+            if config_hash(existing) != config_hash(point.config):
+                raise ConfigError(f"{config_path} holds a different config than point {point.id}: refusing to mix")
+        else:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_yaml(point.config, config_path)
+    atomic_write_text(sweep_dir / "sweep.yaml", yaml.safe_dump(spec.to_dict(), sort_keys=False))
+    atomic_write_json(index_path, {"name": spec.name, "points": [p.index_entry() for p in points]})
+    return Sweep(sweep_dir, spec, points)
+
+
+def _read_index(sweep_dir: Path) -> list[dict[str, Any]]:
+    try:
+        data = json.loads((sweep_dir / "index.json").read_text())
+        return list(data["points"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{sweep_dir / 'index.json'}: not a sweep index: {exc}") from None
+
+
+def load_sweep(sweep_dir: str | Path) -> Sweep:
+    """Open an existing sweep dir from its sweep.yaml and index.json (no base config needed)."""
+    sweep_dir = Path(sweep_dir)
+    if not (sweep_dir / "sweep.yaml").is_file() or not (sweep_dir / "index.json").is_file():
+        raise ConfigError(f"{sweep_dir}: not a sweep directory (expected sweep.yaml and index.json; "
+                          "`emformer sweep SPEC --out DIR` makes one)")
+    data = yaml.safe_load((sweep_dir / "sweep.yaml").read_text()) or {}
+    # The base config may have moved since: every run dir already holds its resolved config.yaml.
+    spec = spec_from_dict(data, relative_to=sweep_dir, source=str(sweep_dir / "sweep.yaml"), check_base=False)
+    points = [Point(int(p["id"]), str(p["name"]), str(p["run_dir"]), dict(p.get("overrides") or {}), int(p["seed"]))
+              for p in _read_index(sweep_dir)]
+    return Sweep(sweep_dir, spec, points)
+
+
+# ----------------------------------------------------------------------------------------------- backends
+
+def points_to_run(sweep: Sweep, ids: Sequence[int] | None = None) -> tuple[list[Point], dict[str, list[int]]]:
+    """Points (of `ids`, default all) that are neither done nor active; and the skipped ids by reason."""
+    from emformer.train.status import point_statuses
+
+    wanted = set(ids) if ids is not None else None
+    todo: list[Point] = []
+    skipped: dict[str, list[int]] = {}
+    for point, status in zip(sweep.points, point_statuses(sweep)):
+        if wanted is not None and point.id not in wanted:
+            continue
+        if status.state in ("done", "running", "requeued") or (status.state == "pending" and status.job_id):
+            skipped.setdefault(status.state, []).append(point.id)
+        else:
+            todo.append(point)
+    return todo, skipped
+
+
+def submit_slurm(sweep: Sweep, points: Sequence[Point], dry_run: bool = False, workdir: Path | None = None) -> Optional[str]:
+    """Render the array script for `points` and submit it (or print it for --dry-run); the job id."""
+    from emformer.slurm import launcher
+
+    options = sweep.spec.slurm
+    devices = world_shape(sweep)
+    sweep_dir = sweep.dir.resolve()
+    records = launcher.read_submissions(sweep_dir)
+    script_name = f"sweep-{len(records) + 1:03d}.sbatch"
+    workdir = (workdir or Path.cwd()).resolve()
+    script = launcher.render_script(
+        options, sweep_name=sweep.spec.name, sweep_dir=sweep_dir,
+        run_dirs=[(p.id, p.run_dir) for p in sweep.points], ids=[p.id for p in points],
+        workdir=workdir, devices=devices, script_name=f"{sweep_dir}/slurm/{script_name}")
+    if dry_run:
+        print(script)
+        return None
+    launcher.check_partition(options.partition)
+    (sweep_dir / "slurm" / "logs").mkdir(parents=True, exist_ok=True)
+    script_path = sweep_dir / "slurm" / script_name
+    atomic_write_text(script_path, script)
+    job_id = launcher.submit(script_path)
+    launcher.record_submission(sweep_dir, {
+        "job_id": job_id,
+        "array": launcher.array_expression([p.id for p in points], min(options.array_parallel, len(points))),
+        "points": {str(p.id): p.run_dir for p in points},
+        "script": f"slurm/{script_name}",
+        "submitted_at": time.time(),
+        "submitted": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": ["sbatch", "--parsable", str(script_path)],
+        "workdir": str(workdir),
+    })
+    return job_id
+
+
+def world_shape(sweep: Sweep) -> int:
+    """One array job has one shape: every point must want the same devices and nodes, matching `slurm:`.
+    Returns trainer.devices (the tasks per node)."""
+    options = sweep.spec.slurm
+    shapes = set()
+    for point in sweep.points:
+        if point.config is not None:
+            trainer = OmegaConf.to_container(point.config.trainer)
+        else:
+            trainer = (yaml.safe_load((sweep.run_dir(point) / "config.yaml").read_text()) or {}).get("trainer", {})
+        shapes.add((int(trainer.get("devices", 1)), int(trainer.get("num_nodes", 1))))
+    if len(shapes) != 1:
+        raise ConfigError(f"{sweep.spec.source}: points differ in (trainer.devices, trainer.num_nodes) "
+                          f"{sorted(shapes)}; one job array needs one shape: split the sweep")
+    devices, num_nodes = shapes.pop()
+    if num_nodes != options.nodes or options.tasks_per_node(devices) != devices:
+        raise ConfigError(f"{sweep.spec.source}: trainer.devices={devices}, trainer.num_nodes={num_nodes} do not "
+                          f"match the slurm section (nodes={options.nodes}, {options.tasks_per_node(devices)} tasks "
+                          "per node): set them in overrides, or set slurm.gpus_per_node")
+    return devices
+
+
+# -------------------------------------------------------------------------------------------------- CLI
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("spec", help="sweep spec (configs/sweeps/NAME.yaml)")
+    parser.add_argument("overrides", nargs="*", help="key=value for every point (trainer.max_steps=100), or "
+                        "sweep.KEY=value for the spec (sweep.slurm.partition=gpu, sweep.seeds=[0,1])")
+    parser.add_argument("--backend", choices=("local", "slurm"), default="local")
+    parser.add_argument("--out", type=Path, default=None, help="sweep directory (default sweeps/<name>)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the points (and, for slurm, the sbatch script) without running anything")
+    parser.add_argument("--parallel", type=int, default=None, help="local: runs at once (default local.parallel)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="local: threads per run (default local.threads_per_run)")
+
+
+def run(args: argparse.Namespace) -> int:
+    spec = load_spec(args.spec, args.overrides)
+    if args.parallel is not None:
+        spec.local = LocalOptions.from_dict({**dataclasses.asdict(spec.local), "parallel": args.parallel}, "--parallel")
+    if args.threads is not None:
+        spec.local = LocalOptions.from_dict({**dataclasses.asdict(spec.local), "threads_per_run": args.threads},
+                                            "--threads")
+    if args.dry_run:
+        points = expand_points(spec)
+        sweep = Sweep(args.out or Path("sweeps") / spec.name, spec, points)
+        print(format_points(points, spec, sweep.dir))
+        if args.backend == "slurm":
+            print()
+            submit_slurm(sweep, points, dry_run=True)
+        return 0
+
+    sweep = prepare_sweep(spec, args.out)
+    todo, skipped = points_to_run(sweep)
+    for reason, ids in sorted(skipped.items()):
+        print(f"skipping {len(ids)} point(s) already {reason}: {_ids(ids)}")
+    if not todo:
+        print(f"{sweep.dir}: nothing to run ({len(sweep.points)} points; `emformer status {sweep.dir}`)")
+        return 0
+    if args.backend == "slurm":
+        job_id = submit_slurm(sweep, todo)
+        print(f"submitted job {job_id}: {len(todo)} point(s) {_ids([p.id for p in todo])} of {sweep.dir} "
+              f"(`emformer status {sweep.dir}`)")
+        return 0
+    from emformer.train.sweep_local import run_local
+
+    failed = run_local(sweep, todo, parallel=spec.local.parallel, threads=spec.local.threads_per_run)
+    return 1 if failed else 0
+
+
+def _ids(ids: Sequence[int]) -> str:
+    from emformer.slurm.launcher import array_expression
+
+    return array_expression(ids) if ids else "-"
+
+
+def format_points(points: Sequence[Point], spec: SweepSpec, out: str | Path) -> str:
+    keys = list(dict.fromkeys(k for p in points for k in p.overrides))
+    header = ["id", *keys, "seed", "run dir"]
+    rows = [[str(p.id), *(json.dumps(p.overrides.get(k, "")) if k in p.overrides else "" for k in keys),
+             str(p.seed), f"{out}/{p.run_dir}"] for p in points]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = [f"sweep {spec.name}: {len(points)} points (base {spec.base}, wandb group {spec.group})"]
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="emformer sweep")
+    add_arguments(parser)
+    sys.exit(run(parser.parse_args()))

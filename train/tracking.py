@@ -1,0 +1,224 @@
+"""Where a run's numbers go: `metrics.jsonl` always, wandb when asked, and a curves plot at the end.
+
+Only global rank 0 writes (the callers check). `metrics.jsonl` is append-only, one JSON object per line,
+flushed per row so a killed run loses nothing it had logged; on resume rows after the restored step are
+dropped (the file is rewritten atomically), so a step never appears twice. wandb runs offline by default
+(no network here), keeps its files under `<run_dir>/wandb/` and reuses the id stored in `<run_dir>/wandb_id`,
+so a requeued job continues the same wandb run.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+from pathlib import Path
+from typing import Any, Optional
+
+from emformer.data.atomic import atomic_write_text
+
+METRICS_FILE = "metrics.jsonl"
+WANDB_ID_FILE = "wandb_id"
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Rows of a metrics.jsonl; a torn last line (a crash mid-write) is skipped."""
+    rows = []
+    path = Path(path)
+    if not path.is_file():
+        return rows
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN/inf: write them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class MetricsLog:
+    """metrics.jsonl: append rows, flush each; `truncate_after(step)` on resume."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / METRICS_FILE
+        self._handle: Any = None
+
+    def truncate_after(self, step: int) -> int:
+        """Drop rows with step > `step` (rewritten atomically); return how many were dropped."""
+        if not self.path.is_file():
+            return 0
+        rows = read_metrics(self.path)
+        kept = [row for row in rows if int(row.get("step", 0)) <= step]
+        dropped = len(rows) - len(kept)
+        text = "".join(json.dumps(row) + "\n" for row in kept)
+        if dropped or text != self.path.read_text():  # also repairs a torn last line
+            self.close()
+            atomic_write_text(self.path, text)
+        return dropped
+
+    def append(self, row: dict[str, Any]) -> None:
+        if self._handle is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._handle = open(self.path, "a")
+        self._handle.write(json.dumps({key: _clean(value) for key, value in row.items()}) + "\n")
+        self._handle.flush()
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+
+class WandbRun:
+    """A wandb run in `<run_dir>/wandb/`, resumable via `<run_dir>/wandb_id`. mode: offline|online|disabled."""
+
+    def __init__(self, run_dir: Path, wandb_cfg: dict[str, Any], config: dict[str, Any], name: str,
+                 meta: Optional[dict[str, Any]] = None) -> None:
+        self.run: Any = None
+        self.mode = str(wandb_cfg.get("mode", "offline"))
+        if self.mode == "disabled":
+            return  # nothing written, wandb not even imported
+        os.environ["WANDB_DIR"] = str(run_dir)
+        os.environ.setdefault("WANDB_SILENT", "true")
+        import wandb
+
+        id_file = Path(run_dir) / WANDB_ID_FILE
+        run_id = id_file.read_text().strip() if id_file.is_file() else ""
+        if not run_id:
+            run_id = secrets.token_hex(4)
+            atomic_write_text(id_file, run_id + "\n")
+        (Path(run_dir) / "wandb").mkdir(parents=True, exist_ok=True)
+        meta = meta or {}
+        self.run = wandb.init(
+            project=wandb_cfg.get("project") or "emformer", entity=wandb_cfg.get("entity"),
+            group=wandb_cfg.get("group"), tags=list(wandb_cfg.get("tags") or []), name=name, id=run_id,
+            resume="allow", mode=self.mode, dir=str(run_dir),
+            config={**config, "git_commit": meta.get("git_commit"), "param_count": meta.get("param_count")},
+            settings=wandb.Settings(console="off", x_disable_stats=True),
+        )
+        # Plots in the wandb UI against the training step, whatever order rows arrive in.
+        self.run.define_metric("train/*", step_metric="step")
+        self.run.define_metric("val/*", step_metric="step")
+
+    def log(self, row: dict[str, Any]) -> None:
+        if self.run is None:
+            return
+        split = row.get("split", "train")
+        payload = {f"{split}/{key}": value for key, value in row.items()
+                   if key not in ("step", "split") and isinstance(value, (int, float)) and value is not None}
+        payload["step"] = row["step"]
+        self.run.log(payload)
+
+    def summary(self, values: dict[str, Any]) -> None:
+        if self.run is not None:
+            for key, value in values.items():
+                self.run.summary[key] = value
+
+    def log_image(self, key: str, path: Path) -> None:
+        if self.run is not None and Path(path).is_file():
+            import wandb
+
+            self.run.log({key: wandb.Image(str(path))})
+
+    def finish(self, exit_code: int = 0) -> None:
+        if self.run is not None:
+            self.run.finish(exit_code=exit_code)
+            self.run = None
+
+
+class Tracker:
+    """metrics.jsonl + wandb behind one `log(row)`; rank 0 creates it, other ranks use `Tracker.null()`."""
+
+    def __init__(self, run_dir: Path, wandb_cfg: Optional[dict[str, Any]] = None,
+                 config: Optional[dict[str, Any]] = None, name: str = "run",
+                 meta: Optional[dict[str, Any]] = None, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.run_dir = Path(run_dir)
+        self.metrics = MetricsLog(self.run_dir)
+        self._wandb_args = (wandb_cfg or {"mode": "disabled"}, config or {}, name, meta)
+        self.wandb: Optional[WandbRun] = None
+
+    @classmethod
+    def null(cls) -> "Tracker":
+        return cls(Path("."), enabled=False)
+
+    def start(self, step: int) -> None:
+        """Called once training state is restored: drop rows after `step`, open wandb."""
+        if not self.enabled:
+            return
+        self.metrics.truncate_after(step)
+        if self.wandb is None:
+            wandb_cfg, config, name, meta = self._wandb_args
+            self.wandb = WandbRun(self.run_dir, wandb_cfg, config, name, meta)
+
+    def log(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.metrics.append(row)
+        if self.wandb is not None:
+            self.wandb.log(row)
+
+    def finish(self, final_row: Optional[dict[str, Any]] = None, curves: Optional[Path] = None,
+               exit_code: int = 0) -> None:
+        if not self.enabled:
+            return
+        self.metrics.close()
+        if self.wandb is not None:
+            if final_row:
+                self.wandb.summary({f"final/{k}": v for k, v in final_row.items() if isinstance(v, (int, float))})
+            if curves is not None:
+                self.wandb.log_image("curves", curves)
+            self.wandb.finish(exit_code)
+
+
+def plot_curves(metrics_path: str | os.PathLike, out_path: str | os.PathLike) -> Optional[Path]:
+    """Loss (train, val, train-set eval) and error (model vs EM / Lloyd / oracle) against step, as a PNG."""
+    rows = read_metrics(metrics_path)
+    train = [r for r in rows if r.get("split") == "train" and r.get("loss") is not None]
+    val = [r for r in rows if r.get("split") == "val" and r.get("loss") is not None]
+    if not train and not val:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=90)
+    if train:
+        ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], lw=1, alpha=0.7, label="train")
+    if val:
+        steps = [r["step"] for r in val]
+        ax_loss.plot(steps, [r["loss"] for r in val], "o-", ms=3, label="val")
+        if all(r.get("train_loss") is not None for r in val):
+            ax_loss.plot(steps, [r["train_loss"] for r in val], "s--", ms=3, label="train set")
+        if val[-1].get("loss_em") is not None:
+            ax_loss.axhline(val[-1]["loss_em"], color="gray", ls=":", label="EM")
+        for key, style in (("err", "o-"), ("err_anchored", "^-"), ("err_em", "--"),
+                           ("err_em_anchored", "-."), ("err_lloyd", ":"), ("err_oracle", "-")):
+            if all(r.get(key) is not None for r in val):
+                values = [r[key] for r in val]
+                ax_err.plot(steps, values, style, ms=3, lw=1, label=key.replace("err_", "") if key != "err" else "model")
+        ax_err.set_yscale("log")
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("cross-entropy")
+    ax_loss.legend(fontsize=7)
+    ax_err.set_xlabel("step")
+    ax_err.set_ylabel("mis-clustering rate (val)")
+    ax_err.legend(fontsize=7)
+    fig.tight_layout()
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, out_path)
+    return out_path
