@@ -1,0 +1,114 @@
+"""Smoke tests of benchmarks/: the scripts run at tiny sizes and produce their tables (not speed)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import common  # noqa: E402
+
+
+def test_markdown_table_and_numbers():
+    table = common.markdown_table(["method", "err"], [["EM", 0.012345], ["model", None]])
+    lines = table.splitlines()
+    assert lines[0] == "| method | err |"
+    assert lines[1] == "| :--- | ---: |"
+    assert lines[2] == "| EM | 0.0123 |" and lines[3] == "| model | — |"
+    assert common.fmt(1234567.8) == "1,234,568" and common.fmt(12) == "12" and common.fmt(2.5e-5) == "2.50e-05"
+    with pytest.raises(ValueError, match="cells"):
+        common.markdown_table(["a", "b"], [["only one"]])
+
+
+def test_write_report_is_atomic_and_replaces(tmp_path):
+    path = tmp_path / "BENCHMARKS.md"
+    common.write_report(path, "# old")
+    common.write_report(path, "# new")
+    assert path.read_text() == "# new\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["BENCHMARKS.md"]  # no temporary file left behind
+
+
+def test_machine_info_names_the_gpu_or_says_none():
+    info = common.machine_info()
+    text = common.machine_markdown(info, load_end=0.0)
+    assert info["cpus_usable"] >= 1
+    assert (info["gpu"] or common.NO_GPU) in text
+
+
+@pytest.fixture(scope="module")
+def reference_task_export(tmp_path_factory):
+    """A randomly initialised model of the reference task, exported (the scripts, not the figures)."""
+    from export_fixtures import make_fake_run
+
+    from emformer.train.export import export_run
+
+    root = tmp_path_factory.mktemp("bench")
+    run_dir = make_fake_run(root / "run", ("task=k3_d8", "model=tiny"))
+    return export_run(run_dir, root / "export")
+
+
+def test_run_all_quick_writes_inference_and_quality_tables(reference_task_export, tmp_path):
+    import run_all
+
+    out = tmp_path / "B.md"
+    assert run_all.main(["--quick", "--sections", "inference,quality", "--export", str(reference_task_export),
+                         "--out", str(out), "--skip-memory"]) == 0
+    text = out.read_text()
+    assert text.startswith("# Benchmarks") and "--quick run" in text
+    assert "## Inference" in text and "## Clustering quality" in text and "## Training" not in text
+    assert "sklearn KMeans per episode" in text and "oracle" in text and "Student-t" in text
+    figures = json.loads((tmp_path / "B.json").read_text())["figures"]
+    import bench_quality
+
+    grid = figures["quality"]["grid"]
+    assert len(grid) == len(bench_quality.QUICK["separations"]) * len(bench_quality.QUICK["ns"])
+    for cell in grid.values():
+        for method in bench_quality.METHODS:
+            assert 0.0 <= cell[method] <= 1.0
+    methods = figures["inference"]["methods"]
+    assert methods[0]["x_model"] == 1.0 and all(m["seconds"] > 0 for m in methods)
+    assert all(0.0 <= m["err"] <= 1.0 for m in methods)
+
+
+def test_memory_probe_reports_bytes(reference_task_export):
+    import bench_inference
+
+    result = bench_inference.memory_probe("em", reference_task_export, count=4, n=32)
+    assert result["method"] == "em" and result["bytes_per_episode"] >= 0
+
+
+def test_em_restarts_pick_the_likeliest_fit():
+    import torch
+
+    import bench_quality
+    from emformer.data.episodes import sample_episodes
+    from emformer.data.tasks import TaskSpec
+    from emformer.models import baselines
+
+    batch = sample_episodes(TaskSpec(k=3, d=2, n=40, separation=3.0), 5, range(6))
+    pred = bench_quality.em_with_restarts(batch, 3)
+    assert pred.shape == batch["labels"].shape
+    # The kept labels are those of the likeliest restart, episode by episode, each restart run on its own.
+    lls, preds = [], []
+    for stream in range(1, 4):
+        init = baselines.kmeans_plus_plus(batch["points"], batch["mask"], batch["kmask"],
+                                          baselines.episode_uniforms(batch, 3, stream))
+        fit = baselines.em(batch["points"], batch["mask"], batch["kmask"], init, bench_quality.EM_ITERS)
+        lls.append(bench_quality.spherical_log_likelihood(batch["points"], batch["mask"], batch["kmask"], fit))
+        preds.append(fit.log_resp.argmax(-1))
+    best = torch.stack(lls).argmax(0)
+    assert torch.isfinite(torch.stack(lls)).all()
+    assert torch.equal(pred, torch.stack(preds)[best, torch.arange(6)])
+
+
+@pytest.mark.slow
+def test_training_benchmark_measures_a_real_run():
+    import bench_train
+
+    result = bench_train.measure("debug", warmup=2, steps=2, threads=1, extra=("trainer.accelerator=cpu",))
+    assert result["episodes_per_step"] == 32  # configs/debug.yaml: batch 32, one process
+    assert result["episodes_per_s"] > 0 and result["tokens_per_s"] == pytest.approx(result["episodes_per_s"] * 34, rel=1e-6)
