@@ -31,38 +31,73 @@ EPISODE_KEYS = (
 )
 
 
+MAX_KEY = 2**63  # numpy collapses Philox key words >= 2**63 (2**64 - 1 becomes 0): refuse them
+
+
+def _check_key(seed: int, index: int) -> None:
+    if not (0 <= seed < MAX_KEY and 0 <= index < MAX_KEY):
+        raise ValueError(f"seed and index must be in [0, 2**63), got seed={seed}, index={index}")
+
+
 def episode_rng(seed: int, index: int) -> np.random.Generator:
     """The generator of episode `index` under `seed`: Philox keyed by the pair, no shared state."""
-    if seed < 0 or index < 0:
-        raise ValueError(f"seed and index must be >= 0, got seed={seed}, index={index}")
-    return np.random.Generator(np.random.Philox(key=[seed & 0xFFFFFFFFFFFFFFFF, index & 0xFFFFFFFFFFFFFFFF]))
+    _check_key(seed, index)
+    return np.random.Generator(np.random.Philox(key=[seed, index]))
 
 
-def _raw_draws(spec: TaskSpec, seed: int, index: int) -> dict[str, np.ndarray]:
-    """Every random number episode (seed, index) needs, in a fixed order. Shapes depend on the spec only."""
-    rng = episode_rng(seed, index)
-    k, n, d = spec.k_pad, spec.n_pad, spec.d
-    draws = {
-        "choices": rng.random(3),  # k, n, Δ within their ranges
-        "means": rng.standard_normal((k, d)),
-    }
-    if spec.weights == "dirichlet":
-        draws["weights"] = rng.standard_gamma(spec.weights_alpha, size=k)
-    elif spec.weights == "range":
-        draws["weights"] = rng.uniform(spec.weights_lo, spec.weights_hi, size=k)
-    else:
-        draws["weights"] = np.ones(k)
-    draws["axis"] = rng.uniform(-1.0, 1.0, size=d) if spec.noise == "diagonal" else np.zeros(d)
-    # The [n, d] draws dominate the cost: float32 halves it (means stay float64 so Δ is exact).
-    draws["label_u"] = rng.random(n, dtype=np.float32)
-    if spec.noise == "student_t":
-        t_unit = math.sqrt((spec.noise_df - 2) / spec.noise_df)
-        draws["noise"] = (rng.standard_t(spec.noise_df, size=(n, d)) * t_unit).astype(np.float32)
-    else:
-        draws["noise"] = rng.standard_normal((n, d), dtype=np.float32)
-    draws["init_noise"] = rng.standard_normal((k, d))
-    draws["init_u"] = rng.random(2 * k)  # k-means++ picks (spectral uses the second half)
-    return draws
+class _Draws:
+    """Every random number a batch of episodes needs, drawn per episode into preallocated [B, ...] arrays.
+
+    Episode (s, i) draws from Philox keyed (s, i) with counter 0, in the fixed order below, so its numbers do
+    not depend on the batch it is drawn in. Rekeying one bit generator costs ~3 µs where building a new one
+    costs ~15 µs, and filling arrays in place saves a stack per key: together ~1/3 of the sampling time.
+    """
+
+    def __init__(self, spec: TaskSpec, batch_size: int) -> None:
+        self.spec = spec
+        k, n, d = spec.k_pad, spec.n_pad, spec.d
+        self.arrays: dict[str, np.ndarray] = {
+            "choices": np.empty((batch_size, 3)),  # k, n, Δ within their ranges
+            "means": np.empty((batch_size, k, d)),
+            "weights": np.ones((batch_size, k)),
+            "axis": np.zeros((batch_size, d)),
+            # The [n, d] draws dominate the cost: float32 halves it (means stay float64 so Δ is exact).
+            "label_u": np.empty((batch_size, n), dtype=np.float32),
+            "noise": np.empty((batch_size, n, d), dtype=np.float32),
+            "init_noise": np.empty((batch_size, k, d)),
+            "init_u": np.empty((batch_size, 2 * k)),  # k-means++ picks (spectral uses the second half)
+        }
+        self._bitgen = np.random.Philox(key=[0, 0])
+        self._rng = np.random.Generator(self._bitgen)
+
+    def _rekey(self, seed: int, index: int) -> None:
+        """The state of Philox(key=[seed, index]) as freshly built (tested equal)."""
+        self._bitgen.state = {
+            "bit_generator": "Philox",
+            "state": {"counter": np.zeros(4, dtype=np.uint64), "key": np.array([seed, index], dtype=np.uint64)},
+            "buffer": np.zeros(4, dtype=np.uint64), "buffer_pos": 4, "has_uint32": 0, "uinteger": 0,
+        }
+
+    def fill(self, row: int, seed: int, index: int) -> None:
+        _check_key(seed, index)
+        self._rekey(seed, index)
+        spec, rng, a = self.spec, self._rng, self.arrays
+        rng.random(out=a["choices"][row])
+        rng.standard_normal(out=a["means"][row])
+        if spec.weights == "dirichlet":
+            rng.standard_gamma(spec.weights_alpha, out=a["weights"][row])
+        elif spec.weights == "range":
+            a["weights"][row] = rng.uniform(spec.weights_lo, spec.weights_hi, size=spec.k_pad)
+        if spec.noise == "diagonal":
+            a["axis"][row] = rng.uniform(-1.0, 1.0, size=spec.d)
+        rng.random(dtype=np.float32, out=a["label_u"][row])
+        if spec.noise == "student_t":
+            t_unit = math.sqrt((spec.noise_df - 2) / spec.noise_df)
+            a["noise"][row] = rng.standard_t(spec.noise_df, size=(spec.n_pad, spec.d)) * t_unit
+        else:
+            rng.standard_normal(dtype=np.float32, out=a["noise"][row])
+        rng.standard_normal(out=a["init_noise"][row])
+        rng.random(out=a["init_u"][row])
 
 
 def sample_episodes(spec: TaskSpec, seed: int, indices: Sequence[int] | torch.Tensor) -> Batch:
@@ -70,9 +105,10 @@ def sample_episodes(spec: TaskSpec, seed: int, indices: Sequence[int] | torch.Te
     idx = [int(i) for i in (indices.tolist() if isinstance(indices, torch.Tensor) else indices)]
     if not idx:
         raise ValueError("sample_episodes needs at least one index")
-    raws = [_raw_draws(spec, seed, i) for i in idx]
-    raw = {key: torch.from_numpy(np.stack([r[key] for r in raws])) for key in raws[0]}
-    batch = _transform(spec, raw)
+    draws = _Draws(spec, len(idx))
+    for row, index in enumerate(idx):
+        draws.fill(row, seed, index)
+    batch = _transform(spec, {key: torch.from_numpy(value) for key, value in draws.arrays.items()})
     batch["seed"] = torch.full((len(idx),), seed, dtype=torch.long)
     batch["index"] = torch.tensor(idx, dtype=torch.long)
     return batch
@@ -110,16 +146,19 @@ def _transform(spec: TaskSpec, raw: dict[str, torch.Tensor]) -> Batch:
     weights = raw["weights"] * kmask
     weights = weights / weights.sum(1, keepdim=True)
 
-    # Labels by inverse CDF; clamp guards the last bin against rounding.
+    # Labels by inverse CDF (the number of cdf entries below u); clamp guards the last bin against rounding.
     cdf = weights.float().cumsum(1)
-    labels = (raw["label_u"][..., None] > cdf[:, None, :]).sum(-1)
+    labels = torch.searchsorted(cdf, raw["label_u"])
     labels = torch.minimum(labels, k[:, None] - 1)
 
     scales = (spec.sigma * torch.exp(raw["axis"] * math.log(spec.diag_ratio))).float()  # [B, d]
-    centres = torch.gather(means.float(), 1, labels[..., None].expand(-1, -1, d))
+    # centres[b, i] = means[b, labels[b, i]] by a flat index (several times faster than gather here)
+    flat = labels + (torch.arange(batch_size) * k_pad)[:, None]
+    centres = means.float().reshape(batch_size * k_pad, d)[flat]
     points = centres + raw["noise"] * scales[:, None, :]
-    points = points * mask[..., None]
-    labels = labels.masked_fill(~mask, -1)
+    if spec.n_max is not None:  # with a fixed n the mask is all true: skip two full-size passes
+        points = points * mask[..., None]
+        labels = labels.masked_fill(~mask, -1)
 
     init = _initial_centroids(spec, points, mask, kmask, means, delta, raw)
     if spec.init != "none":

@@ -16,6 +16,7 @@ Batches are yielded whole: use `DataLoader(stream, batch_size=None, num_workers=
 batches g = start_step + w, start_step + w + W, ..., so the DataLoader's in-order round robin over workers
 reproduces g = start_step, start_step + 1, ... whatever W is; `start_step` lets a resumed run continue
 exactly where it stopped. Batch g is a pure function of (spec, source, seed, batch_size, N, rank, world, g).
+A worker packs each batch into one buffer before handing it over (`pack_batch`): same values, less IPC.
 
 This module stays light (torch + numpy, no lightning): `generate` and tests import it.
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import Any, Iterator, Optional
 
 import numpy as np
@@ -34,6 +36,11 @@ from emformer.data.tasks import TaskSpec
 from emformer.errors import ConfigError
 
 SOURCES = ("fresh", "pool", "shards")
+SPECTRAL_FRESH_WARNING = (
+    "task.init=spectral with data.source=fresh: spectral init eigendecomposes an n x n affinity per episode "
+    "(n={n}; 15-20 ms per episode at n=256 on one core, while a training step consumes hundreds of episodes "
+    "a second), so fresh episodes will starve training. Generate them once (`emformer generate ... --workers "
+    "W`, then data.source=shards) or train on a finite pool (data.source=pool, generated once per process).")
 # A pool is generated once per process and kept in memory when it fits in this budget; above it, pool
 # episodes are regenerated from (seed, index) on demand (identical values, as episodes are pure functions).
 POOL_CACHE_BYTES = int(os.environ.get("EMFORMER_POOL_CACHE_MB", "2048")) * 2**20
@@ -90,6 +97,27 @@ def pool_episodes(spec: TaskSpec, seed: int, size: int) -> Optional[Batch]:
     return _POOL_CACHE[key]
 
 
+def pack_batch(batch: Batch) -> Batch:
+    """The same tensors as views into one contiguous buffer (8-byte aligned), for the trip to the main process.
+
+    A DataLoader worker hands each tensor over in its own shared-memory segment: for the 14 tensors of a batch
+    that cost the *training* process ~7 ms a batch to receive (k=3, d=8, n=256, B=64, measured), against
+    ~1.5 ms for one packed buffer, and doubled the loader's throughput.
+    """
+    layout, offset = [], 0
+    for name, value in batch.items():
+        offset = -(-offset // 8) * 8
+        layout.append((name, value, offset))
+        offset += value.numel() * value.element_size()
+    buffer = torch.empty(offset, dtype=torch.uint8)
+    packed: Batch = {}
+    for name, value, start in layout:
+        view = buffer[start:start + value.numel() * value.element_size()].view(value.dtype).view(value.shape)
+        view.copy_(value)
+        packed[name] = view
+    return packed
+
+
 def select(batch: Batch, rows: torch.Tensor) -> Batch:
     """Rows of a batch (every tensor indexed along its first dimension)."""
     return {name: value.index_select(0, rows) for name, value in batch.items()}
@@ -122,6 +150,11 @@ class EpisodeStream(IterableDataset):
         self.rank, self.world_size = resolve_rank(rank, world_size)
         self.shards_dir = None if shards_dir is None else os.fspath(shards_dir)
         self._reader: Any = None
+        if source == "fresh" and self.spec.init == "spectral":
+            warnings.warn(SPECTRAL_FRESH_WARNING.format(n=self.spec.n_pad), stacklevel=2)
+        if source == "pool":
+            # Built here, in the main process: forked DataLoader workers inherit it instead of each building it.
+            pool_episodes(self.spec, self.seed, self.pool_size)
         if source == "shards":
             from emformer.data.shards import ShardReader
 
@@ -147,13 +180,15 @@ class EpisodeStream(IterableDataset):
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        hand_over = pack_batch if info is not None else (lambda batch: batch)
         if self.finite:
-            yield from self._reader.iter_finite(self.rank * workers + worker, self.world_size * workers,
-                                                self.batch_size)
+            for batch in self._reader.iter_finite(self.rank * workers + worker, self.world_size * workers,
+                                                  self.batch_size):
+                yield hand_over(batch)
             return
         step = self.start_step + worker
         while True:
-            yield self.batch(step)
+            yield hand_over(self.batch(step))
             step += workers
 
 
@@ -188,4 +223,4 @@ def pool_eval_set(cfg: Any) -> Batch:
 
 
 __all__ = ["EpisodeStream", "eval_set", "pool_eval_set", "resolve_rank", "epoch_permutation",
-           "resampled_indices", "pool_episodes", "EPISODE_KEYS"]
+           "resampled_indices", "pool_episodes", "pack_batch", "EPISODE_KEYS"]

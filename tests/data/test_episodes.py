@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -151,3 +152,49 @@ def test_negative_seed_or_index_is_refused():
         sample_episodes(SPECS["fixed"], -1, [0])
     with pytest.raises(ValueError, match="index"):
         sample_episodes(SPECS["fixed"], 0, [-3])
+
+
+def test_batched_draws_are_the_episode_generators_own():
+    """Rekeying one Philox (the fast path) draws exactly what a fresh Philox keyed (seed, index) draws."""
+    from emformer.data.episodes import _Draws, episode_rng
+
+    spec = TaskSpec(k=3, d=5, n=7, weights="dirichlet", noise="diagonal")
+    draws = _Draws(spec, 3)
+    for row, (seed, index) in enumerate([(0, 0), (9, 2**40), (2**63 - 1, 5)]):
+        draws.fill(row, seed, index)
+        rng = episode_rng(seed, index)
+        assert np.array_equal(draws.arrays["choices"][row], rng.random(3))
+        assert np.array_equal(draws.arrays["means"][row], rng.standard_normal((3, 5)))
+        assert np.array_equal(draws.arrays["weights"][row], rng.standard_gamma(1.0, size=3))
+        assert np.array_equal(draws.arrays["axis"][row], rng.uniform(-1.0, 1.0, size=5))
+        assert np.array_equal(draws.arrays["label_u"][row], rng.random(7, dtype=np.float32))
+    with pytest.raises(ValueError, match="2\\*\\*63"):  # numpy would fold such a key onto another seed's
+        sample_episodes(SPECS["fixed"], 2**64 - 1, [0])
+
+
+def test_separation_range_is_uniform():
+    spec = TaskSpec(k=2, d=2, n=4, separation=2.0, separation_max=6.0)
+    delta = sample_episodes(spec, 1, range(4000))["separation"].double()
+    # U[2, 6]: mean 4, sd 4/sqrt(12) = 1.155; the mean of 4000 has sd 0.018
+    assert abs(delta.mean().item() - 4.0) < 0.08 and abs(delta.std().item() - 4 / math.sqrt(12)) < 0.05
+    quarter = ((delta - 2.0) / 4.0 * 4).long().clamp(max=3)
+    assert torch.bincount(quarter, minlength=4).min() > 900  # each quarter of the range ~1000 times
+
+
+def test_label_frequencies_follow_random_weights():
+    spec = TaskSpec(k=3, d=2, n=2000, weights="dirichlet", weights_alpha=1.0)
+    b = sample_episodes(spec, 4, range(16))
+    freq = torch.nn.functional.one_hot(b["labels"], 3).double().mean(1)
+    w = b["weights"].double()
+    z = (freq - w) / torch.sqrt(w * (1 - w) / 2000).clamp(min=1e-9)
+    assert z.abs().max() < 5 and (w.max(1).values - w.min(1).values).mean() > 0.2  # weights really differ
+
+
+def test_diagonal_noise_scales_each_axis():
+    spec = TaskSpec(k=2, d=3, n=3000, noise="diagonal", diag_ratio=3.0, sigma=2.0, init="none")
+    b = sample_episodes(spec, 6, range(4))
+    centres = torch.gather(b["means"], 1, b["labels"][..., None].expand(-1, -1, 3))
+    sd = (b["points"] - centres).std(dim=1)  # [B, d] empirical per-axis noise
+    torch.testing.assert_close(sd, b["scales"], rtol=0.06, atol=0)
+    assert b["scales"].min() >= 2.0 / 3 - 1e-5 and b["scales"].max() <= 6.0 + 1e-5
+    assert (b["scales"].max(1).values / b["scales"].min(1).values).min() > 1.05  # not isotropic

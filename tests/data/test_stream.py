@@ -163,3 +163,35 @@ def test_datamodule_uses_trainer_step_rank_and_world():
     module.trainer = SimpleNamespace(global_step=5, global_rank=1, world_size=2)
     first = next(iter(module.train_dataloader()))
     assert first["index"].tolist() == [(5 * 2 + 1) * 3 + b for b in range(3)]
+
+
+@pytest.mark.parametrize("source", ["fresh", "pool"])
+def test_two_ranks_two_workers_no_duplicate_no_gap(source):
+    batch, world, steps, pool = 3, 2, 8, 24  # 8 steps x 2 ranks x 3 = 48 positions = 2 pool epochs
+    seen = []
+    for rank in range(world):
+        stream = EpisodeStream(SPEC, source=source, seed=4, batch_size=batch, pool_size=pool, rank=rank,
+                               world_size=world)
+        seen.append([b["index"].tolist() for b in take(stream, steps, workers=2)])
+    # global step g: rank 0 then rank 1 -> positions g*world*B .. (g+1)*world*B - 1
+    ordered = [i for g in range(steps) for rank in range(world) for i in seen[rank][g]]
+    if source == "fresh":
+        assert ordered == list(range(steps * world * batch))
+    else:
+        assert sorted(ordered[:pool]) == list(range(pool)) and sorted(ordered[pool:]) == list(range(pool))
+
+
+def test_packed_batches_keep_values_and_share_one_buffer():
+    from emformer.data.stream import pack_batch
+
+    batch = sample_episodes(TaskSpec(k=2, k_max=3, d=3, n=5, n_max=9), 0, range(4))
+    packed = pack_batch(batch)
+    for key, value in batch.items():
+        assert packed[key].dtype == value.dtype and torch.equal(packed[key], value), key
+    pointers = {v.untyped_storage().data_ptr() for v in packed.values()}
+    assert len(pointers) == 1 and all(v.data_ptr() % 8 == 0 for v in packed.values())
+
+
+def test_spectral_init_on_fresh_episodes_warns():
+    with pytest.warns(UserWarning, match="data.source=shards"):
+        EpisodeStream(TaskSpec(k=2, d=2, n=8, init="spectral"), seed=0, batch_size=2)
