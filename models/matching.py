@@ -10,9 +10,15 @@ import itertools
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
 MAX_ENUMERATED_K = 6
+
+
+def _hungarian():
+    # scipy costs 0.5-1.8 s to import and is only needed above MAX_ENUMERATED_K: keep it out of light commands.
+    from scipy.optimize import linear_sum_assignment
+
+    return linear_sum_assignment
 
 
 @functools.lru_cache(maxsize=None)
@@ -39,7 +45,7 @@ def best_assignment(cost: torch.Tensor) -> torch.Tensor:
         return perms[total.argmin(dim=1)]
     out = np.empty((batch, k), dtype=np.int64)
     for b, matrix in enumerate(finite.cpu().numpy()):
-        rows_idx, cols = linear_sum_assignment(matrix)
+        rows_idx, cols = _hungarian()(matrix)
         out[b, rows_idx] = cols
     return torch.from_numpy(out).to(cost.device)
 
