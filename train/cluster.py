@@ -28,8 +28,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="write the labels here (one a line); default: stdout")
     parser.add_argument("--init", choices=INIT_MODES, default="kmeans++", help="initial centroids (default kmeans++)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the k-means++ / spectral draws (default 0)")
-    parser.add_argument("--no-standardize", dest="standardize", action="store_false",
-                        help="feed the data as it is instead of z-scoring each feature to the training scale")
+    parser.add_argument("--standardize", choices=("isotropic", "features", "none"), default="isotropic",
+                        help="isotropic (default): centre, one common scale to the training spread; features: "
+                             "z-score each feature (unrelated units); none: the data as it is")
+    parser.add_argument("--init-iters", type=int, default=None,
+                        help="Lloyd iterations refining the initial centroids (default: 10, or 0 when the model "
+                             "was trained with that init)")
+    parser.add_argument("--passes", type=int, default=1, help="model passes, each from the last's soft centroids")
     parser.add_argument("--skip-header", action="store_true", help="the CSV's first line is a header: skip it")
     parser.add_argument("--device", default="cpu", help="torch device for the model (default cpu)")
 
@@ -37,8 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     points = read_points(Path(args.data), skip_header=args.skip_header)
+    standardize = False if args.standardize == "none" else args.standardize
     clusterer = Clusterer.from_pretrained(args.model_dir, device=args.device, n_clusters=args.k, init=args.init,
-                                          random_state=args.seed, standardize=args.standardize)
+                                          random_state=args.seed, standardize=standardize,
+                                          init_iters=args.init_iters, n_passes=args.passes)
     labels = clusterer.fit_predict(points)
     text = "".join(f"{int(label)}\n" for label in labels)
     if args.out:

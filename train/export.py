@@ -20,8 +20,10 @@ DeepSpeed only for a DeepSpeed one.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
+import io
 import json
 import logging
 import math
@@ -79,14 +81,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     source = Path(args.source)
-    if _is_run_dir(source):
-        out = export_run(source, args.out, onnx=args.onnx, which=args.which or "best")
-    else:
-        if args.which:
-            raise ConfigError(f"--{args.which}: only applies to a run directory; {source} is a checkpoint")
-        out = export_checkpoint(source, args.out, onnx=args.onnx)
+    if args.which and source.exists() and not _is_run_dir(source):
+        raise ConfigError(f"--{args.which}: only applies to a run directory; {source} is a checkpoint")
+    out = export_run(source, args.out, onnx=args.onnx, which=args.which or "best")
     config = json.loads((out / CONFIG_FILE).read_text())
-    files = ", ".join(sorted(config["files"]))
+    files = ", ".join(sorted([*config["files"], "README.md", CONFIG_FILE]))
     print(f"exported {config['training']['checkpoint']} (step {config['training']['step']}) to {out}: {files} "
           f"in {time.perf_counter() - started:.1f} s")
     if "onnx" in config:
@@ -97,12 +96,18 @@ def run(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------- API
 def export_run(run_dir: str | Path, out_dir: str | Path, onnx: bool = False, which: str = "best") -> Path:
-    """Export checkpoints/{which}.ckpt of a run directory into out_dir; returns out_dir."""
+    """Export checkpoints/{which}.ckpt of a run directory into out_dir and return out_dir. `run_dir` may
+    also be a checkpoint (a .ckpt file or a DeepSpeed checkpoint directory); `which` then does not apply.
+
+    Writes model.safetensors, config.json, README.md and, with onnx=True, model.onnx (verified with
+    onnxruntime first). Raises CheckpointError / ConfigError naming the file and the problem."""
     run_dir = Path(run_dir)
     if which not in ("best", "last"):
         raise ConfigError(f"which: expected 'best' or 'last', got {which!r}")
+    if run_dir.exists() and not _is_run_dir(run_dir):
+        return export_checkpoint(run_dir, out_dir, onnx=onnx)
     if not run_dir.is_dir():
-        raise CheckpointError(f"{run_dir}: no such run directory")
+        raise CheckpointError(f"{run_dir}: no such run directory or checkpoint")
     checkpoint = run_dir / "checkpoints" / f"{which}.ckpt"
     if not checkpoint.exists():
         present = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt")) if (run_dir / "checkpoints").is_dir() else []
@@ -255,10 +260,14 @@ def _load_deepspeed(path: Path) -> LoadedCheckpoint:
         except ImportError as exc:
             raise CheckpointError(f"{path}: a DeepSpeed ZeRO checkpoint; exporting it needs deepspeed "
                                   f"(`pip install emformer[deepspeed]`): {exc}") from None
+        # zero_to_fp32 prints a line per step and two progress bars; keep them for the error message only.
+        chatter = io.StringIO()
         try:
-            state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=tag)
-        except (FileNotFoundError, ValueError, KeyError, RuntimeError) as exc:
-            raise CheckpointError(f"{path}: DeepSpeed could not consolidate the ZeRO shards ({exc})") from None
+            with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+                state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=tag)
+        except (FileNotFoundError, ValueError, KeyError, RuntimeError, AssertionError) as exc:
+            raise CheckpointError(f"{path}: DeepSpeed could not consolidate the ZeRO shards ({exc}); "
+                                  f"its output: {' | '.join(chatter.getvalue().split(chr(10))[-3:])}") from None
         zero_stage = _zero_stage(client)
     elif isinstance(client.get("module"), dict):
         state = client["module"]  # no ZeRO partitions: the full weights are in the model states
@@ -307,8 +316,8 @@ def _eval_row(run_dir: Path, step: Optional[int]) -> Optional[dict[str, Any]]:
     for row in reversed(rows):
         if step is not None and row.get("step") == step:
             return row
-    done = _read_json(run_dir / "DONE")
-    final = done.get("final") or done.get("val") or done.get("row") or (done if "err" in done else None)
+    done = _read_json(run_dir / "DONE")  # {"step", "val": final val row, ...} (train/fit.py)
+    final = done.get("val") if isinstance(done.get("val"), dict) else (done if "err" in done else None)
     if isinstance(final, dict) and "err" in final:
         return final
     return rows[-1] if rows else None
@@ -360,8 +369,8 @@ def build_export_config(architecture: TransformerConfig, task: TaskSpec, loaded:
                   "note": "k below k_max masks the unused centroid slots"},
             "d": {"min": 1, "max": architecture.d_in, "trained": [task.d, task.d_pad],
                   "note": "d below max is zero-padded to max"},
-            "n": {"min": "k", "max": None, "trained": [task.n, task.n_pad],
-                  "note": "any n >= k; attention memory grows as n^2"},
+            "n": {"min": 2, "max": None, "trained": [task.n, task.n_pad],
+                  "note": "any n >= k (no upper bound: no positional encoding); attention memory grows as n^2"},
         },
         "input_scale": input_scale(task),
         "init": task.init,
@@ -525,9 +534,12 @@ def model_card(config: dict[str, Any], where: str = "EXPORT_DIR") -> str:
         "",
         f"- k: {_span(2, sup['k']['max'])} (trained on {k_range}); d: {_span(1, sup['d']['max'])} (smaller d is "
         f"zero-padded); n: any n ≥ k (trained on {n_range}; attention memory grows as n²).",
-        f"- `standardize=True` (default) z-scores each feature and scales it to {config['input_scale']:.3f}, the "
-        "per-feature spread of the training episodes, because the model saw σ = 1 mixtures at the separation "
-        "above. Pass `standardize=False` for data already on that scale.",
+        f"- `standardize=True` (default) centres X and divides all features by one common scale, to a mean "
+        f"per-feature spread of {config['input_scale']:.3f} (the training episodes'), because the model saw "
+        f"σ = {task['sigma']} mixtures at the separation above; `standardize=\"features\"` z-scores each feature "
+        "(features in unrelated units); `standardize=False` feeds X as it is.",
+        f"- Initial centroids: k-means++ (or spectral) refined by Lloyd iterations, since the model was trained "
+        f"with {task['init']} centroids; or pass `init=` your own (k, d) array.",
         "",
         "## Evaluation" + (f" (val at step {row.get('step')}, {train['run_config'].get('eval', {}).get('episodes', '?')} "
                            f"fresh episodes)" if row else ""),

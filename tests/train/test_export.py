@@ -19,7 +19,7 @@ from emformer.models.transformer import ClusterTransformer, TransformerConfig
 from emformer.train import export as export_mod
 from emformer.train.cli import main
 from emformer.train.export import export_checkpoint, export_run, load_checkpoint
-from export_fixtures import FAKE_STEP, FAKE_VAL_ROW, REPO, make_fake_run, subprocess_env
+from export_fixtures import FAKE_STEP, FAKE_VAL_ROW, make_fake_run, subprocess_env
 
 
 def _random_inputs(cfg: TransformerConfig, batch: int, n: int, seed: int) -> tuple[torch.Tensor, ...]:
@@ -85,7 +85,7 @@ def test_cli_export_last_from_checkpoint_file_and_flags(fake_run: Path, tmp_path
 def test_export_checkpoint_without_run_dir(fake_run: Path, tmp_path: Path) -> None:
     lone = tmp_path / "lone.ckpt"
     lone.write_bytes((fake_run / "checkpoints/best.ckpt").read_bytes())
-    out = export_checkpoint(lone, tmp_path / "out")
+    out = export_run(lone, tmp_path / "out")  # export_run takes a checkpoint as well as a run directory
     config = json.loads((out / "config.json").read_text())
     assert config["eval"] is None and config["training"]["commit"] is None
     assert "No val row" in (out / "README.md").read_text()
@@ -138,137 +138,128 @@ def test_cli_error_is_one_line(tmp_path: Path, capsys) -> None:
     assert err.startswith("emformer export: error:") and "\n" not in err
 
 
-# ------------------------------------------------------------------------------------------- ONNX
-@pytest.fixture(scope="module")
-def onnx_export(fake_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return export_run(fake_run, tmp_path_factory.mktemp("onnx") / "model", onnx=True)
-
-
-@pytest.mark.slow
-def test_onnx_matches_torch_at_several_n_and_batch(onnx_export: Path, fake_run: Path) -> None:
-    import onnxruntime
-
-    config = json.loads((onnx_export / "config.json").read_text())
-    assert config["onnx"]["max_abs_diff"] < 1e-4 and config["onnx"]["dynamic"] == ["B", "n"]
-    assert config["files"]["model.onnx"]["sha256"] == sha256_file(onnx_export / "model.onnx")
-    reference = _model_from_checkpoint(fake_run / "checkpoints/best.ckpt")
-    session = onnxruntime.InferenceSession(str(onnx_export / "model.onnx"), providers=["CPUExecutionProvider"])
-    for batch, n in ((1, 17), (4, 64), (2, 300), (1, 3)):
-        inputs = _random_inputs(reference.cfg, batch, n, seed=batch * n)
-        with torch.inference_mode():
-            expected = reference(*inputs).numpy()
-        (got,) = session.run(None, dict(zip(("points", "mask", "init", "kmask"), (t.numpy() for t in inputs))))
-        assert got.shape == expected.shape
-        np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
-
-
-@pytest.mark.slow
-def test_onnx_mismatch_is_an_error_and_writes_nothing(onnx_export: Path, tmp_path: Path) -> None:
-    """Check the exported graph against a model with other weights: the verifier must refuse it."""
-    config = json.loads((onnx_export / "config.json").read_text())
-    architecture = TransformerConfig.from_dict(config["architecture"])
-    torch.manual_seed(123)
-    other = export_mod._LogitsOnly(ClusterTransformer(architecture)).eval()
-    with pytest.raises(CheckpointError, match="ONNX logits differ from torch"):
-        export_mod._check_onnx(other, architecture, (onnx_export / "model.onnx").read_bytes(), tmp_path / "model.onnx")
-    assert not (tmp_path / "model.onnx").exists()
-
-
-@pytest.mark.slow
-def test_reexport_without_onnx_removes_stale_onnx(fake_run: Path, onnx_export: Path, tmp_path: Path) -> None:
-    out = tmp_path / "model"
-    out.mkdir()
-    (out / "model.onnx").write_bytes((onnx_export / "model.onnx").read_bytes())
-    export_run(fake_run, out)
-    assert not (out / "model.onnx").exists()
-
-
 # ------------------------------------------------------------------------------------------- real runs
 @pytest.mark.slow
 def test_trained_run_export_matches_checkpoint_in_torch_and_onnx(tiny_run: Path, tiny_export: Path) -> None:
+    """The real debug run's checkpoint, exported with --onnx: the safetensors model gives the checkpoint's
+    logits exactly, onnxruntime within 1e-4, at several batch sizes and n (n dynamic, not baked in)."""
     import onnxruntime
 
     reference = _model_from_checkpoint(tiny_run / "checkpoints/last.ckpt")
     clusterer = Clusterer.from_pretrained(tiny_export)
     session = onnxruntime.InferenceSession(str(tiny_export / "model.onnx"), providers=["CPUExecutionProvider"])
-    for n in (17, 64, 300):
-        inputs = _random_inputs(reference.cfg, 2, n, seed=n)
+    for batch, n in ((1, 3), (2, 17), (4, 64), (2, 300)):
+        inputs = _random_inputs(reference.cfg, batch, n, seed=batch * n)
         with torch.inference_mode():
             expected = reference(*inputs)
             assert torch.equal(clusterer.model(*inputs), expected)
         (got,) = session.run(None, dict(zip(("points", "mask", "init", "kmask"), (t.numpy() for t in inputs))))
+        assert got.shape == tuple(expected.shape)
         np.testing.assert_allclose(got, expected.numpy(), atol=1e-4, rtol=1e-4)
     config = json.loads((tiny_export / "config.json").read_text())
+    assert config["onnx"]["max_abs_diff"] < 1e-4 and config["onnx"]["dynamic"] == ["B", "n"]
+    assert config["files"]["model.onnx"]["sha256"] == sha256_file(tiny_export / "model.onnx")
     done = json.loads((tiny_run / "DONE").read_text())
     assert config["eval"]["err"] == done["val"]["err"] and config["eval"]["step"] == done["val"]["step"]
     meta = json.loads((tiny_run / "meta.json").read_text())
     assert config["training"]["commit"] == meta["git_commit"]
+    card = (tiny_export / "README.md").read_text()
+    assert f"{done['val']['err_em']:.4f}" in card and f"{done['val']['err_oracle']:.4f}" in card
 
 
+@pytest.mark.slow
+def test_onnx_mismatch_is_an_error_and_writes_nothing(tiny_export: Path, tmp_path: Path) -> None:
+    """Check the exported graph against a model with other weights: the verifier must refuse it."""
+    config = json.loads((tiny_export / "config.json").read_text())
+    architecture = TransformerConfig.from_dict(config["architecture"])
+    torch.manual_seed(123)
+    other = export_mod._LogitsOnly(ClusterTransformer(architecture)).eval()
+    with pytest.raises(CheckpointError, match="ONNX logits differ from torch"):
+        export_mod._check_onnx(other, architecture, (tiny_export / "model.onnx").read_bytes(), tmp_path / "model.onnx")
+    assert not (tmp_path / "model.onnx").exists()
+
+
+def test_reexport_without_onnx_removes_stale_onnx(fake_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "model.onnx").write_bytes(b"an onnx file of an earlier export")
+    export_run(fake_run, out)
+    assert not (out / "model.onnx").exists()
+
+
+# ------------------------------------------------------------------------------------------- DeepSpeed
+# One launch of two CPU ranks (gloo) writes a ZeRO-2 and a ZeRO-3 checkpoint, each in the layout Lightning's
+# DeepSpeedStrategy uses (a directory at checkpoints/last.ckpt, tag "checkpoint", the Lightning client state
+# beside the module states), after one optimizer step so the weights differ from the fake run's.
 DEEPSPEED_SCRIPT = r"""
-import json, sys
+import importlib, sys
 from pathlib import Path
 import torch, deepspeed
-from deepspeed.comm.torch import TorchBackend
 from emformer.models.transformer import ClusterTransformer, TransformerConfig
 
-run_dir, stage = Path(sys.argv[1]), int(sys.argv[2])
-config = torch.load(run_dir / "checkpoints/best.ckpt", weights_only=True)["hyper_parameters"]["config"]
-
-
-class Module(torch.nn.Module):  # the LightningModule's layout: the transformer under `model.`
-    def __init__(self):
-        super().__init__()
-        self.model = ClusterTransformer(TransformerConfig.from_run_config(config))
-
-
-import deepspeed.comm.torch as ds_torch
-ds_torch.build_shm_op = lambda: None  # the CPU backend would compile a shared-memory op (~20 s); gloo needs none
+# The CPU backend would compile a shared-memory op (~20 s); gloo needs none. importlib, not `import ... as`:
+# deepspeed.comm re-exports the name `torch` (the torch module itself).
+importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 deepspeed.init_distributed(dist_backend="gloo")
-module = Module()
-engine, *_ = deepspeed.initialize(model=module, model_parameters=module.parameters(), optimizer=torch.optim.AdamW(module.parameters(), lr=1e-2),
-    config={"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True})
-points = torch.randn(4, 16, 4); mask = torch.ones(4, 16, dtype=torch.bool); init = torch.randn(4, 2, 4); kmask = torch.ones(4, 2, dtype=torch.bool)
-for _ in range(2):  # move the weights away from the fake run's so the test sees the consolidated ones
-    loss = engine.module.model(points, mask, init, kmask).logsumexp(-1).mean()
-    engine.backward(loss); engine.step()
-client = {"hyper_parameters": {"config": config}, "global_step": 2, "epoch": 0}
-target = run_dir / "checkpoints" / "last.ckpt"
-engine.save_checkpoint(str(target), client_state=client, tag="checkpoint")
-if torch.distributed.get_rank() == 0:
-    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
-        state = {k: v.detach().clone() for k, v in engine.module.model.state_dict().items()}
-    torch.save(state, run_dir / "expected.pt")
-elif stage == 3:
-    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
-        pass
+rank = torch.distributed.get_rank()
+for stage, run_dir in ((2, Path(sys.argv[1])), (3, Path(sys.argv[2]))):
+    config = torch.load(run_dir / "checkpoints/best.ckpt", weights_only=True)["hyper_parameters"]["config"]
+
+    class Module(torch.nn.Module):  # the LightningModule's layout: the transformer under `model.`
+        def __init__(self):
+            super().__init__()
+            self.model = ClusterTransformer(TransformerConfig.from_run_config(config))
+
+    torch.manual_seed(stage)
+    module = Module()
+    engine, *_ = deepspeed.initialize(
+        model=module, model_parameters=module.parameters(), optimizer=torch.optim.AdamW(module.parameters(), lr=1e-2),
+        config={"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": stage},
+                "zero_allow_untested_optimizer": True})
+    generator = torch.Generator().manual_seed(rank)
+    points, init = torch.randn(2, 8, 4, generator=generator), torch.randn(2, 2, 4, generator=generator)
+    loss = engine.module.model(points, torch.ones(2, 8, dtype=torch.bool), init, torch.ones(2, 2, dtype=torch.bool)).logsumexp(-1).mean()
+    engine.backward(loss)
+    engine.step()
+    client = {"hyper_parameters": {"config": config}, "global_step": 1, "epoch": 0}
+    engine.save_checkpoint(str(run_dir / "checkpoints" / "last.ckpt"), client_state=client, tag="checkpoint")
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):  # collective under ZeRO-3
+        if rank == 0:
+            torch.save({k: v.detach().clone() for k, v in engine.module.model.state_dict().items()}, run_dir / "expected.pt")
 """
+
+
+@pytest.fixture(scope="module")
+def deepspeed_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
+    pytest.importorskip("deepspeed")
+    base = tmp_path_factory.mktemp("deepspeed")
+    runs = {}
+    for stage in (2, 3):
+        runs[stage] = make_fake_run(base / f"zero{stage}")
+        (runs[stage] / "checkpoints/last.ckpt").unlink()  # DeepSpeed writes a directory in its place
+    script = base / "make_ds.py"
+    script.write_text(DEEPSPEED_SCRIPT)
+    env = subprocess_env()
+    env["DS_ACCELERATOR"] = "cpu"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+               "--master_port", str(29500 + os.getpid() % 2000), str(script), str(runs[2]), str(runs[3])]
+    result = subprocess.run(command, cwd=base, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return runs
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
-def test_deepspeed_checkpoint_exports(stage: int, tmp_path: Path) -> None:
-    """A ZeRO-2/3 checkpoint directory written by two CPU ranks (gloo) in the layout Lightning's
-    DeepSpeedStrategy uses (tag "checkpoint", client state beside the module states) exports to the
-    consolidated fp32 weights."""
-    pytest.importorskip("deepspeed")
-    script = tmp_path / "make_ds.py"
-    script.write_text(DEEPSPEED_SCRIPT)
-    run_dir = make_fake_run(tmp_path / "run")
-    (run_dir / "checkpoints/last.ckpt").unlink()  # DeepSpeed writes a directory in its place
-    env = subprocess_env()
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests"), env.get("PYTHONPATH", "")])
-    env["DS_ACCELERATOR"] = "cpu"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(29500 + stage + os.getpid() % 1000),
-               str(script), str(run_dir), str(stage)]
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+def test_deepspeed_checkpoint_exports(stage: int, deepspeed_runs: dict[int, Path], tmp_path: Path) -> None:
+    """A ZeRO-2/3 checkpoint directory (ZeRO-3: every parameter sharded over the two ranks) exports to the
+    consolidated fp32 weights, exactly the ones the engine gathers."""
+    run_dir = deepspeed_runs[stage]
     checkpoint = run_dir / "checkpoints/last.ckpt"
-    assert checkpoint.is_dir() and (checkpoint / "checkpoint").is_dir()
+    assert checkpoint.is_dir() and len(list((checkpoint / "checkpoint").glob("*optim_states.pt"))) == 2
     out = export_run(run_dir, tmp_path / "out", which="last")
     config = json.loads((out / "config.json").read_text())
     assert config["training"]["checkpoint_format"] == "deepspeed" and config["training"]["zero_stage"] == stage
-    assert config["training"]["step"] == 2
+    assert config["training"]["step"] == 1
     expected = torch.load(run_dir / "expected.pt", weights_only=True)
     exported = Clusterer.from_pretrained(out).model.state_dict()
     assert set(exported) == set(expected)
@@ -276,3 +267,14 @@ def test_deepspeed_checkpoint_exports(stage: int, tmp_path: Path) -> None:
     assert not torch.equal(exported["embed.weight"], fake["model.embed.weight"])  # trained away from the start
     for key, value in expected.items():
         torch.testing.assert_close(exported[key], value.float(), rtol=0, atol=0)
+
+
+def test_deepspeed_directory_errors(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CheckpointError, match="not a DeepSpeed checkpoint"):
+        load_checkpoint(empty)
+    (tmp_path / "ds/checkpoint").mkdir(parents=True)
+    (tmp_path / "ds/latest").write_text("checkpoint")
+    with pytest.raises(CheckpointError, match="no model-states file"):
+        load_checkpoint(tmp_path / "ds")
