@@ -11,6 +11,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
@@ -53,12 +54,13 @@ class SlurmOptions:
     """at most this many array tasks at once (the `%` in --array)"""
     extra_sbatch: list[str] = field(default_factory=list)
     """more #SBATCH lines, e.g. ["--exclusive", "--mail-type=FAIL"]"""
-    setup: list[str] = field(default_factory=lambda: ["source .venv/bin/activate"])
-    """shell lines run before training: module loads, venv activation"""
+    setup: list[str] = field(default_factory=list)
+    """shell lines run before training, e.g. ["module load cuda/12.4"]"""
     signal_grace_s: int = 120
     """seconds before the time limit at which USR1 asks the trainer to checkpoint and requeue"""
-    python: str = "python"
-    """the interpreter after setup"""
+    python: Optional[str] = None
+    """the interpreter that runs `emformer train` (None: the one that submits, i.e. this venv's python;
+    set it, e.g. to `python`, when `setup` activates another environment)"""
     job_name: Optional[str] = None
     """None: emformer-<sweep name> (never `bash` or `interactive`: Lightning would treat it as interactive)"""
 
@@ -91,6 +93,10 @@ class SlurmOptions:
              "extra_sbatch", "a list of strings like '--exclusive'")
         need(isinstance(self.setup, list) and all(isinstance(x, str) for x in self.setup), "setup",
              "a list of shell lines")
+        need(self.python is None or (isinstance(self.python, str) and self.python.strip() != ""), "python",
+             "null (the submitting python) or an interpreter path/name")
+        need(self.partition is None or (isinstance(self.partition, str) and self.partition.strip() != ""),
+             "partition", "null (the cluster default) or a partition name")
         name = self.job_name
         need(name is None or (isinstance(name, str) and name not in ("bash", "interactive") and name.strip() == name
                               and " " not in name and name != ""), "job_name",
@@ -147,8 +153,10 @@ def render_script(
     workdir: Path,
     devices: int = 1,
     script_name: str = "sweep.sbatch",
+    python: str | None = None,
 ) -> str:
-    """The sbatch script for array tasks `ids` (point ids); `run_dirs` maps every id to its run dir."""
+    """The sbatch script for array tasks `ids` (point ids); `run_dirs` maps every id to its run dir.
+    `python` (default: options.python, else the interpreter running this) must be valid on the compute nodes."""
     import jinja2
 
     env = jinja2.Environment(keep_trailing_newline=True, undefined=jinja2.StrictUndefined, autoescape=False)
@@ -176,7 +184,7 @@ def render_script(
         setup=options.setup,
         sweep_dir=sweep_dir,
         run_dirs=sorted(run_dirs),
-        python=options.python,
+        python=python or options.python or sys.executable,
     )
 
 
