@@ -2,6 +2,7 @@
 
 1. flags agreed across ranks (one all-reduce): a non-finite loss on any rank stops every rank with a clear
    error (the last good checkpoint stays as it was); a SIGUSR1 on any rank asks for preemption;
+   a checkpoint is only written when every parameter is finite, so `last` is always a good one;
 2. a train row every `log_every` steps (loss averaged over ranks and steps, lr, throughput);
 3. a val row every `val_every` steps and at the end (every rank evaluates; rank 0 writes), `best` on
    improvement of the val loss;
@@ -33,7 +34,7 @@ CRASH_ENV = "EMFORMER_CRASH_AT_STEP"
 
 
 class NonFiniteLoss(EmformerError):
-    """The training loss became NaN or infinite."""
+    """The training loss (or a parameter) became NaN or infinite: training diverged."""
 
 
 class Preemption:
@@ -90,7 +91,7 @@ class RunControl(Callback):
         self.preempted = False
         self._pending_rng: Optional[dict[str, Any]] = None
         self._crash_at = int(os.environ[CRASH_ENV]) if os.environ.get(CRASH_ENV) else None
-        self._loss_sum = torch.zeros(())
+        self._loss_sum = torch.zeros((), dtype=torch.float64)
         self._loss_count = 0
         self._window_start = 0.0
         self._window_steps = 0
@@ -98,11 +99,17 @@ class RunControl(Callback):
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict[str, Any]:
-        return {"best_loss": self.best_loss, "rng": rng_state(), "last_val": self.last_val}
+        # The open window of the train-loss average too: a run preempted between two train rows logs the
+        # same mean at the next row as an uninterrupted run would.
+        return {"best_loss": self.best_loss, "rng": rng_state(), "last_val": self.last_val,
+                "loss_window": {"sum": self._loss_sum.clone(), "count": self._loss_count}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best_loss = float(state.get("best_loss", float("inf")))
         self.last_val = state.get("last_val")
+        window = state.get("loss_window")
+        if window is not None:
+            self._loss_sum, self._loss_count = window["sum"].clone(), int(window["count"])
         # Applied just before the next training step: Lightning draws from the RNG while it sets up.
         self._pending_rng = state.get("rng")
 
@@ -127,7 +134,7 @@ class RunControl(Callback):
                            batch_idx: int) -> None:
         step = trainer.global_step
         cfg = self.trainer_cfg
-        loss = (outputs["loss"] if isinstance(outputs, dict) else outputs).detach().float().cpu()
+        loss = (outputs["loss"] if isinstance(outputs, dict) else outputs).detach().double().cpu()
         self._loss_sum += loss
         self._loss_count += 1
         self._window_steps += 1
@@ -147,7 +154,7 @@ class RunControl(Callback):
         if step % int(cfg["val_every"]) == 0 or done:
             self._validate(trainer, module, step)
         if step % int(cfg["ckpt_every"]) == 0 or done or preempt:
-            save_atomic(trainer, checkpoint_dir(self.run_dir) / LAST)
+            self._save(trainer, module, LAST, step)
         self._excluded += time.perf_counter() - started
         if preempt and not done:
             self.preempted = True
@@ -170,6 +177,16 @@ class RunControl(Callback):
         values = trainer.strategy.reduce(values, reduce_op="sum")
         return [bool(v > 0) for v in values.cpu()]
 
+    def _save(self, trainer: L.Trainer, module: L.LightningModule, name: str, step: int) -> None:
+        """Write checkpoints/<name> unless a parameter is non-finite on some rank (then stop, keeping the old)."""
+        bad = not all(bool(torch.isfinite(p).all()) for p in module.parameters())
+        if self._agree(trainer, bad)[0]:
+            path = checkpoint_dir(self.run_dir) / name
+            kept = f"{path} from an earlier step is kept" if path.exists() else f"{path} was never written"
+            raise NonFiniteLoss(f"parameters became NaN or infinite by step {step}: stopping without saving "
+                                f"({kept}); try a lower optim.lr or optim.grad_clip")
+        save_atomic(trainer, checkpoint_dir(self.run_dir) / name)
+
     def _log_train(self, trainer: L.Trainer, module: L.LightningModule, step: int) -> None:
         mean = self._loss_sum / max(self._loss_count, 1)
         if trainer.world_size > 1:
@@ -183,7 +200,7 @@ class RunControl(Callback):
         if trainer.is_global_zero:
             self.tracker.log(row)
         self._progress_update(trainer, loss=float(mean))
-        self._loss_sum = torch.zeros(())
+        self._loss_sum = torch.zeros((), dtype=torch.float64)
         self._loss_count = 0
         self._window_start = time.perf_counter()
         self._window_steps, self._excluded = 0, 0.0
@@ -199,7 +216,7 @@ class RunControl(Callback):
         improved = bool(trainer.strategy.broadcast(values["loss"] < self.best_loss and step > 0))
         if improved:
             self.best_loss = values["loss"]
-            save_atomic(trainer, checkpoint_dir(self.run_dir) / BEST)
+            self._save(trainer, module, BEST, step)
 
     def _progress_update(self, trainer: L.Trainer, **values: float) -> None:
         for callback in trainer.callbacks:

@@ -61,8 +61,12 @@ def is_global_zero() -> bool:
 
 def train(cfg: Any, run_dir: Path) -> int:
     """Train (or resume, or skip a finished) run of `cfg` in `run_dir`; 0 when done or preempted."""
+    from emformer.train.config import config_hash
+
     run_dir = Path(run_dir)
     is_zero = is_global_zero()
+    # First: a run dir belongs to one config, finished or not (a finished one must not pass for another's).
+    _check_same_config(run_dir, cfg, config_hash)
     done = run_dir / DONE_FILE
     if done.is_file():
         if is_zero:
@@ -74,6 +78,7 @@ def train(cfg: Any, run_dir: Path) -> int:
     accelerator = strategies.resolve_accelerator(str(cfg.trainer.accelerator))
     precision = strategies.resolve_precision(str(cfg.trainer.precision), accelerator)
     strategies.check_devices(int(cfg.trainer.devices), accelerator)
+    _check_data(cfg)
     if int(cfg.trainer.threads) > 0:
         import torch
 
@@ -85,7 +90,7 @@ def train(cfg: Any, run_dir: Path) -> int:
     from emformer.data.datamodule import EpisodeDataModule
     from emformer.train.callbacks import Preemption, RunControl, StepProgress
     from emformer.train.checkpoints import check_resumable, resume_path
-    from emformer.train.config import config_hash, save_yaml, to_dict
+    from emformer.train.config import save_yaml, to_dict
     from emformer.train.module import ClusterModule
     from emformer.train.tracking import Tracker, plot_curves
 
@@ -96,7 +101,6 @@ def train(cfg: Any, run_dir: Path) -> int:
 
     ckpt = resume_path(run_dir)
     resumed_from = check_resumable(ckpt, module.model) if ckpt is not None else None
-    _check_same_config(run_dir, cfg, config_hash)
     meta = _meta(run_dir, params, resumed_from, accelerator, precision, cfg)
     if is_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -153,6 +157,8 @@ def requeue() -> None:
     """`scontrol requeue` this job (array task aware) when running under SLURM."""
     job = os.environ.get("SLURM_JOB_ID")
     if not job:
+        print("emformer train: not running under SLURM (no SLURM_JOB_ID): requeue skipped; run the same "
+              "command again to resume from checkpoints/last.ckpt", file=sys.stderr, flush=True)
         return
     if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
         job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
@@ -168,6 +174,17 @@ def _slurm_plugins() -> Optional[list[Any]]:
     if SLURMEnvironment.detect():
         return [SLURMEnvironment(auto_requeue=False)]
     return None
+
+
+def _check_data(cfg: Any) -> None:
+    """Shards that disagree with the config fail here, before the run dir is touched (verification is cached
+    per process, so the stream does not hash the shards a second time)."""
+    if str(cfg.data.source) != "shards":
+        return
+    from emformer.data.shards import verify_shards
+    from emformer.train.config import to_task_spec
+
+    verify_shards(str(cfg.data.shards_dir), to_task_spec(cfg))
 
 
 def _check_same_config(run_dir: Path, cfg: Any, config_hash: Any) -> None:
@@ -247,7 +264,8 @@ def _quiet_lightning() -> None:
 
     for pattern in (".*does not have many workers.*", ".*IterableDataset.*", ".*LeafSpec.*",
                     ".*train_dataloader.*", ".*Total length of.*", ".*torch.cuda.amp.*", ".*treespec.*",
-                    ".*could not determine.*", ".*srun.*", ".*Checkpoint directory.*", ".*_pytree.*"):
+                    ".*could not determine.*", ".*srun.*", ".*Checkpoint directory.*", ".*_pytree.*",
+                    ".*all_gather_into_tensor.*"):
         warnings.filterwarnings("ignore", message=pattern)
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     logging.getLogger("lightning.pytorch.accelerators.cuda").setLevel(logging.WARNING)

@@ -155,7 +155,9 @@ class Tracker:
         """Called once training state is restored: drop rows after `step`, open wandb."""
         if not self.enabled:
             return
-        self.metrics.truncate_after(step)
+        # A fresh start (step 0: no checkpoint) logs its step-0 row again, so rows of an earlier attempt
+        # that crashed before its first checkpoint go too.
+        self.metrics.truncate_after(step if step > 0 else -1)
         if self.wandb is None:
             wandb_cfg, config, name, meta = self._wandb_args
             self.wandb = WandbRun(self.run_dir, wandb_cfg, config, name, meta)
@@ -202,11 +204,15 @@ def plot_curves(metrics_path: str | os.PathLike, out_path: str | os.PathLike) ->
             ax_loss.plot(steps, [r["train_loss"] for r in val], "s--", ms=3, label="train set")
         if val[-1].get("loss_em") is not None:
             ax_loss.axhline(val[-1]["loss_em"], color="gray", ls=":", label="EM")
-        for key, style in (("err", "o-"), ("err_anchored", "^-"), ("err_em", "--"),
-                           ("err_em_anchored", "-."), ("err_lloyd", ":"), ("err_oracle", "-")):
+        if val[-1].get("loss_oracle") is not None:
+            ax_loss.axhline(val[-1]["loss_oracle"], color="black", ls="-", lw=0.8, label="oracle")
+        for key, style in (("err", {"marker": "o"}), ("err_anchored", {"marker": "^"}), ("err_em", {"ls": "--"}),
+                           ("err_em_anchored", {"ls": "-."}), ("err_lloyd", {"ls": ":"}),
+                           ("err_init", {"ls": (0, (1, 3)), "color": "gray"}), ("err_oracle", {"color": "black"})):
             if all(r.get(key) is not None for r in val):
                 values = [r[key] for r in val]
-                ax_err.plot(steps, values, style, ms=3, lw=1, label=key.replace("err_", "") if key != "err" else "model")
+                ax_err.plot(steps, values, ms=3, lw=1, label=key.replace("err_", "") if key != "err" else "model",
+                            **style)
         ax_err.set_yscale("log")
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel("cross-entropy")

@@ -1,0 +1,81 @@
+"""Training losses: anchored CE with padding, the permutation-minimised CE (init: none), the centroid term."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from emformer.models.losses import (anchored_cross_entropy, centroid_mse, clustering_loss,
+                                    per_episode_cross_entropy, per_episode_permutation_cross_entropy,
+                                    permutation_cross_entropy)
+
+
+def random_problem(batch: int = 5, n: int = 20, k: int = 4, seed: int = 0, k_real: int | None = None):
+    g = torch.Generator().manual_seed(seed)
+    k_real = k if k_real is None else k_real
+    logits = torch.randn(batch, n, k, generator=g) * 2
+    kmask = torch.zeros(batch, k, dtype=torch.bool)
+    kmask[:, :k_real] = True
+    logits = logits.masked_fill(~kmask[:, None, :], float("-inf"))
+    labels = torch.randint(0, k_real, (batch, n), generator=g)
+    mask = torch.ones(batch, n, dtype=torch.bool)
+    mask[:, n - 5:] = False  # the last points are padding
+    labels[~mask] = -1
+    return logits, labels, mask, kmask
+
+
+def test_cross_entropy_ignores_padding_and_matches_torch():
+    logits, labels, mask, kmask = random_problem(k_real=3)
+    per_episode = per_episode_cross_entropy(logits, labels, mask)
+    for b in range(logits.shape[0]):
+        valid = mask[b]
+        expected = F.cross_entropy(logits[b][valid], labels[b][valid])
+        torch.testing.assert_close(per_episode[b], expected)
+    torch.testing.assert_close(anchored_cross_entropy(logits, labels, mask), per_episode.mean())
+    # Values at padded positions do not matter.
+    garbage = logits.clone()
+    garbage[~mask] = 1e4
+    torch.testing.assert_close(per_episode_cross_entropy(garbage, labels, mask), per_episode)
+
+
+@pytest.mark.parametrize("k_real", [4, 3])
+def test_permutation_cross_entropy_is_the_brute_force_minimum(k_real):
+    logits, labels, mask, kmask = random_problem(k_real=k_real, seed=1)
+    got = per_episode_permutation_cross_entropy(logits, labels, mask, kmask)
+    for b in range(logits.shape[0]):
+        best = min(
+            float(per_episode_cross_entropy(logits[b:b + 1], torch.where(mask[b], torch.tensor(perm)[labels[b].clamp(min=0)],
+                                                                         labels[b])[None], mask[b:b + 1]))
+            for perm in itertools.permutations(range(k_real))
+        )
+        assert float(got[b]) == pytest.approx(best, rel=1e-5)
+    assert torch.isfinite(got).all()  # padded slots (-inf) are never assigned a real cluster
+
+
+def test_permutation_cross_entropy_is_invariant_to_relabelling_and_has_gradients():
+    logits, labels, mask, kmask = random_problem(seed=2)
+    relabel = torch.tensor([2, 0, 3, 1])
+    relabelled = torch.where(mask, relabel[labels.clamp(min=0)], labels)
+    a = permutation_cross_entropy(logits, labels, mask, kmask)
+    b = permutation_cross_entropy(logits, relabelled, mask, kmask)
+    torch.testing.assert_close(a, b)
+    assert float(a) <= float(anchored_cross_entropy(logits, labels, mask)) + 1e-6
+    leaf = logits.clone().requires_grad_(True)
+    permutation_cross_entropy(leaf, labels, mask, kmask).backward()
+    assert torch.isfinite(leaf.grad).all() and leaf.grad.abs().sum() > 0
+
+
+def test_centroid_term_only_with_an_anchor():
+    logits, labels, mask, kmask = random_problem(k_real=3, seed=3)
+    means = torch.randn(logits.shape[0], 4, 2)
+    sigma = torch.full((logits.shape[0],), 2.0)
+    batch = {"labels": labels, "mask": mask, "kmask": kmask, "means": means, "sigma": sigma}
+    centroids = means + 2.0  # every valid coordinate off by 2 = 1 sigma: squared distance 2 per cluster
+    assert float(centroid_mse(centroids, means, kmask, sigma)) == pytest.approx(2.0)
+    plain = clustering_loss(logits, batch, anchored=True)
+    with_term = clustering_loss(logits, batch, anchored=True, centroids=centroids, centroid_weight=0.5)
+    assert float(with_term - plain) == pytest.approx(1.0)
+    unanchored = clustering_loss(logits, batch, anchored=False, centroids=centroids)
+    torch.testing.assert_close(unanchored, permutation_cross_entropy(logits, labels, mask, kmask))

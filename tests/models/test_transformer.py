@@ -1,0 +1,159 @@
+"""The clustering transformer (DESIGN §2): equivariance, masking, the init:none mode, and that it learns."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from emformer.data.episodes import sample_episodes
+from emformer.data.tasks import TaskSpec
+from emformer.models.losses import clustering_loss
+from emformer.models.transformer import ClusterTransformer, TransformerConfig
+
+ATOL = 1e-5
+
+
+def make_model(seed: int = 0, **overrides) -> ClusterTransformer:
+    torch.manual_seed(seed)
+    cfg = TransformerConfig(**{"d_in": 4, "k_max": 3, "depth": 2, "heads": 2, "width": 16, **overrides})
+    return ClusterTransformer(cfg).eval()
+
+
+def episodes(spec: TaskSpec, count: int = 6, seed: int = 0) -> dict[str, torch.Tensor]:
+    return sample_episodes(spec.validate(), seed, range(count))
+
+
+def inputs(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    return batch["points"], batch["mask"], batch["init"], batch["kmask"]
+
+
+SPEC = TaskSpec(k=3, d=4, n=24, separation=3.0)
+
+
+def test_permuting_points_permutes_the_logits():
+    model, batch = make_model(), episodes(SPEC)
+    points, mask, init, kmask = inputs(batch)
+    perm = torch.randperm(points.shape[1], generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = model(points, mask, init, kmask)
+        permuted = model(points[:, perm], mask[:, perm], init, kmask)
+    torch.testing.assert_close(permuted, logits[:, perm], atol=ATOL, rtol=0)
+
+
+def test_permuting_centroids_permutes_the_logit_columns():
+    model, batch = make_model(), episodes(SPEC)
+    points, mask, init, kmask = inputs(batch)
+    perm = torch.tensor([2, 0, 1])
+    with torch.no_grad():
+        logits = model(points, mask, init, kmask)
+        permuted = model(points, mask, init[:, perm], kmask[:, perm])
+    torch.testing.assert_close(permuted, logits[..., perm], atol=ATOL, rtol=0)
+
+
+def test_padded_points_change_nothing():
+    """Appending masked points (whatever their values) leaves the real points' logits as they were."""
+    model, batch = make_model(), episodes(SPEC)
+    points, mask, init, kmask = inputs(batch)
+    pad = 9
+    garbage = torch.randn(points.shape[0], pad, points.shape[2]) * 100
+    padded_points = torch.cat([points, garbage], dim=1)
+    padded_mask = torch.cat([mask, torch.zeros(points.shape[0], pad, dtype=torch.bool)], dim=1)
+    with torch.no_grad():
+        logits = model(points, mask, init, kmask)
+        padded = model(padded_points, padded_mask, init, kmask)
+    torch.testing.assert_close(padded[:, : points.shape[1]], logits, atol=ATOL, rtol=0)
+    # Padding in the middle too (the stream pads at the end, but masks are what count).
+    order = torch.randperm(padded_points.shape[1], generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        shuffled = model(padded_points[:, order], padded_mask[:, order], init, kmask)
+    torch.testing.assert_close(shuffled, padded[:, order], atol=ATOL, rtol=0)
+
+
+def test_padded_clusters_change_nothing_and_get_minus_inf():
+    """Episodes of 2 or 3 real clusters in a k_max=3 model: a padded centroid's values do not matter."""
+    model = make_model()
+    spec = TaskSpec(k=2, k_max=3, d=4, n=24, separation=3.0)
+    batch = episodes(spec)
+    points, mask, init, kmask = inputs(batch)
+    assert (kmask.sum(1) == 2).any() and (kmask.sum(1) >= 2).all()
+    other = init.clone()
+    other[~kmask] = torch.randn(int((~kmask).sum()), init.shape[-1]) * 50
+    with torch.no_grad():
+        logits = model(points, mask, init, kmask)
+        changed = model(points, mask, other, kmask)
+    assert torch.isinf(logits[~kmask[:, None, :].expand_as(logits)]).all()
+    assert torch.isfinite(logits[kmask[:, None, :].expand_as(logits)]).all()
+    torch.testing.assert_close(changed, logits, atol=ATOL, rtol=0)
+    # The real clusters' probabilities are a proper softmax over the real slots only.
+    proba = logits.softmax(-1)
+    torch.testing.assert_close(proba.sum(-1), torch.ones_like(proba[..., 0]))
+
+
+def test_episodes_do_not_see_each_other():
+    """Batching is only batching: an episode's logits do not depend on the other episodes of the batch."""
+    model, batch = make_model(), episodes(SPEC)
+    with torch.no_grad():
+        together = model(*inputs(batch))
+        alone = model(*(t[2:3] for t in inputs(batch)))
+    torch.testing.assert_close(alone, together[2:3], atol=ATOL, rtol=0)
+
+
+def test_learned_centroids_mode_ignores_the_init():
+    model = make_model(learned_centroids=True)
+    spec = TaskSpec(k=3, d=4, n=24, separation=3.0, init="none")
+    batch = episodes(spec)
+    points, mask, init, kmask = inputs(batch)
+    with torch.no_grad():
+        logits = model(points, mask, init, kmask)
+        other = model(points, mask, torch.randn_like(init), kmask)
+    torch.testing.assert_close(other, logits)
+    perm = torch.randperm(points.shape[1], generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        permuted = model(points[:, perm], mask[:, perm], init, kmask)
+    torch.testing.assert_close(permuted, logits[:, perm], atol=ATOL, rtol=0)
+
+
+def test_centroid_head_starts_at_the_init():
+    model, batch = make_model(centroid_head=True), episodes(SPEC)
+    points, mask, init, kmask = inputs(batch)
+    with torch.no_grad():
+        _, centroids = model.forward_with_centroids(points, mask, init, kmask)
+    torch.testing.assert_close(centroids, init)
+
+
+@pytest.mark.parametrize("init", ["noisy_truth", "none"])
+def test_one_optimisation_step_reduces_the_loss_on_a_fixed_batch(init):
+    spec = TaskSpec(k=3, d=4, n=32, separation=3.0, init=init)
+    batch = episodes(spec, count=32, seed=5)
+    model = make_model(learned_centroids=init == "none").train()
+    anchored = init != "none"
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    loss = clustering_loss(model(*inputs(batch)), batch, anchored)
+    optimizer.zero_grad()
+    loss.backward()
+    before = float(loss.detach())
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    optimizer.step()
+    with torch.no_grad():
+        after = clustering_loss(model(*inputs(batch)), batch, anchored)
+    assert float(after) < before
+
+
+def test_config_round_trip_and_errors():
+    cfg = TransformerConfig(d_in=5, k_max=4, depth=3, heads=2, width=8, centroid_head=True)
+    assert TransformerConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="unknown TransformerConfig key.*'bogus'"):
+        TransformerConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+    with pytest.raises(ValueError, match="multiple of heads"):
+        ClusterTransformer(TransformerConfig(width=10, heads=4))
+    run = {"task": {"k": 2, "k_max": 5, "d": 3, "d_max": 8, "init": "none"},
+           "model": {"depth": 2, "heads": 2, "width": 16, "mlp_ratio": 2, "dropout": 0.0, "centroid_head": False}}
+    from_run = TransformerConfig.from_run_config(run)
+    assert (from_run.d_in, from_run.k_max, from_run.learned_centroids) == (8, 5, True)
+
+
+def test_parameter_count_of_the_shipped_models():
+    """The figures the configs' comments quote (28K tiny on k2_d4, 209K small on k3_d8)."""
+    tiny = ClusterTransformer(TransformerConfig(d_in=4, k_max=2, depth=2, heads=2, width=32))
+    small = ClusterTransformer(TransformerConfig(d_in=8, k_max=3, depth=4, heads=4, width=64))
+    assert 25_000 < tiny.num_parameters() < 30_000
+    assert 200_000 < small.num_parameters() < 215_000

@@ -1,0 +1,290 @@
+"""`emformer train` end to end on CPU: it learns, the run directory, re-run, kill-and-resume, SIGUSR1, wandb,
+and bad input (clear one-line errors, nothing written or overwritten).
+
+The debug config's 200-step run is trained once per module and shared: it is the uninterrupted reference
+of the crash and the preemption tests, which must end with the same metrics to floating-point tolerance.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.train.trainrun import (REPO, assert_same_rows, env, no_duplicate_steps, rows, train, train_command)
+
+TRAIN_KEYS = {"step", "split", "loss", "lr", "episodes_per_s", "tokens_per_s"}
+VAL_KEYS = {"step", "split", "loss", "err", "err_anchored", "ari", "train_loss", "train_err", "err_em",
+            "err_em_anchored", "loss_em", "err_lloyd", "err_oracle", "err_oracle_anchored", "loss_oracle",
+            "err_em_depth", "err_em_depth_anchored", "err_init"}
+
+
+@pytest.fixture(scope="module")
+def debug_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+    """The shipped debug config exactly (200 steps), with its console progress bar."""
+    run_dir = tmp_path_factory.mktemp("debug") / "run"
+    return run_dir, train(run_dir)
+
+
+@pytest.mark.slow
+def test_debug_config_learns(debug_run):
+    run_dir, _ = debug_run
+    train_rows, val_rows = rows(run_dir, "train"), rows(run_dir, "val")
+    first, last = val_rows[0], val_rows[-1]
+    assert first["step"] == 0 and last["step"] == 200
+    assert train_rows[-1]["loss"] < 0.5 * train_rows[0]["loss"]
+    assert last["loss"] < 0.5 * first["loss"]
+    # Better than the initial centroids it was handed, and far better than the untrained model.
+    assert last["err_anchored"] < last["err_init"]
+    assert last["err"] < 0.5 * first["err"]
+    assert last["err_oracle"] <= last["err"]
+
+
+@pytest.mark.slow
+def test_run_directory_contents(debug_run):
+    run_dir, result = debug_run
+    from emformer.train.config import load_config, to_dict
+
+    saved = json.loads(json.dumps(__import__("yaml").safe_load((run_dir / "config.yaml").read_text())))
+    expected = to_dict(load_config(REPO / "configs" / "debug.yaml", ["trainer.threads=1", "wandb.mode=disabled"]))
+    assert saved == expected
+
+    meta = json.loads((run_dir / "meta.json").read_text())
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    if head.returncode == 0:
+        assert meta["git_commit"] == head.stdout.strip()
+    assert meta["param_count"] == 27_744 and meta["devices"] == 1 and meta["precision"] == "32"
+    assert meta["versions"]["torch"] == torch.__version__ and len(meta["starts"]) == 1
+
+    train_rows, val_rows = rows(run_dir, "train"), rows(run_dir, "val")
+    assert [r["step"] for r in train_rows] == list(range(10, 201, 10))
+    assert [r["step"] for r in val_rows] == [0, 50, 100, 150, 200]
+    assert all(TRAIN_KEYS <= r.keys() and r["episodes_per_s"] > 0 and r["lr"] > 0 for r in train_rows)
+    assert all(VAL_KEYS <= r.keys() for r in val_rows)
+    no_duplicate_steps(run_dir)
+
+    done = json.loads((run_dir / "DONE").read_text())
+    assert done["step"] == 200 and done["val"] == val_rows[-1]
+
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    best = torch.load(run_dir / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == 200 and 0 < best["global_step"] <= 200
+    assert last["hyper_parameters"]["config"] == saved
+    assert last["state_dict"] and all(key.startswith("model.") for key in last["state_dict"])
+    best_row = min((r for r in val_rows if r["step"] > 0), key=lambda r: r["loss"])
+    assert best["global_step"] == best_row["step"]
+    assert not list((run_dir / "checkpoints").glob(".*"))  # no temporary files left behind
+
+    assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # wandb.mode=disabled writes nothing of wandb's.
+    assert not (run_dir / "wandb").exists() and not (run_dir / "wandb_id").exists()
+    # The console progress bar (tqdm, on stderr) and the summary line.
+    assert "train:" in result.stderr and "200/200" in result.stderr and "step/s" in result.stderr
+    assert "done at step 200" in result.stderr
+
+
+@pytest.mark.slow
+def test_rerun_of_a_finished_run_does_nothing(debug_run):
+    run_dir, _ = debug_run
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
+    result = train(run_dir)
+    assert "finished (DONE); nothing to do" in result.stdout
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before
+
+
+@pytest.mark.slow
+def test_kill_and_resume_equals_uninterrupted(debug_run, tmp_path):
+    """Killed after step 130 (last checkpoint at 100), then re-run: the same metrics as without the kill."""
+    reference, _ = debug_run
+    run_dir = tmp_path / "run"
+    crashed = train(run_dir, extra_env={"EMFORMER_CRASH_AT_STEP": "130"}, expect=1)
+    assert not (run_dir / "DONE").exists()
+    assert rows(run_dir)[-1]["step"] == 130  # rows after the checkpoint were written ...
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 100
+    del crashed
+    resumed = train(run_dir)
+    assert "resuming from step 100" in resumed.stderr
+    no_duplicate_steps(run_dir)  # ... and were dropped on resume, then written again
+    assert_same_rows(rows(run_dir), rows(reference))
+    assert json.loads((run_dir / "DONE").read_text())["val"]["loss"] == pytest.approx(
+        json.loads((reference / "DONE").read_text())["val"]["loss"], rel=1e-6)
+    starts = json.loads((run_dir / "meta.json").read_text())["starts"]
+    assert [s["step"] for s in starts] == [0, 100]
+
+
+@pytest.mark.slow
+def test_sigusr1_saves_last_and_exits_without_done_then_resumes_exactly(debug_run, tmp_path):
+    """The preemption path outside SLURM: checkpoint at whatever step the signal lands, exit 0, no DONE,
+    requeue skipped (and said so); the re-run resumes mid-window and ends where the uninterrupted run did."""
+    reference, _ = debug_run
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen(train_command(run_dir, "trainer.progress=false"), cwd=REPO, env=env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and process.poll() is None:
+            metrics = run_dir / "metrics.jsonl"
+            if metrics.is_file() and any(r["split"] == "train" for r in rows(run_dir)):
+                break
+            time.sleep(0.1)
+        assert process.poll() is None, "training ended before the signal could be sent"
+        process.send_signal(signal.SIGUSR1)
+        stdout, stderr = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, stderr[-3000:]
+    assert not (run_dir / "DONE").exists()
+    assert "requeue skipped" in stderr
+    step = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"]
+    assert 10 <= step < 200 and f"preempted at step {step}" in stderr
+    assert rows(run_dir)[-1]["step"] <= step
+
+    resumed = train(run_dir)
+    assert f"resuming from step {step}" in resumed.stderr
+    no_duplicate_steps(run_dir)
+    assert_same_rows(rows(run_dir), rows(reference))
+
+
+WANDB_OVERRIDES = ("wandb.mode=offline", "trainer.max_steps=20", "trainer.val_every=10", "trainer.ckpt_every=10",
+                   "trainer.log_every=5", "eval.episodes=64", "trainer.progress=false", "wandb.group=tests",
+                   "wandb.tags=[ci]")
+
+
+@pytest.mark.slow
+def test_wandb_offline_run_is_recognised_and_resumes_the_same_id(tmp_path):
+    run_dir = tmp_path / "run"
+    train(run_dir, *WANDB_OVERRIDES, extra_env={"EMFORMER_CRASH_AT_STEP": "10", "WANDB_MODE": None}, expect=1)
+    run_id = (run_dir / "wandb_id").read_text().strip()
+    assert len(run_id) >= 8
+    train(run_dir, *WANDB_OVERRIDES, extra_env={"WANDB_MODE": None})
+    assert (run_dir / "wandb_id").read_text().strip() == run_id
+    offline = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline) == 2 and all(p.name.endswith(f"-{run_id}") for p in offline)
+    for folder in offline:
+        assert (folder / f"run-{run_id}.wandb").stat().st_size > 0
+    assert list((offline[-1] / "files" / "media" / "images").glob("curves_*.png"))  # the curves plot, at the end
+    # wandb's own tool sees both segments as one unsynced run to upload (nothing is uploaded).
+    result = subprocess.run([str(Path(sys.executable).with_name("wandb")), "sync", "--dry-run", *map(str, offline)],
+                            cwd=tmp_path, env=env(WANDB_MODE=None), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    output = result.stdout + result.stderr
+    assert "Would sync 2 run(s)" in output and all(f"{p.name}/run-{run_id}.wandb" in output for p in offline)
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+DEBUG = REPO / "configs" / "debug.yaml"
+
+
+def run_cli(run_dir: Path, *overrides: str) -> int:
+    from emformer.train.cli import main
+
+    return main(["train", str(DEBUG), "wandb.mode=disabled", "trainer.progress=false", *overrides,
+                 "--run-dir", str(run_dir)])
+
+
+def snapshot(folder: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.depht=3"], "unknown key 'model.depht'"),
+    (["trainer.max_steps=many"], "trainer.max_steps"),
+    (["model.width=30", "model.heads=4"], "model.width: expected a positive multiple of model.heads (4)"),
+    (["strategy=zero9"], "no config 'zero9' in group 'strategy'"),
+    (["eval.seed=0"], "eval.seed: expected a seed different from data.seed"),
+    (["trainer.devices=4096"], "trainer.devices: 4096 requested but this machine has"),
+    (["trainer.precision=16-mixed", "trainer.accelerator=cpu"], "trainer.precision: 16-mixed is for GPUs"),
+    (["data.source=shards"], "data.shards_dir: expected a directory"),
+])
+def test_config_errors_are_one_line_and_write_nothing(tmp_path, capsys, overrides, message):
+    run_dir = tmp_path / "run"
+    assert run_cli(run_dir, *overrides) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("emformer train: error:") and "Traceback" not in err
+    assert not run_dir.exists()
+
+
+def test_shards_that_disagree_with_the_config_are_refused_before_anything_is_written(tmp_path, capsys):
+    from emformer.data.shards import write_shards
+    from emformer.data.tasks import TaskSpec
+
+    shards = tmp_path / "shards"
+    write_shards(TaskSpec(k=2, d=4, n=16, separation=3.0), 0, shards, episodes=8, shard_size=4, progress=False)
+    run_dir = tmp_path / "run"
+    assert run_cli(run_dir, "data.source=shards", f"data.shards_dir={shards}") == 2
+    err = capsys.readouterr().err
+    assert "shards were generated for another task" in err and "n:" in err
+    assert not run_dir.exists()
+
+
+def test_incompatible_checkpoint_is_refused_and_kept(tmp_path, capsys):
+    from export_fixtures import make_fake_run
+
+    run_dir = make_fake_run(tmp_path / "run")
+    (run_dir / "config.yaml").unlink()  # as if only the checkpoint had been copied in
+    before = snapshot(run_dir)
+    assert run_cli(run_dir, "model.width=16") == 2
+    err = capsys.readouterr().err
+    assert "last.ckpt: tensor 'model." in err and "different model shape" in err
+    assert snapshot(run_dir) == before
+
+
+def test_a_run_dir_of_another_config_is_refused_even_when_finished(tmp_path, capsys):
+    from export_fixtures import make_fake_run
+
+    run_dir = make_fake_run(tmp_path / "run")
+    (run_dir / "DONE").write_text("{}")
+    before = snapshot(run_dir)
+    assert run_cli(run_dir, "model.depth=3") == 2
+    assert "holds a run of a different config" in capsys.readouterr().err
+    assert snapshot(run_dir) == before
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path, capsys, damage):
+    from export_fixtures import make_fake_run
+
+    run_dir = make_fake_run(tmp_path / "run")
+    (run_dir / "config.yaml").unlink()
+    last = run_dir / "checkpoints" / "last.ckpt"
+    last.write_bytes(b"not a checkpoint at all" if damage == "garbage" else last.read_bytes()[:2000])
+    before = snapshot(run_dir)
+    assert run_cli(run_dir) == 2
+    err = capsys.readouterr().err
+    assert "last.ckpt: corrupt or unreadable checkpoint" in err
+    assert snapshot(run_dir) == before
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    """A learning rate of 1e5 diverges within a few steps; checkpoints every step until then."""
+    run_dir = tmp_path / "run"
+    code = run_cli(run_dir, *DIVERGING, "trainer.ckpt_every=1")
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "NaN or infinite" in err and "try a lower optim.lr" in err and "Traceback" not in err
+    assert not (run_dir / "DONE").exists()
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert 1 <= ckpt["global_step"] < 50
+    assert all(torch.isfinite(t).all() for t in ckpt["state_dict"].values())
+    logged = [r["step"] for r in rows(run_dir, "train")]
+    assert logged and max(logged) <= ckpt["global_step"] + 1
+
+
+def test_nan_loss_before_any_checkpoint(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert run_cli(run_dir, *DIVERGING, "trainer.ckpt_every=100") == 2
+    err = capsys.readouterr().err
+    assert "training loss is nan" in err and "no checkpoint was written" in err
+    assert not (run_dir / "DONE").exists() and not (run_dir / "checkpoints").exists()
+
+
+DIVERGING = ("optim.lr=1e5", "optim.warmup_steps=0", "trainer.max_steps=50", "trainer.log_every=1",
+             "trainer.val_every=100", "eval.episodes=16")

@@ -1,0 +1,103 @@
+"""The LightningModule on its own (no Trainer): schedule, optimizer groups, evaluation row and its cache."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from emformer.train.config import load_config, to_dict
+from emformer.train.module import ClusterModule, WarmupCosine
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+VAL_KEYS = {"loss", "err", "err_anchored", "ari", "train_loss", "train_err", "err_em", "err_em_anchored", "loss_em",
+            "err_lloyd", "err_oracle", "err_oracle_anchored", "loss_oracle", "err_em_depth",
+            "err_em_depth_anchored", "err_init"}
+
+
+def small_config(*overrides: str) -> dict:
+    return to_dict(load_config(CONFIGS / "debug.yaml", ["eval.episodes=48", "eval.batch_size=20", *overrides]))
+
+
+def test_warmup_then_cosine_to_the_floor():
+    schedule = WarmupCosine(warmup_steps=10, max_steps=110, min_ratio=0.1)
+    assert schedule(0) == pytest.approx(1 / 11)
+    assert schedule(9) == pytest.approx(10 / 11)
+    assert schedule(10) == pytest.approx(1.0)
+    assert schedule(60) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert schedule(110) == pytest.approx(0.1)
+    assert schedule(500) == pytest.approx(0.1)  # past max_steps it stays at the floor
+    values = [schedule(s) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert WarmupCosine(0, 10, 0.0)(0) == pytest.approx(1.0)
+
+
+def test_optimizer_decays_matrices_only_and_follows_the_schedule():
+    module = ClusterModule(small_config("optim.weight_decay=0.05", "optim.lr=0.002", "optim.warmup_steps=4"))
+    setup = module.configure_optimizers()
+    optimizer, scheduler = setup["optimizer"], setup["lr_scheduler"]["scheduler"]
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim < 2 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(module.model.parameters()))
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.002 / 5)
+    assert setup["lr_scheduler"]["interval"] == "step"
+    state = scheduler.state_dict()
+    json.dumps({k: v for k, v in state.items() if k != "lr_lambdas"})  # plain numbers: weights_only-safe
+    assert math.isfinite(state["lr_lambdas"][0]["max_steps"])
+
+
+def test_hyper_parameters_hold_the_config_as_plain_data():
+    config = small_config()
+    module = ClusterModule(config)
+    assert module.hparams["config"] == config
+    json.dumps(module.hparams["config"])  # no OmegaConf objects: checkpoints load with weights_only=True
+
+
+@pytest.mark.parametrize("init", ["noisy_truth", "none"])
+def test_evaluate_row_and_cached_baselines(init, monkeypatch):
+    import emformer.models.baselines as baselines
+
+    calls = []
+    real = baselines.evaluate_baselines
+    monkeypatch.setattr(baselines, "evaluate_baselines", lambda *a, **k: calls.append(1) or real(*a, **k))
+    module = ClusterModule(small_config(f"task.init={init}"))
+    first = module.evaluate()
+    expected = VAL_KEYS if init != "none" else VAL_KEYS - {"err_init"}
+    assert expected <= set(first), expected - set(first)
+    assert all(isinstance(v, float) and math.isfinite(v) for v in first.values())
+    assert 0 <= first["err"] <= first["err_anchored"] <= 1 and first["err_oracle"] <= first["err_em"] + 0.05
+    chunks = len(calls)
+    assert chunks == 3  # 48 episodes in chunks of 20
+    # Training changes the model's numbers, not the baselines', which are not recomputed.
+    optimizer = torch.optim.SGD(module.model.parameters(), lr=0.5)
+    from emformer.data.stream import eval_set
+    from emformer.train.config import to_task_spec
+    from omegaconf import OmegaConf
+
+    batch = eval_set(to_task_spec(OmegaConf.create(module.config)), 7, 16)
+    for _ in range(3):
+        optimizer.zero_grad()
+        module.training_step(batch, 0).backward()
+        optimizer.step()
+    second = module.evaluate()
+    assert len(calls) == chunks
+    assert second["loss"] != first["loss"] and second["err_em"] == first["err_em"]
+    assert module.model.training  # evaluate() puts the model back in training mode
+
+
+def test_training_step_uses_the_permutation_loss_without_an_init():
+    from emformer.data.stream import eval_set
+    from emformer.models.losses import anchored_cross_entropy, permutation_cross_entropy
+    from emformer.train.config import to_task_spec
+    from omegaconf import OmegaConf
+
+    module = ClusterModule(small_config("task.init=none"))
+    assert module.model.slots is not None and not module.anchored
+    batch = eval_set(to_task_spec(OmegaConf.create(module.config)), 3, 8)
+    logits = module.model(batch["points"], batch["mask"], batch["init"], batch["kmask"])
+    loss = module.training_step(batch, 0)
+    torch.testing.assert_close(loss, permutation_cross_entropy(logits, batch["labels"], batch["mask"], batch["kmask"]))
+    assert float(loss.detach()) <= float(anchored_cross_entropy(logits, batch["labels"], batch["mask"]).detach()) + 1e-6

@@ -1,0 +1,124 @@
+"""Strategies: DDP over 2 CPU processes (gloo) against 1 process with the doubled batch; DeepSpeed ZeRO-2 on 2
+CPU ranks trains and resumes exactly; ZeRO-3 trains; and the accelerator / precision / devices checks."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from emformer.errors import ConfigError
+from emformer.train import strategies
+from emformer.train.config import load_config
+from tests.train.trainrun import REPO, assert_same_rows, no_duplicate_steps, rows, train
+
+DEBUG = REPO / "configs" / "debug.yaml"
+# Short runs: 20 steps, val + checkpoint at 10 and 20.
+SHORT = ("trainer.max_steps=20", "trainer.val_every=10", "trainer.ckpt_every=10", "trainer.log_every=5",
+         "eval.episodes=64", "trainer.progress=false")
+
+
+# ---------------------------------------------------------------------------------------------- unit
+def test_single_process_uses_no_process_group():
+    cfg = load_config(DEBUG)
+    assert strategies.build_strategy(cfg, "cpu") == "auto"
+
+
+def test_ddp_on_cpu_is_gloo():
+    from lightning.pytorch.strategies import DDPStrategy
+
+    strategy = strategies.build_strategy(load_config(DEBUG, ["trainer.devices=2"]), "cpu")
+    assert isinstance(strategy, DDPStrategy) and strategy._process_group_backend == "gloo"
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_deepspeed_strategy_builds_on_cpu(stage):
+    pytest.importorskip("deepspeed")
+    cfg = load_config(DEBUG, [f"strategy=deepspeed_zero{stage}", "trainer.devices=2", "data.batch_size=8"])
+    strategy = strategies.build_strategy(cfg, "cpu")
+    assert strategy.config["zero_optimization"]["stage"] == stage
+    assert strategy._process_group_backend == "gloo" and strategy._auto_select_batch_size() == 8
+
+
+def test_accelerator_precision_and_devices_checks():
+    assert strategies.resolve_precision("auto", "cpu") == "32"
+    with pytest.raises(ConfigError, match="trainer.precision: 16-mixed is for GPUs"):
+        strategies.resolve_precision("16-mixed", "cpu")
+    with pytest.raises(ConfigError, match="trainer.devices: 4096 requested but this machine has"):
+        strategies.check_devices(4096, "cpu")
+    strategies.check_devices(1, "cpu")
+    if not torch.cuda.is_available():
+        assert strategies.resolve_accelerator("auto") == "cpu"
+        with pytest.raises(ConfigError, match="trainer.accelerator: gpu requested"):
+            strategies.resolve_accelerator("gpu")
+
+
+def test_each_rank_sees_different_episodes_and_together_the_doubled_batch():
+    """What the DataModule hands rank 0 and rank 1 of 2 (batch B) is what 1 rank gets with batch 2B."""
+    from emformer.data.datamodule import EpisodeDataModule
+
+    def first_batches(world: int, rank: int, batch: int, start: int = 3) -> list[torch.Tensor]:
+        module = EpisodeDataModule(load_config(DEBUG, [f"data.batch_size={batch}"]))
+        module.trainer = SimpleNamespace(global_step=start, global_rank=rank, world_size=world)
+        stream = iter(module.train_dataloader())
+        return [next(stream)["index"] for _ in range(2)]
+
+    rank0, rank1, single = first_batches(2, 0, 4), first_batches(2, 1, 4), first_batches(1, 0, 8)
+    for a, b, both in zip(rank0, rank1, single):
+        assert not set(a.tolist()) & set(b.tolist())
+        assert torch.equal(torch.cat([a, b]), both)
+
+
+# ---------------------------------------------------------------------------------------------- runs
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
+    """2 CPU processes (gloo), 16 episodes each: the reference of the single-process and the ZeRO runs."""
+    run_dir = tmp_path_factory.mktemp("ddp") / "run"
+    return run_dir, train(run_dir, *SHORT, "trainer.devices=2", "strategy=ddp", "data.batch_size=16")
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_equal_one_process_with_the_doubled_batch(ddp_run, tmp_path):
+    two, result = ddp_run
+    one = tmp_path / "single"
+    train(one, *SHORT, "trainer.devices=1", "data.batch_size=32")
+    assert "cpu x 2, strategy ddp" in result.stderr
+    assert json.loads((two / "meta.json").read_text())["devices"] == 2
+    # Gradients averaged over 2 x 16 episodes = the gradient of the mean over the same 32 episodes.
+    assert_same_rows(rows(two), rows(one), rel=2e-4, abs_=2e-5)
+    assert rows(two, "val")[-1]["loss"] < rows(two, "val")[0]["loss"]
+
+
+def _zero_run(run_dir: Path, stage: int, *extra: str, **kwargs) -> object:
+    return train(run_dir, *SHORT, f"strategy=deepspeed_zero{stage}", "trainer.devices=2", "data.batch_size=16",
+                 *extra, **kwargs)
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_on_two_cpu_ranks_trains_and_resumes(ddp_run, tmp_path):
+    """Killed after step 15 (checkpoint at 10), resumed: the same metrics as the uninterrupted DDP run (the
+    same mathematics: plain AdamW on gradients averaged over the 2 ranks, optimizer state sharded)."""
+    pytest.importorskip("deepspeed")
+    reference, _ = ddp_run
+    run_dir = tmp_path / "zero2"
+    _zero_run(run_dir, 2, extra_env={"EMFORMER_CRASH_AT_STEP": "15"}, expect=1)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert last.is_dir() and (last / "latest").is_file()  # a DeepSpeed checkpoint directory
+    assert not (run_dir / "DONE").exists()
+    result = _zero_run(run_dir, 2)
+    assert "resuming from step 10" in result.stderr and "strategy deepspeed_zero2" in result.stderr
+    no_duplicate_steps(run_dir)
+    assert (run_dir / "DONE").is_file()
+    assert_same_rows(rows(run_dir), rows(reference), rel=2e-4, abs_=2e-5)
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_on_two_cpu_ranks_trains(tmp_path):
+    pytest.importorskip("deepspeed")
+    run_dir = tmp_path / "zero3"
+    _zero_run(run_dir, 3, "trainer.max_steps=10", "trainer.ckpt_every=10")
+    val = rows(run_dir, "val")
+    assert [r["step"] for r in val] == [0, 10] and val[-1]["loss"] < val[0]["loss"]
+    assert (run_dir / "DONE").is_file() and (run_dir / "checkpoints" / "last.ckpt" / "latest").is_file()
