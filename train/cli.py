@@ -57,7 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog=f"emformer {command}", description=help_)
     module.add_arguments(parser)
-    args = parser.parse_args(rest)
+    # intermixed: `key=val` overrides may come after options such as --run-dir
+    args = parser.parse_intermixed_args(rest)
     try:
         return int(module.run(args) or 0)
     except EmformerError as exc:

@@ -1,11 +1,13 @@
 """`emformer demo [--out demo/] [--quick]`: the README's first command (`make demo`).
 
-Runs configs/sweeps/demo.yaml (the sample-complexity check of DESIGN §3 with N = 512..8192 plus fresh
-episodes, and a depth trend L = 1, 2, 4; 16 CPU runs, 2 at a time, about 10 minutes on 2 cores) through the
-local sweep backend, then `emformer report` on it, and prints where report.md is and its summary table.
+Runs the repository's configs/sweeps/demo.yaml (the sample-complexity check of DESIGN §3 with N = 512..8192
+plus fresh episodes, and a depth trend L = 1, 2, 4 at N = ∞; 2 seeds, 16 CPU runs, 2 at a time with one
+thread each) through the local sweep backend, then `emformer report` on it, and prints where report.md is
+and its summary table. The spec is found next to the installed package (an editable install of a checkout),
+so the demo runs from any working directory; its output goes to ./demo (gitignored in the repository).
 Re-running it skips finished runs and resumes unfinished ones (the sweep's own behaviour), so an interrupted
-demo continues where it stopped. `--quick` runs configs/sweeps/demo_quick.yaml instead: tiny runs that
-check the whole path in well under a minute (what the tests use); its numbers mean nothing.
+demo continues where it stopped. `--quick` runs configs/sweeps/demo_quick.yaml instead: tiny runs that check
+the whole path in well under a minute (what the tests use); its numbers mean nothing.
 """
 from __future__ import annotations
 
@@ -18,19 +20,27 @@ from emformer.errors import ConfigError
 SPECS = {False: "demo.yaml", True: "demo_quick.yaml"}
 
 
+def configs_dir() -> Path:
+    """The repository's configs/: beside the code of the editable install (train/ -> ../configs)."""
+    import emformer.train
+
+    return Path(emformer.train.__file__).resolve().parents[1] / "configs"
+
+
 def spec_path(quick: bool) -> Path:
-    """The demo's sweep spec: configs/sweeps/ of the repository (editable install) or of the working dir."""
-    name = SPECS[quick]
-    for root in (Path(__file__).resolve().parents[1] / "configs", Path.cwd() / "configs"):
-        if (root / "sweeps" / name).is_file():
-            return root / "sweeps" / name
-    raise ConfigError(f"configs/sweeps/{name} not found (run the demo from the repository root)")
+    """The demo's sweep spec in the repository's configs/sweeps/ (never the working directory's)."""
+    path = configs_dir() / "sweeps" / SPECS[quick]
+    if not path.is_file():
+        raise ConfigError(f"the demo's sweep spec {path} is missing: `emformer demo` needs the configs/ folder of "
+                          "a repository checkout installed with `pip install -e .` (what `make setup` does); "
+                          "a wheel install carries no configs")
+    return path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=None,
-                        help="demo directory: sweep/ (the runs) and report/ go there (default demo/, or "
-                             "demo-quick/ with --quick)")
+                        help="demo directory: sweep/ (the runs) and report/ go there (default ./demo, or "
+                             "./demo-quick with --quick)")
     parser.add_argument("--quick", action="store_true", help="tiny runs that check the path end to end (seconds)")
     parser.add_argument("--parallel", type=int, default=None, help="runs at once (default: the spec's, 2)")
 
@@ -42,17 +52,20 @@ def run(args: argparse.Namespace) -> int:
 
     out = args.out if args.out is not None else Path("demo-quick" if args.quick else "demo")
     spec = load_spec(spec_path(args.quick))
-    parallel = args.parallel if args.parallel is not None else spec.local.parallel
-    LocalOptions.from_dict({"parallel": parallel, "threads_per_run": spec.local.threads_per_run}, "--parallel")
+    local = LocalOptions.from_dict({"parallel": args.parallel if args.parallel is not None else spec.local.parallel,
+                                    "threads_per_run": spec.local.threads_per_run}, "--parallel")
     sweep = prepare_sweep(spec, out / "sweep")
-    print(f"emformer demo: {len(sweep.points)} training runs ({spec.name}, {parallel} at a time) in {sweep.dir}")
+    print(f"emformer demo: {len(sweep.points)} training runs ({spec.name}: {spec.source}), {local.parallel} at a "
+          f"time with {local.threads_per_run} thread(s) each, in {sweep.dir}", flush=True)
     started = time.monotonic()
-    failed = run_local(sweep, sweep.points, parallel=parallel, threads=spec.local.threads_per_run)
-    print(f"emformer demo: training took {time.monotonic() - started:.0f} s; building the report")
+    failed = run_local(sweep, sweep.points, parallel=local.parallel, threads=local.threads_per_run)
+    trained = time.monotonic() - started
+    print(f"emformer demo: training took {trained:.0f} s; building the report", flush=True)
     result = report.build_report(sweep.dir, out / "report")
     print()
     report.print_summary(result)
-    print(f"\nOpen {result.report_path} for the figures and the rules behind each verdict.")
+    print(f"\nemformer demo: {time.monotonic() - started:.0f} s in all. Open {result.report_path} for the "
+          "figures and the rule behind each verdict.")
     if failed:
         print(f"emformer demo: {len(failed)} run(s) failed ({failed}); see their console.log, "
               f"`emformer status {sweep.dir}`, and re-run the demo to resume them")

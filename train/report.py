@@ -4,7 +4,9 @@ Reads every run's config.yaml and metrics.jsonl (no wandb needed) and writes `re
 training curves, the sample-complexity check (excess test loss and train/test gap against N, slope with a
 bootstrap interval over seeds, against b ≤ −1/2), err against depth and heads at the largest N, err against
 the separation Δ (slope of log err against Δ², theory −1/8), and model-vs-EM per setting outside the theory.
-Sections the sweep cannot support say "not in this sweep". Runs that are missing, unfinished or have corrupt
+With `--test-shift task.n=128` (repeatable) it also evaluates every run's checkpoint on its task with other
+values at test time (k, n, Δ, weights, noise) against EM on the same episodes. Sections the sweep cannot
+support say "not in this sweep". Runs that are missing, unfinished or have corrupt
 metrics lines are listed in the report (with file and line), never dropped silently.
 
 Exit status: 0 when the report is written and every metrics line was read; 1 when it is written but some
@@ -64,9 +66,12 @@ class ReportResult:
 
 # --------------------------------------------------------------------------- the report
 def build_report(sweep_dir: str | Path | Sequence[str | Path], out_dir: str | Path | None = None, *,
-                 wandb_mode: str = "auto") -> ReportResult:
+                 wandb_mode: str = "auto", test_shifts: Sequence[str] = ()) -> ReportResult:
     """Read the sweep dir(s), compute every check, write report.md + PNGs to out_dir (default: the first
-    sweep dir's `report/`), log the figures to wandb if the runs use it; return what was written."""
+    sweep dir's `report/`), log the figures to wandb if the runs use it; return what was written.
+
+    `test_shifts` ("task.n=128", "task.k=3,task.n=32", ...): also evaluate every complete run's checkpoint on
+    its task with these values at test time, against EM on the same episodes (report_shift)."""
     sweep_dirs = [Path(sweep_dir)] if isinstance(sweep_dir, (str, Path)) else [Path(p) for p in sweep_dir]
     if not sweep_dirs:
         raise ConfigError("report: give at least one sweep directory")
@@ -80,6 +85,12 @@ def build_report(sweep_dir: str | Path | Sequence[str | Path], out_dir: str | Pa
         runs += found
         problems += index_problems
     problems += [p for run in runs for p in run.problems]
+    shifted = []
+    if test_shifts:
+        from emformer.train import report_shift
+
+        shifted = report_shift.evaluate_shifts(runs, [report_shift.parse_shift(t) for t in test_shifts])
+        problems += [r.problem for r in shifted if r.problem]
     out = Path(out_dir) if out_dir is not None else sweep_dirs[0] / "report"
     out.mkdir(parents=True, exist_ok=True)
 
@@ -88,7 +99,7 @@ def build_report(sweep_dir: str | Path | Sequence[str | Path], out_dir: str | Pa
     depth = checks.axis_trends(points, "model.depth")
     heads = checks.axis_trends(points, "model.heads")
     separation = checks.separation_trends(points)
-    beyond = checks.beyond_theory(points)
+    beyond = checks.beyond_theory(points, shifted)
 
     from emformer.train import report_plots as plots  # matplotlib only when there is something to draw
 
@@ -121,7 +132,8 @@ def _fmt(value: float, digits: int = 3) -> str:
 
 def _interval_note(interval: scaling.Interval) -> str:
     if not interval.ok:
-        return ""
+        return ("no interval: one seed and fewer than 3 points" if interval.resampled == "none"
+                else "no interval")
     return f"bootstrap over {interval.n_units} {interval.resampled.split(' ')[0]}" + \
         (" (one seed: points resampled)" if interval.resampled.startswith("points") else "")
 
@@ -136,17 +148,17 @@ def _summary_rows(sample, depth, heads, separation, beyond) -> list[Check]:
         for what, fit, verdict in (("test loss_N − test loss_∞", sample.excess_fit, sample.excess_verdict),
                                    ("train/test gap", sample.gap_fit, sample.gap_verdict)):
             sentence = (f"{what} falls as N^{_fmt(fit.estimate, 2)} over N ∈ {{{', '.join(str(int(n)) for n in sample.fitted)}}} "
-                        f"(95% interval {fit.describe()}, {_interval_note(fit)}); the theory's bound needs b ≤ −1/2: "
+                        f"(95% interval {fit.describe()}; {_interval_note(fit)}); the theory's bound needs b ≤ −1/2: "
                         f"{verdict}.") if fit.ok else f"{what}: too few fitted points (need 2 pool sizes outside the memorisation region with a positive excess): {verdict}."
             rows.append(Check(f"sample complexity: {what} ∝ N^b", fig, _fmt(fit.estimate, 3), fit.describe(), "b ≤ −0.5",
                               verdict, sentence))
     for trends, axis, word in ((depth, "model.depth", "depth L"), (heads, "model.heads", "heads M")):
         if not trends:
-            rows.append(Check(f"err falls with {word}", "—", "—", "—", "slope < 0", NOT_IN_SWEEP,
+            rows.append(Check(f"err falls with {word}", "—", "—", "—", "Δerr per doubling < 0", NOT_IN_SWEEP,
                               f"The sweep varies no {word} with everything else fixed."))
         for trend in trends:
             sentence = (f"At {trend.at_n}, {trend.family}: err changes by {_fmt(trend.fit.estimate)} per doubling of "
-                        f"{word} (95% interval {trend.fit.describe(4)}, {_interval_note(trend.fit)}): {trend.verdict}.")
+                        f"{word} (95% interval {trend.fit.describe(4)}; {_interval_note(trend.fit)}): {trend.verdict}.")
             rows.append(Check(f"err falls with {word} ({trend.family})", FIGURES["depth_heads"], _fmt(trend.fit.estimate),
                               trend.fit.describe(4), "Δerr per doubling < 0", trend.verdict, sentence))
     if not separation:
@@ -254,6 +266,9 @@ def _sample_section(sc: Optional[checks.SampleComplexity]) -> list[str]:
                f"{sc.init_loss_rule} = {_fmt(sc.init_loss, 4)} (training on N episodes left the model no better "
                "than its init), and so is every smaller N. Those points are shaded and left out of both fits. "
                f"Memorised: {', '.join(str(int(n)) for n in sc.memorised) or 'none'}."
+               + (f" **The fresh run's own test loss ({_fmt(float(sum(sc.fresh_loss.values()) / len(sc.fresh_loss)), 4)}) is "
+                  "no better than the init alone: the runs are too short to have learned, so no N can pass the "
+                  "rule.**" if sum(sc.fresh_loss.values()) / len(sc.fresh_loss) >= sc.init_loss else "")
                + (f" Excess ≤ 0 (at or below the fresh run; no logarithm; out of the fit): "
                   f"{', '.join(str(int(n)) for n in sc.not_positive)}." if sc.not_positive else ""))
     rows = []
@@ -322,11 +337,12 @@ def _beyond_section(rows: Optional[list[checks.SettingRow]]) -> list[str]:
     out = ["## Beyond the theory's assumptions", ""]
     if rows is None:
         return out + [f"{NOT_IN_SWEEP.capitalize()}: no run has init none, unequal weights, or diagonal / Student-t "
-                      "noise (configs/sweeps/beyond_theory.yaml has them)."]
+                      "noise (configs/sweeps/beyond.yaml has them), and no --test-shift was asked for."]
     out.append("Model err against EM err (same init, same eval set) per setting. 'beats EM' is yes when the bootstrap "
                "interval over seeds of err − err_EM is entirely below 0, no when entirely above, tie otherwise "
-               "(with one seed: the sign of the difference). Test-time k or n different from training needs an "
-               "eval-time task override that the training loop does not log yet: not measured here.")
+               "(with one seed: the sign of the difference). Rows marked 'test ...' evaluate the run's checkpoint (best, else "
+               "last) on its eval set drawn with those task values at test time (`emformer report --test-shift "
+               "task.n=128`), EM and the oracle on the same episodes.")
     table = [(r.setting, ", ".join(r.outside) or "inside the theory", r.seeds, _fmt(r.err), _fmt(r.err_em),
               _fmt(r.err_lloyd), _fmt(r.err_oracle), r.difference.describe(4), f"**{r.beats_em}**") for r in rows]
     return out + ["", _md_table(["setting", "outside the theory", "seeds", "err model", "err EM", "err Lloyd",
@@ -383,11 +399,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("sweep_dirs", nargs="+", metavar="SWEEP_DIR",
                         help="sweep directory (from `emformer sweep --out`); several are combined into one report")
     parser.add_argument("--out", default=None, help="where report.md and the PNGs go (default: SWEEP_DIR/report)")
+    parser.add_argument("--test-shift", action="append", default=[], metavar="task.KEY=VALUE[,...]",
+                        help="also evaluate every run's checkpoint with these task values at test time (k, n, "
+                             "separation, weights, noise ...) against EM; repeat for several settings")
     parser.add_argument("--wandb", default="auto", choices=("auto", "offline", "online", "disabled"),
                         help="log the figures to the sweep's wandb group (auto: the mode in the runs' configs)")
 
 
 def run(args: argparse.Namespace) -> int:
-    result = build_report(args.sweep_dirs, args.out, wandb_mode=args.wandb)
+    result = build_report(args.sweep_dirs, args.out, wandb_mode=args.wandb, test_shifts=args.test_shift)
     print_summary(result)
     return result.exit_code

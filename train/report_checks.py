@@ -331,9 +331,6 @@ def separation_trends(points: Sequence[Point]) -> list[SeparationTrend]:
 
 
 # --------------------------------------------------------------------------- beyond the theory
-BEYOND_KEYS = ("task.init", "task.weights", "task.noise", "task.k", "task.k_max", "task.n", "task.n_max",
-               "task.d", "task.separation_max")
-
 
 def outside_theory(values: dict[str, Any]) -> list[str]:
     """Which of the theory's assumptions a point breaks (empty: inside the theory)."""
@@ -370,17 +367,36 @@ class SettingRow:
         return "tie (interval straddles 0)"
 
 
-def beyond_theory(points: Sequence[Point]) -> Optional[list[SettingRow]]:
-    """Model err against EM err per setting, when some point of the sweep is outside the theory."""
-    if not any(outside_theory(p.values) for p in points):
+def _setting_row(name: str, outside: list[str], table: dict[str, dict[Hashable, float]]) -> SettingRow:
+    """table: metric (err, err_em, err_lloyd, err_oracle) -> seed -> value."""
+    err, em = table.get("err", {}), table.get("err_em", {})
+    seeds = [s for s in err if s in em]
+    difference = scaling.bootstrap(lambda sample: float(np.mean([err[s] - em[s] for s in sample])), seeds) \
+        if len(seeds) >= 2 else scaling.NO_INTERVAL
+    mean = lambda key: float(np.mean(list(table[key].values()))) if table.get(key) else math.nan  # noqa: E731
+    return SettingRow(name, outside, len(seeds), mean("err"), mean("err_em"), mean("err_lloyd"), mean("err_oracle"),
+                      difference)
+
+
+def beyond_theory(points: Sequence[Point], shifted: Sequence[Any] = ()) -> Optional[list[SettingRow]]:
+    """Model err against EM err per setting, when some point of the sweep is outside the theory or the
+    report evaluated runs at test time on a shifted task (`shifted`: report_shift.ShiftResult per run)."""
+    if not any(outside_theory(p.values) for p in points) and not shifted:
         return None
-    keys = [k for k in varying_keys(points) if k in BEYOND_KEYS or k == "N" or k.startswith("task.")]
-    rows = []
-    for p in points:
-        err, em = p.final("err"), p.final("err_em")
-        seeds = [s for s in err if s in em]
-        difference = scaling.bootstrap(lambda sample: float(np.mean([err[s] - em[s] for s in sample])), seeds) \
-            if len(seeds) >= 2 else scaling.NO_INTERVAL
-        rows.append(SettingRow(label(p.values, keys), outside_theory(p.values), len(seeds), p.mean("err"),
-                               p.mean("err_em"), p.mean("err_lloyd"), p.mean("err_oracle"), difference))
+    keys = varying_keys(points)  # every key that tells the points apart, so no two rows share a name
+    metrics = ("err", "err_em", "err_lloyd", "err_oracle")
+    rows = [_setting_row(label(p.values, keys), outside_theory(p.values), {m: p.final(m) for m in metrics})
+            for p in points]
+    by_run = {}
+    for result in shifted:
+        if result.metrics:
+            by_run.setdefault(result.shift, {})[result.run_dir.resolve()] = result.metrics
+    for shift, results in by_run.items():
+        for p in points:
+            runs = [r for r in p.runs if r.path.resolve() in results]
+            if not runs:
+                continue
+            table = {m: {r.seed: results[r.path.resolve()][m] for r in runs} for m in metrics}
+            rows.append(_setting_row(f"{label(p.values, keys)}; {shift.label}",
+                                     [*outside_theory(p.values), f"{shift.label} (trained on another task)"], table))
     return sorted(rows, key=lambda r: (bool(r.outside), r.setting))

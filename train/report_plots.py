@@ -186,7 +186,8 @@ def axis_trends(depth: Sequence[AxisTrend], heads: Sequence[AxisTrend], path: Pa
         wide = min(values) > 0 and max(values) / min(values) > 5
         ax.set(xlabel=name, ylabel="err (permutation-minimised)", yscale="log" if wide else "linear",
                title=f"err vs {short} at {trends[0].at_n}")
-        ax.legend(loc="upper right")
+        ax.margins(y=0.12)  # the EM and oracle levels sit at the edges otherwise
+        ax.legend(loc="best", fontsize=7)
     return _save(fig, path)
 
 

@@ -129,7 +129,8 @@ def _bootstrap_over_seeds_or_points(fit: Callable[[Pairs], Optional[float]],
         return bootstrap(lambda sample: fit(sorted(means_for(sample).items())), seeds, resampled="seeds",
                          **kwargs)
     pairs = sorted(means_for(list(seeds)).items())
-    if len(pairs) < MIN_POINTS_FOR_POINT_BOOTSTRAP:
+    usable = getattr(fit, "usable", lambda x, y: True)
+    if sum(1 for x, y in pairs if usable(x, y)) < MIN_POINTS_FOR_POINT_BOOTSTRAP:
         # resampling 2 points gives back the same line (or none): an interval of width 0 would be a lie
         estimate = fit(pairs)
         return Interval(math.nan if estimate is None else estimate, math.nan, math.nan, "none", len(pairs), 0)
@@ -143,6 +144,7 @@ def _fitter(transform: Callable[[float, float], Optional[tuple[float, float]]]) 
         result = line_slope([m[0] for m in mapped], [m[1] for m in mapped])
         return None if result is None else result[0]
 
+    fit.usable = lambda x, y: transform(x, y) is not None  # type: ignore[attr-defined]
     return fit
 
 

@@ -158,15 +158,19 @@ def test_a_corrupt_line_is_reported_with_file_and_line_and_the_rest_is_used(buil
     assert bad_run.complete and len(bad_run.val_rows) == 2
 
 
-def test_cli_prints_the_summary_and_exits_1_on_corrupt_input(built, tmp_path, capsys):
+def test_cli_prints_the_summary_and_exits_1_on_corrupt_input(tmp_path, capsys):
     from emformer.train.cli import main
 
-    sweep, corrupt, _ = built
+    sweep = tmp_path / "small"
+    runs = [make_run(sweep / "runs", ["data.source=fresh"], seed) for seed in (0, 1)]
+    metrics = runs[1] / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"step": 5, "split": "val", "loss": 0.3}\n' + "[1, 2]\n")
     code = main(["report", str(sweep), "--out", str(tmp_path / "r"), "--wandb", "disabled"])
     out, err = capsys.readouterr()
     assert code == 1
-    assert "report.md" in out and "verdict" in out and "PASS" in out
-    assert f"{corrupt}:3:" in err
+    assert f"report: {tmp_path / 'r' / 'report.md'}" in out and "verdict" in out and "not in this sweep" in out
+    lines = len(metrics.read_text().splitlines())
+    assert f"{metrics}:{lines}: expected an object" in err
 
 
 def test_a_sweep_without_the_axes_says_not_in_this_sweep(tmp_path):
@@ -187,21 +191,28 @@ def test_no_runs_at_all_is_a_config_error(tmp_path):
         report.build_report(tmp_path / "absent", tmp_path / "out")
 
 
-@pytest.mark.slow
-def test_demo_quick_runs_sweep_then_report_end_to_end(tmp_path):
-    """`emformer demo --quick`: 4 tiny real training runs through the local sweep backend, then the report."""
-    import os
-    import subprocess
-    import sys
+def test_test_time_shifts_evaluate_each_checkpoint_against_em(tmp_path):
+    """--test-shift: the run's checkpoint on its task with other n / k at test time, EM on the same episodes."""
+    from export_fixtures import make_fake_run
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "emformer", "demo", "--quick", "--out", str(tmp_path / "demo")],
-                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    report_md = tmp_path / "demo" / "report" / "report.md"
-    assert f"report: {report_md}" in done.stdout
-    assert "verdict" in done.stdout and "err falls with depth L" in done.stdout
-    text = report_md.read_text()
-    assert "## Sample complexity" in text and "4 done" in text
-    for figure in ("curves.png", "sample_complexity.png", "depth_heads.png"):
-        assert (tmp_path / "demo" / "report" / figure).is_file()
+    sweep = tmp_path / "sweep"
+    for seed in (0, 1):
+        run = make_fake_run(sweep / "runs" / f"fake-{seed}", overrides=(f"trainer.seed={seed}", f"data.seed={seed}"),
+                            seed=seed)
+        (run / "DONE").write_text("{}")
+    result = report.build_report(sweep, tmp_path / "out", wandb_mode="disabled",
+                                 test_shifts=["task.n=48", "task.k=3,task.n=24", "task.separation=6.0"])
+    assert result.problems == []
+    rows = {r.setting.split("; ")[-1]: r for r in result.sections["beyond"]}
+    assert set(rows) == {"all runs", "test n=48", "test k=3, n=24", "test separation=6.0"}
+    for name in ("test n=48", "test k=3, n=24", "test separation=6.0"):
+        row = rows[name]
+        assert row.seeds == 2 and 0 <= row.err_oracle <= row.err_em <= 1 and 0 < row.err <= 1
+        assert row.difference.ok and row.beats_em in ("yes", "no", "tie (interval straddles 0)")
+    # the debug task has Δ = 3 (oracle err ≈ Φ(−1.5) = 0.067); at Δ = 6 it is ≈ Φ(−3) = 0.0013
+    assert rows["test n=48"].err_oracle == pytest.approx(0.067, abs=0.02)
+    assert rows["test separation=6.0"].err_oracle < 0.01
+    assert "test k=3, n=24" in result.report_path.read_text()
+
+    with pytest.raises(ConfigError, match="task.KEY=VALUE"):
+        report.build_report(sweep, tmp_path / "bad", test_shifts=["task.d=8"])

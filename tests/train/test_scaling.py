@@ -81,3 +81,11 @@ def test_the_bootstrap_is_deterministic():
     a = scaling.excess_power_law_interval(values, reference, n_boot=200)
     b = scaling.excess_power_law_interval(values, reference, n_boot=200)
     assert a == b
+
+
+def test_one_seed_with_only_two_usable_points_gives_no_zero_width_interval():
+    """A point whose y ≤ 0 cannot be logged: with one seed, 2 usable points would give a [b, b] interval."""
+    values = {2048.0: {0: 0.008}, 4096.0: {0: 0.0025}, 8192.0: {0: -0.0016}}
+    interval = scaling.power_law_interval(values, n_boot=100)
+    assert interval.estimate == pytest.approx(math.log(0.0025 / 0.008) / math.log(2))
+    assert not interval.ok and scaling.verdict(interval, -0.5) == scaling.NO_DATA
