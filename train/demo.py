@@ -1,13 +1,14 @@
 """`emformer demo [--out demo/] [--quick]`: the README's first command (`make demo`).
 
-Runs the repository's configs/sweeps/demo.yaml (the sample-complexity check of DESIGN §3 with N = 512..8192
-plus fresh episodes, and a depth trend L = 1, 2, 4 at N = ∞; 2 seeds, 16 CPU runs, 2 at a time with one
-thread each) through the local sweep backend, then `emformer report` on it, and prints where report.md is
-and its summary table. The spec is found next to the installed package (an editable install of a checkout),
-so the demo runs from any working directory; its output goes to ./demo (gitignored in the repository).
-Re-running it skips finished runs and resumes unfinished ones (the sweep's own behaviour), so an interrupted
-demo continues where it stopped. `--quick` runs configs/sweeps/demo_quick.yaml instead: tiny runs that check
-the whole path in well under a minute (what the tests use); its numbers mean nothing.
+Runs the repository's configs/sweeps/demo.yaml through the local sweep backend: the sample-complexity check
+of DESIGN §3 (N = 512..8192 pool episodes plus fresh episodes) and a depth trend (L = 1, 2, 4 at N = ∞), 2 seeds,
+18 CPU runs of 1000 steps, 2 at a time with one thread each, about 10 minutes on 2 cores. Then it runs
+`emformer report` on the sweep and prints where report.md is and its summary table. The spec is found next to
+the installed package (an editable install of a checkout), so the demo runs from any working directory; its
+output goes to ./demo (gitignored in the repository). Re-running it skips finished runs and resumes unfinished
+ones (the sweep's own behaviour), so an interrupted demo continues where it stopped. `--quick` runs
+configs/sweeps/demo_quick.yaml instead: 4 tiny runs that check the whole path (what the tests use); its
+numbers mean nothing.
 """
 from __future__ import annotations
 

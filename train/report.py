@@ -145,9 +145,10 @@ def _summary_rows(sample, depth, heads, separation, beyond) -> list[Check]:
         rows.append(Check("sample complexity: test loss_N − test loss_∞ ∝ N^b", "—", "—", "—", "b ≤ −0.5",
                           NOT_IN_SWEEP, "The sweep has no family of pool sizes with a fresh (N = ∞) run."))
     else:
-        for what, fit, verdict in (("test loss_N − test loss_∞", sample.excess_fit, sample.excess_verdict),
-                                   ("train/test gap", sample.gap_fit, sample.gap_verdict)):
-            sentence = (f"{what} falls as N^{_fmt(fit.estimate, 2)} over N ∈ {{{', '.join(str(int(n)) for n in sample.fitted)}}} "
+        for what, fit, verdict, fitted in (
+                ("test loss_N − test loss_∞", sample.excess_fit, sample.excess_verdict, sample.fitted),
+                ("train/test gap", sample.gap_fit, sample.gap_verdict, sample.gap_fitted)):
+            sentence = (f"{what} falls as N^{_fmt(fit.estimate, 2)} over N ∈ {{{', '.join(str(int(n)) for n in fitted)}}} "
                         f"(95% interval {fit.describe()}; {_interval_note(fit)}); the theory's bound needs b ≤ −1/2: "
                         f"{verdict}.") if fit.ok else f"{what}: too few fitted points (need 2 pool sizes outside the memorisation region with a positive excess): {verdict}."
             rows.append(Check(f"sample complexity: {what} ∝ N^b", fig, _fmt(fit.estimate, 3), fit.describe(), "b ≤ −0.5",
@@ -284,6 +285,8 @@ def _sample_section(sc: Optional[checks.SampleComplexity]) -> list[str]:
                            "err − err_oracle", "status"], rows)]
     out += ["", f"Fits (log-log least squares on seed means): excess b = {_fmt(sc.excess_fit.estimate)} "
                 f"{sc.excess_fit.describe()}, gap b = {_fmt(sc.gap_fit.estimate)} {sc.gap_fit.describe()}; "
+                f"the gap is fitted over N ∈ {{{', '.join(str(int(n)) for n in sc.gap_fitted)}}}, where its seed mean "
+                f"exceeds the fresh run's |gap| = {_fmt(abs(sc.fresh_gap))} (the noise between two finite episode sets); "
                 "the bound of the paper is N^(−1/2) (grey dashed line). Loss − oracle loss and err − err_oracle are "
                 "shown without a fit: they flatten at the approximation / optimisation floor."]
     return out

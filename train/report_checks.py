@@ -122,6 +122,8 @@ class SampleComplexity:
     """N with seed-mean excess ≤ 0: no logarithm, left out of the fit"""
     excess_fit: scaling.Interval
     gap_fit: scaling.Interval
+    gap_fitted: list[float] = field(default_factory=list)
+    """N whose seed-mean gap exceeds the fresh run's |gap| (the noise floor): the gap fit's points"""
     excess_intercept: float = math.nan
     gap_intercept: float = math.nan
     seeds: int = 0
@@ -208,7 +210,10 @@ def sample_complexity(points: Sequence[Point]) -> Optional[SampleComplexity]:
     not_positive = [n for n in fit_sizes if excess[n] and np.mean(list(excess[n].values())) <= 0]
     pool_loss = {n: {s: v for s, v in p.final("loss").items()} for n, p in zip(sizes, finite) if n in fit_sizes}
     excess_fit = scaling.excess_power_law_interval(pool_loss, fresh_loss) if len(fit_sizes) >= 2 else scaling.NO_INTERVAL
-    gap_fit_values = {n: gap[n] for n in fit_sizes if gap[n]}
+    # The fresh run's own test − train gap is pure sampling noise (two finite episode sets, no memorisation):
+    # a pool gap below it says nothing about N, and its logarithm would steepen the fit at will.
+    gap_floor = abs(float(np.mean(fresh_gaps))) if fresh_gaps else 0.0
+    gap_fit_values = {n: gap[n] for n in fit_sizes if gap[n] and np.mean(list(gap[n].values())) > gap_floor}
     gap_fit = scaling.power_law_interval(gap_fit_values) if len(gap_fit_values) >= 2 else scaling.NO_INTERVAL
 
     every = [*finite, fresh]
@@ -219,7 +224,7 @@ def sample_complexity(points: Sequence[Point]) -> Optional[SampleComplexity]:
         loss_minus_oracle={float(p.values["N"]): p.mean("loss") - p.mean("loss_oracle") for p in every},
         err_minus_oracle={float(p.values["N"]): p.mean("err") - p.mean("err_oracle") for p in every},
         init_loss=init_loss, init_loss_rule=init_rule, memorised=memorised, fitted=fit_sizes,
-        not_positive=not_positive, excess_fit=excess_fit, gap_fit=gap_fit,
+        not_positive=not_positive, excess_fit=excess_fit, gap_fit=gap_fit, gap_fitted=sorted(gap_fit_values),
         seeds=len({s for p in every for s in p.final("loss")}), other_families=len(candidates) - 1,
     )
     result.excess_intercept = _intercept({n: excess[n] for n in fit_sizes}, excess_fit)

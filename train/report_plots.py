@@ -101,9 +101,11 @@ def sample_complexity(sc: SampleComplexity, path: Path) -> Path:
     oracle loss; right: err − err_oracle (no fits: they flatten at the approximation floor)."""
     fig, (ax, ax_oracle, ax_err) = plt.subplots(1, 3, figsize=(15, 4.6))
     shade = [n for n in sc.memorised]
-    series = ((sc.excess, "test loss$_N$ − test loss$_\\infty$", "tab:blue", "o", sc.excess_fit, sc.excess_intercept),
-              (sc.gap, "train/test gap (test − pool loss)", "tab:orange", "s", sc.gap_fit, sc.gap_intercept))
-    for values, name, colour, marker, fit, intercept in series:
+    series = ((sc.excess, "test loss$_N$ − test loss$_\\infty$", "tab:blue", "o", sc.excess_fit, sc.excess_intercept,
+               sc.fitted),
+              (sc.gap, "train/test gap (test − pool loss)", "tab:orange", "s", sc.gap_fit, sc.gap_intercept,
+               sc.gap_fitted))
+    for values, name, colour, marker, fit, intercept, fitted in series:
         xs, means = [], []
         for n in sc.sizes:
             seeds = values.get(n, {})
@@ -115,7 +117,7 @@ def sample_complexity(sc: SampleComplexity, path: Path) -> Path:
                 means.append(mean)
         ax.plot(xs, means, color=colour, marker=marker, lw=0, ms=7, label=f"{name} (seed mean)")
         if fit.ok and math.isfinite(intercept):
-            grid = np.array(sc.fitted, dtype=float)
+            grid = np.array(fitted, dtype=float)
             ax.plot(grid, np.exp(intercept) * grid ** fit.estimate, color=colour, lw=1.6,
                     label=f"fit b = {fit.estimate:.2f}, 95% CI {fit.describe()}")
     anchor = [n for n in sc.fitted if sc.excess.get(n) and np.mean(list(sc.excess[n].values())) > 0]

@@ -33,7 +33,7 @@ _IGNORED_KEYS = {
 SHORT_NAMES = {
     "N": "N", "model.depth": "L", "model.heads": "M", "model.width": "D", "task.separation": "Δ",
     "task.k": "k", "task.n": "n", "task.d": "d", "task.init": "init", "task.weights": "weights",
-    "task.noise": "noise", "trainer.max_steps": "steps",
+    "task.noise": "noise", "task.init_noise": "ρ", "trainer.max_steps": "steps",
 }
 
 

@@ -1,0 +1,126 @@
+"""Test-time shifts for the report: a trained run evaluated on a task it was not trained on (other k, n, Δ ...).
+
+The training loop evaluates each run on its own task only. `emformer report SWEEP --test-shift task.n=128`
+loads each complete run's best checkpoint (last if there is none), draws the run's eval set (same eval seed
+and size) from the run's task with the shift applied, and scores the model, EM (eval.em_iters iterations,
+same init), Lloyd and the oracle on it. The model has no positional encoding and reads the initial centroids
+as tokens, so n and (with an init) k may change freely; d may not (the input embedding is d wide), nor k
+without an init (the learned centroid slots are k_max of them).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from emformer.errors import ConfigError, EmformerError
+
+SHIFTABLE = ("k", "k_max", "n", "n_max", "separation", "separation_max", "weights", "weights_alpha", "weights_lo",
+             "weights_hi", "noise", "noise_df", "diag_ratio", "init_noise")
+
+
+@dataclass(frozen=True)
+class Shift:
+    """One test-time setting: task keys and the values they take at test time."""
+
+    values: tuple[tuple[str, Any], ...]
+
+    @property
+    def label(self) -> str:
+        return "test " + ", ".join(f"{k}={v}" for k, v in self.values)
+
+    def apply(self, task: dict[str, Any]) -> dict[str, Any]:
+        return {**task, **dict(self.values)}
+
+
+def parse_shift(text: str) -> Shift:
+    """`task.n=128` or `task.k=3,task.n=32` (one setting; give --test-shift again for another)."""
+    import yaml
+
+    values = []
+    for item in text.split(","):
+        key, sep, raw = item.strip().partition("=")
+        name = key.removeprefix("task.")
+        if not sep or not key.startswith("task.") or name not in SHIFTABLE:
+            raise ConfigError(f"--test-shift '{text}': expected task.KEY=VALUE[,task.KEY=VALUE], KEY one of "
+                              f"{', '.join(SHIFTABLE)}; got '{item}'")
+        values.append((name, yaml.safe_load(raw)))
+    return Shift(tuple(values))
+
+
+@dataclass
+class ShiftResult:
+    run_dir: Path
+    shift: Shift
+    metrics: dict[str, float] = field(default_factory=dict)
+    """err, loss, err_em, err_lloyd, err_oracle on the shifted eval set (empty if it failed)"""
+    problem: str = ""
+
+
+def _checkpoint(run_dir: Path) -> Path:
+    for name in ("best.ckpt", "last.ckpt"):
+        if (run_dir / "checkpoints" / name).exists():
+            return run_dir / "checkpoints" / name
+    raise ConfigError(f"{run_dir}: no checkpoints/best.ckpt or last.ckpt to evaluate at test time")
+
+
+def evaluate_shift(run_dir: Path, shift: Shift, config: dict[str, Any]) -> ShiftResult:
+    """The run's model and the baselines on its eval set drawn from the shifted task."""
+    import torch
+
+    from emformer.data.stream import eval_set
+    from emformer.data.tasks import TaskSpec
+    from emformer.models.baselines import evaluate_baselines
+    from emformer.models.losses import per_episode_cross_entropy, per_episode_permutation_cross_entropy
+    from emformer.models.metrics import misclustering_rate
+    from emformer.models.transformer import ClusterTransformer, TransformerConfig
+    from emformer.train.export import load_checkpoint
+
+    result = ShiftResult(run_dir, shift)
+    try:
+        loaded = load_checkpoint(_checkpoint(run_dir))
+        trained = TaskSpec.from_dict(dict(loaded.run_config["task"]), f"{run_dir}: task")
+        spec = TaskSpec.from_dict(shift.apply(trained.to_dict()), f"--test-shift {shift.label}").validate()
+        if spec.d_pad != trained.d_pad:
+            raise ConfigError(f"{shift.label}: the model reads {trained.d_pad}-d points, the shifted task has {spec.d_pad}")
+        if spec.init == "none" and spec.k_pad != trained.k_pad:
+            raise ConfigError(f"{shift.label}: without an init the model has {trained.k_pad} learned centroid slots; "
+                              f"the shifted task needs {spec.k_pad}")
+        architecture = TransformerConfig.from_run_config(loaded.run_config)
+        model = ClusterTransformer(architecture)
+        model.load_state_dict(loaded.state_dict)
+        model.eval()
+        ev = loaded.run_config.get("eval", {})
+        batch = eval_set(spec, int(ev.get("seed", 1_000_003)), int(ev.get("episodes", 512)))
+        size = int(ev.get("batch_size", 256))
+        sums = {"err": 0.0, "loss": 0.0}
+        with torch.no_grad():
+            for start in range(0, batch["points"].shape[0], size):
+                part = {key: value[start:start + size] for key, value in batch.items()}
+                kmask = part["kmask"]
+                if spec.init == "none":  # learned slots: the mask has the training width
+                    kmask = torch.nn.functional.pad(kmask, (0, architecture.k_max - kmask.shape[1]))
+                logits = model(part["points"].float(), part["mask"], part["init"].float(), kmask).float()
+                logits = logits[..., :part["kmask"].shape[1]]
+                labels, mask = part["labels"], part["mask"]
+                sums["err"] += float(misclustering_rate(logits.argmax(-1), labels, mask, spec.k_pad).double().sum())
+                loss = (per_episode_permutation_cross_entropy(logits, labels, mask, part["kmask"])
+                        if spec.init == "none" else per_episode_cross_entropy(logits, labels, mask))
+                sums["loss"] += float(loss.double().sum())
+            episodes = batch["points"].shape[0]
+            result.metrics = {key: value / episodes for key, value in sums.items()}
+            baselines = evaluate_baselines(batch, spec, em_iters=int(ev.get("em_iters", 10)))
+        for key in ("err_em", "err_lloyd", "err_oracle", "loss_em", "loss_oracle"):
+            result.metrics[key] = float(baselines[key].double().mean())
+    except (EmformerError, RuntimeError, ValueError, KeyError) as exc:  # one bad run must not sink the report
+        result.problem = f"{run_dir}: {shift.label}: {type(exc).__name__}: {exc}"
+        result.metrics = {}
+    if any(not math.isfinite(v) for v in result.metrics.values()):
+        result.problem = f"{run_dir}: {shift.label}: non-finite metric {result.metrics}"
+    return result
+
+
+def evaluate_shifts(runs: Sequence[Any], shifts: Sequence[Shift]) -> list[ShiftResult]:
+    """Every complete run under every shift (run records from run_records.read_sweep)."""
+    return [evaluate_shift(run.path, shift, run.config) for shift in shifts for run in runs if run.complete]
