@@ -13,8 +13,10 @@ numbers mean nothing.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
+from typing import Any, Optional
 
 from emformer.errors import ConfigError
 
@@ -36,6 +38,24 @@ def spec_path(quick: bool) -> Path:
                           "a repository checkout installed with `pip install -e .` (what `make setup` does); "
                           "a wheel install carries no configs")
     return path
+
+
+def export_best(sweep: Any, out: Path) -> Optional[Path]:
+    """Export the finished run with the lowest final val err (a pretrained example to try the Clusterer on)."""
+    from emformer.train.export import export_run
+
+    best: Optional[tuple[float, Path]] = None
+    for point in sweep.points:
+        run_dir = sweep.run_dir(point)
+        done = run_dir / "DONE"
+        if not done.is_file():
+            continue
+        err = json.loads(done.read_text()).get("val", {}).get("err")
+        if err is not None and (best is None or err < best[0]):
+            best = (float(err), run_dir)
+    if best is None:
+        return None
+    return Path(export_run(best[1], out, onnx=False, which="best"))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,6 +85,10 @@ def run(args: argparse.Namespace) -> int:
     result = report.build_report(sweep.dir, out / "report")
     print()
     report.print_summary(result)
+    model_dir = export_best(sweep, out / "model")
+    if model_dir is not None:
+        print(f"\nemformer demo: exported the run with the lowest val err to {model_dir}; cluster your own data with "
+              f"`emformer cluster {model_dir} points.csv` or `Clusterer.from_pretrained('{model_dir}')`")
     print(f"\nemformer demo: {time.monotonic() - started:.0f} s in all. Open {result.report_path} for the "
           "figures and the rule behind each verdict.")
     if failed:

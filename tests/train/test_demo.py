@@ -100,3 +100,7 @@ def test_demo_quick_runs_sweep_then_report_end_to_end(tmp_path):
     assert "Family: " in text and "L at N=∞" in text
     for figure in ("curves.png", "sample_complexity.png", "depth_heads.png"):
         assert (tmp_path / "demo-quick" / "report" / figure).stat().st_size > 10_000
+    # the best run is exported as a ready-to-use clusterer
+    model = tmp_path / "demo-quick" / "model"
+    assert f"exported the run with the lowest val err to {Path('demo-quick') / 'model'}" in done.stdout
+    assert (model / "model.safetensors").is_file() and (model / "config.json").is_file()
