@@ -27,3 +27,6 @@ test-fast: setup
 
 bench: setup
 	$(PY) benchmarks/run_all.py
+
+clean-demo:
+	rm -rf demo demo-quick
