@@ -35,7 +35,7 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from emformer.data.atomic import atomic_write, atomic_write_json
+from emformer.data.atomic import atomic_write, atomic_write_json, sha256_file
 from emformer.data.episodes import EPISODE_KEYS, Batch, sample_episodes
 from emformer.data.tasks import TaskSpec
 from emformer.errors import ConfigError, DataError
@@ -56,14 +56,6 @@ def shard_name(shard: int) -> str:
 
 def episode_key(index: int) -> str:
     return f"{index:010d}"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ====================================================================== writing

@@ -34,7 +34,6 @@ Input conventions, each a choice the model's training forces on us (figures: the
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -42,6 +41,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from emformer.data.atomic import sha256_file
 from emformer.errors import CheckpointError, ConfigError, DataError
 
 EXPORT_FORMAT = "emformer-export"
@@ -70,14 +70,6 @@ class ParameterError(ConfigError, ValueError):
 
 
 # ---------------------------------------------------------------------------------------- loading exports
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def read_export_config(model_dir: str | Path) -> dict[str, Any]:
     """config.json of an export directory, checked for format and version."""
     model_dir = Path(model_dir)

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,3 +78,32 @@ def train_tiny_run(run_dir: Path, extra: tuple[str, ...] = (), timeout: float = 
     if result.returncode != 0 or not (run_dir / "DONE").is_file():
         raise RuntimeError(f"tiny training run failed (rc {result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return run_dir
+
+
+# ---- the fixtures themselves (re-exported by tests/train/conftest.py and tests/models/conftest.py)
+@pytest.fixture(scope="session")
+def fake_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_fake_run(tmp_path_factory.mktemp("fake-run"))
+
+
+@pytest.fixture(scope="session")
+def fake_export(fake_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from emformer.train.export import export_run
+
+    return export_run(fake_run, tmp_path_factory.mktemp("fake-export") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return train_tiny_run(tmp_path_factory.getbasetemp() / "tiny-run")
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny run's last checkpoint (the step of its final val row) exported with ONNX, once per session."""
+    from emformer.train.export import export_run
+
+    out = tmp_path_factory.getbasetemp() / "tiny-export"
+    if not (out / "config.json").is_file():
+        export_run(tiny_run, out, onnx=True, which="last")
+    return out
