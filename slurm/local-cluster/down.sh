@@ -4,16 +4,7 @@
 # KEEP_MUNGE=1 leaves munged running.
 set -uo pipefail
 
-say() { echo "[local-cluster] $*"; }
-
-alive() {  # alive PIDFILE COMM  (same test as up.sh: live, right command name, not a zombie)
-    local pid
-    [ -s "$1" ] || return 1
-    pid=$(cat "$1")
-    [ -r "/proc/$pid/status" ] || return 1
-    [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$2" ] || return 1
-    ! grep -q '^State:[[:space:]]*Z' "/proc/$pid/status"
-}
+. "$(dirname "$0")/lib.sh"  # say, alive
 
 stop() {  # stop PIDFILE COMM: SIGTERM, wait up to 10 s, then SIGKILL
     local pid i

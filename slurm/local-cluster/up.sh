@@ -15,21 +15,10 @@ CONF=/etc/slurm/slurm.conf
 PARTITION=${PARTITION:-debug}
 HOST=$(hostname -s)
 
-say() { echo "[local-cluster] $*"; }
+. "$(dirname "$0")/lib.sh"  # say, alive
 die() { echo "[local-cluster] error: $*" >&2; exit 1; }
 
 [ "$(id -u)" -eq 0 ] || die "run as root (it installs packages and starts daemons)"
-
-# A daemon is alive when its pid file names a live process with the expected command name: /run survives
-# restarts here, so a stale pid may belong to another process, and a dead daemon stays a zombie briefly.
-alive() {  # alive PIDFILE COMM
-    local pid
-    [ -s "$1" ] || return 1
-    pid=$(cat "$1")
-    [ -r "/proc/$pid/status" ] || return 1
-    [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$2" ] || return 1
-    ! grep -q '^State:[[:space:]]*Z' "/proc/$pid/status"
-}
 
 wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
     local deadline=$((SECONDS + $1)) what=$2
