@@ -149,9 +149,10 @@ def configs_root(config_path: Path) -> Path:
     return config_path.parent
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml_mapping(path: Path, what: str = "config file") -> dict[str, Any]:
+    """A YAML file whose top level is a mapping ({} when empty); ConfigError naming the file otherwise."""
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"{what} not found: {path}")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
@@ -168,7 +169,7 @@ def _group_file(root: Path, group: str, choice: str, where: str) -> dict[str, An
     if not path.is_file():
         options = sorted(p.stem for p in (root / group).glob("*.yaml")) if (root / group).is_dir() else []
         raise ConfigError(f"{where}: no config '{choice}' in group '{group}' ({root / group}); options: {options}")
-    return _read_yaml(path)
+    return read_yaml_mapping(path)
 
 
 def _merge(base: DictConfig, update: Any, where: str) -> DictConfig:
@@ -194,7 +195,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     body: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        body = _read_yaml(path)
+        body = read_yaml_mapping(path)
         root = configs_root(path)
         defaults = body.pop("defaults", {}) or {}
         if not isinstance(defaults, dict):

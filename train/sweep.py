@@ -36,7 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 from emformer.data.atomic import atomic_write_json, atomic_write_text
 from emformer.errors import ConfigError
 from emformer.slurm.launcher import SlurmOptions
-from emformer.train.config import GROUPS, config_hash, load_config, run_name, save_yaml, validate
+from emformer.train.config import GROUPS, config_hash, load_config, read_yaml_mapping, run_name, save_yaml, validate
 
 SPEC_KEYS = ("name", "base", "overrides", "grid", "points", "seeds", "local", "slurm", "wandb")
 SEED_KEYS = ("trainer.seed", "data.seed")
@@ -173,13 +173,8 @@ def apply_cli_overrides(data: dict[str, Any], items: Sequence[str], where: str) 
 def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> SweepSpec:
     """Read and check a sweep spec file; `overrides` as in `apply_cli_overrides`."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"sweep spec not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
+    data = read_yaml_mapping(path, what="sweep spec")
+    if not data:
         raise ConfigError(f"{path}: expected a mapping with keys {list(SPEC_KEYS)}")
     data = apply_cli_overrides(data, overrides, str(path))
     return spec_from_dict(data, relative_to=path.parent, source=str(path))
