@@ -114,6 +114,12 @@ def sample_episodes(spec: TaskSpec, seed: int, indices: Sequence[int] | torch.Te
     return batch
 
 
+def batch_chunks(batch: Batch, size: int) -> list[Batch]:
+    """A batch split along the episode axis into consecutive views of at most `size` episodes."""
+    total = next(iter(batch.values())).shape[0]
+    return [{key: value[start:start + size] for key, value in batch.items()} for start in range(0, total, size)]
+
+
 def _pick_int(lo: int, hi: int | None, u: torch.Tensor) -> torch.Tensor:
     if hi is None or hi == lo:
         return torch.full(u.shape, lo, dtype=torch.long)

@@ -11,13 +11,14 @@ OmegaConf objects, so checkpoints load with weights_only=True), and the model we
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Optional
 
 import lightning as L
 import torch
 
-from emformer.data.episodes import Batch
+from emformer.data.episodes import Batch, batch_chunks
 from emformer.models.losses import (clustering_loss, per_episode_cross_entropy,
                                     per_episode_permutation_cross_entropy)
 from emformer.models.transformer import ClusterTransformer, TransformerConfig
@@ -105,7 +106,7 @@ class ClusterModule(L.LightningModule):
 
             ev = self.config["eval"]
             chunks: dict[str, list[torch.Tensor]] = {}
-            for part in _chunks(sets["val"], int(ev["batch_size"])):
+            for part in batch_chunks(sets["val"], int(ev["batch_size"])):
                 values = evaluate_baselines(part, sets["spec"], em_iters=int(ev["em_iters"]),
                                             depth=int(self.model_config.depth))
                 for key, value in values.items():
@@ -127,9 +128,9 @@ class ClusterModule(L.LightningModule):
         was_training = self.model.training
         self.model.eval()
         try:
-            for part in _chunks(batch, batch_size):
+            for part in batch_chunks(batch, batch_size):
                 part = {key: value.to(self.device) for key, value in part.items()}
-                with self.trainer.precision_plugin.forward_context() if self._trainer is not None else _nothing():
+                with self.trainer.precision_plugin.forward_context() if self._trainer is not None else contextlib.nullcontext():
                     logits = self.model(*model_inputs(part))
                 logits = logits.float()
                 labels, mask = part["labels"], part["mask"]
@@ -163,21 +164,8 @@ def init_errors(batch: Batch, batch_size: int = 1024) -> list[torch.Tensor]:
     from emformer.models.metrics import anchored_error
 
     out = []
-    for part in _chunks(batch, batch_size):
+    for part in batch_chunks(batch, batch_size):
         dist = torch.cdist(part["points"].float(), part["init"].float())
         dist = dist.masked_fill(~part["kmask"].bool()[:, None, :], float("inf"))
         out.append(anchored_error(dist.argmin(-1), part["labels"], part["mask"]).double())
     return out
-
-
-def _chunks(batch: Batch, size: int) -> list[Batch]:
-    total = next(iter(batch.values())).shape[0]
-    return [{key: value[start:start + size] for key, value in batch.items()} for start in range(0, total, size)]
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *args: Any) -> None:
-        return None

@@ -69,6 +69,7 @@ def evaluate_shift(run_dir: Path, shift: Shift, config: dict[str, Any]) -> Shift
     """The run's model and the baselines on its eval set drawn from the shifted task."""
     import torch
 
+    from emformer.data.episodes import batch_chunks
     from emformer.data.stream import eval_set
     from emformer.data.tasks import TaskSpec
     from emformer.models.baselines import evaluate_baselines
@@ -96,8 +97,7 @@ def evaluate_shift(run_dir: Path, shift: Shift, config: dict[str, Any]) -> Shift
         size = int(ev.get("batch_size", 256))
         sums = {"err": 0.0, "loss": 0.0}
         with torch.no_grad():
-            for start in range(0, batch["points"].shape[0], size):
-                part = {key: value[start:start + size] for key, value in batch.items()}
+            for part in batch_chunks(batch, size):
                 kmask = part["kmask"]
                 if spec.init == "none":  # learned slots: the mask has the training width
                     kmask = torch.nn.functional.pad(kmask, (0, architecture.k_max - kmask.shape[1]))
