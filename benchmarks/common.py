@@ -303,12 +303,12 @@ def _copy_run(source: Path, run_dir: Path, digest: str) -> None:
 # ------------------------------------------------------------------------------------------ the report
 def write_report(path: Path, text: str) -> None:
     """Rewrite BENCHMARKS.md atomically: a reader (or a crash) never sees half a file."""
-    from emformer.data.atomic import atomic_write_text
+    from emformer.atomic import atomic_write_text
 
     atomic_write_text(path, text if text.endswith("\n") else text + "\n")
 
 
 def save_json(path: Path, obj: Any) -> None:
-    from emformer.data.atomic import atomic_write_text
+    from emformer.atomic import atomic_write_text
 
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")

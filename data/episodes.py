@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from emformer.data.tasks import TaskSpec
-from emformer.models.matching import best_assignment
+from emformer.matching import best_assignment
 
 Batch = dict[str, torch.Tensor]
 

@@ -35,7 +35,7 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from emformer.data.atomic import atomic_write, atomic_write_json, sha256_file
+from emformer.atomic import atomic_write, atomic_write_json, sha256_file
 from emformer.data.episodes import EPISODE_KEYS, Batch, sample_episodes
 from emformer.data.tasks import TaskSpec
 from emformer.errors import ConfigError, DataError

@@ -41,7 +41,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from emformer.data.atomic import sha256_file
+from emformer.atomic import sha256_file
 from emformer.errors import CheckpointError, ConfigError, DataError
 
 EXPORT_FORMAT = "emformer-export"

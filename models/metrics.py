@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from emformer.models.matching import best_assignment, confusion
+from emformer.matching import best_assignment, confusion
 
 
 def _valid(labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

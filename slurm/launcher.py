@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
+from emformer.atomic import atomic_write_json
 from emformer.errors import ConfigError, EmformerError
 
 TEMPLATE = Path(__file__).with_name("sweep.sbatch.j2")
@@ -302,7 +303,5 @@ def read_submissions(sweep_dir: Path) -> list[dict[str, Any]]:
 
 
 def record_submission(sweep_dir: Path, record: dict[str, Any]) -> None:
-    from emformer.data.atomic import atomic_write_json
-
     records = read_submissions(sweep_dir) + [record]
     atomic_write_json(submissions_path(sweep_dir), {"submissions": records})

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from emformer.data.atomic import atomic_write_text
+from emformer.atomic import atomic_write_text
 from emformer.errors import DataError
 from emformer.models.clusterer import INIT_MODES, Clusterer
 

@@ -23,6 +23,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from emformer.atomic import atomic_write_text
 from emformer.data.tasks import TaskSpec
 from emformer.errors import ConfigError
 
@@ -289,8 +290,6 @@ def run_name(cfg: DictConfig) -> str:
 
 def save_yaml(cfg: DictConfig, path: Path) -> None:
     """Write the resolved config atomically."""
-    from emformer.data.atomic import atomic_write_text
-
     atomic_write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
 
 

@@ -36,7 +36,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from emformer.data.atomic import atomic_write
+from emformer.atomic import atomic_write
 from emformer.data.tasks import TaskSpec
 from emformer.errors import CheckpointError, ConfigError
 from emformer.models.clusterer import (

@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional
 
-from emformer.data.atomic import atomic_write_json
+from emformer.atomic import atomic_write_json
 from emformer.errors import ConfigError
 
 DONE_FILE = "DONE"

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from emformer.data.atomic import atomic_write_text
+from emformer.atomic import atomic_write_text
 from emformer.errors import ConfigError
 from emformer.train import report_checks as checks
 from emformer.train import run_records, scaling

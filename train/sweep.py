@@ -33,7 +33,7 @@ from typing import Any, Optional, Sequence
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from emformer.data.atomic import atomic_write_json, atomic_write_text
+from emformer.atomic import atomic_write_json, atomic_write_text
 from emformer.errors import ConfigError
 from emformer.slurm.launcher import SlurmOptions
 from emformer.train.config import GROUPS, config_hash, load_config, read_yaml_mapping, run_name, save_yaml, validate

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from emformer.data.atomic import atomic_write_json
+from emformer.atomic import atomic_write_json
 from emformer.train.sweep import Point, Sweep
 
 STOP_GRACE_S = 60.0

@@ -15,7 +15,7 @@ import secrets
 from pathlib import Path
 from typing import Any, Optional
 
-from emformer.data.atomic import atomic_write_text
+from emformer.atomic import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
 WANDB_ID_FILE = "wandb_id"

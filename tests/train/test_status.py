@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from emformer.data.atomic import atomic_write_json
+from emformer.atomic import atomic_write_json
 from emformer.slurm import launcher
 from emformer.train.cli import main
 from emformer.train.status import format_table, point_statuses, read_progress, tail
