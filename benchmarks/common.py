@@ -272,7 +272,7 @@ def trained_model(config_path: str, overrides: Sequence[str] = (), cache: Path =
         seconds, trained_now = time.perf_counter() - start, True
         shutil.rmtree(export_dir, ignore_errors=True)
     if not (export_dir / "config.json").is_file():
-        from emformer.train.export import export_run
+        from emformer.train.export.command import export_run
 
         export_run(run_dir, export_dir, which="best" if (run_dir / "checkpoints" / "best.ckpt").exists() else "last")
     done = json.loads((run_dir / "DONE").read_text())

@@ -88,7 +88,7 @@ def fake_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def fake_export(fake_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from emformer.train.export import export_run
+    from emformer.train.export.command import export_run
 
     return export_run(fake_run, tmp_path_factory.mktemp("fake-export") / "model")
 
@@ -101,7 +101,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_export(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny run's last checkpoint (the step of its final val row) exported with ONNX, once per session."""
-    from emformer.train.export import export_run
+    from emformer.train.export.command import export_run
 
     out = tmp_path_factory.getbasetemp() / "tiny-export"
     if not (out / "config.json").is_file():

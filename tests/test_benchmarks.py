@@ -44,7 +44,7 @@ def reference_task_export(tmp_path_factory):
     """A randomly initialised model of the reference task, exported (the scripts, not the figures)."""
     from export_fixtures import make_fake_run
 
-    from emformer.train.export import export_run
+    from emformer.train.export.command import export_run
 
     root = tmp_path_factory.mktemp("bench")
     run_dir = make_fake_run(root / "run", ("task=k3_d8", "model=tiny"))

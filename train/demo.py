@@ -42,7 +42,7 @@ def spec_path(quick: bool) -> Path:
 
 def export_best(sweep: Any, out: Path) -> Optional[Path]:
     """Export the finished run with the lowest final val err (a pretrained example to try the Clusterer on)."""
-    from emformer.train.export import export_run
+    from emformer.train.export.command import export_run
 
     best: Optional[tuple[float, Path]] = None
     for point in sweep.points:
@@ -67,9 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from emformer.train import report
-    from emformer.train.sweep import LocalOptions, load_spec, prepare_sweep
-    from emformer.train.sweep_local import run_local
+    from emformer.train.report import command as report
+    from emformer.train.sweep.spec import LocalOptions, load_spec, prepare_sweep
+    from emformer.train.sweep.local import run_local
 
     out = args.out if args.out is not None else Path("demo-quick" if args.quick else "demo")
     spec = load_spec(spec_path(args.quick))

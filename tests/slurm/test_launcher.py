@@ -13,7 +13,7 @@ from emformer.errors import ConfigError
 from emformer.slurm import launcher
 from emformer.slurm.launcher import SlurmError, SlurmOptions, array_expression, parse_array_ids, render_script
 from emformer.train.cli import main
-from emformer.train.sweep import load_spec
+from emformer.train.sweep.spec import load_spec
 
 REPO = Path(__file__).resolve().parents[2]
 GPU_EXAMPLE = REPO / "configs" / "sweeps" / "gpu_cluster_example.yaml"
@@ -65,7 +65,7 @@ def test_rendered_script_is_valid_bash(tmp_path: Path) -> None:
 
 
 def test_the_gpu_example_runs_every_point_on_two_nodes_of_four_gpus() -> None:
-    from emformer.train.sweep import Sweep, expand_points, world_shape
+    from emformer.train.sweep.spec import Sweep, expand_points, world_shape
 
     spec = load_spec(GPU_EXAMPLE)
     points = expand_points(spec)

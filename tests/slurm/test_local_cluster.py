@@ -19,8 +19,8 @@ import pytest
 
 from emformer.slurm import launcher
 from emformer.train.cli import main
-from emformer.train.status import point_statuses
-from emformer.train.sweep import load_sweep
+from emformer.train.sweep.status import point_statuses
+from emformer.train.sweep.spec import load_sweep
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -57,7 +57,7 @@ def wait_all_done(sweep_dir: Path) -> None:
 
 
 def _explain(sweep_dir: Path) -> str:
-    from emformer.train.status import format_table
+    from emformer.train.sweep.status import format_table
 
     return format_table(point_statuses(load_sweep(sweep_dir), tail_lines=30))
 

@@ -13,7 +13,7 @@ import pytest
 
 from emformer.errors import ConfigError
 from emformer.train import demo
-from emformer.train.sweep import expand_points, load_spec
+from emformer.train.sweep.spec import expand_points, load_spec
 
 SWEEPS = Path(__file__).resolve().parents[2] / "configs" / "sweeps"
 

@@ -15,10 +15,10 @@ import pytest
 from emformer.atomic import atomic_write_json
 from emformer.slurm import launcher
 from emformer.train.cli import main
-from emformer.train.status import format_table, point_statuses, read_progress, tail
-from emformer.train.sweep import Sweep, load_spec, points_to_run, prepare_sweep
+from emformer.train.sweep.status import format_table, point_statuses, read_progress, tail
+from emformer.train.sweep.spec import Sweep, load_spec, points_to_run, prepare_sweep
 
-DEBUG_SPEC = Path(__file__).resolve().parents[2] / "configs" / "sweeps" / "debug.yaml"
+DEBUG_SPEC = Path(__file__).resolve().parents[3] / "configs" / "sweeps" / "debug.yaml"
 
 
 @pytest.fixture

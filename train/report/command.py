@@ -25,9 +25,9 @@ from typing import Any, Optional, Sequence
 
 from emformer.atomic import atomic_write_text
 from emformer.errors import ConfigError
-from emformer.train import report_checks as checks
-from emformer.train import run_records, scaling
-from emformer.train.run_records import RunRecord
+from emformer.train.report import checks
+from emformer.train.report import records, scaling
+from emformer.train.report.records import RunRecord
 
 FIGURES = {"curves": "curves.png", "sample_complexity": "sample_complexity.png", "depth_heads": "depth_heads.png",
            "separation": "separation.png"}
@@ -71,14 +71,14 @@ def build_report(sweep_dir: str | Path | Sequence[str | Path], out_dir: str | Pa
     sweep dir's `report/`), log the figures to wandb if the runs use it; return what was written.
 
     `test_shifts` ("task.n=128", "task.k=3,task.n=32", ...): also evaluate every complete run's checkpoint on
-    its task with these values at test time, against EM on the same episodes (report_shift)."""
+    its task with these values at test time, against EM on the same episodes (report.shift)."""
     sweep_dirs = [Path(sweep_dir)] if isinstance(sweep_dir, (str, Path)) else [Path(p) for p in sweep_dir]
     if not sweep_dirs:
         raise ConfigError("report: give at least one sweep directory")
     runs: list[RunRecord] = []
     problems: list[str] = []
     for directory in sweep_dirs:
-        found, index_problems = run_records.read_sweep(directory)
+        found, index_problems = records.read_sweep(directory)
         if not found:
             raise ConfigError(f"{directory}: no runs found (expected run directories with config.yaml, "
                               f"e.g. {directory}/runs/*/config.yaml, or an index.json naming them)")
@@ -87,7 +87,7 @@ def build_report(sweep_dir: str | Path | Sequence[str | Path], out_dir: str | Pa
     problems += [p for run in runs for p in run.problems]
     shifted = []
     if test_shifts:
-        from emformer.train import report_shift
+        from emformer.train.report import shift as report_shift
 
         shifted = report_shift.evaluate_shifts(runs, [report_shift.parse_shift(t) for t in test_shifts])
         problems += [r.problem for r in shifted if r.problem]
@@ -101,7 +101,7 @@ def build_report(sweep_dir: str | Path | Sequence[str | Path], out_dir: str | Pa
     separation = checks.separation_trends(points)
     beyond = checks.beyond_theory(points, shifted)
 
-    from emformer.train import report_plots as plots  # matplotlib only when there is something to draw
+    from emformer.train.report import plots  # matplotlib only when there is something to draw
 
     figures: dict[str, Path] = {}
     if points:
@@ -114,7 +114,7 @@ def build_report(sweep_dir: str | Path | Sequence[str | Path], out_dir: str | Pa
         figures["separation"] = plots.separation(separation, out / FIGURES["separation"])
 
     summary = _summary_rows(sample, depth, heads, separation, beyond)
-    names = [run_records.sweep_name(d) for d in sweep_dirs]
+    names = [records.sweep_name(d) for d in sweep_dirs]
     result = ReportResult(out, out / "report.md", figures, summary, runs, problems,
                           sections={"points": points, "sample_complexity": sample, "depth": depth, "heads": heads,
                                     "separation": separation, "beyond": beyond})

@@ -76,7 +76,7 @@ def evaluate_shift(run_dir: Path, shift: Shift, config: dict[str, Any]) -> Shift
     from emformer.models.losses import per_episode_cross_entropy, per_episode_permutation_cross_entropy
     from emformer.models.metrics import misclustering_rate
     from emformer.models.transformer import ClusterTransformer, TransformerConfig
-    from emformer.train.export import load_checkpoint
+    from emformer.train.export.command import load_checkpoint
 
     result = ShiftResult(run_dir, shift)
     try:
@@ -122,5 +122,5 @@ def evaluate_shift(run_dir: Path, shift: Shift, config: dict[str, Any]) -> Shift
 
 
 def evaluate_shifts(runs: Sequence[Any], shifts: Sequence[Shift]) -> list[ShiftResult]:
-    """Every complete run under every shift (run records from run_records.read_sweep)."""
+    """Every complete run under every shift (run records from records.read_sweep)."""
     return [evaluate_shift(run.path, shift, run.config) for shift in shifts for run in runs if run.complete]

@@ -104,7 +104,7 @@ def _local_alive(record: dict[str, Any]) -> bool:
 def point_statuses(sweep: Any, query_slurm: bool = True, tail_lines: int = 10) -> list[PointStatus]:
     """The status of every point of `sweep` (an emformer.train.sweep.Sweep)."""
     from emformer.slurm import launcher
-    from emformer.train.sweep_local import read_launch_record
+    from emformer.train.sweep.local import read_launch_record
 
     latest_slurm: dict[int, tuple[float, str]] = {}
     for record in launcher.read_submissions(sweep.dir):
@@ -211,7 +211,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from emformer.train.sweep import load_sweep
+    from emformer.train.sweep.spec import load_sweep
 
     sweep = load_sweep(args.sweep_dir)
     statuses = point_statuses(sweep, tail_lines=args.tail)
@@ -226,7 +226,7 @@ def run(args: argparse.Namespace) -> int:
 
 def resubmit_failed(sweep: Any, statuses: Sequence[PointStatus], backend: Optional[str] = None) -> int:
     from emformer.slurm import launcher
-    from emformer.train.sweep import submit_slurm
+    from emformer.train.sweep.spec import submit_slurm
 
     failed = [s for s in statuses if s.state == "failed"]
     if not failed:
@@ -243,7 +243,7 @@ def resubmit_failed(sweep: Any, statuses: Sequence[PointStatus], backend: Option
         job_id = submit_slurm(sweep, points, workdir=workdir)
         print(f"resubmitted {len(points)} failed point(s) {[p.id for p in points]} as job {job_id}")
     if "local" in by_backend:
-        from emformer.train.sweep_local import run_local
+        from emformer.train.sweep.local import run_local
 
         points = by_backend["local"]
         print(f"rerunning {len(points)} failed point(s) {[p.id for p in points]} locally")

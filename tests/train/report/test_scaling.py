@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from emformer.train import scaling
+from emformer.train.report import scaling
 
 
 def _synthetic_excess(exponent: float, seeds: int, noise: float, rng_seed: int = 0):

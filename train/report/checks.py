@@ -14,8 +14,8 @@ from typing import Any, Hashable, Optional, Sequence
 
 import numpy as np
 
-from emformer.train import scaling
-from emformer.train.run_records import SHORT_NAMES, RunRecord, point_values
+from emformer.train.report import scaling
+from emformer.train.report.records import SHORT_NAMES, RunRecord, point_values
 
 SAMPLE_COMPLEXITY_BOUND = -0.5
 RATE_SLOPE = -1 / 8
@@ -385,7 +385,7 @@ def _setting_row(name: str, outside: list[str], table: dict[str, dict[Hashable, 
 
 def beyond_theory(points: Sequence[Point], shifted: Sequence[Any] = ()) -> Optional[list[SettingRow]]:
     """Model err against EM err per setting, when some point of the sweep is outside the theory or the
-    report evaluated runs at test time on a shifted task (`shifted`: report_shift.ShiftResult per run)."""
+    report evaluated runs at test time on a shifted task (`shifted`: shift.ShiftResult per run)."""
     if not any(outside_theory(p.values) for p in points) and not shifted:
         return None
     keys = varying_keys(points)  # every key that tells the points apart, so no two rows share a name

@@ -11,10 +11,10 @@ matplotlib.use("Agg")  # files only: no display on clusters or in tests
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from emformer.train.report_checks import (  # noqa: E402
+from emformer.train.report.checks import (  # noqa: E402
     RATE_SLOPE, AxisTrend, Point, SampleComplexity, SeparationTrend, label, varying_keys,
 )
-from emformer.train.run_records import SHORT_NAMES  # noqa: E402
+from emformer.train.report.records import SHORT_NAMES  # noqa: E402
 
 plt.rcParams.update({"font.size": 10, "axes.titlesize": 11, "axes.grid": True, "grid.alpha": 0.3,
                      "legend.fontsize": 8, "figure.dpi": 110})

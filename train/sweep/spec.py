@@ -402,7 +402,7 @@ def load_sweep(sweep_dir: str | Path) -> Sweep:
 
 def points_to_run(sweep: Sweep, ids: Sequence[int] | None = None) -> tuple[list[Point], dict[str, list[int]]]:
     """Points (of `ids`, default all) that are neither done nor active; and the skipped ids by reason."""
-    from emformer.train.status import point_statuses
+    from emformer.train.sweep.status import point_statuses
 
     wanted = set(ids) if ids is not None else None
     todo: list[Point] = []
@@ -518,7 +518,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"submitted job {job_id}: {len(todo)} point(s) {_ids([p.id for p in todo])} of {sweep.dir} "
               f"(`emformer status {sweep.dir}`)")
         return 0
-    from emformer.train.sweep_local import run_local
+    from emformer.train.sweep.local import run_local
 
     failed = run_local(sweep, todo, parallel=spec.local.parallel, threads=spec.local.threads_per_run)
     return 1 if failed else 0

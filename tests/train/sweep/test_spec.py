@@ -9,10 +9,10 @@ import yaml
 
 from emformer.errors import ConfigError
 from emformer.train.cli import main
-from emformer.train.status import point_statuses
-from emformer.train.sweep import expand_points, load_spec, load_sweep, points_to_run, prepare_sweep
+from emformer.train.sweep.status import point_statuses
+from emformer.train.sweep.spec import expand_points, load_spec, load_sweep, points_to_run, prepare_sweep
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 SWEEPS = REPO / "configs" / "sweeps"
 DEBUG_SPEC = SWEEPS / "debug.yaml"
 DEBUG_RUN = REPO / "configs" / "debug.yaml"

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from emformer.errors import ConfigError
-from emformer.train import report
+from emformer.train.report import command as report
 from emformer.train.config import load_config, run_name, save_yaml
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 BASE = ["eval.episodes=64", "wandb.mode=disabled", "trainer.max_steps=200", "trainer.val_every=100"]
 INIT_LOSS = 0.2468  # init-only loss of configs/debug.yaml's task on eval.episodes=64 (computed by the report)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from emformer.atomic import atomic_write_json
-from emformer.train.sweep import Point, Sweep
+from emformer.train.sweep.spec import Point, Sweep
 
 STOP_GRACE_S = 60.0
 """after Ctrl-C, how long runs get to checkpoint before they are killed"""

@@ -16,9 +16,9 @@ import torch
 from emformer.errors import CheckpointError, ConfigError
 from emformer.models.clusterer import Clusterer, sha256_file
 from emformer.models.transformer import ClusterTransformer, TransformerConfig
-from emformer.train import export as export_mod
+from emformer.train.export import command as export_mod
 from emformer.train.cli import main
-from emformer.train.export import export_checkpoint, export_run, load_checkpoint
+from emformer.train.export.command import export_checkpoint, export_run, load_checkpoint
 from export_fixtures import FAKE_STEP, FAKE_VAL_ROW, make_fake_run, subprocess_env
 
 
