@@ -15,6 +15,9 @@ and the gate (generation and read-back rows) is on that rate. For DataLoader row
 
     python benchmarks/bench_data.py [--quick] [--json]
 
+It also times the index stream of a finite pool (data/stream.py:resampled_indices) per batch at N = 2^10, 2^20,
+2^26: the keyed bijection used now against the full permutation per batch it replaced (CPU time).
+
 `run(quick)` is the entry point for a benchmark runner: it returns {"name", "figures", "rows", "markdown"}.
 """
 from __future__ import annotations
@@ -32,18 +35,51 @@ from typing import Any
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from emformer.data.episodes import sample_episodes  # noqa: E402
 from emformer.data.shards import write_shards  # noqa: E402
-from emformer.data.stream import EpisodeStream  # noqa: E402
+from emformer.data.stream import EpisodeStream, resampled_indices  # noqa: E402
 from emformer.data.tasks import TaskSpec  # noqa: E402
 
 BATCH = 64
 STEP_SECONDS = 0.155  # one training step of the reference config (DESIGN §3: k=3, d=8, L=4, M=4, D=64)
 TARGET_X = 20.0
 TASK = {"k": 3, "d": 8, "n": 256}
+
+
+INDEX_SIZES = (2**10, 2**20, 2**26)
+
+
+def _full_permutation_indices(seed: int, size: int, start: int, count: int) -> np.ndarray:
+    """The index stream before the keyed bijection: a whole permutation of range(size) per batch (same epoch)."""
+    rng = np.random.Generator(np.random.Philox(np.random.SeedSequence([seed, start // size, 0x5045524D])))
+    return rng.permutation(size)[np.arange(start, start + count) % size]
+
+
+def _cpu_per_call(call: Any, budget: float) -> float:
+    """CPU seconds of one call: repeated until `budget` CPU seconds are spent (at least twice, after a warm-up)."""
+    call(0)
+    calls, start = 0, time.process_time()
+    while calls < 2 or time.process_time() - start < budget:
+        calls += 1
+        call(calls)
+    return (time.process_time() - start) / calls
+
+
+def index_cost(quick: bool) -> list[dict[str, Any]]:
+    """CPU µs per batch of BATCH indices, before (full permutation) and now (keyed bijection), per N."""
+    rows = []
+    for size in (INDEX_SIZES[:2] if quick else INDEX_SIZES):
+        # consecutive batches of rank 0 of 1, far into the stream (epoch > 0)
+        start = lambda g: 3 * size + g * BATCH
+        now = _cpu_per_call(lambda g: resampled_indices(0, size, start(g), BATCH), 0.05 if quick else 0.5)
+        before = _cpu_per_call(lambda g: _full_permutation_indices(0, size, start(g), BATCH),
+                               0.05 if quick else (0.5 if size <= 2**20 else 0.0))
+        rows.append({"N": size, "before_us": before * 1e6, "now_us": now * 1e6})
+    return rows
 
 
 def _children_cpu() -> float:
@@ -69,6 +105,7 @@ class Bench:
         self.consumed = BATCH / STEP_SECONDS
         self.spec = TaskSpec(**TASK)
         self.rows: list[dict[str, Any]] = []
+        self.index_rows: list[dict[str, Any]] = []
         self.two_core_estimate = 0.0
 
     def add(self, name: str, episodes: int, wall: float, cpu: float | None, cpu_note: str = "",
@@ -161,6 +198,7 @@ class Bench:
                         2 if self.quick else 10, gated=False)
         self.in_process("generate, init=spectral, in-process", TaskSpec(**TASK, init="spectral"),
                         1 if self.quick else 3, batch=16 if self.quick else BATCH, gated=False)
+        self.index_rows = index_cost(self.quick)
         return self.result(size / episodes)
 
     def result(self, bytes_per_episode: float) -> dict[str, Any]:
@@ -175,6 +213,9 @@ class Bench:
             "worst_x_step": worst,
             "pass": worst >= TARGET_X,
         }
+        for r in self.index_rows:
+            figures[f"index_per_batch_N{r['N']}_before_us"] = r["before_us"]
+            figures[f"index_per_batch_N{r['N']}_us"] = r["now_us"]
         for r in self.rows:
             slug = r["name"].replace(", ", "_").replace(" ", "_").replace("(", "").replace(")", "")
             figures[f"{slug}_eps_per_s"] = r["eps_per_s"]
@@ -202,6 +243,11 @@ class Bench:
                   f"(>= {TARGET_X:.0f}x); two free cores generate about {figures['two_cores_eps_per_s']:.0f} "
                   "episodes/s. * not gated: DataLoader rows (their CPU includes worker start-up and uncounted "
                   "prefetch), shard writing (done once, offline), data-driven inits (shown for scale)."]
+        lines += ["", f"Index stream of a finite pool of N episodes (`resampled_indices`), CPU time per batch of "
+                  f"{BATCH} indices, one core:", "",
+                  "| N | before: full permutation per batch (µs) | now: keyed bijection (µs) |",
+                  "| ---: | ---: | ---: |"]
+        lines += [f"| 2^{r['N'].bit_length() - 1} | {r['before_us']:,.0f} | {r['now_us']:,.0f} |" for r in self.index_rows]
         return "\n".join(lines)
 
 

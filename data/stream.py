@@ -5,8 +5,9 @@
 - `fresh`: new episodes every step (N = ∞). Batch g of rank r holds episodes (g*world + r)*B + b, b < B, of
   `seed`, so 2 ranks with batch B see exactly what 1 rank with batch 2B sees.
 - `pool`: a finite pool of exactly N distinct episodes, sample_episodes(spec, seed, range(N)). Global position
-  p = (g*world + r)*B + b is in epoch e = p // N and takes pool episode perm_e[p % N], perm_e a permutation of
-  range(N) seeded by (seed, e): every epoch visits each pool episode exactly once, across all ranks.
+  p = (g*world + r)*B + b is in epoch e = p // N and takes pool episode perm_e(p % N), perm_e a keyed bijection
+  of range(N) fixed by (seed, e) (data/permutation.py: a batch costs the same at any N): every epoch visits
+  each pool episode exactly once, across all ranks.
 - `shards`: episodes read from a directory written by `emformer generate` (manifest verified on open). The
   training (infinite) mode resamples them exactly like `pool` (N = episodes in the manifest), reading each
   episode by random access, so it has the same guarantees. `finite=True` yields each episode exactly once,
@@ -32,6 +33,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from emformer.data.episodes import EPISODE_KEYS, Batch, sample_episodes
+from emformer.data.permutation import KeyedPermutation
 from emformer.data.tasks import TaskSpec
 from emformer.errors import ConfigError
 
@@ -62,22 +64,22 @@ def resolve_rank(rank: Optional[int] = None, world_size: Optional[int] = None) -
 
 
 def epoch_permutation(seed: int, epoch: int, size: int) -> torch.Tensor:
-    """perm_e: a permutation of range(size) that depends only on (seed, epoch)."""
-    # SeedSequence mixes (seed, epoch, tag) into a key: the tag keeps these streams apart from the episodes'
-    # Philox keys (seed, index). (A raw Philox key >= 2**63 is silently collapsed by numpy: avoid raw keys.)
-    rng = np.random.Generator(np.random.Philox(np.random.SeedSequence([int(seed), int(epoch), 0x5045524D])))
-    return torch.from_numpy(rng.permutation(size))
+    """perm_e as a whole tensor: a permutation of range(size) that depends only on (seed, epoch) (O(size))."""
+    return torch.from_numpy(KeyedPermutation(seed, epoch, size)(np.arange(size)))
 
 
 def resampled_indices(seed: int, size: int, start: int, count: int) -> torch.Tensor:
-    """Episode indices at global positions start .. start+count-1 of the epoch-permuted stream over range(size)."""
-    positions = torch.arange(start, start + count)
-    out = torch.empty(count, dtype=torch.long)
+    """Episode indices at global positions start .. start+count-1 of the epoch-permuted stream over range(size).
+
+    Only the `count` values needed are computed (data/permutation.py): the cost does not depend on `size`.
+    """
+    positions = np.arange(start, start + count, dtype=np.int64)
     epochs = positions // size
-    for epoch in torch.unique(epochs).tolist():
+    out = np.empty(count, dtype=np.int64)
+    for epoch in np.unique(epochs).tolist():
         sel = epochs == epoch
-        out[sel] = epoch_permutation(seed, int(epoch), size)[positions[sel] % size]
-    return out
+        out[sel] = KeyedPermutation(seed, epoch, size)(positions[sel] - epoch * size)
+    return torch.from_numpy(out)
 
 
 def episode_bytes(spec: TaskSpec) -> int:

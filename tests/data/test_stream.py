@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from emformer.data import stream as stream_module
 from emformer.data.episodes import EPISODE_KEYS, sample_episodes
-from emformer.data.stream import EpisodeStream, eval_set, pool_eval_set, resolve_rank
+from emformer.data.stream import EpisodeStream, eval_set, pool_eval_set, resampled_indices, resolve_rank
 from emformer.data.tasks import TaskSpec
 from emformer.errors import ConfigError, DataError
 from emformer.train.config import load_config
@@ -75,6 +75,18 @@ def test_pool_visits_each_episode_once_per_epoch_across_ranks():
     # pool episodes are episodes 0..N-1 of the seed, cached or regenerated alike
     cached = streams[1].batch(4)
     assert_batches_equal([cached], [sample_episodes(SPEC, 5, cached["index"])])
+
+
+@pytest.mark.parametrize("pool,batch,world,workers", [(1, 3, 1, 1), (7, 2, 2, 2), (30, 4, 3, 2), (64, 8, 2, 1)])
+def test_each_epoch_covers_the_pool_across_ranks_and_workers(pool, batch, world, workers):
+    steps = 3 * -(-pool // (batch * world)) + 2
+    per_rank = [[b["index"].tolist() for b in take(
+        EpisodeStream(SPEC, source="pool", seed=2, batch_size=batch, pool_size=pool, rank=r, world_size=world),
+        steps, workers=workers if workers > 1 else 0)] for r in range(world)]
+    ordered = [i for g in range(steps) for r in range(world) for i in per_rank[r][g]]
+    epochs = [ordered[e * pool:(e + 1) * pool] for e in range(len(ordered) // pool)]
+    assert len(epochs) >= 3 and all(sorted(e) == list(range(pool)) for e in epochs)
+    assert ordered == resampled_indices(2, pool, 0, len(ordered)).tolist()
 
 
 def test_pool_without_cache_gives_the_same_batches(monkeypatch):
