@@ -151,6 +151,20 @@ class Bench:
         # produced but not counted are included, so the per-CPU rate is a lower bound.
         self.add(name, count, wall, _children_cpu() - before, "workers, lower bound", gated=False)
 
+    def per_episode_decode(self, stream: EpisodeStream) -> None:
+        """Random reads decoded by safetensors one episode at a time: why shards.EpisodeCodec exists."""
+        from safetensors.torch import load
+
+        reader = stream._reader  # the stream's ShardReader (wids' index is already built)
+        wall, cpu = time.perf_counter(), time.process_time()
+        count = 0
+        for g in range(1, self.batches + 1):
+            indices = resampled_indices(0, reader.episodes, g * BATCH, BATCH).tolist()
+            episodes = [load(reader._record(i)[1]) for i in indices]
+            count += len({key: torch.stack([e[key] for e in episodes]) for key in episodes[0]}["index"])
+        self.add("read shards, resampled, safetensors decode per episode", count, time.perf_counter() - wall,
+                 time.process_time() - cpu, gated=False)
+
     # ------------------------------------------------------------------ all
     def run(self) -> dict[str, Any]:
         torch.set_num_threads(1)
@@ -184,6 +198,7 @@ class Bench:
             self.add("read shards, resampled, in-process", count, time.perf_counter() - wall,
                      time.process_time() - cpu)
             self.loader("read shards, resampled, DataLoader 2 workers", reader, 2, self.batches * 4)
+            self.per_episode_decode(reader)
             finite = EpisodeStream(self.spec, source="shards", shards_dir=shards, seed=0, batch_size=BATCH,
                                    finite=True)
             wall, cpu = time.perf_counter(), time.process_time()

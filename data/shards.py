@@ -16,24 +16,44 @@ fixed tar metadata (mtime 0, uid/gid 0, uname/gname "emformer"), so parallel and
 bytes. A rerun with the same arguments skips every shard whose size and sha256 match its record, rewrites a
 missing or half-written one, and refuses a directory holding another spec or seed.
 
-This module stays light (no lightning, no webdataset): the tar bytes are the ones webdataset's TarWriter
-writes (tested), built directly because tarfile's per-member headers cost as much as sampling the episode.
+Written and read through webdataset (no lightning here):
+
+- writing: webdataset's TarWriter (shards are byte-identical to format version 1's, which a hand-built tar
+  writer produced: same TAR_META, same member order);
+- random access (the training stream's pool of exactly N episodes): wids' indexed tar reader
+  (`IndexedTarSamples`: one header scan and an mmap per shard and process). Not wids' `ShardListDataset`:
+  it opens each shard through its download cache, which copies a shard that is not at its cache name and
+  creates `<shard>.lock` beside it (a read-only shared directory fails), and keeps only `lru_size` shards open;
+- the finite sequential stream: webdataset's pipeline (`WebDataset`, shards split by rank then by worker,
+  `shardshuffle=False`, `batched`).
+
+Hand-built on purpose, and only this: `EpisodeCodec`, the batched safetensors encoding of a whole batch
+(safetensors' own per-episode save/load costs about 0.5 ms of Python per episode, which caps random reads
+below 20x what a training step consumes per core; the figures are in BENCHMARKS.md, data table).
 """
 from __future__ import annotations
 
 import argparse
 import bisect
+import functools
 import hashlib
+import io
+import itertools
 import json
 import math
 import os
+import struct
+import tarfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
+import webdataset as wds
+from webdataset.writer import TarWriter
+from wids.wids import IndexedTarSamples  # wids' indexed tar reader (ShardListDataset: see the module doc)
 
 from emformer.atomic import atomic_write, atomic_write_json, sha256_file
 from emformer.data.episodes import EPISODE_KEYS, Batch, sample_episodes
@@ -118,60 +138,18 @@ class EpisodeCodec:
                 for key, (dtype, shape, begin, end) in self.fields.items()}
 
 
-class TarBuilder:
-    """The bytes webdataset's TarWriter (tarfile, PAX format) writes for members with TAR_META, ~10x faster.
-
-    tarfile builds each 512-byte header field by field (~100 µs a member, as much as sampling the episode);
-    here one header per member size is built by tarfile and only the name and checksum are patched. Names are
-    short ASCII, so tarfile adds no PAX extension header. Tests check the bytes against TarWriter.
-    """
-
-    def __init__(self) -> None:
-        self.parts: list[bytes] = []
-        self.offset = 0
-        self._templates: dict[int, bytearray] = {}
-
-    def _header(self, name: str, size: int) -> bytes:
-        import tarfile
-
-        raw = name.encode("ascii")
-        if len(raw) >= 100:
-            raise ValueError(f"tar member name too long for a plain header: {name!r}")
-        if size not in self._templates:
-            info = tarfile.TarInfo("x")
-            info.size, info.mtime, info.mode = size, TAR_META["mtime"], TAR_META["mode"]
-            info.uname, info.gname = TAR_META["user"], TAR_META["group"]
-            self._templates[size] = bytearray(info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape"))
-        header = bytearray(self._templates[size])
-        header[0:100] = raw.ljust(100, b"\0")
-        header[148:156] = b" " * 8  # the checksum counts its own field as spaces
-        header[148:155] = b"%06o\0" % sum(header)
-        return bytes(header)
-
-    def add(self, name: str, data: bytes) -> None:
-        self.parts += [self._header(name, len(data)), data]
-        self.offset += 512 + len(data)
-        if len(data) % 512:
-            self.parts.append(bytes(512 - len(data) % 512))
-            self.offset += 512 - len(data) % 512
-
-    def getvalue(self) -> bytes:
-        """The archive: members, two zero blocks, zeros up to a whole 10240-byte record (as tarfile closes)."""
-        end = self.offset + 1024
-        return b"".join(self.parts) + bytes(1024 + (-end) % 10240)
-
-
 def shard_bytes(spec: TaskSpec, seed: int, start: int, stop: int) -> bytes:
-    """The complete tar file of episodes [start, stop) of `seed`."""
-    tar = TarBuilder()
+    """The complete tar file of episodes [start, stop) of `seed`, written by webdataset's TarWriter."""
+    buffer = io.BytesIO()
     codec: Optional[EpisodeCodec] = None
-    for lo in range(start, stop, _CHUNK):
-        batch = sample_episodes(spec, seed, range(lo, min(lo + _CHUNK, stop)))
-        if codec is None or not codec.matches(batch):
-            codec = EpisodeCodec.for_batch(batch)
-        for index, record in zip(batch["index"].tolist(), codec.encode(batch)):
-            tar.add(f"{episode_key(index)}.{SAMPLE_EXT}", record)
-    return tar.getvalue()
+    with TarWriter(buffer, encoder=False, **TAR_META) as tar:
+        for lo in range(start, stop, _CHUNK):
+            batch = sample_episodes(spec, seed, range(lo, min(lo + _CHUNK, stop)))
+            if codec is None or not codec.matches(batch):
+                codec = EpisodeCodec.for_batch(batch)
+            for index, record in zip(batch["index"].tolist(), codec.encode(batch)):
+                tar.write({"__key__": episode_key(index), SAMPLE_EXT: record})
+    return buffer.getvalue()
 
 
 def write_shard(spec_dict: dict[str, Any], seed: int, out: str, shard: int, start: int, stop: int) -> dict[str, Any]:
@@ -381,38 +359,18 @@ def _stack(path: Path, episodes: list[dict[str, torch.Tensor]]) -> Batch:
         raise DataError(f"{path}: episode records lack or mis-shape a tensor ({exc})") from None
 
 
-def _scan_tar(path: Path, fd: int, expected: int) -> list[tuple[str, int, int]]:
-    """(name, data offset, size) of the regular-file members of a plain tar, reading only the headers.
-
-    tarfile parses a 1000-member shard in ~0.1 s: every worker of every rank indexing 1000 shards would wait
-    minutes. Jumping from header to header costs one 512-byte read per member. Shards are plain ustar/PAX
-    members without extension headers (TarBuilder); anything else is reported as a corrupt shard.
-    """
-    members: list[tuple[str, int, int]] = []
-    offset = 0
-    while len(members) <= expected:
-        header = os.pread(fd, 512, offset)
-        if len(header) < 512 or header == bytes(512):
-            break
-        try:
-            checksum = int(header[148:156].split(b"\0", 1)[0].strip() or b"-1", 8)
-            size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
-        except ValueError:
-            checksum, size = -1, 0
-        if checksum != sum(header[:148]) + 256 + sum(header[156:]) or header[156:157] not in (b"0", b"\0"):
-            raise DataError(f"{path}: not a readable tar shard (bad or unexpected member header at byte {offset})")
-        name = header[:100].split(b"\0", 1)[0].decode("ascii", "replace")
-        members.append((name, offset + 512, size))
-        offset += 512 + -(-size // 512) * 512
-    return members
+def _split_by_rank(urls: Iterable[str], rank: int, world: int) -> Iterator[str]:
+    """webdataset's split_by_node with an explicit rank: the stream's rank, not the one read from RANK or
+    torch.distributed (a stream may be built for any rank, e.g. by the DataModule from trainer.global_rank)."""
+    yield from itertools.islice(urls, rank, None, world)
 
 
 class ShardReader:
-    """Random and sequential access to the episodes of a verified shard directory.
+    """The episodes of a verified shard directory: random access through wids' indexed tar reader, and the finite
+    sequential stream through webdataset's pipeline.
 
-    The member index (byte offset and size of each episode inside its tar) is built on first use in each
-    process, from one header per shard; reads use os.pread, so forked dataloader workers never share a file
-    position.
+    Each process indexes a shard on first use (wids scans the member headers and mmaps the file); the index is
+    per process (dropped when pickled, rebuilt after a fork), so DataLoader workers never share one.
     """
 
     def __init__(self, directory: str | Path, spec: Optional[TaskSpec] = None, verify: bool = True) -> None:
@@ -421,67 +379,33 @@ class ShardReader:
         self.records = self.manifest["shards"]
         self.episodes = int(self.manifest["episodes"])
         self._starts = [r["start"] for r in self.records]
-        self._offsets: dict[int, list[tuple[int, int]]] = {}
-        self._fds: dict[int, int] = {}
+        self._tars: dict[int, IndexedTarSamples] = {}
         self._pid = os.getpid()
         self._codec: Optional[EpisodeCodec] = None
 
     def __getstate__(self) -> dict[str, Any]:  # open files and indexes are per process
-        state = dict(self.__dict__)
-        state["_offsets"], state["_fds"] = {}, {}
-        return state
+        return {**self.__dict__, "_tars": {}}
 
     def path(self, shard: int) -> Path:
         return self.directory / self.records[shard]["file"]
 
-    def _members(self, shard: int) -> list[tuple[int, int]]:
-        """(data offset, size) of each member of a shard, in episode order.
-
-        Every episode of a spec has the same record size, so a shard is members of one stride: one header and
-        the file size confirm that, with no scan (each read then checks its member's name, see _member). A
-        shard of any other layout is scanned header by header and its names checked here.
-        """
-        if shard not in self._offsets:
+    def _tar(self, shard: int) -> IndexedTarSamples:
+        """wids' index of a shard, checked against the manifest: one sample per episode, in episode order."""
+        if self._pid != os.getpid():  # forked: the parent's open files are not ours to use
+            self._tars, self._pid = {}, os.getpid()
+        if shard not in self._tars:
             path, record = self.path(shard), self.records[shard]
-            count, fd = record["count"], self._fd(shard)
-            first = _scan_tar(path, fd, 1)
-            if first:
-                size = first[0][2]
-                stride = 512 + -(-size // 512) * 512
-                end = count * stride + 1024
-                if os.fstat(fd).st_size == end + (-end) % 10240 and os.pread(fd, 512, end - 1024) == bytes(512):
-                    self._offsets[shard] = [(j * stride + 512, size) for j in range(count)]
-                    return self._offsets[shard]
-            names = [f"{episode_key(i)}.{SAMPLE_EXT}" for i in range(record["start"], record["stop"])]
-            members = _scan_tar(path, fd, count)
-            if [name for name, _, _ in members] != names:
-                raise DataError(f"{path}: members do not match episodes {record['start']}..{record['stop'] - 1} "
-                                f"of {self.directory / MANIFEST}")
-            self._offsets[shard] = [(offset, size) for _, offset, size in members]
-        return self._offsets[shard]
-
-    def _member(self, shard: int, position: int) -> tuple[Path, bytes]:
-        """The record of member `position` of a shard, read with its header, whose name is checked."""
-        offset, size = self._members(shard)[position]
-        data = os.pread(self._fd(shard), 512 + size, offset - 512)
-        path = self.path(shard)
-        if len(data) != 512 + size:
-            raise DataError(f"{path}: truncated shard (short read at byte {offset})")
-        name = f"{episode_key(self.records[shard]['start'] + position)}.{SAMPLE_EXT}".encode()
-        if data[:len(name) + 1] != name + b"\0":
-            raise DataError(f"{path}: member at byte {offset - 512} is not {name.decode()} as "
-                            f"{self.directory / MANIFEST} says (corrupt shard)")
-        return path, data[512:]
-
-    def _fd(self, shard: int) -> int:
-        if self._pid != os.getpid():  # forked: the parent's descriptors are not ours to use
-            self._fds, self._pid = {}, os.getpid()
-        if shard not in self._fds:
             try:
-                self._fds[shard] = os.open(self.path(shard), os.O_RDONLY)
-            except OSError as exc:
-                raise DataError(f"{self.path(shard)}: cannot open shard ({exc})") from None
-        return self._fds[shard]
+                tar = IndexedTarSamples(path=str(path))
+            except (OSError, ValueError, UnicodeDecodeError, struct.error) as exc:
+                raise DataError(f"{path}: not a readable tar shard ({exc})") from None
+            names = [tar.reader.by_index[i][0] for group in tar.samples for i in group]
+            if names != [f"{episode_key(i)}.{SAMPLE_EXT}" for i in range(record["start"], record["stop"])]:
+                tar.close()
+                raise DataError(f"{path}: members do not match episodes {record['start']}..{record['stop'] - 1} "
+                                f"of {self.directory / MANIFEST} (corrupt shard)")
+            self._tars[shard] = tar
+        return self._tars[shard]
 
     def episode(self, index: int) -> dict[str, torch.Tensor]:
         """Episode `index` (global, 0 <= index < episodes) as unbatched tensors."""
@@ -496,7 +420,8 @@ class ShardReader:
         if not 0 <= index < self.episodes:
             raise IndexError(f"episode {index} outside 0..{self.episodes - 1} of {self.directory}")
         shard = bisect.bisect_right(self._starts, index) - 1
-        return self._member(shard, index - self._starts[shard])
+        sample = self._tar(shard)[index - self._starts[shard]]
+        return self.path(shard), sample[f".{SAMPLE_EXT}"].getvalue()
 
     def _batch(self, records: list[tuple[Path, bytes]]) -> Batch:
         """Decode records of one layout in one go; records of another layout go through safetensors one by one."""
@@ -510,33 +435,45 @@ class ShardReader:
             return batch
         return _stack(records[0][0], [_decode(path, data) for path, data in records])
 
-    def iter_finite(self, reader: int, readers: int, batch_size: int) -> Iterator[Batch]:
-        """Each episode of shards j with j % readers == reader, once, in shard order, as batches of batch_size
-        (the last one may be smaller). Shards are not shuffled (shardshuffle=False): the set is fixed."""
-        if len(self.records) < readers:
-            raise DataError(f"{self.directory}: {len(self.records)} shard(s) for {readers} readers "
+    def _collate(self, samples: list[dict[str, Any]]) -> Batch:
+        """A batch of the pipeline's samples, whose keys must be the episodes' own indices."""
+        records = [(Path(s["__url__"]), s[SAMPLE_EXT]) for s in samples if SAMPLE_EXT in s]
+        if len(records) != len(samples):
+            bad = next(s for s in samples if SAMPLE_EXT not in s)
+            raise DataError(f"{bad['__url__']}: sample {bad['__key__']!r} has no .{SAMPLE_EXT} member (corrupt shard)")
+        batch = self._batch(records)
+        for sample, index in zip(samples, batch["index"].tolist()):
+            if sample["__key__"] != episode_key(index):
+                raise DataError(f"{sample['__url__']}: sample {sample['__key__']!r} holds episode {index} "
+                                f"(corrupt shard)")
+        return batch
+
+    def iter_finite(self, rank: int, world: int, workers: int, batch_size: int) -> Iterator[Batch]:
+        """Each episode of this (rank, DataLoader worker)'s shards, once, in shard order, as batches of batch_size
+        (the last one may be smaller): webdataset's pipeline splits the shards by rank, then by worker. Shards
+        are not shuffled (shardshuffle=False): the set is fixed."""
+        if len(self.records) < world * workers:
+            raise DataError(f"{self.directory}: {len(self.records)} shard(s) for {world * workers} readers "
                             f"(ranks x dataloader workers): each reader needs at least one shard; write more, "
                             f"smaller shards (--shard-size) or use fewer workers")
-        pending: list[tuple[Path, bytes]] = []
-        for shard in range(reader, len(self.records), readers):
-            for position in range(len(self._members(shard))):
-                pending.append(self._member(shard, position))
-                if len(pending) == batch_size:
-                    yield self._batch(pending)
-                    pending = []
-        if pending:
-            yield self._batch(pending)
+        urls = [str(self.path(j)) for j in range(len(self.records))]
+        pipeline = wds.WebDataset(urls, shardshuffle=False, nodesplitter=functools.partial(_split_by_rank, rank=rank, world=world),
+                                  workersplitter=wds.split_by_worker, empty_check=False)
+        try:
+            yield from pipeline.batched(batch_size, collation_fn=self._collate, partial=True)
+        except (tarfile.TarError, ValueError, OSError) as exc:
+            raise DataError(f"{self.directory}: not a readable shard set ({exc})") from None
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds = {}
+        for tar in self._tars.values():
+            tar.close()
+        self._tars = {}
 
     def __del__(self) -> None:
         if getattr(self, "_pid", None) == os.getpid():
             try:
                 self.close()
-            except OSError:
+            except (OSError, ValueError):
                 pass
 
 

@@ -184,8 +184,7 @@ class EpisodeStream(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         hand_over = pack_batch if info is not None else (lambda batch: batch)
         if self.finite:
-            for batch in self._reader.iter_finite(self.rank * workers + worker, self.world_size * workers,
-                                                  self.batch_size):
+            for batch in self._reader.iter_finite(self.rank, self.world_size, workers, self.batch_size):
                 yield hand_over(batch)
             return
         step = self.start_step + worker
