@@ -10,8 +10,12 @@
   each pool episode exactly once, across all ranks.
 - `shards`: episodes read from a directory written by `emformer generate` (manifest verified on open). The
   training (infinite) mode resamples them exactly like `pool` (N = episodes in the manifest), reading each
-  episode by random access, so it has the same guarantees. `finite=True` yields each episode exactly once,
-  shards split across (rank, worker) readers (shard j goes to reader j % readers), then stops.
+  episode by random access (wids), so it has the same guarantees. Not webdataset's resampled stream
+  (`WebDataset(..., resampled=True)`): it draws shards with replacement per worker, so an epoch would not
+  visit each episode once, batch g would depend on the worker count, and resuming would need the pipeline's
+  state in the checkpoint; here batch g is a pure function of g, so the global step is the whole stream
+  position. `finite=True` yields each episode exactly once through webdataset's pipeline, shards split by
+  rank, then by worker (shard j goes to rank j % world, then worker (j // world) % W), then stops.
 
 Batches are yielded whole: use `DataLoader(stream, batch_size=None, num_workers=W)`. Worker w of W produces
 batches g = start_step + w, start_step + w + W, ..., so the DataLoader's in-order round robin over workers
