@@ -156,20 +156,33 @@ def test_negative_seed_or_index_is_refused():
 
 def test_batched_draws_are_the_episode_generators_own():
     """Rekeying one Philox (the fast path) draws exactly what a fresh Philox keyed (seed, index) draws."""
-    from emformer.data.episodes import _Draws, episode_rng
+    from emformer.data.episodes import draw_words, episode_rng
 
-    spec = TaskSpec(k=3, d=5, n=7, weights="dirichlet", noise="diagonal")
-    draws = _Draws(spec, 3)
-    for row, (seed, index) in enumerate([(0, 0), (9, 2**40), (2**63 - 1, 5)]):
-        draws.fill(row, seed, index)
-        rng = episode_rng(seed, index)
-        assert np.array_equal(draws.arrays["choices"][row], rng.random(3))
-        assert np.array_equal(draws.arrays["means"][row], rng.standard_normal((3, 5)))
-        assert np.array_equal(draws.arrays["weights"][row], rng.standard_gamma(1.0, size=3))
-        assert np.array_equal(draws.arrays["axis"][row], rng.uniform(-1.0, 1.0, size=5))
-        assert np.array_equal(draws.arrays["label_u"][row], rng.random(7, dtype=np.float32))
+    keys = [(0, 0), (9, 2**40), (2**63 - 1, 5)]
+    for counter in (0, 1):
+        for seed, index in keys:
+            words = draw_words(seed, [7, index, 3], 11, counter)
+            fresh = episode_rng(seed, index, (0, counter, 0, 0)).bit_generator.random_raw(11)
+            assert np.array_equal(words[1], fresh)
     with pytest.raises(ValueError, match="2\\*\\*63"):  # numpy would fold such a key onto another seed's
         sample_episodes(SPECS["fixed"], 2**64 - 1, [0])
+
+
+def test_box_muller_normals_and_uniforms_have_their_laws():
+    from scipy import stats
+
+    from emformer.data.episodes import Layout, _draws
+
+    spec = TaskSpec(k=3, d=8, n=256)
+    raw = _draws(spec, 5, range(64))
+    normals = raw["noise"].double().flatten().numpy()  # 131,072 draws
+    assert stats.kstest(normals, "norm").pvalue > 1e-3
+    assert abs(normals.mean()) < 0.02 and abs(normals.std() - 1) < 0.01
+    uniforms = raw["label_u"].double().flatten().numpy()
+    assert uniforms.min() >= 0 and uniforms.max() < 1 and stats.kstest(uniforms, "uniform").pvalue > 1e-3
+    layout = Layout(spec)  # every run lies inside the words drawn
+    assert max(r.stop for r in layout.uniforms.values()) <= 2 * layout.uniform_words
+    assert max(r.stop for r in layout.normals.values()) <= 2 * layout.normal_words
 
 
 def test_separation_range_is_uniform():
