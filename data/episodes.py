@@ -86,9 +86,11 @@ def draw_words(seed: int, indices: Sequence[int], words: int, counter: int = 0) 
     bitgen = np.random.Philox(key=[0, 0], counter=[0, counter, 0, 0])
     state = bitgen.state
     key = state["state"]["key"]
+    _check_key(seed, min(indices))
+    _check_key(seed, max(indices))
+    key[0] = seed
     for row, index in enumerate(indices):
-        _check_key(seed, index)
-        key[0], key[1] = seed, index
+        key[1] = index
         bitgen.state = state  # counter and buffer are the fresh generator's: the dict is never read back
         out[row] = bitgen.random_raw(words)
     return out
