@@ -1,9 +1,11 @@
 """Sampling GMM clustering episodes (DESIGN §1).
 
-Episode `i` of seed `s` is a pure function of (spec, s, i): its raw random numbers come from a Philox
-counter-based generator keyed by (s, i), drawn in a fixed order, so any episode can be regenerated alone,
-shards can be written in parallel and a resumed stream sees exactly what it would have seen. Only the raw
-draws are per episode; every transform (rescaling to Δ, labels, noise, init, anchoring) is batched torch.
+Episode `i` of seed `s` is a pure function of (spec, s, i): its random numbers are the first words of a
+Philox counter-based generator keyed by (s, i) (`Layout` says which word is which), so any episode can be
+regenerated alone, shards can be written in parallel and a resumed stream sees exactly what it would have
+seen. Per episode there is one rekey and one `random_raw` call; everything else (words to uniforms and
+Box-Muller normals, rescaling to Δ, labels, noise, init, anchoring, augmentation) is batched torch.
+Shard format version 2 holds these episodes (version 1 drew with numpy's per-distribution methods).
 
 Batch layout (all padded to the spec's k_pad / n_pad / d_pad):
   points [B,n,d] f32 · labels [B,n] i64 (-1 = padding) · mask [B,n] bool · means [B,k,d] · weights [B,k]
