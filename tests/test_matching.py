@@ -6,7 +6,7 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from emformer.models.matching import MAX_ENUMERATED_K, best_assignment, hungarian
+from emformer.matching import MAX_ENUMERATED_K, best_assignment, hungarian
 
 
 def _costs(kind: str, batch: int, k: int, generator: torch.Generator) -> torch.Tensor:
