@@ -1,9 +1,11 @@
 """Sampling GMM clustering episodes (DESIGN §1).
 
-Episode `i` of seed `s` is a pure function of (spec, s, i): its raw random numbers come from a Philox
-counter-based generator keyed by (s, i), drawn in a fixed order, so any episode can be regenerated alone,
-shards can be written in parallel and a resumed stream sees exactly what it would have seen. Only the raw
-draws are per episode; every transform (rescaling to Δ, labels, noise, init, anchoring) is batched torch.
+Episode `i` of seed `s` is a pure function of (spec, s, i): its random numbers are the first words of a
+Philox counter-based generator keyed by (s, i) (`Layout` says which word is which), so any episode can be
+regenerated alone, shards can be written in parallel and a resumed stream sees exactly what it would have
+seen. Per episode there is one rekey and one `random_raw` call; everything else (words to uniforms and
+Box-Muller normals, rescaling to Δ, labels, noise, init, anchoring, augmentation) is batched torch.
+Shard format version 2 holds these episodes (version 1 drew with numpy's per-distribution methods).
 
 Batch layout (all padded to the spec's k_pad / n_pad / d_pad):
   points [B,n,d] f32 · labels [B,n] i64 (-1 = padding) · mask [B,n] bool · means [B,k,d] · weights [B,k]
@@ -39,65 +41,110 @@ def _check_key(seed: int, index: int) -> None:
         raise ValueError(f"seed and index must be in [0, 2**63), got seed={seed}, index={index}")
 
 
-def episode_rng(seed: int, index: int) -> np.random.Generator:
+def episode_rng(seed: int, index: int, counter: Sequence[int] = (0, 0, 0, 0)) -> np.random.Generator:
     """The generator of episode `index` under `seed`: Philox keyed by the pair, no shared state."""
     _check_key(seed, index)
-    return np.random.Generator(np.random.Philox(key=[seed, index]))
+    return np.random.Generator(np.random.Philox(key=[seed, index], counter=list(counter)))
 
 
-class _Draws:
-    """Every random number a batch of episodes needs, drawn per episode into preallocated [B, ...] arrays.
+class Layout:
+    """Where each random number of an episode sits among its raw Philox words (a function of the spec only).
 
-    Episode (s, i) draws from Philox keyed (s, i) with counter 0, in the fixed order below, so its numbers do
-    not depend on the batch it is drawn in. Rekeying one bit generator costs ~3 µs where building a new one
-    costs ~15 µs, and filling arrays in place saves a stack per key: together ~1/3 of the sampling time.
+    An episode's main draws are the first `words` 64-bit outputs of Philox keyed (seed, index), counter 0,
+    read as 32-bit halves: the first `2 · uniform_words` halves give uniforms in [0, 1) from 23 bits each, in
+    the runs of `uniforms`; the rest give standard normals by Box-Muller, half j of the normal block paired
+    with half j + normal_words (tails end at sqrt(2·23·ln 2) ≈ 5.6: one normal in 5·10⁷ is cut), in the runs
+    of `normals`. Per-mode extras (Dirichlet and Student-t gammas, the rotation) come from the same key at
+    other counters, so switching task.translate or task.rotate moves or turns the very same episode.
     """
 
-    def __init__(self, spec: TaskSpec, batch_size: int) -> None:
-        self.spec = spec
+    def __init__(self, spec: TaskSpec) -> None:
         k, n, d = spec.k_pad, spec.n_pad, spec.d
-        self.arrays: dict[str, np.ndarray] = {
-            "choices": np.empty((batch_size, 3)),  # k, n, Δ within their ranges
-            "means": np.empty((batch_size, k, d)),
-            "weights": np.ones((batch_size, k)),
-            "axis": np.zeros((batch_size, d)),
-            # The [n, d] draws dominate the cost: float32 halves it (means stay float64 so Δ is exact).
-            "label_u": np.empty((batch_size, n), dtype=np.float32),
-            "noise": np.empty((batch_size, n, d), dtype=np.float32),
-            "init_noise": np.empty((batch_size, k, d)),
-            "init_u": np.empty((batch_size, 2 * k)),  # k-means++ picks (spectral uses the second half)
-        }
-        self._bitgen = np.random.Philox(key=[0, 0])
-        self._rng = np.random.Generator(self._bitgen)
+        uniforms = {"choices": 3, "weights": k, "axis": d, "label_u": n, "init_u": 2 * k}
+        normals = {"means": k * d, "noise": n * d, "init_noise": k * d, "offset": d}
+        self.uniform_words = -(-sum(uniforms.values()) // 2)  # 64-bit words: two uniforms each
+        self.normal_words = -(-sum(normals.values()) // 2)  # and one Box-Muller pair each
+        self.words = self.uniform_words + self.normal_words
+        self.uniforms = self._runs(uniforms)
+        self.normals = self._runs(normals)
 
-    def _rekey(self, seed: int, index: int) -> None:
-        """The state of Philox(key=[seed, index]) as freshly built (tested equal)."""
-        self._bitgen.state = {
-            "bit_generator": "Philox",
-            "state": {"counter": np.zeros(4, dtype=np.uint64), "key": np.array([seed, index], dtype=np.uint64)},
-            "buffer": np.zeros(4, dtype=np.uint64), "buffer_pos": 4, "has_uint32": 0, "uinteger": 0,
-        }
+    @staticmethod
+    def _runs(sizes: dict[str, int]) -> dict[str, slice]:
+        runs, at = {}, 0
+        for name, size in sizes.items():
+            runs[name] = slice(at, at + size)
+            at += size
+        return runs
 
-    def fill(self, row: int, seed: int, index: int) -> None:
-        _check_key(seed, index)
-        self._rekey(seed, index)
-        spec, rng, a = self.spec, self._rng, self.arrays
-        rng.random(out=a["choices"][row])
-        rng.standard_normal(out=a["means"][row])
-        if spec.weights == "dirichlet":
-            rng.standard_gamma(spec.weights_alpha, out=a["weights"][row])
-        elif spec.weights == "range":
-            a["weights"][row] = rng.uniform(spec.weights_lo, spec.weights_hi, size=spec.k_pad)
-        if spec.noise == "diagonal":
-            a["axis"][row] = rng.uniform(-1.0, 1.0, size=spec.d)
-        rng.random(dtype=np.float32, out=a["label_u"][row])
-        if spec.noise == "student_t":
-            t_unit = math.sqrt((spec.noise_df - 2) / spec.noise_df)
-            a["noise"][row] = rng.standard_t(spec.noise_df, size=(spec.n_pad, spec.d)) * t_unit
-        else:
-            rng.standard_normal(dtype=np.float32, out=a["noise"][row])
-        rng.standard_normal(out=a["init_noise"][row])
-        rng.random(out=a["init_u"][row])
+
+def draw_words(seed: int, indices: Sequence[int], words: int, counter: int = 0) -> np.ndarray:
+    """[B, words] uint64: row b is the first `words` outputs of Philox keyed (seed, indices[b]) whose counter
+    starts at (0, counter, 0, 0).
+
+    One rekey and one `random_raw` per episode is all the per-episode Python left: rekeying one bit generator
+    through a reused state dict costs ~2 µs where building a new Philox costs ~15 µs (tested equal).
+    """
+    out = np.empty((len(indices), words), dtype=np.uint64)
+    bitgen = np.random.Philox(key=[0, 0], counter=[0, counter, 0, 0])
+    state = bitgen.state
+    key = state["state"]["key"]
+    _check_key(seed, min(indices))
+    _check_key(seed, max(indices))
+    key[0] = seed
+    for row, index in enumerate(indices):
+        key[1] = index
+        bitgen.state = state  # counter and buffer are the fresh generator's: the dict is never read back
+        out[row] = bitgen.random_raw(words)
+    return out
+
+
+# Counters (second word) of the per-mode extras: 2**64 blocks apart from the main words and from each other.
+ROTATION_COUNTER, DIRICHLET_COUNTER, STUDENT_T_COUNTER = 1, 2, 3
+
+
+def _extra_gammas(seed: int, indices: Sequence[int], counter: int, shape: float, size: int) -> torch.Tensor:
+    """[B, size] float64 standard gammas of each episode, from its own Philox at counter (0, counter, 0, 0)."""
+    out = np.empty((len(indices), size))
+    for row, index in enumerate(indices):
+        episode_rng(seed, index, (0, counter, 0, 0)).standard_gamma(shape, out=out[row])
+    return torch.from_numpy(out)
+
+
+def _unit_floats(raw: np.ndarray) -> torch.Tensor:
+    """uint64 words [B, W] -> float32 [B, 2W] in [1, 2), in place: 23 random mantissa bits of each 32-bit half
+    under the exponent of 1 (two integer ops, no conversion, no new memory)."""
+    halves = torch.from_numpy(raw.view(np.int32))
+    return halves.bitwise_and_(0x7FFFFF).bitwise_or_(0x3F800000).view(torch.float32)
+
+
+def _box_muller_(ones_to_twos: torch.Tensor) -> torch.Tensor:
+    """[B, 2P] floats in [1, 2) -> standard normals, in place: column j pairs with column j + P."""
+    pairs = ones_to_twos.shape[1] // 2
+    radius = ones_to_twos[:, :pairs].neg_().add_(2.0).log_().mul_(-2.0).sqrt_()  # 2 - f in (0, 1]: no log 0
+    angle = ones_to_twos[:, pairs:].mul_(2 * math.pi)  # cos(2π f) = cos(2π (f - 1))
+    cos = torch.cos(angle)
+    angle.sin_().mul_(radius)
+    radius.mul_(cos)
+    return ones_to_twos
+
+
+def _draws(spec: TaskSpec, seed: int, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+    """Every random number a batch needs, by name: float32 uniforms and normals of `Layout`, plus the extras."""
+    layout = Layout(spec)
+    floats = _unit_floats(draw_words(seed, indices, layout.words))
+    uniforms = floats[:, :2 * layout.uniform_words] - 1.0
+    normals = _box_muller_(floats[:, 2 * layout.uniform_words:])
+    out = {name: uniforms[:, run] for name, run in layout.uniforms.items()}
+    out.update({name: normals[:, run] for name, run in layout.normals.items()})
+    if spec.rotate:
+        d = spec.d
+        words = draw_words(seed, indices, -(-d * d // 2), ROTATION_COUNTER)
+        out["rotation"] = _box_muller_(_unit_floats(words))[:, :d * d]
+    if spec.weights == "dirichlet":
+        out["gamma_weights"] = _extra_gammas(seed, indices, DIRICHLET_COUNTER, spec.weights_alpha, spec.k_pad)
+    if spec.noise == "student_t":  # t = z / sqrt(χ²_ν / ν) with χ²_ν = 2·Gamma(ν/2)
+        out["gamma_noise"] = _extra_gammas(seed, indices, STUDENT_T_COUNTER, spec.noise_df / 2, spec.n_pad * spec.d)
+    return out
 
 
 def sample_episodes(spec: TaskSpec, seed: int, indices: Sequence[int] | torch.Tensor) -> Batch:
@@ -105,10 +152,7 @@ def sample_episodes(spec: TaskSpec, seed: int, indices: Sequence[int] | torch.Te
     idx = [int(i) for i in (indices.tolist() if isinstance(indices, torch.Tensor) else indices)]
     if not idx:
         raise ValueError("sample_episodes needs at least one index")
-    draws = _Draws(spec, len(idx))
-    for row, index in enumerate(idx):
-        draws.fill(row, seed, index)
-    batch = _transform(spec, {key: torch.from_numpy(value) for key, value in draws.arrays.items()})
+    batch = _transform(spec, _draws(spec, seed, idx))
     batch["seed"] = torch.full((len(idx),), seed, dtype=torch.long)
     batch["index"] = torch.tensor(idx, dtype=torch.long)
     return batch
@@ -130,7 +174,7 @@ def _transform(spec: TaskSpec, raw: dict[str, torch.Tensor]) -> Batch:
     f64 = torch.float64
     batch_size = raw["means"].shape[0]
     k_pad, n_pad, d = spec.k_pad, spec.n_pad, spec.d
-    u = raw["choices"]
+    u = raw["choices"].double()
     k = _pick_int(spec.k, spec.k_max, u[:, 0])
     n = _pick_int(spec.n, spec.n_max, u[:, 1])
     if spec.separation_max is None:
@@ -141,34 +185,54 @@ def _transform(spec: TaskSpec, raw: dict[str, torch.Tensor]) -> Batch:
     mask = torch.arange(n_pad)[None, :] < n[:, None]
 
     # Means: random directions, centred, rescaled so the closest pair is exactly Δσ apart.
-    means = raw["means"] * kmask[..., None]
+    means = raw["means"].reshape(batch_size, k_pad, d).double() * kmask[..., None]
     centre = means.sum(1, keepdim=True) / k[:, None, None]
     means = (means - centre) * kmask[..., None]
     dist = torch.cdist(means, means)
     pair_ok = kmask[:, :, None] & kmask[:, None, :] & ~torch.eye(k_pad, dtype=torch.bool)[None]
-    min_dist = dist.masked_fill(~pair_ok, math.inf).amin(dim=(1, 2))
+    min_dist = dist.masked_fill(~pair_ok, math.inf).flatten(1).amin(1)
     means = means * (delta * spec.sigma / min_dist)[:, None, None]
 
-    weights = raw["weights"] * kmask
+    if spec.weights == "dirichlet":
+        weights = raw["gamma_weights"]
+    elif spec.weights == "range":
+        weights = spec.weights_lo + raw["weights"].double() * (spec.weights_hi - spec.weights_lo)
+    else:
+        weights = torch.ones(batch_size, k_pad, dtype=f64)
+    weights = weights * kmask
     weights = weights / weights.sum(1, keepdim=True)
 
     # Labels by inverse CDF (the number of cdf entries below u); clamp guards the last bin against rounding.
-    cdf = weights.float().cumsum(1)
-    labels = torch.searchsorted(cdf, raw["label_u"])
+    if spec.weights == "uniform":  # equal bins: the CDF search is a floor
+        labels = (raw["label_u"] * k[:, None]).long()
+    else:
+        labels = torch.searchsorted(weights.float().cumsum(1), raw["label_u"].contiguous())
     labels = torch.minimum(labels, k[:, None] - 1)
 
-    scales = (spec.sigma * torch.exp(raw["axis"] * math.log(spec.diag_ratio))).float()  # [B, d]
-    # centres[b, i] = means[b, labels[b, i]] by a flat index (several times faster than gather here)
-    flat = labels + (torch.arange(batch_size) * k_pad)[:, None]
-    centres = means.float().reshape(batch_size * k_pad, d)[flat]
-    points = centres + raw["noise"] * scales[:, None, :]
+    if spec.noise == "diagonal":  # log r uniform in ±log diag_ratio
+        scales = spec.sigma * torch.exp((2 * raw["axis"] - 1) * math.log(spec.diag_ratio))  # [B, d]
+    else:
+        scales = torch.full((batch_size, d), float(spec.sigma))
+    noise = raw["noise"].reshape(batch_size, n_pad, d)
+    if spec.noise == "student_t":  # per axis, scaled to unit variance
+        t_unit = math.sqrt((spec.noise_df - 2) / spec.noise_df)
+        chi = torch.sqrt(raw["gamma_noise"] * (2 / spec.noise_df)).float().view(batch_size, n_pad, d)
+        noise = noise / chi * t_unit
+    # centres[b, i] = means[b, labels[b, i]] by a flat index (index_select: several times faster than gather)
+    flat = (labels + (torch.arange(batch_size) * k_pad)[:, None]).flatten()
+    centres = means.float().reshape(batch_size * k_pad, d).index_select(0, flat).view(batch_size, n_pad, d)
+    if spec.noise == "diagonal":
+        points = torch.addcmul(centres, noise, scales[:, None, :])
+    else:  # one scalar σ: no broadcast over a [B, 1, d] factor, whose inner loop of d is slow
+        points = torch.add(centres, noise, alpha=spec.sigma)
     if spec.n_max is not None:  # with a fixed n the mask is all true: skip two full-size passes
         points = points * mask[..., None]
         labels = labels.masked_fill(~mask, -1)
 
     init = _initial_centroids(spec, points, mask, kmask, means, delta, raw)
     if spec.init != "none":
-        means, weights, labels = _anchor(means, weights, labels, init, kmask)
+        means, weights, labels = _anchor(means, weights, labels, init, kmask, spec.n_max is None)
+    points, means, init = _move(spec, raw, delta, points, mask, means, init, kmask)
 
     out: Batch = {
         "points": points, "labels": labels, "mask": mask, "means": means, "weights": weights,
@@ -185,23 +249,49 @@ def _transform(spec: TaskSpec, raw: dict[str, torch.Tensor]) -> Batch:
     return out
 
 
+def _move(spec: TaskSpec, raw: dict[str, torch.Tensor], delta: torch.Tensor, points: torch.Tensor,
+          mask: torch.Tensor, means: torch.Tensor, init: torch.Tensor,
+          kmask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Augmentation: rotate (Haar-random orthogonal Q) then translate the whole episode, so that no model can
+    learn where the origin is or which axes the means lie on. Points, means and init move together, so
+    labels, Δ, the anchoring and every distance stay as they were; padded points and clusters stay 0."""
+    if not spec.rotate and not spec.translate:
+        return points, means, init
+    batch_size, d = points.shape[0], spec.d
+    if spec.rotate:
+        # QR of a Gaussian matrix with R's diagonal made positive is Haar-distributed (Mezzadri 2007).
+        q, r = torch.linalg.qr(raw["rotation"].reshape(batch_size, d, d).double())
+        q = q * torch.sgn(torch.diagonal(r, dim1=1, dim2=2))[:, None, :]
+        points, means, init = points @ q.float(), means @ q, init @ q.to(init.dtype)
+    if spec.translate:
+        # Each coordinate of the shift is N(0, (translate·Δ·σ)²): the scale of the means' own spread.
+        offset = raw["offset"].double() * (spec.translate * spec.sigma * delta)[:, None]  # [B, d]
+        points = points + offset.float()[:, None, :]
+        means = means + offset[:, None, :].to(means.dtype)
+        init = init + offset[:, None, :].to(init.dtype)
+    if spec.n_max is not None:
+        points = points * mask[..., None]
+    return points, means * kmask[..., None], init * kmask[..., None]
+
+
 def _initial_centroids(spec: TaskSpec, points: torch.Tensor, mask: torch.Tensor, kmask: torch.Tensor,
                        means: torch.Tensor, delta: torch.Tensor, raw: dict[str, torch.Tensor]) -> torch.Tensor:
     k_pad = kmask.shape[1]
     if spec.init == "noisy_truth":
         scale = spec.init_noise * delta * spec.sigma / math.sqrt(points.shape[-1])
-        return (means + raw["init_noise"] * scale[:, None, None]) * kmask[..., None]
+        init_noise = raw["init_noise"].reshape(means.shape).double()
+        return (means + init_noise * scale[:, None, None]) * kmask[..., None]
     if spec.init == "none":
         return torch.zeros_like(means)
     from emformer.models import baselines  # heavier module; only these init modes need it
 
     if spec.init == "kmeans++":
-        return baselines.kmeans_plus_plus(points, mask, kmask, raw["init_u"][:, :k_pad])
-    return baselines.spectral_init(points, mask, kmask, raw["init_u"][:, k_pad:])
+        return baselines.kmeans_plus_plus(points, mask, kmask, raw["init_u"][:, :k_pad].double())
+    return baselines.spectral_init(points, mask, kmask, raw["init_u"][:, k_pad:].double())
 
 
 def _anchor(means: torch.Tensor, weights: torch.Tensor, labels: torch.Tensor, init: torch.Tensor,
-            kmask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            kmask: torch.Tensor, fixed_n: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Relabel components so that component j is the one Hungarian-matched to init centroid j."""
     cost = torch.cdist(means, init.to(means.dtype))
     valid = kmask[:, :, None] & kmask[:, None, :]
@@ -211,5 +301,6 @@ def _anchor(means: torch.Tensor, weights: torch.Tensor, labels: torch.Tensor, in
     inverse = torch.argsort(perm, dim=1)  # inverse[b, slot] = true component
     means = torch.gather(means, 1, inverse[..., None].expand_as(means))
     weights = torch.gather(weights, 1, inverse)
-    labels = torch.where(labels >= 0, torch.gather(perm, 1, labels.clamp(min=0)), labels)
+    relabelled = torch.gather(perm, 1, labels.clamp(min=0))
+    labels = relabelled if fixed_n else torch.where(labels >= 0, relabelled, labels)
     return means, weights, labels

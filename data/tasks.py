@@ -55,6 +55,12 @@ class TaskSpec:
     """initial centroids: noisy_truth (true means + noise of relative size init_noise) | kmeans++ | spectral | none"""
     init_noise: float = 0.3
     """ρ: noisy_truth adds Gaussian noise of expected norm ρ·Δ·σ to each true mean"""
+    translate: float = 0.0
+    """augmentation: each episode (points, means, init) is shifted by an offset whose coordinates are
+    N(0, (translate·Δ·σ)²), so no model can learn where the origin is (0 = off: the means are centred)"""
+    rotate: bool = False
+    """augmentation: each episode (points, means, init) is turned by a random orthogonal matrix (Haar) within
+    its first d coordinates; isotropic noise only (the oracle models per-axis noise)"""
 
     # ------------------------------------------------------------------ derived sizes (padded shapes)
     @property
@@ -111,6 +117,13 @@ class TaskSpec:
             raise bad("init", f"one of {', '.join(INIT_MODES)}")
         if not self.init_noise >= 0:
             raise bad("init_noise", "a number >= 0")
+        if isinstance(self.translate, bool) or not (self.translate >= 0 and math.isfinite(self.translate)):
+            raise bad("translate", "a finite number >= 0 (0 = off)")
+        if not isinstance(self.rotate, bool):
+            raise bad("rotate", "true or false")
+        if self.rotate and self.noise != "isotropic":
+            raise bad("rotate", f"false with task.noise={self.noise} (rotating per-axis noise leaves the true "
+                                "model that the oracle and EM use; rotate needs task.noise=isotropic)")
         return self
 
     def to_dict(self) -> dict[str, Any]:

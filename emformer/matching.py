@@ -1,24 +1,18 @@
 """Label matching: cluster labels are defined only up to permutation (DESIGN §1, label anchoring).
 
-For k <= MAX_ENUMERATED_K every permutation is scored at once in torch (batched, exact); above that the
-Hungarian algorithm (scipy.optimize.linear_sum_assignment) runs per episode.
+For k <= MAX_ENUMERATED_K every permutation is scored at once in torch (batched, exact); above that a
+batched Hungarian algorithm (shortest augmenting paths with potentials, O(k³)) runs in torch on the cost's
+own device, with a fixed number of steps and masks instead of per-episode branches: no host copy, no sync.
+On CPU tensors, where there is no device to leave, scipy's per-episode C loop is faster and runs instead.
 """
 from __future__ import annotations
 
 import functools
 import itertools
 
-import numpy as np
 import torch
 
 MAX_ENUMERATED_K = 6
-
-
-def _hungarian():
-    # scipy costs 0.5-1.8 s to import and is only needed above MAX_ENUMERATED_K: keep it out of light commands.
-    from scipy.optimize import linear_sum_assignment
-
-    return linear_sum_assignment
 
 
 @functools.lru_cache(maxsize=None)
@@ -36,18 +30,86 @@ def best_assignment(cost: torch.Tensor) -> torch.Tensor:
     if cost.ndim != 3 or cost.shape[1] != cost.shape[2]:
         raise ValueError(f"cost must be [B, k, k], got {tuple(cost.shape)}")
     batch, k, _ = cost.shape
-    finite = torch.nan_to_num(cost.double(), posinf=1e30, neginf=-1e30)
     if k <= MAX_ENUMERATED_K:
+        finite = torch.nan_to_num(cost.double(), posinf=1e30, neginf=-1e30)
         perms = _permutations(k).to(cost.device)  # [P, k]
         rows = torch.arange(k, device=cost.device)
         # total[b, p] = sum_i cost[b, i, perms[p, i]]
         total = finite[:, rows, perms].sum(-1)  # [B, P]
         return perms[total.argmin(dim=1)]
-    out = np.empty((batch, k), dtype=np.int64)
-    for b, matrix in enumerate(finite.cpu().numpy()):
-        rows_idx, cols = _hungarian()(matrix)
-        out[b, rows_idx] = cols
-    return torch.from_numpy(out).to(cost.device)
+    if cost.device.type == "cpu":  # no device to leave: scipy's C loop beats k² small torch steps here
+        return _scipy_assignment(cost)
+    return hungarian(cost)
+
+
+def _scipy_assignment(cost: torch.Tensor) -> torch.Tensor:
+    # scipy costs 0.5-1.8 s to import and is only needed above MAX_ENUMERATED_K: keep it out of light commands.
+    from scipy.optimize import linear_sum_assignment
+
+    out = torch.empty(cost.shape[:2], dtype=torch.long)
+    for b, matrix in enumerate(_forbidden_as_big(cost).numpy()):
+        rows, cols = linear_sum_assignment(matrix)
+        out[b, torch.from_numpy(rows)] = torch.from_numpy(cols)
+    return out
+
+
+def _forbidden_as_big(cost: torch.Tensor) -> torch.Tensor:
+    """+inf -> a cost larger than any assignment of finite pairs can total, per matrix (and -inf -> its
+    negative), so exact arithmetic on potentials stays possible where 1e30 would swamp the finite costs."""
+    cost = cost.double()
+    finite = torch.isfinite(cost)
+    span = torch.where(finite, cost.abs(), torch.zeros_like(cost)).flatten(1).amax(1)  # [B]
+    big = (2 * span * cost.shape[1] + 1)[:, None, None]
+    return torch.where(finite, cost, torch.where(cost > 0, big, -big))
+
+
+def hungarian(cost: torch.Tensor) -> torch.Tensor:
+    """Exact minimum-cost assignment of a batch of square cost matrices [B, k, k] -> perm [B, k], batched.
+
+    The e-maxx formulation of the Hungarian algorithm (row i is added by a shortest augmenting path over
+    reduced costs cost - u - v; column 0 is a dummy that holds the row being added). Row i needs at most i
+    path-growing steps and i path-flipping steps, so every episode runs the same (k² + k) steps and those
+    that finish early are masked: no data-dependent branch, hence no host sync on a GPU.
+    """
+    batch, k, _ = cost.shape
+    device = cost.device
+    a = torch.nn.functional.pad(_forbidden_as_big(cost), (1, 0, 1, 0))  # [B, k+1, k+1], row/col 0 dummy
+    u = torch.zeros(batch, k + 1, dtype=a.dtype, device=device)  # row potentials
+    v = torch.zeros_like(u)  # column potentials
+    p = torch.zeros(batch, k + 1, dtype=torch.long, device=device)  # p[j] = row matched to column j (0: none)
+    way = torch.zeros_like(p)
+    rows = torch.arange(batch, device=device)
+    inf = torch.tensor(torch.finfo(a.dtype).max, dtype=a.dtype, device=device)
+    for i in range(1, k + 1):
+        p[:, 0] = i
+        j0 = torch.zeros(batch, dtype=torch.long, device=device)
+        minv = torch.full_like(u, torch.finfo(a.dtype).max)
+        used = torch.zeros(batch, k + 1, dtype=torch.bool, device=device)
+        active = torch.ones(batch, dtype=torch.bool, device=device)
+        for _ in range(i):  # grow the path until it reaches a free column
+            used[rows, j0] |= active
+            i0 = p[rows, j0]
+            cur = a[rows, i0] - u[rows, i0][:, None] - v  # reduced costs of row i0 [B, k+1]
+            better = ~used & (cur < minv) & active[:, None]
+            minv = torch.where(better, cur, minv)
+            way = torch.where(better, j0[:, None], way)
+            free_minv = torch.where(used, inf, minv)
+            free_minv[:, 0] = inf
+            delta, j1 = free_minv.min(dim=1)
+            delta = torch.where(active, delta, torch.zeros_like(delta))
+            u.scatter_add_(1, p, delta[:, None] * used)  # rows of used columns (column 0 holds row i)
+            v = v - delta[:, None] * used
+            minv = minv - delta[:, None] * ~used
+            j0 = torch.where(active, j1, j0)
+            active = active & (p[rows, j0] != 0)
+        for _ in range(i):  # flip the path back to the dummy column
+            moving = j0 != 0
+            j1 = way[rows, j0]
+            p[rows, j0] = torch.where(moving, p[rows, j1], p[rows, j0])
+            j0 = torch.where(moving, j1, j0)
+    perm = torch.empty(batch, k, dtype=torch.long, device=device)
+    perm.scatter_(1, p[:, 1:] - 1, torch.arange(k, device=device).expand(batch, k))  # p[col] = row -> perm[row]
+    return perm
 
 
 def confusion(pred: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:

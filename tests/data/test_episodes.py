@@ -1,6 +1,7 @@
 """Episodes: a pure function of (spec, seed, index); Δ, weights, padding and init exactly as the spec says."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -156,20 +157,33 @@ def test_negative_seed_or_index_is_refused():
 
 def test_batched_draws_are_the_episode_generators_own():
     """Rekeying one Philox (the fast path) draws exactly what a fresh Philox keyed (seed, index) draws."""
-    from emformer.data.episodes import _Draws, episode_rng
+    from emformer.data.episodes import draw_words, episode_rng
 
-    spec = TaskSpec(k=3, d=5, n=7, weights="dirichlet", noise="diagonal")
-    draws = _Draws(spec, 3)
-    for row, (seed, index) in enumerate([(0, 0), (9, 2**40), (2**63 - 1, 5)]):
-        draws.fill(row, seed, index)
-        rng = episode_rng(seed, index)
-        assert np.array_equal(draws.arrays["choices"][row], rng.random(3))
-        assert np.array_equal(draws.arrays["means"][row], rng.standard_normal((3, 5)))
-        assert np.array_equal(draws.arrays["weights"][row], rng.standard_gamma(1.0, size=3))
-        assert np.array_equal(draws.arrays["axis"][row], rng.uniform(-1.0, 1.0, size=5))
-        assert np.array_equal(draws.arrays["label_u"][row], rng.random(7, dtype=np.float32))
+    keys = [(0, 0), (9, 2**40), (2**63 - 1, 5)]
+    for counter in (0, 1):
+        for seed, index in keys:
+            words = draw_words(seed, [7, index, 3], 11, counter)
+            fresh = episode_rng(seed, index, (0, counter, 0, 0)).bit_generator.random_raw(11)
+            assert np.array_equal(words[1], fresh)
     with pytest.raises(ValueError, match="2\\*\\*63"):  # numpy would fold such a key onto another seed's
         sample_episodes(SPECS["fixed"], 2**64 - 1, [0])
+
+
+def test_box_muller_normals_and_uniforms_have_their_laws():
+    from scipy import stats
+
+    from emformer.data.episodes import Layout, _draws
+
+    spec = TaskSpec(k=3, d=8, n=256)
+    raw = _draws(spec, 5, range(64))
+    normals = raw["noise"].double().flatten().numpy()  # 131,072 draws
+    assert stats.kstest(normals, "norm").pvalue > 1e-3
+    assert abs(normals.mean()) < 0.02 and abs(normals.std() - 1) < 0.01
+    uniforms = raw["label_u"].double().flatten().numpy()
+    assert uniforms.min() >= 0 and uniforms.max() < 1 and stats.kstest(uniforms, "uniform").pvalue > 1e-3
+    layout = Layout(spec)  # every run lies inside the words drawn
+    assert max(r.stop for r in layout.uniforms.values()) <= 2 * layout.uniform_words
+    assert max(r.stop for r in layout.normals.values()) <= 2 * layout.normal_words
 
 
 def test_separation_range_is_uniform():
@@ -198,3 +212,47 @@ def test_diagonal_noise_scales_each_axis():
     torch.testing.assert_close(sd, b["scales"], rtol=0.06, atol=0)
     assert b["scales"].min() >= 2.0 / 3 - 1e-5 and b["scales"].max() <= 6.0 + 1e-5
     assert (b["scales"].max(1).values / b["scales"].min(1).values).min() > 1.05  # not isotropic
+
+
+def test_translate_moves_the_same_episode_and_everything_with_it():
+    spec = TaskSpec(k=3, k_max=4, d=3, d_max=5, n=20, n_max=30, separation=3.0, separation_max=5.0)
+    still = sample_episodes(spec, 8, range(64))
+    moved = sample_episodes(dataclasses.replace(spec, translate=2.0), 8, range(64))
+    for key in ("labels", "mask", "kmask", "weights", "separation", "k", "n"):
+        assert torch.equal(still[key], moved[key]), key
+    shift = moved["means"][:, 0] - still["means"][:, 0]  # [B, d_pad]: one offset an episode
+    for key, valid in (("points", moved["mask"]), ("means", moved["kmask"]), ("init", moved["kmask"])):
+        delta = moved[key] - still[key]
+        torch.testing.assert_close(delta[valid], shift[:, None].expand_as(delta)[valid], atol=1e-4, rtol=0)
+        assert (moved[key][~valid] == 0).all(), key  # padding stays zero
+    assert (shift[:, 3:] == 0).all()  # only the first d coordinates move
+    # each coordinate ~ N(0, (2·Δ·σ)²)
+    z = shift[:, :3] / (2.0 * moved["separation"][:, None])
+    assert abs(z.std().item() - 1.0) < 0.15 and abs(z.mean().item()) < 0.2
+
+
+def test_rotate_turns_the_same_episode_by_an_orthogonal_matrix():
+    spec = TaskSpec(k=3, d=4, d_max=6, n=40, init="kmeans++")
+    still = sample_episodes(spec, 2, range(32))
+    turned = sample_episodes(dataclasses.replace(spec, rotate=True), 2, range(32))
+    assert torch.equal(still["labels"], turned["labels"])
+    # the map from still to turned points is one orthogonal Q an episode, and it also carries means and init
+    x, y = still["points"][..., :4].double(), turned["points"][..., :4].double()
+    q = torch.linalg.lstsq(x, y).solution  # [B, 4, 4]
+    torch.testing.assert_close(q.transpose(1, 2) @ q, torch.eye(4, dtype=torch.double).expand(32, 4, 4), atol=1e-4,
+                               rtol=0)
+    for key in ("means", "init"):
+        torch.testing.assert_close(still[key][..., :4].double() @ q, turned[key][..., :4].double(), atol=1e-4, rtol=0)
+    assert (turned["points"][..., 4:] == 0).all()
+    assert not torch.allclose(x, y, atol=0.1)  # really turned
+    # Haar: the first column's first entry is uniform-ish on [-1, 1] with mean 0 and variance 1/d
+    q_all = torch.linalg.lstsq(x, y).solution[:, 0, 0]
+    assert abs(q_all.mean().item()) < 0.25
+
+
+@pytest.mark.parametrize("extra", [{"translate": 1.5}, {"rotate": True}, {"translate": 0.5, "rotate": True}])
+def test_augmented_episode_alone_equals_episode_in_batch(extra):
+    spec = dataclasses.replace(VARIABLE, noise="isotropic", **extra)
+    batch = sample_episodes(spec, 4, range(10, 26))
+    for row in (0, 9):
+        assert_same_episode(batch, row, sample_episodes(spec, 4, [10 + row]))

@@ -32,6 +32,12 @@ BAD = [
     ({"k_max": 2}, "task.k_max"),
     ({"n_max": 10}, "task.n_max"),
     ({"d_max": 2}, "task.d_max"),
+    ({"translate": -0.5}, "task.translate"),
+    ({"translate": float("nan")}, "task.translate"),
+    ({"translate": float("inf")}, "task.translate"),
+    ({"rotate": "yes"}, "task.rotate"),
+    ({"rotate": True, "noise": "diagonal"}, "task.rotate"),
+    ({"rotate": True, "noise": "student_t"}, "task.rotate"),
 ]
 
 
@@ -45,7 +51,7 @@ def test_bad_spec_names_key(fields, key):
     ("task.k=1", "task.k"), ("task.n=2", "task.n"), ("task.d=0", "task.d"),
     ("task.separation=0", "task.separation"), ("task.separation=-3", "task.separation"),
     ("task.weights_lo=-1", "task.weights_lo"), ("task.kk=3", "task.kk"), ("task.sepration=4", "task.sepration"),
-    ("task.k=three", "task.k"),
+    ("task.k=three", "task.k"), ("task.translate=-1", "task.translate"), ("task.rotate=maybe", "task.rotate"),
 ])
 def test_bad_override_names_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
