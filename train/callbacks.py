@@ -93,6 +93,7 @@ class RunControl(Callback):
         self._crash_at = int(os.environ[CRASH_ENV]) if os.environ.get(CRASH_ENV) else None
         self._loss_sum = torch.zeros((), dtype=torch.float64)
         self._loss_count = 0
+        self._rank_loss_sums: Optional[torch.Tensor] = None  # every rank's _loss_sum, gathered when saving
         self._window_start = 0.0
         self._window_steps = 0
         self._excluded = 0.0  # seconds of eval / checkpointing inside the current window
@@ -100,9 +101,11 @@ class RunControl(Callback):
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict[str, Any]:
         # The open window of the train-loss average too: a run preempted between two train rows logs the
-        # same mean at the next row as an uninterrupted run would.
+        # same mean at the next row as an uninterrupted run would. The checkpoint holds rank 0's callback
+        # state only, so every rank's sum goes in (gathered by _save).
         return {"best_loss": self.best_loss, "rng": rng_state(), "last_val": self.last_val,
-                "loss_window": {"sum": self._loss_sum.clone(), "count": self._loss_count}}
+                "loss_window": {"sum": self._loss_sum.clone(), "count": self._loss_count,
+                                "rank_sums": self._rank_loss_sums}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best_loss = float(state.get("best_loss", float("inf")))
@@ -110,6 +113,7 @@ class RunControl(Callback):
         window = state.get("loss_window")
         if window is not None:
             self._loss_sum, self._loss_count = window["sum"].clone(), int(window["count"])
+            self._rank_loss_sums = window.get("rank_sums")  # this rank's share is taken in on_train_start
         # Applied just before the next training step: Lightning draws from the RNG while it sets up.
         self._pending_rng = state.get("rng")
 
@@ -118,6 +122,11 @@ class RunControl(Callback):
         step = trainer.global_step
         if trainer.is_global_zero:
             self.tracker.start(step)
+        if self._rank_loss_sums is not None:
+            sums = self._rank_loss_sums
+            # Resumed on as many ranks: each its own sum; on another number, each the mean (same logged mean).
+            self._loss_sum = (sums[trainer.global_rank] if len(sums) == trainer.world_size else sums.mean()).clone()
+            self._rank_loss_sums = None
         if step == 0:
             # The untrained model next to the baselines: the first point of every curve.
             self._validate(trainer, module, step)
@@ -185,7 +194,10 @@ class RunControl(Callback):
             kept = f"{path} from an earlier step is kept" if path.exists() else f"{path} was never written"
             raise NonFiniteLoss(f"parameters became NaN or infinite by step {step}: stopping without saving "
                                 f"({kept}); try a lower optim.lr or optim.grad_clip")
+        if trainer.world_size > 1:
+            self._rank_loss_sums = trainer.strategy.all_gather(self._loss_sum).cpu().reshape(-1)
         save_atomic(trainer, checkpoint_dir(self.run_dir) / name)
+        self._rank_loss_sums = None
 
     def _log_train(self, trainer: L.Trainer, module: L.LightningModule, step: int) -> None:
         mean = self._loss_sum / max(self._loss_count, 1)
