@@ -194,8 +194,10 @@ class RunControl(Callback):
             kept = f"{path} from an earlier step is kept" if path.exists() else f"{path} was never written"
             raise NonFiniteLoss(f"parameters became NaN or infinite by step {step}: stopping without saving "
                                 f"({kept}); try a lower optim.lr or optim.grad_clip")
-        if trainer.world_size > 1:
-            self._rank_loss_sums = trainer.strategy.all_gather(self._loss_sum).cpu().reshape(-1)
+        if trainer.world_size > 1:  # a gather as a sum: each rank fills its own slot, x + 0.0 is exact
+            sums = torch.zeros(trainer.world_size, dtype=torch.float64, device=trainer.strategy.root_device)
+            sums[trainer.global_rank] = self._loss_sum
+            self._rank_loss_sums = trainer.strategy.reduce(sums, reduce_op="sum").cpu()
         save_atomic(trainer, checkpoint_dir(self.run_dir) / name)
         self._rank_loss_sums = None
 

@@ -182,8 +182,9 @@ done
 nodes=$(IFS=,; echo "${node_names[*]}")
 deadline=$((SECONDS + 30))
 while :; do
-    states=$(sinfo -h -N -n "$nodes" -o %T 2>/dev/null | sort -u | tr '\n' ' ') || true
-    ready=$(sinfo -h -N -n "$nodes" -o %T 2>/dev/null | grep -cE '^(idle|mixed|allocated|completing)') || true
+    listed=$(sinfo -h -N -n "$nodes" -o %T 2>/dev/null) || true
+    states=$(echo "$listed" | sort -u | tr '\n' ' ')
+    ready=$(echo "$listed" | grep -cE '^(idle|mixed|allocated|completing)$') || true
     [ "${ready:-0}" -ge "$NODES" ] && break
     if echo "$states" | grep -qE 'down|drain|fail'; then
         # Left over from an earlier start (e.g. a node that went away): bring it back.
