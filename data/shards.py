@@ -61,7 +61,7 @@ from emformer.data.tasks import TaskSpec
 from emformer.errors import ConfigError, DataError
 
 FORMAT = "emformer-shards"
-FORMAT_VERSION = 2  # 2: episodes drawn as raw Philox words + batched Box-Muller (data/episodes.py)
+FORMAT_VERSION = 3  # 3: Philox keyed per block of indices (data/episodes.py); 2: keyed per episode
 MANIFEST = "manifest.json"
 PARTIAL = "manifest.partial.json"
 SAMPLE_EXT = "safetensors"
