@@ -199,30 +199,43 @@ def _transform(spec: TaskSpec, raw: dict[str, torch.Tensor]) -> Batch:
     kmask = torch.arange(k_pad)[None, :] < k[:, None]
     mask = torch.arange(n_pad)[None, :] < n[:, None]
 
-    # Means: random directions, centred, rescaled so the closest pair is exactly Δσ apart.
-    means = raw["means"].reshape(batch_size, k_pad, d).double() * kmask[..., None]
-    centre = means.sum(1, keepdim=True) / k[:, None, None]
-    means = (means - centre) * kmask[..., None]
-    dist = torch.cdist(means, means)
-    pair_ok = kmask[:, :, None] & kmask[:, None, :] & ~torch.eye(k_pad, dtype=torch.bool)[None]
-    min_dist = dist.masked_fill(~pair_ok, math.inf).flatten(1).amin(1)
-    means = means * (delta * spec.sigma / min_dist)[:, None, None]
-
-    if spec.weights == "dirichlet":
-        weights = raw["gamma_weights"]
-    elif spec.weights == "range":
-        weights = spec.weights_lo + raw["weights"].double() * (spec.weights_hi - spec.weights_lo)
+    # Means: random directions, centred, rescaled so the closest pair is exactly Δσ apart. With one k (no
+    # padded clusters) the masks are all true: the fast path skips them, same values, fewer small ops.
+    fixed_k = spec.k_max is None
+    if fixed_k:
+        means = raw["means"].reshape(batch_size, k_pad, d).double()
+        means = means - means.sum(1, keepdim=True) / spec.k
+        pair_ok = ~torch.eye(k_pad, dtype=torch.bool)[None]
     else:
-        weights = torch.ones(batch_size, k_pad, dtype=f64)
-    weights = weights * kmask
-    weights = weights / weights.sum(1, keepdim=True)
+        means = raw["means"].reshape(batch_size, k_pad, d).double() * kmask[..., None]
+        centre = means.sum(1, keepdim=True) / k[:, None, None]
+        means = (means - centre) * kmask[..., None]
+        pair_ok = kmask[:, :, None] & kmask[:, None, :] & ~torch.eye(k_pad, dtype=torch.bool)[None]
+    dist = torch.cdist(means, means)
+    min_dist = dist.masked_fill_(~pair_ok, math.inf).flatten(1).amin(1)
+    means = means.mul_((delta * spec.sigma / min_dist)[:, None, None])
+
+    if spec.weights == "uniform" and fixed_k:
+        weights = torch.full((batch_size, k_pad), 1.0 / spec.k, dtype=f64)
+    else:
+        if spec.weights == "dirichlet":
+            weights = raw["gamma_weights"]
+        elif spec.weights == "range":
+            weights = spec.weights_lo + raw["weights"].double() * (spec.weights_hi - spec.weights_lo)
+        else:
+            weights = torch.ones(batch_size, k_pad, dtype=f64)
+        weights = weights * kmask
+        weights = weights / weights.sum(1, keepdim=True)
 
     # Labels by inverse CDF (the number of cdf entries below u); clamp guards the last bin against rounding.
-    if spec.weights == "uniform":  # equal bins: the CDF search is a floor
-        labels = (raw["label_u"] * k[:, None]).long()
+    if spec.weights == "uniform" and spec.k_max is None:  # one k, equal bins: a floor by a scalar
+        labels = (raw["label_u"] * spec.k).long().clamp_(max=spec.k - 1)
     else:
-        labels = torch.searchsorted(weights.float().cumsum(1), raw["label_u"].contiguous())
-    labels = torch.minimum(labels, k[:, None] - 1)
+        if spec.weights == "uniform":  # equal bins: the CDF search is a floor
+            labels = (raw["label_u"] * k[:, None]).long()
+        else:
+            labels = torch.searchsorted(weights.float().cumsum(1), raw["label_u"].contiguous())
+        labels = torch.minimum(labels, k[:, None] - 1)
 
     if spec.noise == "diagonal":  # log r uniform in ±log diag_ratio
         scales = spec.sigma * torch.exp((2 * raw["axis"] - 1) * math.log(spec.diag_ratio))  # [B, d]
@@ -234,19 +247,19 @@ def _transform(spec: TaskSpec, raw: dict[str, torch.Tensor]) -> Batch:
         chi = torch.sqrt(raw["gamma_noise"] * (2 / spec.noise_df)).float().view(batch_size, n_pad, d)
         noise = noise / chi * t_unit
     # centres[b, i] = means[b, labels[b, i]] by a flat index (index_select: several times faster than gather)
-    flat = (labels + (torch.arange(batch_size) * k_pad)[:, None]).flatten()
+    flat = (labels + (torch.arange(batch_size) * k_pad)[:, None]).view(-1)
     centres = means.float().reshape(batch_size * k_pad, d).index_select(0, flat).view(batch_size, n_pad, d)
     if spec.noise == "diagonal":
-        points = torch.addcmul(centres, noise, scales[:, None, :])
+        points = centres.addcmul_(noise, scales[:, None, :])
     else:  # one scalar σ: no broadcast over a [B, 1, d] factor, whose inner loop of d is slow
-        points = torch.add(centres, noise, alpha=spec.sigma)
+        points = centres.add_(noise, alpha=spec.sigma)
     if spec.n_max is not None:  # with a fixed n the mask is all true: skip two full-size passes
         points = points * mask[..., None]
         labels = labels.masked_fill(~mask, -1)
 
     init = _initial_centroids(spec, points, mask, kmask, means, delta, raw)
     if spec.init != "none":
-        means, weights, labels = _anchor(means, weights, labels, init, kmask, spec.n_max is None)
+        means, weights, labels = _anchor(means, weights, labels, init, None if fixed_k else kmask, spec.n_max is None)
     points, means, init = _move(spec, raw, delta, points, mask, means, init, kmask)
 
     out: Batch = {
@@ -294,8 +307,8 @@ def _initial_centroids(spec: TaskSpec, points: torch.Tensor, mask: torch.Tensor,
     k_pad = kmask.shape[1]
     if spec.init == "noisy_truth":
         scale = spec.init_noise * delta * spec.sigma / math.sqrt(points.shape[-1])
-        init_noise = raw["init_noise"].reshape(means.shape).double()
-        return (means + init_noise * scale[:, None, None]) * kmask[..., None]
+        init = torch.addcmul(means, raw["init_noise"].reshape(means.shape).double(), scale[:, None, None])
+        return init if spec.k_max is None else init * kmask[..., None]
     if spec.init == "none":
         return torch.zeros_like(means)
     from emformer.models import baselines  # heavier module; only these init modes need it
@@ -306,16 +319,18 @@ def _initial_centroids(spec: TaskSpec, points: torch.Tensor, mask: torch.Tensor,
 
 
 def _anchor(means: torch.Tensor, weights: torch.Tensor, labels: torch.Tensor, init: torch.Tensor,
-            kmask: torch.Tensor, fixed_n: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Relabel components so that component j is the one Hungarian-matched to init centroid j."""
+            kmask: torch.Tensor | None, fixed_n: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Relabel components so that component j is the one Hungarian-matched to init centroid j (kmask None:
+    no padded clusters)."""
     cost = torch.cdist(means, init.to(means.dtype))
-    valid = kmask[:, :, None] & kmask[:, None, :]
-    both_pad = ~kmask[:, :, None] & ~kmask[:, None, :]
-    cost = torch.where(valid, cost, torch.where(both_pad, torch.zeros_like(cost), torch.full_like(cost, math.inf)))
+    if kmask is not None:
+        valid = kmask[:, :, None] & kmask[:, None, :]
+        both_pad = ~kmask[:, :, None] & ~kmask[:, None, :]
+        cost = torch.where(valid, cost, torch.where(both_pad, torch.zeros_like(cost), torch.full_like(cost, math.inf)))
     perm = best_assignment(cost)  # perm[b, true component] = init slot
     inverse = torch.argsort(perm, dim=1)  # inverse[b, slot] = true component
     means = torch.gather(means, 1, inverse[..., None].expand_as(means))
     weights = torch.gather(weights, 1, inverse)
-    relabelled = torch.gather(perm, 1, labels.clamp(min=0))
+    relabelled = torch.gather(perm, 1, labels if fixed_n else labels.clamp(min=0))
     labels = relabelled if fixed_n else torch.where(labels >= 0, relabelled, labels)
     return means, weights, labels
