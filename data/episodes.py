@@ -51,12 +51,12 @@ def episode_rng(seed: int, index: int, counter: Sequence[int] = (0, 0, 0, 0)) ->
 class Layout:
     """Where each random number of an episode sits among its raw Philox words (a function of the spec only).
 
-    An episode's main draws are the first `words` 64-bit outputs of Philox keyed (seed, index), counter 0,
-    read as 32-bit halves: the first `2 · uniform_words` halves give uniforms in [0, 1) from 23 bits each, in
+    An episode's main draws are its `words` 64-bit Philox outputs at counter word 0 (`draw_words`), read as
+    32-bit halves: the first `2 · uniform_words` halves give uniforms in [0, 1) from 23 bits each, in
     the runs of `uniforms`; the rest give standard normals by Box-Muller, half j of the normal block paired
     with half j + normal_words (tails end at sqrt(2·23·ln 2) ≈ 5.6: one normal in 5·10⁷ is cut), in the runs
-    of `normals`. Per-mode extras (Dirichlet and Student-t gammas, the rotation) come from the same key at
-    other counters, so switching task.translate or task.rotate moves or turns the very same episode.
+    of `normals`. Per-mode extras (the rotation at the same key, Dirichlet and Student-t gammas keyed (seed,
+    index)) come from other counter words, so switching task.translate or task.rotate moves or turns the very same episode.
     """
 
     def __init__(self, spec: TaskSpec) -> None:
