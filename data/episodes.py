@@ -56,7 +56,8 @@ class Layout:
     the runs of `uniforms`; the rest give standard normals by Box-Muller, half j of the normal block paired
     with half j + normal_words (tails end at sqrt(2·23·ln 2) ≈ 5.6: one normal in 5·10⁷ is cut), in the runs
     of `normals`. Per-mode extras (the rotation at the same key, Dirichlet and Student-t gammas keyed (seed,
-    index)) come from other counter words, so switching task.translate or task.rotate moves or turns the very same episode.
+    index)) come from other counter words, so switching task.translate or task.rotate moves or turns the
+    very same episode.
     """
 
     def __init__(self, spec: TaskSpec) -> None:
