@@ -23,6 +23,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from emformer.data import inits
 from emformer.data.tasks import TaskSpec
 from emformer.matching import best_assignment
 
@@ -259,7 +260,7 @@ def _transform(spec: TaskSpec, raw: dict[str, torch.Tensor]) -> Batch:
         labels = labels.masked_fill(~mask, -1)
 
     init = _initial_centroids(spec, points, mask, kmask, means, delta, raw)
-    if spec.init != "none":
+    if spec.anchored:
         means, weights, labels = _anchor(means, weights, labels, init, None if fixed_k else kmask, spec.n_max is None)
     points, means, init = _move(spec, raw, delta, points, mask, means, init, kmask)
 
@@ -305,18 +306,9 @@ def _move(spec: TaskSpec, raw: dict[str, torch.Tensor], delta: torch.Tensor, poi
 
 def _initial_centroids(spec: TaskSpec, points: torch.Tensor, mask: torch.Tensor, kmask: torch.Tensor,
                        means: torch.Tensor, delta: torch.Tensor, raw: dict[str, torch.Tensor]) -> torch.Tensor:
-    k_pad = kmask.shape[1]
-    if spec.init == "noisy_truth":
-        scale = spec.init_noise * delta * spec.sigma / math.sqrt(points.shape[-1])
-        init = torch.addcmul(means, raw["init_noise"].reshape(means.shape).double(), scale[:, None, None])
-        return init if spec.k_max is None else init * kmask[..., None]
-    if spec.init == "none":
-        return torch.zeros_like(means)
-    from emformer.models import baselines  # heavier module; only these init modes need it
-
-    if spec.init == "kmeans++":
-        return baselines.kmeans_plus_plus(points, mask, kmask, raw["init_u"][:, :k_pad].double())
-    return baselines.spectral_init(points, mask, kmask, raw["init_u"][:, k_pad:].double())
+    truth = inits.Truth(means=means, normals=raw["init_noise"].reshape(means.shape).double(), separation=delta,
+                        sigma=spec.sigma, init_noise=spec.init_noise)
+    return inits.initial_centroids(spec.init, inits.InitInputs(points, mask, kmask, raw["init_u"].double(), truth))
 
 
 def _anchor(means: torch.Tensor, weights: torch.Tensor, labels: torch.Tensor, init: torch.Tensor,

@@ -11,11 +11,11 @@ import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from emformer.data import inits
 from emformer.errors import ConfigError
 
 WEIGHT_MODES = ("uniform", "dirichlet", "range")
 NOISE_MODES = ("isotropic", "diagonal", "student_t")
-INIT_MODES = ("noisy_truth", "kmeans++", "spectral", "none")
 
 
 @dataclass
@@ -75,6 +75,11 @@ class TaskSpec:
     def d_pad(self) -> int:
         return self.d_max if self.d_max is not None else self.d
 
+    @property
+    def anchored(self) -> bool:
+        """Whether episodes come with initial centroids that the labels are anchored to (init != none)."""
+        return inits.anchored(self.init)
+
     def validate(self, prefix: str = "task") -> "TaskSpec":
         """Raise ConfigError naming the first bad key; return self so calls chain."""
 
@@ -113,8 +118,8 @@ class TaskSpec:
             raise bad("noise_df", "a number > 2 (finite variance)")
         if not self.diag_ratio >= 1:
             raise bad("diag_ratio", "a number >= 1")
-        if self.init not in INIT_MODES:
-            raise bad("init", f"one of {', '.join(INIT_MODES)}")
+        if self.init not in inits.INITS:
+            raise bad("init", f"one of {', '.join(inits.INITS)}")
         if not self.init_noise >= 0:
             raise bad("init_noise", "a number >= 0")
         if isinstance(self.translate, bool) or not (self.translate >= 0 and math.isfinite(self.translate)):

@@ -85,7 +85,7 @@ def evaluate_shift(run_dir: Path, shift: Shift, config: dict[str, Any]) -> Shift
         spec = TaskSpec.from_dict(shift.apply(trained.to_dict()), f"--test-shift {shift.label}").validate()
         if spec.d_pad != trained.d_pad:
             raise ConfigError(f"{shift.label}: the model reads {trained.d_pad}-d points, the shifted task has {spec.d_pad}")
-        if spec.init == "none" and spec.k_pad != trained.k_pad:
+        if not spec.anchored and spec.k_pad != trained.k_pad:
             raise ConfigError(f"{shift.label}: without an init the model has {trained.k_pad} learned centroid slots; "
                               f"the shifted task needs {spec.k_pad}")
         architecture = TransformerConfig.from_run_config(loaded.run_config)
@@ -99,14 +99,14 @@ def evaluate_shift(run_dir: Path, shift: Shift, config: dict[str, Any]) -> Shift
         with torch.no_grad():
             for part in batch_chunks(batch, size):
                 kmask = part["kmask"]
-                if spec.init == "none":  # learned slots: the mask has the training width
+                if not spec.anchored:  # learned slots: the mask has the training width
                     kmask = torch.nn.functional.pad(kmask, (0, architecture.k_max - kmask.shape[1]))
                 logits = model(part["points"].float(), part["mask"], part["init"].float(), kmask).float()
                 logits = logits[..., :part["kmask"].shape[1]]
                 labels, mask = part["labels"], part["mask"]
                 sums["err"] += float(misclustering_rate(logits.argmax(-1), labels, mask, spec.k_pad).double().sum())
                 loss = (per_episode_permutation_cross_entropy(logits, labels, mask, part["kmask"])
-                        if spec.init == "none" else per_episode_cross_entropy(logits, labels, mask))
+                        if not spec.anchored else per_episode_cross_entropy(logits, labels, mask))
                 sums["loss"] += float(loss.double().sum())
             episodes = batch["points"].shape[0]
             result.metrics = {key: value / episodes for key, value in sums.items()}
