@@ -22,7 +22,7 @@ from emformer.data.tasks import TaskSpec
 from emformer.errors import ConfigError
 from emformer.models import baselines, metrics
 from emformer.train.cli import add_config_arguments
-from emformer.train.config import load_config, to_task_spec
+from emformer.train.config import load_run_config
 
 EXTRA_INITS = inits.POINT_INITS  # each with its own uniforms stream, numbered by position from 1
 COLUMNS = ("err", "err_anchored", "ari", "ce", "mean_err")
@@ -178,8 +178,8 @@ def format_table(table: dict[str, object]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
-    spec = to_task_spec(cfg).validate()
+    cfg = load_run_config(args.config, args.overrides)
+    spec = cfg.task
     if args.episodes < 1:
         raise ConfigError(f"--episodes: expected an integer >= 1, got {args.episodes}")
     em_iters = cfg.eval.em_iters if args.em_iters is None else args.em_iters

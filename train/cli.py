@@ -14,7 +14,7 @@ from typing import Sequence
 from emformer.errors import EmformerError
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "generate": ("emformer.data.shards", "write episodes to webdataset shards with a manifest"),
+    "generate": ("emformer.train.generate", "write episodes to webdataset shards with a manifest"),
     "baselines": ("emformer.train.baselines_table", "error of EM, Lloyd and the oracle on a task"),
     "train": ("emformer.train.fit", "pre-train a transformer on clustering episodes"),
     "sweep": ("emformer.train.sweep.spec", "run a grid of training runs locally or on SLURM"),

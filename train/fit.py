@@ -19,8 +19,15 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional
 
+from emformer import __version__
 from emformer.atomic import atomic_write_json
+from emformer.data.shards import verify_shards
 from emformer.errors import ConfigError
+from emformer.train import strategies
+from emformer.train.checkpoints import check_resumable, resume_path
+from emformer.train.cli import add_config_arguments
+from emformer.train.config import RunConfig, config_hash, load_run_config, run_name, save_yaml, schema_help, to_dict
+from emformer.train.tracking import Tracker, plot_curves
 
 DONE_FILE = "DONE"
 META_FILE = "meta.json"
@@ -30,22 +37,18 @@ SLURM_KEYS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLUR
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from emformer.train.cli import add_config_arguments
-
     add_config_arguments(parser)
     parser.add_argument("--run-dir", default=None, help="run directory (default: runs/<name>-<confighash>)")
     parser.add_argument("--help-config", action="store_true", help="list every config key with its default")
 
 
 def run(args: argparse.Namespace) -> int:
-    from emformer.train.config import load_config, run_name, schema_help
-
     if args.help_config:
         print(schema_help())
         return 0
     if not args.config:
         raise ConfigError("missing CONFIG: e.g. `emformer train configs/debug.yaml` (see --help-config)")
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_run_config(args.config, args.overrides)
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / run_name(cfg)
     return train(cfg, run_dir)
 
@@ -59,21 +62,17 @@ def is_global_zero() -> bool:
     return int(os.environ.get("NODE_RANK", 0)) == 0 and int(os.environ.get("LOCAL_RANK", 0)) == 0
 
 
-def train(cfg: Any, run_dir: Path) -> int:
+def train(cfg: RunConfig, run_dir: Path) -> int:
     """Train (or resume, or skip a finished) run of `cfg` in `run_dir`; 0 when done or preempted."""
-    from emformer.train.config import config_hash
-
     run_dir = Path(run_dir)
     is_zero = is_global_zero()
     # First: a run dir belongs to one config, finished or not (a finished one must not pass for another's).
-    _check_same_config(run_dir, cfg, config_hash)
+    _check_same_config(run_dir, cfg)
     done = run_dir / DONE_FILE
     if done.is_file():
         if is_zero:
             print(f"emformer train: {run_dir} is finished (DONE); nothing to do")
         return 0
-
-    from emformer.train import strategies
 
     accelerator = strategies.resolve_accelerator(str(cfg.trainer.accelerator))
     precision = strategies.resolve_precision(str(cfg.trainer.precision), accelerator)
@@ -85,14 +84,13 @@ def train(cfg: Any, run_dir: Path) -> int:
         torch.set_num_threads(int(cfg.trainer.threads))
 
     _quiet_lightning()
+    # Heavy (lightning, ~3 s), so imported once the run is known to train: a finished run and --help-config
+    # answer at once. The three modules below import lightning.
     import lightning as L
 
     from emformer.data.datamodule import EpisodeDataModule
     from emformer.train.callbacks import Preemption, RunControl, StepProgress
-    from emformer.train.checkpoints import check_resumable, resume_path
-    from emformer.train.config import save_yaml, to_dict
     from emformer.train.module import ClusterModule
-    from emformer.train.tracking import Tracker, plot_curves
 
     config = to_dict(cfg)
     L.seed_everything(int(cfg.trainer.seed), workers=True, verbose=False)
@@ -129,7 +127,7 @@ def train(cfg: Any, run_dir: Path) -> int:
     )
     exit_code = 1
     try:
-        trainer.fit(module, datamodule=EpisodeDataModule(cfg), ckpt_path=str(ckpt) if ckpt else None,
+        trainer.fit(module, datamodule=EpisodeDataModule(cfg.task, cfg.data), ckpt_path=str(ckpt) if ckpt else None,
                     weights_only=False if ckpt is not None and ckpt.is_dir() else True)
         exit_code = 0
     finally:
@@ -176,18 +174,15 @@ def _slurm_plugins() -> Optional[list[Any]]:
     return None
 
 
-def _check_data(cfg: Any) -> None:
+def _check_data(cfg: RunConfig) -> None:
     """Shards that disagree with the config fail here, before the run dir is touched (verification is cached
     per process, so the stream does not hash the shards a second time)."""
     if str(cfg.data.source) != "shards":
         return
-    from emformer.data.shards import verify_shards
-    from emformer.train.config import to_task_spec
-
-    verify_shards(str(cfg.data.shards_dir), to_task_spec(cfg))
+    verify_shards(str(cfg.data.shards_dir), cfg.task)
 
 
-def _check_same_config(run_dir: Path, cfg: Any, config_hash: Any) -> None:
+def _check_same_config(run_dir: Path, cfg: RunConfig) -> None:
     """A run dir belongs to one config: refuse to continue it with a different one (nothing overwritten)."""
     saved = run_dir / "config.yaml"
     if not saved.is_file():
@@ -204,12 +199,9 @@ def _check_same_config(run_dir: Path, cfg: Any, config_hash: Any) -> None:
 
 
 def _meta(run_dir: Path, params: int, resumed_from: Optional[int], accelerator: str, precision: str,
-          cfg: Any) -> dict[str, Any]:
-    import lightning
+          cfg: RunConfig) -> dict[str, Any]:
+    import lightning  # heavy: only a run that trains gets here
     import torch
-
-    from emformer import __version__
-    from emformer.train.config import config_hash
 
     previous: dict[str, Any] = {}
     path = run_dir / META_FILE

@@ -11,7 +11,7 @@ import torch
 
 from emformer.errors import ConfigError
 from emformer.train import strategies
-from emformer.train.config import load_config
+from emformer.train.config import load_config, load_run_config
 from tests.train.trainrun import REPO, assert_same_rows, no_duplicate_steps, rows, train
 
 DEBUG = REPO / "configs" / "debug.yaml"
@@ -60,7 +60,8 @@ def test_each_rank_sees_different_episodes_and_together_the_doubled_batch():
     from emformer.data.datamodule import EpisodeDataModule
 
     def first_batches(world: int, rank: int, batch: int, start: int = 3) -> list[torch.Tensor]:
-        module = EpisodeDataModule(load_config(DEBUG, [f"data.batch_size={batch}"]))
+        cfg = load_run_config(DEBUG, [f"data.batch_size={batch}"])
+        module = EpisodeDataModule(cfg.task, cfg.data)
         module.trainer = SimpleNamespace(global_step=start, global_rank=rank, world_size=world)
         stream = iter(module.train_dataloader())
         return [next(stream)["index"] for _ in range(2)]

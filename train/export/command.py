@@ -43,6 +43,7 @@ from emformer.models.clusterer import (
     CONFIG_FILE, EXPORT_FORMAT, EXPORT_FORMAT_VERSION, ONNX_FILE, WEIGHTS_FILE, check_state_dict, sha256_file,
 )
 from emformer.models.transformer import ClusterTransformer, TransformerConfig
+from emformer.train.config import to_run_config
 
 ONNX_CHECK_SIZES = ((1, 17), (3, 64), (2, 300))  # (batch, n) pairs checked against torch at export time
 ONNX_ATOL = 1e-4
@@ -125,12 +126,13 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, onnx: bool = 
         run_dir = checkpoint.parent.parent
     run_dir = Path(run_dir) if run_dir is not None else None
     loaded = load_checkpoint(checkpoint)
-    architecture = TransformerConfig.from_run_config(loaded.run_config)
+    run = to_run_config(loaded.run_config, where=f"{checkpoint}: hyper_parameters.config")
+    architecture = TransformerConfig.from_task_and_model(run.task, run.model)
     model = ClusterTransformer(architecture)
     check_state_dict(model, loaded.state_dict, where=str(checkpoint))
     model.load_state_dict(loaded.state_dict, strict=True)
     model.eval()
-    task = TaskSpec.from_dict(dict(loaded.run_config["task"]), where=f"{checkpoint}: hyper_parameters.config.task")
+    task = run.task.validate(f"{checkpoint}: hyper_parameters.config.task")
 
     meta = _read_json(run_dir / "meta.json") if run_dir else {}
     eval_row = _eval_row(run_dir, loaded.step) if run_dir else None

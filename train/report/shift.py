@@ -76,19 +76,21 @@ def evaluate_shift(run_dir: Path, shift: Shift, config: dict[str, Any]) -> Shift
     from emformer.models.losses import per_episode_cross_entropy, per_episode_permutation_cross_entropy
     from emformer.models.metrics import misclustering_rate
     from emformer.models.transformer import ClusterTransformer, TransformerConfig
+    from emformer.train.config import to_run_config
     from emformer.train.export.command import load_checkpoint
 
     result = ShiftResult(run_dir, shift)
     try:
         loaded = load_checkpoint(_checkpoint(run_dir))
-        trained = TaskSpec.from_dict(dict(loaded.run_config["task"]), f"{run_dir}: task")
+        run = to_run_config(loaded.run_config, f"{run_dir}: config")
+        trained = run.task.validate(f"{run_dir}: task")
         spec = TaskSpec.from_dict(shift.apply(trained.to_dict()), f"--test-shift {shift.label}").validate()
         if spec.d_pad != trained.d_pad:
             raise ConfigError(f"{shift.label}: the model reads {trained.d_pad}-d points, the shifted task has {spec.d_pad}")
         if not spec.anchored and spec.k_pad != trained.k_pad:
             raise ConfigError(f"{shift.label}: without an init the model has {trained.k_pad} learned centroid slots; "
                               f"the shifted task needs {spec.k_pad}")
-        architecture = TransformerConfig.from_run_config(loaded.run_config)
+        architecture = TransformerConfig.from_task_and_model(run.task, run.model)
         model = ClusterTransformer(architecture)
         model.load_state_dict(loaded.state_dict)
         model.eval()
