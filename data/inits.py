@@ -3,7 +3,8 @@
 `INITS[name]` takes an `InitInputs` (the batch's points and masks, per-episode uniforms and, for the sampler
 only, the episode's truth) and returns centroids [B,k,d] with padded clusters 0. The sampler (episodes.py),
 the baselines, the `Clusterer` and task validation all look modes up here, so a new mode is one function and
-one entry below. `none` is the one unanchored mode: the model learns its own slots (`anchored`).
+one entry below. `none` is the one unanchored mode: the model learns its own slots (`TaskSpec.anchored`).
+Only this module imports torch among the task's: data/tasks.py imports it when it validates a mode name.
 
 - `noisy_truth`: the true means plus Gaussian noise of expected norm ρ·Δ·σ (needs the truth: sampler only).
 - `kmeans++`, `spectral`: computed from the points alone, deterministic given the uniforms.
@@ -21,8 +22,6 @@ from typing import Callable, Optional
 import torch
 
 F64 = torch.float64
-NONE = "none"
-"""the init name meaning "no initial centroids": labels are not anchored, the model learns slot vectors"""
 
 
 @dataclass(frozen=True)
@@ -212,18 +211,13 @@ INITS: dict[str, Callable[[InitInputs], torch.Tensor]] = {
     "noisy_truth": _noisy_truth,
     "kmeans++": _kmeans_plus_plus,
     "spectral": _spectral,
-    NONE: _none,
+    "none": _none,  # no initial centroids (tasks.NO_INIT): the model learns slot vectors
 }
 """task.init name -> the function drawing its centroids (the order is the one error messages list)"""
 
 NEEDS_TRUTH = ("noisy_truth",)
-POINT_INITS = tuple(name for name in INITS if name not in NEEDS_TRUTH and name != NONE)
+POINT_INITS = tuple(name for name, draw in INITS.items() if name not in NEEDS_TRUTH and draw is not _none)
 """the modes computed from the points alone: what the Clusterer offers for data without a truth"""
-
-
-def anchored(name: str) -> bool:
-    """Whether a mode gives initial centroids, so that labels are anchored to them (all but `none`)."""
-    return name != NONE
 
 
 def initial_centroids(name: str, inputs: InitInputs) -> torch.Tensor:

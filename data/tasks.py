@@ -11,11 +11,17 @@ import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from emformer.data import inits
 from emformer.errors import ConfigError
 
 WEIGHT_MODES = ("uniform", "dirichlet", "range")
 NOISE_MODES = ("isotropic", "diagonal", "student_t")
+NO_INIT = "none"
+"""the init mode without initial centroids (the model learns slot vectors; labels are not anchored)"""
+
+
+def anchored(init: str) -> bool:
+    """Whether init mode `init` gives initial centroids that the labels are anchored to (all but `none`)."""
+    return init != NO_INIT
 
 
 @dataclass
@@ -78,7 +84,7 @@ class TaskSpec:
     @property
     def anchored(self) -> bool:
         """Whether episodes come with initial centroids that the labels are anchored to (init != none)."""
-        return inits.anchored(self.init)
+        return anchored(self.init)
 
     def validate(self, prefix: str = "task") -> "TaskSpec":
         """Raise ConfigError naming the first bad key; return self so calls chain."""
@@ -118,6 +124,10 @@ class TaskSpec:
             raise bad("noise_df", "a number > 2 (finite variance)")
         if not self.diag_ratio >= 1:
             raise bad("diag_ratio", "a number >= 1")
+        # The registry's functions need torch (~2 s of CPU to import): light commands (status, sweep) import
+        # TaskSpec without it.
+        from emformer.data import inits
+
         if self.init not in inits.INITS:
             raise bad("init", f"one of {', '.join(inits.INITS)}")
         if not self.init_noise >= 0:

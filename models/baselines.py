@@ -19,7 +19,6 @@ the spherical variance is the mean over the other coordinates only, so padding d
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 

@@ -7,17 +7,17 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 from typing import Sequence
 
 from emformer.errors import EmformerError
+from emformer.version import __version__
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("emformer.train.generate", "write episodes to webdataset shards with a manifest"),
     "baselines": ("emformer.train.baselines_table", "error of EM, Lloyd and the oracle on a task"),
     "train": ("emformer.train.fit", "pre-train a transformer on clustering episodes"),
-    "sweep": ("emformer.train.sweep.spec", "run a grid of training runs locally or on SLURM"),
+    "sweep": ("emformer.train.sweep.command", "run a grid of training runs locally or on SLURM"),
     "status": ("emformer.train.sweep.status", "show the state of every point of a sweep"),
     "report": ("emformer.train.report.command", "check a sweep against the theory: report.md and plots"),
     "export": ("emformer.train.export.command", "export a trained checkpoint to safetensors (+ ONNX)"),
@@ -45,8 +45,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(_usage())
         return 0 if argv else 2
     if argv[0] in ("-V", "--version"):
-        from emformer import __version__
-
         print(f"emformer {__version__}")
         return 0
     command, rest = argv[0], argv[1:]

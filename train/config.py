@@ -30,7 +30,7 @@ from emformer.atomic import atomic_write_text
 from emformer.data.config import DataConfig
 from emformer.data.tasks import TaskSpec
 from emformer.errors import ConfigError
-from emformer.models.transformer import ModelConfig
+from emformer.models.config import ModelConfig
 
 GROUPS = ("task", "model", "data", "optim", "trainer", "strategy", "wandb", "eval")
 STRATEGIES = ("auto", "ddp", "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3")

@@ -19,15 +19,16 @@ from pathlib import Path
 from typing import Any, Optional
 
 from emformer.errors import ConfigError
+from emformer.train.report import command as report
+from emformer.train.sweep.local import run_local
+from emformer.train.sweep.spec import LocalOptions, load_spec, prepare_sweep
 
 SPECS = {False: "demo.yaml", True: "demo_quick.yaml"}
 
 
 def configs_dir() -> Path:
     """The repository's configs/: beside the code of the editable install (train/ -> ../configs)."""
-    import emformer.train
-
-    return Path(emformer.train.__file__).resolve().parents[1] / "configs"
+    return Path(__file__).resolve().parents[1] / "configs"
 
 
 def spec_path(quick: bool) -> Path:
@@ -42,7 +43,7 @@ def spec_path(quick: bool) -> Path:
 
 def export_best(sweep: Any, out: Path) -> Optional[Path]:
     """Export the finished run with the lowest final val err (a pretrained example to try the Clusterer on)."""
-    from emformer.train.export.command import export_run
+    from emformer.train.export.command import export_run  # torch (~2 s): only once the sweep has run
 
     best: Optional[tuple[float, Path]] = None
     for point in sweep.points:
@@ -67,10 +68,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from emformer.train.report import command as report
-    from emformer.train.sweep.spec import LocalOptions, load_spec, prepare_sweep
-    from emformer.train.sweep.local import run_local
-
     out = args.out if args.out is not None else Path("demo-quick" if args.quick else "demo")
     spec = load_spec(spec_path(args.quick))
     local = LocalOptions.from_dict({"parallel": args.parallel if args.parallel is not None else spec.local.parallel,

@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional
 
-from emformer import __version__
+from emformer.version import __version__
 from emformer.atomic import atomic_write_json
 from emformer.data.shards import verify_shards
 from emformer.errors import ConfigError

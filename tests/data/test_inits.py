@@ -9,7 +9,7 @@ import torch
 
 from emformer.data import inits
 from emformer.data.episodes import sample_episodes
-from emformer.data.tasks import TaskSpec
+from emformer.data.tasks import NO_INIT, TaskSpec
 from emformer.errors import ConfigError
 from emformer.models import metrics
 from emformer.models.clusterer import INIT_MODES
@@ -35,14 +35,14 @@ def test_every_mode_is_deterministic_and_zero_on_padded_clusters(name: str) -> N
     assert torch.equal(first, inits.initial_centroids(name, _inputs(batch, u)))
     assert torch.all(first[~batch["kmask"]] == 0)
     # Every mode is a valid task.init, and the task says whether its labels are anchored.
-    assert TaskSpec(k=2, init=name).validate().anchored == (name != inits.NONE)
+    assert TaskSpec(k=2, init=name).validate().anchored == (name != NO_INIT)
 
 
 @pytest.mark.parametrize("name", list(inits.INITS))
 def test_episodes_carry_the_registry_init(name: str) -> None:
     """Every mode samples; an anchored one's true component j is the one matched to init slot j."""
     batch = _episodes(TaskSpec(k=3, d=2, n=40, init=name, separation=5.0), 6)
-    if name == inits.NONE:
+    if name == NO_INIT:
         assert torch.all(batch["init"] == 0)
         return
     cost = torch.cdist(batch["means"].double(), batch["init"].double())  # [B, component, slot]
@@ -60,7 +60,7 @@ def test_unknown_mode_is_a_config_error_listing_the_registry() -> None:
 
 
 def test_point_inits_need_no_truth_and_are_the_clusterer_modes() -> None:
-    assert INIT_MODES == inits.POINT_INITS == ("kmeans++", "spectral")
+    assert INIT_MODES == inits.POINT_INITS == ("kmeans++", "spectral") and NO_INIT in inits.INITS
     batch = _episodes(TaskSpec(k=3, d=4, n=50, separation=6.0), 3)
     bare = inits.InitInputs(batch["points"], batch["mask"], batch["kmask"], torch.rand(3, 3))
     for name in inits.POINT_INITS:

@@ -7,7 +7,8 @@ import torch
 from emformer.data.episodes import sample_episodes
 from emformer.data.tasks import TaskSpec
 from emformer.models.losses import clustering_loss
-from emformer.models.transformer import ClusterTransformer, ModelConfig, TransformerConfig
+from emformer.models.config import ModelConfig
+from emformer.models.transformer import ClusterTransformer, TransformerConfig
 
 ATOL = 1e-5
 

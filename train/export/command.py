@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from emformer.atomic import atomic_write
+from emformer.data.episodes import sample_episodes
 from emformer.data.tasks import TaskSpec
 from emformer.errors import CheckpointError, ConfigError
 from emformer.models.clusterer import (
@@ -44,6 +45,7 @@ from emformer.models.clusterer import (
 )
 from emformer.models.transformer import ClusterTransformer, TransformerConfig
 from emformer.train.config import to_run_config
+from emformer.version import __version__
 
 ONNX_CHECK_SIZES = ((1, 17), (3, 64), (2, 300))  # (batch, n) pairs checked against torch at export time
 ONNX_ATOL = 1e-4
@@ -342,8 +344,6 @@ def _file_entry(path: Path) -> dict[str, Any]:
 def input_scale(task: TaskSpec, episodes: int = 256) -> float:
     """RMS within-episode standard deviation of one real coordinate of the training points: what a
     standardized feature is scaled to so user data looks like the training episodes (see Clusterer)."""
-    from emformer.data.episodes import sample_episodes
-
     # Points do not depend on the init mode; noisy_truth skips k-means++/spectral work.
     spec = dataclasses.replace(task, init="noisy_truth")
     batch = sample_episodes(spec, seed=12345, indices=range(episodes))
@@ -358,8 +358,6 @@ def input_scale(task: TaskSpec, episodes: int = 256) -> float:
 def build_export_config(architecture: TransformerConfig, task: TaskSpec, loaded: LoadedCheckpoint,
                         meta: dict[str, Any], eval_row: Optional[dict[str, Any]], files: dict[str, Any],
                         onnx_info: Optional[dict[str, Any]], model: ClusterTransformer) -> dict[str, Any]:
-    from emformer import __version__
-
     config: dict[str, Any] = {
         "format": EXPORT_FORMAT,
         "format_version": EXPORT_FORMAT_VERSION,

@@ -67,6 +67,7 @@ def _checkpoint(run_dir: Path) -> Path:
 
 def evaluate_shift(run_dir: Path, shift: Shift, config: dict[str, Any]) -> ShiftResult:
     """The run's model and the baselines on its eval set drawn from the shifted task."""
+    # torch and the models (~2 s of CPU to import): only `report --test-shift` evaluates models.
     import torch
 
     from emformer.data.episodes import batch_chunks

@@ -20,6 +20,11 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
+from emformer.slurm import launcher
+from emformer.train.sweep.local import read_launch_record, run_local
+from emformer.train.sweep.slurm_backend import submit_slurm
+from emformer.train.sweep.spec import Point, Sweep, load_sweep
+
 STATES = ("pending", "running", "requeued", "done", "failed", "unknown")
 
 
@@ -103,9 +108,6 @@ def _local_alive(record: dict[str, Any]) -> bool:
 
 def point_statuses(sweep: Any, query_slurm: bool = True, tail_lines: int = 10) -> list[PointStatus]:
     """The status of every point of `sweep` (an emformer.train.sweep.Sweep)."""
-    from emformer.slurm import launcher
-    from emformer.train.sweep.local import read_launch_record
-
     latest_slurm: dict[int, tuple[float, str]] = {}
     for record in launcher.read_submissions(sweep.dir):
         for point_id in record.get("points", {}):
@@ -198,6 +200,22 @@ def format_table(statuses: Sequence[PointStatus]) -> str:
     return "\n".join(lines)
 
 
+def points_to_run(sweep: Sweep, ids: Sequence[int] | None = None) -> tuple[list[Point], dict[str, list[int]]]:
+    """Points (of `ids`, default all) that are neither done nor active; and the skipped ids by reason."""
+    wanted = set(ids) if ids is not None else None
+    todo: list[Point] = []
+    skipped: dict[str, list[int]] = {}
+    for point, status in zip(sweep.points, point_statuses(sweep)):
+        if wanted is not None and point.id not in wanted:
+            continue
+        # "unknown": submitted to SLURM, which cannot be asked from here: running it again could double it.
+        if status.state in ("done", "running", "requeued", "unknown") or (status.state == "pending" and status.job_id):
+            skipped.setdefault(status.state, []).append(point.id)
+        else:
+            todo.append(point)
+    return todo, skipped
+
+
 # ---------------------------------------------------------------------------------------------------- CLI
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -211,8 +229,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from emformer.train.sweep.spec import load_sweep
-
     sweep = load_sweep(args.sweep_dir)
     statuses = point_statuses(sweep, tail_lines=args.tail)
     if args.json:
@@ -225,9 +241,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def resubmit_failed(sweep: Any, statuses: Sequence[PointStatus], backend: Optional[str] = None) -> int:
-    from emformer.slurm import launcher
-    from emformer.train.sweep.spec import submit_slurm
-
     failed = [s for s in statuses if s.state == "failed"]
     if not failed:
         print("no failed points to resubmit")
@@ -243,8 +256,6 @@ def resubmit_failed(sweep: Any, statuses: Sequence[PointStatus], backend: Option
         job_id = submit_slurm(sweep, points, workdir=workdir)
         print(f"resubmitted {len(points)} failed point(s) {[p.id for p in points]} as job {job_id}")
     if "local" in by_backend:
-        from emformer.train.sweep.local import run_local
-
         points = by_backend["local"]
         print(f"rerunning {len(points)} failed point(s) {[p.id for p in points]} locally")
         local = sweep.spec.local
