@@ -58,7 +58,8 @@ class TaskSpec:
     diag_ratio: float = 2.0
     """largest per-axis scale factor for diagonal noise"""
     init: str = "noisy_truth"
-    """initial centroids: noisy_truth (true means + noise of relative size init_noise) | kmeans++ | spectral | none"""
+    """initial centroids: a mode of data/inits.py's INITS, e.g. noisy_truth (true means + noise of relative size
+    init_noise), kmeans++, spectral, or none (no initial centroids: labels are not anchored)"""
     init_noise: float = 0.3
     """ρ: noisy_truth adds Gaussian noise of expected norm ρ·Δ·σ to each true mean"""
     translate: float = 0.0

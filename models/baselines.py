@@ -27,6 +27,7 @@ import torch
 
 from emformer.data import inits
 from emformer.data.inits import F64, lloyd, neg_inf_pad, prepare_points, sq_dist
+from emformer.data.tasks import TaskSpec
 from emformer.models import metrics
 
 # sklearn adds 10 * eps to every component's responsibility mass so an empty component divides safely.
@@ -107,7 +108,7 @@ def em(points: torch.Tensor, mask: torch.Tensor, kmask: torch.Tensor, init: torc
 
 
 # ---------------------------------------------------------------------------------------------- oracle
-def oracle_log_posterior(batch: dict[str, torch.Tensor], spec) -> torch.Tensor:
+def oracle_log_posterior(batch: dict[str, torch.Tensor], spec: TaskSpec) -> torch.Tensor:
     """log p(z = j | x) [B,n,k] under the true model: means, weights, per-axis scales and the spec's noise
     (Gaussian, or per-axis Student-t with spec.noise_df scaled to unit variance). Padded clusters -inf."""
     d = spec.d  # coordinates beyond task.d are padding (scale 0)
@@ -126,7 +127,7 @@ def oracle_log_posterior(batch: dict[str, torch.Tensor], spec) -> torch.Tensor:
     return (log_joint - torch.logsumexp(log_joint, dim=-1, keepdim=True)).float()
 
 
-def em_covariance(spec) -> str:
+def em_covariance(spec: TaskSpec) -> str:
     """The EM variant that matches a task's noise: diagonal noise → 'diag', otherwise 'spherical'."""
     return "diag" if spec.noise == "diagonal" else "spherical"
 
@@ -139,7 +140,7 @@ def episode_uniforms(batch: dict[str, torch.Tensor], k: int, stream: int = 0) ->
     return torch.from_numpy(np.stack(rows)).to(batch["points"].device)
 
 
-def baseline_init(batch: dict[str, torch.Tensor], spec) -> torch.Tensor:
+def baseline_init(batch: dict[str, torch.Tensor], spec: TaskSpec) -> torch.Tensor:
     """The centroids EM and Lloyd start from: the task's init, or k-means++ when task.init = none."""
     if spec.anchored:
         return batch["init"]
@@ -148,7 +149,7 @@ def baseline_init(batch: dict[str, torch.Tensor], spec) -> torch.Tensor:
     return inits.kmeans_plus_plus(batch["points"], batch["mask"], batch["kmask"], uniforms)
 
 
-def evaluate_baselines(batch: dict[str, torch.Tensor], spec, em_iters: int, depth: int | None = None) -> dict[str, torch.Tensor]:
+def evaluate_baselines(batch: dict[str, torch.Tensor], spec: TaskSpec, em_iters: int, depth: int | None = None) -> dict[str, torch.Tensor]:
     """Per-episode [B] float32 figures of EM, Lloyd (both from the task's init, k-means++ when there is
     none) and the oracle: err_* permutation-minimised, err_*_anchored against the anchored labels, loss_*
     the cross-entropy of the method's log-posterior against the anchored labels. With `depth`, also

@@ -28,6 +28,7 @@ from lightning.pytorch.callbacks import Callback
 
 from emformer.errors import EmformerError
 from emformer.train.checkpoints import BEST, LAST, checkpoint_dir, save_atomic
+from emformer.train.config import RunConfig
 from emformer.train.tracking import Tracker
 
 CRASH_ENV = "EMFORMER_CRASH_AT_STEP"
@@ -78,12 +79,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
 class RunControl(Callback):
     """Logging, evaluation, checkpoints, preemption and the crash hook (see the module doc)."""
 
-    def __init__(self, run_dir: Path, config: dict[str, Any], tracker: Tracker,
+    def __init__(self, run_dir: Path, config: RunConfig, tracker: Tracker,
                  preemption: Optional[Preemption] = None) -> None:
         self.run_dir = Path(run_dir)
-        self.trainer_cfg = config["trainer"]
-        self.tokens_per_episode = _tokens_per_episode(config)
-        self.batch_size = int(config["data"]["batch_size"])
+        self.trainer_cfg = config.trainer
+        self.tokens_per_episode = config.task.n_pad + config.task.k_pad
+        self.batch_size = config.data.batch_size
         self.tracker = tracker
         self.preemption = preemption or Preemption()
         self.best_loss = float("inf")
@@ -155,14 +156,14 @@ class RunControl(Callback):
             raise NonFiniteLoss(f"training loss is {float(loss)} at step {step}: stopping ({kept}); "
                                 "try a lower optim.lr or optim.grad_clip")
 
-        max_steps = int(cfg["max_steps"])
+        max_steps = cfg.max_steps
         done = step >= max_steps
-        if step % int(cfg["log_every"]) == 0 or done:
+        if step % cfg.log_every == 0 or done:
             self._log_train(trainer, module, step)
         started = time.perf_counter()
-        if step % int(cfg["val_every"]) == 0 or done:
+        if step % cfg.val_every == 0 or done:
             self._validate(trainer, module, step)
-        if step % int(cfg["ckpt_every"]) == 0 or done or preempt:
+        if step % cfg.ckpt_every == 0 or done or preempt:
             self._save(trainer, module, LAST, step)
         self._excluded += time.perf_counter() - started
         if preempt and not done:
@@ -274,10 +275,3 @@ class StepProgress(Callback):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-
-
-def _tokens_per_episode(config: dict[str, Any]) -> int:
-    task = config["task"]
-    n = task["n_max"] if task.get("n_max") is not None else task["n"]
-    k = task["k_max"] if task.get("k_max") is not None else task["k"]
-    return int(n) + int(k)

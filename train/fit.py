@@ -113,7 +113,7 @@ def train(cfg: RunConfig, run_dir: Path) -> int:
         else Tracker.null()
     preemption = Preemption()
     preemption.install()
-    control = RunControl(run_dir, config, tracker, preemption)
+    control = RunControl(run_dir, cfg, tracker, preemption)
     progress = StepProgress(int(cfg.trainer.max_steps), enabled=bool(cfg.trainer.progress) and is_zero)
     trainer = L.Trainer(
         accelerator=accelerator, devices=int(cfg.trainer.devices), num_nodes=int(cfg.trainer.num_nodes),
