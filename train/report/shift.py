@@ -95,9 +95,9 @@ def evaluate_shift(run_dir: Path, shift: Shift, config: dict[str, Any]) -> Shift
         model = ClusterTransformer(architecture)
         model.load_state_dict(loaded.state_dict)
         model.eval()
-        ev = loaded.run_config.get("eval", {})
-        batch = eval_set(spec, int(ev.get("seed", 1_000_003)), int(ev.get("episodes", 512)))
-        size = int(ev.get("batch_size", 256))
+        ev = run.eval  # keys an old checkpoint lacks take the schema's defaults
+        batch = eval_set(spec, ev.seed, ev.episodes)
+        size = ev.batch_size
         sums = {"err": 0.0, "loss": 0.0}
         with torch.no_grad():
             for part in batch_chunks(batch, size):
@@ -113,7 +113,7 @@ def evaluate_shift(run_dir: Path, shift: Shift, config: dict[str, Any]) -> Shift
                 sums["loss"] += float(loss.double().sum())
             episodes = batch["points"].shape[0]
             result.metrics = {key: value / episodes for key, value in sums.items()}
-            baselines = evaluate_baselines(batch, spec, em_iters=int(ev.get("em_iters", 10)))
+            baselines = evaluate_baselines(batch, spec, em_iters=ev.em_iters)
         for key in ("err_em", "err_lloyd", "err_oracle", "loss_em", "loss_oracle"):
             result.metrics[key] = float(baselines[key].double().mean())
     except (EmformerError, RuntimeError, ValueError, KeyError) as exc:  # one bad run must not sink the report
