@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from emformer.data.tasks import TaskSpec
 from emformer.errors import ConfigError, EmformerError
+from emformer.train.config import to_run_config
 
 SHIFTABLE = ("k", "k_max", "n", "n_max", "separation", "separation_max", "weights", "weights_alpha", "weights_lo",
              "weights_hi", "noise", "noise_df", "diag_ratio", "init_noise")
@@ -72,12 +74,10 @@ def evaluate_shift(run_dir: Path, shift: Shift, config: dict[str, Any]) -> Shift
 
     from emformer.data.episodes import batch_chunks
     from emformer.data.stream import eval_set
-    from emformer.data.tasks import TaskSpec
     from emformer.models.baselines import evaluate_baselines
     from emformer.models.losses import per_episode_cross_entropy, per_episode_permutation_cross_entropy
     from emformer.models.metrics import misclustering_rate
     from emformer.models.transformer import ClusterTransformer, TransformerConfig
-    from emformer.train.config import to_run_config
     from emformer.train.export.command import load_checkpoint
 
     result = ShiftResult(run_dir, shift)
