@@ -184,7 +184,13 @@ def _check_data(cfg: Any) -> None:
     from emformer.data.shards import verify_shards
     from emformer.train.config import to_task_spec
 
-    verify_shards(str(cfg.data.shards_dir), to_task_spec(cfg))
+    manifest = verify_shards(str(cfg.data.shards_dir), to_task_spec(cfg))
+    held_out = {"eval.seed": int(cfg.eval.seed), "eval.test_seed": int(cfg.eval.test_seed)}
+    for key, seed in held_out.items():
+        if int(manifest["seed"]) == seed:
+            raise ConfigError(f"{cfg.data.shards_dir}/manifest.json: the shards were generated with seed {seed}, "
+                              f"which is {key}: training on them would train on the held-out episodes; "
+                              f"regenerate them with another --seed")
 
 
 def _check_same_config(run_dir: Path, cfg: Any, config_hash: Any) -> None:

@@ -133,7 +133,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, onnx: bool = 
     task = TaskSpec.from_dict(dict(loaded.run_config["task"]), where=f"{checkpoint}: hyper_parameters.config.task")
 
     meta = _read_json(run_dir / "meta.json") if run_dir else {}
-    eval_row = _eval_row(run_dir, loaded.step) if run_dir else None
+    eval_row = _test_row(model, task, loaded)
     out_dir.mkdir(parents=True, exist_ok=True)
     files: dict[str, dict[str, Any]] = {}
 
@@ -152,6 +152,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, onnx: bool = 
         (out_dir / ONNX_FILE).unlink()  # a stale model.onnx from an earlier export would not match these weights
 
     config = build_export_config(architecture, task, loaded, meta, eval_row, files, onnx_info, model)
+    config["selection"] = _eval_row(run_dir, loaded.step) if run_dir else None  # the eval-set row it was chosen on
     card = model_card(config, str(out_dir))
     _publish(out_dir / "README.md", lambda tmp: tmp.write_text(card))
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
@@ -299,6 +300,17 @@ def _read_json(path: Path) -> dict[str, Any]:
     except json.JSONDecodeError:
         return {}
     return value if isinstance(value, dict) else {}
+
+
+def _test_row(model: Any, task: TaskSpec, loaded: Any) -> dict[str, Any]:
+    """The card's figures: the model and the baselines on the run's test set (eval.test_seed), never on the
+    eval set the checkpoint was selected on."""
+    from emformer.train.report_shift import score_model, test_seed
+
+    seed = test_seed(loaded.run_config)
+    metrics = score_model(model, task, loaded.run_config, seed)
+    return {"split": "test", "seed": seed, "step": loaded.step,
+            "episodes": int(loaded.run_config.get("eval", {}).get("episodes", 512)), **metrics}
 
 
 def _eval_row(run_dir: Path, step: Optional[int]) -> Optional[dict[str, Any]]:
@@ -541,10 +553,15 @@ def model_card(config: dict[str, Any], where: str = "EXPORT_DIR") -> str:
         f"- Initial centroids: k-means++ (or spectral) refined by Lloyd iterations, since the model was trained "
         f"with {task['init']} centroids; or pass `init=` your own (k, d) array.",
         "",
-        "## Evaluation" + (f" (val at step {row.get('step')}, {train['run_config'].get('eval', {}).get('episodes', '?')} "
-                           f"fresh episodes)" if row else ""),
+        "## Evaluation" + (f" (test set at step {row.get('step')}: {row.get('episodes', '?')} fresh episodes of "
+                           f"eval.test_seed = {row.get('seed')})" if row else ""),
         "",
     ]
+    if row:
+        lines += ["The checkpoint was selected on the eval set (eval.seed); every figure here is on the separate "
+                  "test set, so the selection does not flatter them. Model − EM error: "
+                  f"{_fmt(row.get('err', math.nan) - row.get('err_em', math.nan))} ± "
+                  f"{_fmt(row.get('err_minus_em_se'))} (paired per-episode standard error).", ""]
     if row:
         em_iters = train["run_config"].get("eval", {}).get("em_iters", "?")
         lines += [

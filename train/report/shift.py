@@ -1,8 +1,8 @@
 """Test-time shifts for the report: a trained run evaluated on a task it was not trained on (other k, n, Δ ...).
 
 The training loop evaluates each run on its own task only. `emformer report SWEEP --test-shift task.n=128`
-loads each complete run's best checkpoint (last if there is none), draws the run's eval set (same eval seed
-and size) from the run's task with the shift applied, and scores the model, EM (eval.em_iters iterations,
+loads each complete run's best checkpoint (last if there is none), draws the run's test set (eval.test_seed,
+eval.episodes; the checkpoint was selected on the eval set) from the run's task with the shift applied, and scores the model, EM (eval.em_iters iterations,
 same init), Lloyd and the oracle on it. The model has no positional encoding and reads the initial centroids
 as tokens, so n and (with an init) k may change freely; d may not (the input embedding is d wide), nor k
 without an init (the learned centroid slots are k_max of them).
@@ -65,16 +65,56 @@ def _checkpoint(run_dir: Path) -> Path:
     raise ConfigError(f"{run_dir}: no checkpoints/best.ckpt or last.ckpt to evaluate at test time")
 
 
-def evaluate_shift(run_dir: Path, shift: Shift, config: dict[str, Any]) -> ShiftResult:
-    """The run's model and the baselines on its eval set drawn from the shifted task."""
+def score_model(model: Any, spec: Any, run_config: dict[str, Any], seed: int) -> dict[str, float]:
+    """The model and the baselines on `eval.episodes` episodes of `spec` drawn with `seed`: means of err, loss,
+    err_em, err_lloyd, err_oracle, loss_em, loss_oracle, and err_minus_em_se, the paired per-episode standard
+    error of err − err_em (what 'beats EM' is judged against)."""
     import torch
 
     from emformer.data.episodes import batch_chunks
     from emformer.data.stream import eval_set
-    from emformer.data.tasks import TaskSpec
     from emformer.models.baselines import evaluate_baselines
     from emformer.models.losses import per_episode_cross_entropy, per_episode_permutation_cross_entropy
     from emformer.models.metrics import misclustering_rate
+
+    ev = run_config.get("eval", {})
+    batch = eval_set(spec, int(seed), int(ev.get("episodes", 512)))
+    size = int(ev.get("batch_size", 256))
+    k_max = model.cfg.k_max
+    errs, losses = [], []
+    with torch.no_grad():
+        for part in batch_chunks(batch, size):
+            kmask = part["kmask"]
+            if spec.init == "none":  # learned slots: the mask has the training width
+                kmask = torch.nn.functional.pad(kmask, (0, k_max - kmask.shape[1]))
+            logits = model(part["points"].float(), part["mask"], part["init"].float(), kmask).float()
+            logits = logits[..., :part["kmask"].shape[1]]
+            labels, mask = part["labels"], part["mask"]
+            errs.append(misclustering_rate(logits.argmax(-1), labels, mask, spec.k_pad).double())
+            loss = (per_episode_permutation_cross_entropy(logits, labels, mask, part["kmask"])
+                    if spec.init == "none" else per_episode_cross_entropy(logits, labels, mask))
+            losses.append(loss.double())
+        baselines = evaluate_baselines(batch, spec, em_iters=int(ev.get("em_iters", 10)))
+    err = torch.cat(errs)
+    metrics = {"err": float(err.mean()), "loss": float(torch.cat(losses).mean())}
+    for key in ("err_em", "err_lloyd", "err_oracle", "loss_em", "loss_oracle"):
+        metrics[key] = float(baselines[key].double().mean())
+    diff = err - baselines["err_em"].double()
+    metrics["err_minus_em_se"] = float(diff.std() / math.sqrt(len(diff))) if len(diff) > 1 else math.nan
+    return metrics
+
+
+def test_seed(run_config: dict[str, Any]) -> int:
+    """The run's test seed (eval.test_seed; runs made before it existed get the default)."""
+    from emformer.train.config import EvalConfig
+
+    return int(run_config.get("eval", {}).get("test_seed", EvalConfig.test_seed))
+
+
+def evaluate_shift(run_dir: Path, shift: Shift, config: dict[str, Any]) -> ShiftResult:
+    """The run's model and the baselines on its test set (eval.test_seed) drawn from the shifted task: what is
+    reported after selection is never scored on the episodes the checkpoint was selected on."""
+    from emformer.data.tasks import TaskSpec
     from emformer.models.transformer import ClusterTransformer, TransformerConfig
     from emformer.train.export.command import load_checkpoint
 
@@ -88,35 +128,14 @@ def evaluate_shift(run_dir: Path, shift: Shift, config: dict[str, Any]) -> Shift
         if spec.init == "none" and spec.k_pad != trained.k_pad:
             raise ConfigError(f"{shift.label}: without an init the model has {trained.k_pad} learned centroid slots; "
                               f"the shifted task needs {spec.k_pad}")
-        architecture = TransformerConfig.from_run_config(loaded.run_config)
-        model = ClusterTransformer(architecture)
+        model = ClusterTransformer(TransformerConfig.from_run_config(loaded.run_config))
         model.load_state_dict(loaded.state_dict)
         model.eval()
-        ev = loaded.run_config.get("eval", {})
-        batch = eval_set(spec, int(ev.get("seed", 1_000_003)), int(ev.get("episodes", 512)))
-        size = int(ev.get("batch_size", 256))
-        sums = {"err": 0.0, "loss": 0.0}
-        with torch.no_grad():
-            for part in batch_chunks(batch, size):
-                kmask = part["kmask"]
-                if spec.init == "none":  # learned slots: the mask has the training width
-                    kmask = torch.nn.functional.pad(kmask, (0, architecture.k_max - kmask.shape[1]))
-                logits = model(part["points"].float(), part["mask"], part["init"].float(), kmask).float()
-                logits = logits[..., :part["kmask"].shape[1]]
-                labels, mask = part["labels"], part["mask"]
-                sums["err"] += float(misclustering_rate(logits.argmax(-1), labels, mask, spec.k_pad).double().sum())
-                loss = (per_episode_permutation_cross_entropy(logits, labels, mask, part["kmask"])
-                        if spec.init == "none" else per_episode_cross_entropy(logits, labels, mask))
-                sums["loss"] += float(loss.double().sum())
-            episodes = batch["points"].shape[0]
-            result.metrics = {key: value / episodes for key, value in sums.items()}
-            baselines = evaluate_baselines(batch, spec, em_iters=int(ev.get("em_iters", 10)))
-        for key in ("err_em", "err_lloyd", "err_oracle", "loss_em", "loss_oracle"):
-            result.metrics[key] = float(baselines[key].double().mean())
+        result.metrics = score_model(model, spec, loaded.run_config, test_seed(loaded.run_config))
     except (EmformerError, RuntimeError, ValueError, KeyError) as exc:  # one bad run must not sink the report
         result.problem = f"{run_dir}: {shift.label}: {type(exc).__name__}: {exc}"
         result.metrics = {}
-    if any(not math.isfinite(v) for v in result.metrics.values()):
+    if any(not math.isfinite(v) for k, v in result.metrics.items() if k != "err_minus_em_se"):
         result.problem = f"{run_dir}: {shift.label}: non-finite metric {result.metrics}"
     return result
 
