@@ -3,7 +3,9 @@
 Runs the repository's configs/sweeps/demo.yaml through the local sweep backend: the sample-complexity check
 of DESIGN §3 (N = 512..8192 pool episodes plus fresh episodes) and a depth trend (L = 1, 2, 4 at N = ∞), 2 seeds,
 18 CPU runs of 1000 steps, 2 at a time with one thread each, about 10 minutes on 2 cores. Then it runs
-`emformer report` on the sweep and prints where report.md is and its summary table. The spec is found next to
+`emformer report` on the sweep and prints where report.md is, its summary table, and every verdict tagged with
+the seeds it rests on (2: indicative only, below the study's bar of 5; `emformer study` makes the real figures).
+The best run (selected on the eval set) is exported and its figures printed on the test set (eval.test_seed). The spec is found next to
 the installed package (an editable install of a checkout), so the demo runs from any working directory; its
 output goes to ./demo (gitignored in the repository). Re-running it skips finished runs and resumes unfinished
 ones (the sweep's own behaviour), so an interrupted demo continues where it stopped. `--quick` runs
