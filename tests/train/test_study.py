@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from emformer.train import report
-from emformer.train.sweep import expand_points, load_spec
+from emformer.train.report import command as report
+from emformer.train.sweep.spec import expand_points, load_spec
 
 REPO = Path(__file__).resolve().parents[2]
 STUDY = REPO / "configs" / "sweeps" / "study.yaml"

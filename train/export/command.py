@@ -305,9 +305,9 @@ def _read_json(path: Path) -> dict[str, Any]:
 def _test_row(model: Any, task: TaskSpec, loaded: Any) -> dict[str, Any]:
     """The card's figures: the model and the baselines on the run's test set (eval.test_seed), never on the
     eval set the checkpoint was selected on."""
-    from emformer.train.report_shift import score_model, test_seed
+    from emformer.train.report.shift import held_out_test_seed, score_model
 
-    seed = test_seed(loaded.run_config)
+    seed = held_out_test_seed(loaded.run_config)
     metrics = score_model(model, task, loaded.run_config, seed)
     return {"split": "test", "seed": seed, "step": loaded.step,
             "episodes": int(loaded.run_config.get("eval", {}).get("episodes", 512)), **metrics}

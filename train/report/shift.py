@@ -104,7 +104,7 @@ def score_model(model: Any, spec: Any, run_config: dict[str, Any], seed: int) ->
     return metrics
 
 
-def test_seed(run_config: dict[str, Any]) -> int:
+def held_out_test_seed(run_config: dict[str, Any]) -> int:
     """The run's test seed (eval.test_seed; runs made before it existed get the default)."""
     from emformer.train.config import EvalConfig
 
@@ -131,7 +131,7 @@ def evaluate_shift(run_dir: Path, shift: Shift, config: dict[str, Any]) -> Shift
         model = ClusterTransformer(TransformerConfig.from_run_config(loaded.run_config))
         model.load_state_dict(loaded.state_dict)
         model.eval()
-        result.metrics = score_model(model, spec, loaded.run_config, test_seed(loaded.run_config))
+        result.metrics = score_model(model, spec, loaded.run_config, held_out_test_seed(loaded.run_config))
     except (EmformerError, RuntimeError, ValueError, KeyError) as exc:  # one bad run must not sink the report
         result.problem = f"{run_dir}: {shift.label}: {type(exc).__name__}: {exc}"
         result.metrics = {}
