@@ -111,10 +111,10 @@ def sample_complexity(sc: SampleComplexity, path: Path) -> Path:
         for n in sc.sizes:
             seeds = values.get(n, {})
             positive = [v for v in seeds.values() if v > 0]
-            drawn += len(positive)
             ax.scatter([n] * len(positive), positive, color=colour, alpha=0.35, s=14, marker=marker)
             mean = float(np.mean(list(seeds.values()))) if seeds else math.nan
             if mean > 0:
+                drawn += 1
                 xs.append(n)
                 means.append(mean)
         ax.plot(xs, means, color=colour, marker=marker, lw=0, ms=7, label=f"{name} (seed mean)")
