@@ -92,6 +92,7 @@ def _sort_value(value):
 
 def _n_axis(ax, sizes: Sequence[float]) -> None:
     ax.set_xscale("log", base=2)
+    ax.set_xlim(min(sizes) / 1.3, max(sizes) * 1.3)  # an axis with nothing drawn has no positive limits to log
     ax.set_xticks(sizes)
     ax.set_xticklabels([f"{int(n)}" for n in sizes], rotation=0)
 
