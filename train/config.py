@@ -90,7 +90,9 @@ class WandbConfig:
 @dataclass
 class EvalConfig:
     seed: int = 1_000_003
-    """seed of the fixed eval set (distinct from data.seed)"""
+    """seed of the fixed eval set (distinct from data.seed): the best checkpoint is selected on it"""
+    test_seed: int = 2_000_003
+    """seed of the test set: what is reported after selection (model card, report --test-shift, the demo)"""
     episodes: int = 512
     em_iters: int = 10
     """iterations of the EM and Lloyd baselines"""
@@ -226,6 +228,8 @@ def validate(cfg: DictConfig) -> RunConfig:
     need(e.episodes >= 1, "eval.episodes", "an integer >= 1")
     need(e.em_iters >= 1, "eval.em_iters", "an integer >= 1")
     need(e.seed != d.seed, "eval.seed", f"a seed different from data.seed ({d.seed}) so eval episodes are unseen")
+    need(e.test_seed not in (d.seed, e.seed), "eval.test_seed",
+         f"a seed different from data.seed ({d.seed}) and eval.seed ({e.seed}) so test episodes are unseen")
     return run
 
 

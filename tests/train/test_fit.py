@@ -200,6 +200,7 @@ def snapshot(folder: Path) -> dict[Path, bytes]:
     (["model.width=30", "model.heads=4"], "model.width: expected a positive multiple of model.heads (4)"),
     (["strategy=zero9"], "no config 'zero9' in group 'strategy'"),
     (["eval.seed=0"], "eval.seed: expected a seed different from data.seed"),
+    (["eval.test_seed=1000003"], "eval.test_seed: expected a seed different from data.seed (0) and eval.seed"),
     (["trainer.devices=4096"], "trainer.devices: 4096 requested but this machine has"),
     (["trainer.precision=16-mixed", "trainer.accelerator=cpu"], "trainer.precision: 16-mixed is for GPUs"),
     (["data.source=shards"], "data.shards_dir: expected a directory"),
@@ -222,6 +223,21 @@ def test_shards_that_disagree_with_the_config_are_refused_before_anything_is_wri
     assert run_cli(run_dir, "data.source=shards", f"data.shards_dir={shards}") == 2
     err = capsys.readouterr().err
     assert "shards were generated for another task" in err and "n:" in err
+    assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("key, seed", [("eval.seed", 1_000_003), ("eval.test_seed", 2_000_003)])
+def test_shards_made_with_a_held_out_seed_are_refused(tmp_path, capsys, key, seed):
+    """Shards generated with the eval (or test) seed hold the very episodes the run is scored on."""
+    from emformer.data.shards import write_shards
+    from emformer.train.config import load_run_config
+
+    shards = tmp_path / "shards"
+    write_shards(load_run_config(DEBUG, []).task, seed, shards, episodes=8, shard_size=4, progress=False)
+    run_dir = tmp_path / "run"
+    assert run_cli(run_dir, "data.source=shards", f"data.shards_dir={shards}", f"{key}={seed}") == 2
+    err = capsys.readouterr().err
+    assert f"generated with seed {seed}, which is {key}" in err and "Traceback" not in err
     assert not run_dir.exists()
 
 

@@ -44,7 +44,8 @@ from emformer.models.clusterer import (
     CONFIG_FILE, EXPORT_FORMAT, EXPORT_FORMAT_VERSION, ONNX_FILE, WEIGHTS_FILE, check_state_dict, sha256_file,
 )
 from emformer.models.transformer import ClusterTransformer, TransformerConfig
-from emformer.train.config import to_run_config
+from emformer.train.config import RunConfig, to_run_config
+from emformer.train.scoring import held_out_test_seed, score_model
 from emformer.version import __version__
 
 ONNX_CHECK_SIZES = ((1, 17), (3, 64), (2, 300))  # (batch, n) pairs checked against torch at export time
@@ -137,7 +138,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, onnx: bool = 
     task = run.task.validate(f"{checkpoint}: hyper_parameters.config.task")
 
     meta = _read_json(run_dir / "meta.json") if run_dir else {}
-    eval_row = _eval_row(run_dir, loaded.step) if run_dir else None
+    eval_row = _test_row(model, task, run, loaded.step)
     out_dir.mkdir(parents=True, exist_ok=True)
     files: dict[str, dict[str, Any]] = {}
 
@@ -156,6 +157,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, onnx: bool = 
         (out_dir / ONNX_FILE).unlink()  # a stale model.onnx from an earlier export would not match these weights
 
     config = build_export_config(architecture, task, loaded, meta, eval_row, files, onnx_info, model)
+    config["selection"] = _eval_row(run_dir, loaded.step) if run_dir else None  # the eval-set row it was chosen on
     card = model_card(config, str(out_dir))
     _publish(out_dir / "README.md", lambda tmp: tmp.write_text(card))
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
@@ -303,6 +305,14 @@ def _read_json(path: Path) -> dict[str, Any]:
     except json.JSONDecodeError:
         return {}
     return value if isinstance(value, dict) else {}
+
+
+def _test_row(model: Any, task: TaskSpec, run: RunConfig, step: Optional[int]) -> dict[str, Any]:
+    """The card's figures: the model and the baselines on the run's test set (eval.test_seed), never on the
+    eval set the checkpoint was selected on."""
+    seed = held_out_test_seed(run)
+    metrics = score_model(model, task, run.eval, seed)
+    return {"split": "test", "seed": seed, "step": step, "episodes": run.eval.episodes, **metrics}
 
 
 def _eval_row(run_dir: Path, step: Optional[int]) -> Optional[dict[str, Any]]:
@@ -541,10 +551,15 @@ def model_card(config: dict[str, Any], where: str = "EXPORT_DIR") -> str:
         f"- Initial centroids: k-means++ (or spectral) refined by Lloyd iterations, since the model was trained "
         f"with {task['init']} centroids; or pass `init=` your own (k, d) array.",
         "",
-        "## Evaluation" + (f" (val at step {row.get('step')}, {train['run_config'].get('eval', {}).get('episodes', '?')} "
-                           f"fresh episodes)" if row else ""),
+        "## Evaluation" + (f" (test set at step {row.get('step')}: {row.get('episodes', '?')} fresh episodes of "
+                           f"eval.test_seed = {row.get('seed')})" if row else ""),
         "",
     ]
+    if row:
+        lines += ["The checkpoint was selected on the eval set (eval.seed); every figure here is on the separate "
+                  "test set, so the selection does not flatter them. Model − EM error: "
+                  f"{_fmt(row.get('err', math.nan) - row.get('err_em', math.nan))} ± "
+                  f"{_fmt(row.get('err_minus_em_se'))} (paired per-episode standard error).", ""]
     if row:
         em_iters = train["run_config"].get("eval", {}).get("em_iters", "?")
         lines += [
