@@ -66,6 +66,8 @@ class TrainerConfig:
     threads: int = 0
     """torch CPU threads per process (0: torch's default)"""
     progress: bool = True
+    compile: bool = False
+    """torch.compile the model's training forward (see BENCHMARKS.md for what it gains)"""
 
 
 @dataclass
