@@ -38,13 +38,14 @@ EVAL_EPISODES = 64
 
 
 def measure(config: str, warmup: int, steps: int, threads: int, devices: int = 1,
-            extra: tuple[str, ...] = (), timeout: float = 900) -> dict[str, Any]:
-    """One `emformer train` run; throughput over the windows after the first `warmup` steps."""
+            extra: tuple[str, ...] = (), timeout: float = 900, keep: Optional[Path] = None) -> dict[str, Any]:
+    """One `emformer train` run; throughput over the windows after the first `warmup` steps.
+    `keep`: train in this run directory and leave it there (e.g. to export the model), else a temporary one."""
     if steps % warmup:
         raise ValueError(f"steps ({steps}) must be a multiple of warmup ({warmup}): one train row per window")
     workdir = Path(tempfile.mkdtemp(prefix="bench-train-"))
     try:
-        run_dir = workdir / "run"
+        run_dir = keep or workdir / "run"
         never = 10 ** 9
         command = emformer_command(
             "train", CONFIGS[config], f"trainer.max_steps={warmup + steps}", f"trainer.log_every={warmup}",
@@ -70,13 +71,14 @@ def measure(config: str, warmup: int, steps: int, threads: int, devices: int = 1
     import yaml
 
     batch = int(yaml.safe_load(config_used)["data"]["batch_size"])
+    peaks = [r["peak_memory_gib"] for r in windows if r.get("peak_memory_gib") is not None]
     return {
         "config": config, "threads": threads, "devices": devices, "extra": list(extra), "steps": steps,
         "batch_per_rank": batch, "episodes_per_step": round(episodes),
         "s_per_step": seconds / steps, "episodes_per_s": steps * episodes / seconds,
         "tokens_per_s": steps * episodes * per_episode_tokens / seconds,
         "episodes_per_s_min": min(rates), "episodes_per_s_max": max(rates), "process_wall_s": wall,
-        "parameters": params,
+        "parameters": params, "peak_memory_gib": max(peaks) if peaks else None,
     }
 
 

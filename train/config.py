@@ -75,6 +75,8 @@ class StrategyConfig:
     name: str = "ddp"
     """auto | ddp | deepspeed_zero1 | deepspeed_zero2 | deepspeed_zero3"""
     find_unused_parameters: bool = False
+    single_process_ddp: bool = False
+    """ddp with one process: wrap in DDP with a process group anyway (the 1-GPU NCCL check of gpu_check.sh)"""
     offload_optimizer: bool = False
     """DeepSpeed only: keep optimizer state in CPU memory"""
 
