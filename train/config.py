@@ -118,7 +118,10 @@ class RunConfig:
 
 # Sections that do not change what a run computes, so they stay out of its hash and name.
 _UNHASHED = ("wandb",)
-_UNHASHED_TRAINER = ("progress", "threads")
+# How a step runs, not what it computes (compiled or eager kernels, a 1-process DDP wrapper): out of the hash
+# too, so adding these keys left every existing run's name and resumability as they were.
+_UNHASHED_TRAINER = ("progress", "threads", "compile")
+_UNHASHED_STRATEGY = ("single_process_ddp",)
 
 
 def configs_root(config_path: Path) -> Path:
@@ -265,6 +268,8 @@ def config_hash(cfg: DictConfig | RunConfig | dict[str, Any]) -> str:
     values.pop("name", None)
     for key in _UNHASHED_TRAINER:
         values.get("trainer", {}).pop(key, None)
+    for key in _UNHASHED_STRATEGY:
+        values.get("strategy", {}).pop(key, None)
     blob = json.dumps(values, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
