@@ -2,8 +2,8 @@
 
 1. the step's loss is added to sums kept on the device: nothing in a step waits for the device or for
    another rank. At a *check point* -- a train row (every `log_every` steps), a val row, a checkpoint, the
-   last step, or a preemption request -- one small tensor (loss sum, non-finite count, first non-finite
-   step, preemption flag) goes to the host, after one all-reduce under DDP. A non-finite loss on any rank
+   last step, or a preemption request -- one small tensor (loss sum, non-finite count, preemption flag)
+   goes to the host, after one all-reduce under DDP. A non-finite loss on any rank
    then stops every rank with a clear error before anything is saved, so no checkpoint ever follows a
    non-finite loss; a SIGUSR1 on any rank asks for preemption (one process acts on it at the step it lands;
    under DDP ranks agree at the next check point, at most `log_every` steps later, so no rank ever waits in
