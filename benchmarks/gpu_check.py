@@ -120,13 +120,11 @@ def train_runs(cpu: bool) -> list[tuple[str, str, tuple[str, ...]]]:
 
 def architecture(overrides: tuple[str, ...]) -> tuple[TransformerConfig, int, int]:
     """The model config and padded (n, k) of the reference config under `overrides`."""
-    from emformer.train.config import load_config, to_dict
+    from emformer.train.config import load_config, to_task_spec
 
-    config = to_dict(load_config(REPO / CONFIG, list(overrides)))
-    task = config["task"]
-    n = task["n_max"] if task.get("n_max") is not None else task["n"]
-    k = task["k_max"] if task.get("k_max") is not None else task["k"]
-    return TransformerConfig.from_run_config(config), int(n), int(k)
+    cfg = load_config(REPO / CONFIG, list(overrides))
+    spec = to_task_spec(cfg)
+    return TransformerConfig.from_run_config(cfg), spec.n_pad, spec.k_pad
 
 
 def utilisation(tokens_per_s: float, flops_per_token: float, peak: Optional[float]) -> tuple[float, Optional[float]]:

@@ -195,7 +195,7 @@ def test_gpu_check_cpu_path_writes_its_section(tmp_path):
     assert text.startswith("# Benchmarks\n\nCPU tables stay.\n")
     section = common.gpu_section(text)
     assert section and "--cpu path check" in section
-    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| run")]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith(("| run", "| :"))]
     labels = [row.split(" | ")[0][2:] for row in rows]
     assert labels == ["fp32", "DDP, 1 process (gloo), fp32", "DeepSpeed ZeRO-2, fp32",
                       "Clusterer.predict_proba_batch, fp32, chunks of 16"]
