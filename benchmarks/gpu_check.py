@@ -120,11 +120,10 @@ def train_runs(cpu: bool) -> list[tuple[str, str, tuple[str, ...]]]:
 
 def architecture(overrides: tuple[str, ...]) -> tuple[TransformerConfig, int, int]:
     """The model config and padded (n, k) of the reference config under `overrides`."""
-    from emformer.train.config import load_config, to_task_spec
+    from emformer.train.config import load_config, to_run_config
 
-    cfg = load_config(REPO / CONFIG, list(overrides))
-    spec = to_task_spec(cfg)
-    return TransformerConfig.from_run_config(cfg), spec.n_pad, spec.k_pad
+    run = to_run_config(load_config(REPO / CONFIG, list(overrides)))
+    return TransformerConfig.from_task_and_model(run.task, run.model), run.task.n_pad, run.task.k_pad
 
 
 def utilisation(tokens_per_s: float, flops_per_token: float, peak: Optional[float]) -> tuple[float, Optional[float]]:

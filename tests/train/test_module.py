@@ -99,10 +99,8 @@ def test_training_step_uses_the_permutation_loss_without_an_init():
 
 def _batch(module: ClusterModule, count: int = 8) -> dict:
     from emformer.data.stream import eval_set
-    from emformer.train.config import to_task_spec
-    from omegaconf import OmegaConf
 
-    return eval_set(to_task_spec(OmegaConf.create(module.config)), 3, count)
+    return eval_set(module.run_config.task, 3, count)
 
 
 @pytest.mark.parametrize("overrides, padded", [((), False), (("task.k_max=2",), False),
