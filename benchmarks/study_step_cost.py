@@ -9,13 +9,11 @@ from __future__ import annotations
 import time
 
 import torch
-from omegaconf import OmegaConf
 
 from emformer.data.episodes import sample_episodes
-from emformer.data.tasks import TaskSpec
 from emformer.models.losses import clustering_loss
 from emformer.models.transformer import ClusterTransformer, TransformerConfig
-from emformer.train.config import load_config
+from emformer.train.config import load_run_config
 from emformer.train.module import model_inputs
 
 SHAPES = ((1, 2), (2, 2), (4, 2), (8, 2), (2, 1), (2, 4), (2, 8))
@@ -24,10 +22,9 @@ WARMUP, STEPS = 3, 15
 
 
 def step_cost_ms(depth: int, heads: int) -> float:
-    cfg = load_config("configs/debug.yaml", ["task.n=64", f"model.depth={depth}", f"model.heads={heads}"])
-    run = OmegaConf.to_container(cfg, resolve=True)
-    model = ClusterTransformer(TransformerConfig.from_run_config(run))
-    spec = TaskSpec.from_dict(run["task"])
+    run = load_run_config("configs/debug.yaml", ["task.n=64", f"model.depth={depth}", f"model.heads={heads}"])
+    model = ClusterTransformer(TransformerConfig.from_task_and_model(run.task, run.model))
+    spec = run.task
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     start = 0.0
     for i in range(WARMUP + STEPS):
