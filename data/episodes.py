@@ -116,7 +116,7 @@ def draw_words(seed: int, indices: Sequence[int], words: int, counter: int = 0) 
 
 
 # Counters (second word) of the per-mode extras: 2**64 blocks apart from the main words and from each other.
-ROTATION_COUNTER, DIRICHLET_COUNTER, STUDENT_T_COUNTER = 1, 2, 3
+ROTATION_COUNTER, DIRICHLET_COUNTER, STUDENT_T_COUNTER, DIMS_COUNTER = 1, 2, 3, 4
 
 
 def _extra_gammas(seed: int, indices: Sequence[int], counter: int, shape: float, size: int) -> torch.Tensor:
@@ -159,6 +159,8 @@ def _draws(spec: TaskSpec, seed: int, indices: Sequence[int]) -> dict[str, torch
         out["rotation"] = _box_muller_(_unit_floats(words))[:, :d * d]
     if spec.weights == "dirichlet":
         out["gamma_weights"] = _extra_gammas(seed, indices, DIRICHLET_COUNTER, spec.weights_alpha, spec.k_pad)
+    if spec.d_min is not None:  # the episode's own d
+        out["dims_u"] = _unit_floats(draw_words(seed, indices, 1, DIMS_COUNTER))[:, 0].double() - 1.0
     if spec.noise == "student_t":  # t = z / sqrt(χ²_ν / ν) with χ²_ν = 2·Gamma(ν/2)
         out["gamma_noise"] = _extra_gammas(seed, indices, STUDENT_T_COUNTER, spec.noise_df / 2, spec.n_pad * spec.d)
     return out
@@ -181,9 +183,11 @@ def batch_chunks(batch: Batch, size: int) -> list[Batch]:
     return [{key: value[start:start + size] for key, value in batch.items()} for start in range(0, total, size)]
 
 
-def _pick_int(lo: int, hi: int | None, u: torch.Tensor) -> torch.Tensor:
+def _pick_int(lo: int, hi: int | None, u: torch.Tensor, log: bool = False) -> torch.Tensor:
     if hi is None or hi == lo:
         return torch.full(u.shape, lo, dtype=torch.long)
+    if log:
+        return torch.exp(math.log(lo) + u * (math.log(hi + 1) - math.log(lo))).floor().long().clamp(lo, hi)
     return (lo + torch.floor(u * (hi - lo + 1))).long().clamp(max=hi)
 
 
@@ -193,7 +197,15 @@ def _transform(spec: TaskSpec, raw: dict[str, torch.Tensor]) -> Batch:
     k_pad, n_pad, d = spec.k_pad, spec.n_pad, spec.d
     u = raw["choices"].double()
     k = _pick_int(spec.k, spec.k_max, u[:, 0])
-    n = _pick_int(spec.n, spec.n_max, u[:, 1])
+    n = _pick_int(spec.n, spec.n_max, u[:, 1], log=spec.n_log)
+    dmask = None  # [B,d] 1 on the episode's own coordinates (task.d_min): the others stay exactly 0
+    if spec.d_min is not None:
+        dims = _pick_int(spec.d_min, d, raw["dims_u"])
+        dmask = (torch.arange(d)[None, :] < dims[:, None]).to(f64)
+        # Zero means and noise beyond the episode's d from the start: centring and rescaling keep them 0.
+        own = dmask.float()[:, None, :]
+        raw = {**raw, "means": raw["means"].reshape(batch_size, k_pad, d) * own,
+               "noise": raw["noise"].reshape(batch_size, n_pad, d) * own}
     if spec.separation_max is None:
         delta = torch.full((batch_size,), float(spec.separation), dtype=f64)
     else:
@@ -259,7 +271,7 @@ def _transform(spec: TaskSpec, raw: dict[str, torch.Tensor]) -> Batch:
         points = points * mask[..., None]
         labels = labels.masked_fill(~mask, -1)
 
-    init = _initial_centroids(spec, points, mask, kmask, means, delta, raw)
+    init = _initial_centroids(spec, points, mask, kmask, means, delta, raw, dmask)
     if spec.anchored:
         means, weights, labels = _anchor(means, weights, labels, init, None if fixed_k else kmask, spec.n_max is None)
     points, means, init = _move(spec, raw, delta, points, mask, means, init, kmask)
@@ -305,8 +317,12 @@ def _move(spec: TaskSpec, raw: dict[str, torch.Tensor], delta: torch.Tensor, poi
 
 
 def _initial_centroids(spec: TaskSpec, points: torch.Tensor, mask: torch.Tensor, kmask: torch.Tensor,
-                       means: torch.Tensor, delta: torch.Tensor, raw: dict[str, torch.Tensor]) -> torch.Tensor:
-    truth = inits.Truth(means=means, normals=raw["init_noise"].reshape(means.shape).double(), separation=delta,
+                       means: torch.Tensor, delta: torch.Tensor, raw: dict[str, torch.Tensor],
+                       dmask: torch.Tensor | None) -> torch.Tensor:
+    normals = raw["init_noise"].reshape(means.shape).double()
+    if dmask is not None:  # noisy-truth noise on the episode's own coordinates only
+        normals = normals * dmask[:, None, :]
+    truth = inits.Truth(means=means, normals=normals, separation=delta,
                         sigma=spec.sigma, init_noise=spec.init_noise)
     return inits.initial_centroids(spec.init, inits.InitInputs(points, mask, kmask, raw["init_u"].double(), truth))
 

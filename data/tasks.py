@@ -36,10 +36,14 @@ class TaskSpec:
     """dimension of the data"""
     d_max: Optional[int] = None
     """if set, points are zero-padded up to d_max coordinates (d itself stays fixed)"""
+    d_min: Optional[int] = None
+    """if set, each episode's own dimension is uniform in [d_min, d]: its coordinates beyond it are zero"""
     n: int = 128
     """points per episode (the minimum when n_max is set)"""
     n_max: Optional[int] = None
     """if set, n is uniform in [n, n_max] and points are padded to n_max with a mask"""
+    n_log: bool = False
+    """with n_max: n is log-uniform in [n, n_max] instead (as many episodes per doubling of n)"""
     separation: float = 4.0
     """Δ = min_{a≠b} ‖μ_a − μ_b‖ / σ, hit exactly (the minimum when separation_max is set)"""
     separation_max: Optional[float] = None
@@ -101,6 +105,8 @@ class TaskSpec:
             raise bad("d", "an integer >= 1")
         if self.d_max is not None and self.d_max < self.d:
             raise bad("d_max", f"null or an integer >= task.d ({self.d})")
+        if self.d_min is not None and not 1 <= self.d_min <= self.d:
+            raise bad("d_min", f"null or an integer in [1, task.d ({self.d})]")
         if self.n < self.k_pad:
             raise bad("n", f"an integer >= the number of clusters ({self.k_pad})")
         if self.n_max is not None and self.n_max < self.n:

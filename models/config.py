@@ -25,6 +25,9 @@ class ModelConfig:
     dropout: float = 0.0
     centroid_head: bool = False
     """also read out refined centroids (trained with a matched-mean MSE term)"""
+    count_head: bool = False
+    """also predict P(k | X) from the point tokens (trained with cross-entropy on the episode's k; for
+    n_clusters='auto')"""
 
     def validate(self, prefix: str = "model") -> "ModelConfig":
         """Raise ConfigError naming the first bad key; return self so calls chain."""

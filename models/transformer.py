@@ -14,7 +14,13 @@ point i scores centroid token j:
     logits_ij = <W_q h_i, W_k c_j> / sqrt(D)                 (padded clusters: -inf)
 
 so softmax_j(logits_ij) is a soft assignment, the role of the E-step. An optional head reads refined
-centroids m_j + W_c c_j (the M-step). There is no positional encoding, so permuting the points permutes the
+centroids m_j + W_c c_j (the M-step).
+
+Unknown k: an optional count head predicts P(k | X) for k in [k_min, k_max] from the point tokens alone.
+The same blocks run over the n point tokens with no centroid tokens (so nothing says how many clusters the
+init had), the final states are mean-pooled over the real points, and an MLP reads k's logits:
+
+    count_logits = MLP(mean_i LN(h_i))                       (h: the blocks over point tokens only) There is no positional encoding, so permuting the points permutes the
 output rows and nothing else. This file imports torch only (no lightning): export and `cluster` use it.
 """
 from __future__ import annotations
@@ -43,12 +49,14 @@ class TransformerConfig(ModelConfig):
     """number of centroid tokens (the task's padded k)"""
     learned_centroids: bool = False
     """init = none: centroid tokens are learned slot vectors instead of embedded initial centroids"""
+    k_min: int = 2
+    """smallest k the count head scores (the task's k)"""
 
     @classmethod
     def from_task_and_model(cls, task: TaskSpec, model: ModelConfig) -> "TransformerConfig":
         """The one derivation of the architecture from a run: the model section + the task's padded sizes."""
         return cls(**dataclasses.asdict(model), d_in=task.d_pad, k_max=task.k_pad,
-                   learned_centroids=not task.anchored)
+                   learned_centroids=not task.anchored, k_min=task.k)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -133,6 +141,10 @@ class ClusterTransformer(nn.Module):
             # Start at "refined = init": the head learns a correction.
             nn.init.zeros_(self.centroid_head.weight)
             nn.init.zeros_(self.centroid_head.bias)
+        self.count_head = None
+        if cfg.count_head:
+            self.count_head = nn.Sequential(nn.Linear(cfg.width, cfg.width), nn.GELU(),
+                                            nn.Linear(cfg.width, cfg.k_max - cfg.k_min + 1))
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -169,3 +181,18 @@ class ClusterTransformer(nn.Module):
             if kmask is not None:
                 centroids = centroids * kmask[..., None]
         return logits, centroids
+
+    def count_logits(self, points: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """points [B,n,d], mask [B,n] (None: no padded point) -> logits [B, k_max - k_min + 1] of
+        k = k_min..k_max (needs count_head)."""
+        if self.count_head is None:
+            raise ValueError("this model has no count head (model.count_head was false when it was trained)")
+        x = self.embed(points) + self.type_point
+        keep = None if mask is None else mask.bool()
+        for block in self.blocks:
+            x = block(x, keep)
+        h = self.ln_final(x)
+        if keep is None:
+            return self.count_head(h.mean(1))
+        m = keep[..., None].to(h.dtype)
+        return self.count_head((h * m).sum(1) / m.sum(1).clamp(min=1))

@@ -84,7 +84,11 @@ class ClusterModule(L.LightningModule):
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         logits, centroids = self(batch)
-        return clustering_loss(logits, batch, self.anchored, centroids)
+        loss = clustering_loss(logits, batch, self.anchored, centroids)
+        if self.model.count_head is not None:
+            loss = loss + count_loss(self.model.count_logits(batch["points"], batch["mask"]), batch["k"],
+                                     self.model_config.k_min).mean()
+        return loss
 
     def configure_optimizers(self) -> Any:
         optim, trainer = self.run_config.optim, self.run_config.trainer
@@ -124,6 +128,7 @@ class ClusterModule(L.LightningModule):
                 for key, value in values.items():
                     chunks.setdefault(key, []).append(value.detach().double().cpu())
             means = {key: float(torch.cat(vals).mean()) for key, vals in chunks.items()}
+            means.update(means_by_k(sets["val"]["k"], {key: torch.cat(chunks[key]) for key in ("err_em", "err_oracle")}))
             if self.anchored:
                 means["err_init"] = float(torch.cat(init_errors(sets["val"])).mean())
             sets["baselines"] = means
@@ -134,6 +139,9 @@ class ClusterModule(L.LightningModule):
         """Model loss / err / err_anchored / ari on a fixed batch, in chunks, as means over episodes."""
         k = self.model_config.k_max
         sums = {"loss": 0.0, "err": 0.0, "err_anchored": 0.0, "ari": 0.0}
+        by_k: dict[str, list[torch.Tensor]] = {"k": [], "err": []}
+        if self.model.count_head is not None:
+            sums.update(k_acc=0.0, k_loss=0.0)
         count = 0
         was_training = self.model.training
         self.model.eval()
@@ -150,13 +158,23 @@ class ClusterModule(L.LightningModule):
                 else:
                     loss = per_episode_permutation_cross_entropy(logits, labels, mask, part["kmask"])
                 sums["loss"] += float(loss.double().sum())
-                sums["err"] += float(misclustering_rate(pred, labels, mask, k).double().sum())
+                err = misclustering_rate(pred, labels, mask, k).double()
+                sums["err"] += float(err.sum())
+                by_k["k"].append(part["k"].cpu())
+                by_k["err"].append(err.cpu())
+                if self.model.count_head is not None:
+                    count_logits = self.model.count_logits(part["points"], part["mask"]).float()
+                    k_true = part["k"] - self.model_config.k_min
+                    sums["k_acc"] += float((count_logits.argmax(-1) == k_true).double().sum())
+                    sums["k_loss"] += float(count_loss(count_logits, part["k"], self.model_config.k_min).double().sum())
                 sums["err_anchored"] += float(anchored_error(pred, labels, mask).double().sum())
                 sums["ari"] += float(adjusted_rand_index(pred, labels, mask, k).double().sum())
                 count += labels.shape[0]
         finally:
             self.model.train(was_training)
-        return {key: value / max(count, 1) for key, value in sums.items()}
+        row = {key: value / max(count, 1) for key, value in sums.items()}
+        row.update(means_by_k(torch.cat(by_k["k"]), {"err": torch.cat(by_k["err"])}))
+        return row
 
     def evaluate(self) -> dict[str, float]:
         """One val row (without step/split): the model on the eval set, on training episodes, and baselines."""
@@ -165,8 +183,23 @@ class ClusterModule(L.LightningModule):
         row = self.score(sets["val"], batch_size)
         train = self.score(sets["train"], batch_size)
         row["train_loss"], row["train_err"] = train["loss"], train["err"]
+        if "k_acc" in train:
+            row["train_k_acc"] = train["k_acc"]
         row.update(self.baseline_means())
         return row
+
+
+def count_loss(count_logits: torch.Tensor, k: torch.Tensor, k_min: int) -> torch.Tensor:
+    """Per-episode cross-entropy [B] of the count head's logits against the episode's true k."""
+    return torch.nn.functional.cross_entropy(count_logits.float(), (k - k_min).long(), reduction="none")
+
+
+def means_by_k(k: torch.Tensor, values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """{f"{name}_k{k}": mean over the episodes with that k} when the episodes have several k (none otherwise)."""
+    ks = sorted(set(k.tolist()))
+    if len(ks) < 2:
+        return {}
+    return {f"{name}_k{kk}": float(value[k == kk].double().mean()) for name, value in values.items() for kk in ks}
 
 
 def init_errors(batch: Batch, batch_size: int = 1024) -> list[torch.Tensor]:

@@ -264,3 +264,32 @@ def test_augmented_episode_alone_equals_episode_in_batch(extra):
     batch = sample_episodes(spec, 4, range(10, 26))
     for row in (0, 9):
         assert_same_episode(batch, row, sample_episodes(spec, 4, [10 + row]))
+
+
+def test_episode_dimension_range_zeroes_the_coordinates_beyond_it():
+    """task.d_min: each episode has its own d in [d_min, d]; the coordinates beyond it are exactly zero and Δ
+    holds over the others; a spec without d_min keeps its episodes (the d draw comes last)."""
+    spec = TaskSpec(k=3, d=6, d_min=2, n=40, separation=3.0, init="kmeans++").validate()
+    b = sample_episodes(spec, 3, range(300))
+    active = (b["points"] != 0).any(1)  # [B, d]
+    dims = active.sum(1)
+    assert set(dims.tolist()) == {2, 3, 4, 5, 6}
+    assert torch.equal(active, torch.arange(6)[None] < dims[:, None])  # a prefix of the coordinates
+    assert (b["means"].abs().sum(1)[~active] == 0).all() and (b["init"].abs().sum(1)[~active] == 0).all()
+    gaps = torch.cdist(b["means"].double(), b["means"].double())
+    gaps = gaps + torch.eye(3, dtype=torch.float64) * 1e9
+    torch.testing.assert_close(gaps.amin((1, 2)), b["separation"].double(), atol=1e-4, rtol=1e-4)
+    fixed = TaskSpec(k=3, d=6, n=40, separation=3.0)
+    assert torch.equal(sample_episodes(fixed, 3, range(5))["points"],
+                       sample_episodes(dataclasses.replace(fixed, d_min=6), 3, range(5))["points"])
+
+
+def test_log_uniform_n():
+    """task.n_log: n is log-uniform in [n, n_max]: as many episodes below the geometric middle as above."""
+    spec = TaskSpec(k=2, d=2, n=8, n_max=512, n_log=True).validate()
+    n = sample_episodes(spec, 0, range(2000))["n"].double()
+    assert n.min() >= 8 and n.max() <= 512 and n.max() > 400
+    below = float((n < 64).double().mean())  # 64 = sqrt(8 * 512)
+    assert 0.45 < below < 0.55, below
+    uniform = sample_episodes(TaskSpec(k=2, d=2, n=8, n_max=512).validate(), 0, range(2000))["n"].double()
+    assert float((uniform < 64).double().mean()) < 0.15

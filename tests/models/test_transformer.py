@@ -175,3 +175,20 @@ def test_no_mask_equals_an_all_true_mask(centroid_head):
         torch.testing.assert_close(got[0], masked[0], atol=ATOL, rtol=0)
         if centroid_head:
             torch.testing.assert_close(got[1], masked[1], atol=ATOL, rtol=0)
+
+
+def test_count_head_reads_the_points_alone():
+    """P(k | X) over [k_min, k_max]: invariant to the points' order and to padded points, and it never sees
+    the init (so it cannot read k off the number of centroid tokens)."""
+    model = make_model(count_head=True, k_min=2)
+    batch = episodes(TaskSpec(k=2, k_max=3, d=4, n=20, n_max=24, separation=3.0))
+    points, mask = batch["points"], batch["mask"]
+    with torch.no_grad():
+        logits = model.count_logits(points, mask)
+        assert logits.shape == (points.shape[0], 2)
+        perm = torch.randperm(points.shape[1], generator=torch.Generator().manual_seed(2))
+        torch.testing.assert_close(model.count_logits(points[:, perm], mask[:, perm]), logits, atol=ATOL, rtol=0)
+        garbage = torch.where(mask[..., None], points, torch.randn_like(points) * 50)
+        torch.testing.assert_close(model.count_logits(garbage, mask), logits, atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="no count head"):
+        make_model().count_logits(points, mask)

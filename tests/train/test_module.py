@@ -133,3 +133,21 @@ def test_compiled_training_forward_gives_the_eager_loss_and_gradients():
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
     for (name, a), b in zip(eager.model.named_parameters(), compiled.model.parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_count_head_adds_its_loss_and_per_k_figures():
+    """model.count_head on a k range: the step adds the count cross-entropy; the val row gets k_acc, k_loss
+    and err / err_em / err_oracle per k."""
+    from emformer.models.losses import anchored_cross_entropy
+    from emformer.train.module import count_loss
+
+    module = ClusterModule(small_config("task.k=2", "task.k_max=3", "task.n=12", "model.count_head=true"))
+    batch = eval_set(module.run_config.task, 3, 8)
+    logits = module.model(batch["points"], batch["mask"], batch["init"], batch["kmask"])
+    count = module.model.count_logits(batch["points"], batch["mask"])
+    torch.testing.assert_close(module.training_step(batch, 0), anchored_cross_entropy(logits, batch["labels"], batch["mask"])
+                               + count_loss(count, batch["k"], 2).mean())
+    row = module.evaluate()
+    assert 0 <= row["k_acc"] <= 1 and row["k_loss"] > 0 and 0 <= row["train_k_acc"] <= 1
+    assert {"err_k2", "err_k3", "err_em_k2", "err_em_k3", "err_oracle_k2", "err_oracle_k3"} <= set(row)
+    assert "err_k2" not in ClusterModule(small_config()).evaluate()  # one k: no per-k figures
