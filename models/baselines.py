@@ -4,6 +4,8 @@
   diagonal ('diag') covariances, weights estimated, `reg` added to variances like sklearn's reg_covar.
   One iteration = E-step then M-step, as sklearn counts them; the returned log_resp is a final E-step with
   the final parameters (what sklearn's fit_predict returns).
+- `em_from_responsibilities`: the same EM started from a soft assignment (a model's), for the Clusterer's
+  `em_steps` polish and its `n_init` score (the fitted mixture's log-likelihood).
 - `lloyd`: Lloyd's k-means (lives in data/inits.py, which the spectral init needs it for). An empty cluster
   keeps its centroid (sklearn instead moves it to a far point).
 - The initial centroids (k-means++, spectral, ...) are data/inits.py's registry.
@@ -19,6 +21,7 @@ the spherical variance is the mean over the other coordinates only, so padding d
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -44,6 +47,9 @@ class EMResult:
     """[B,k] (spherical) or [B,k,d] (diag)"""
     log_resp: torch.Tensor
     """[B,n,k] log responsibilities under the final parameters; padded clusters -inf"""
+    log_likelihood: torch.Tensor
+    """[B] float64 mean log-likelihood per valid point under the final parameters (coordinates that are zero
+    for every point of an episode, i.e. padding, left out)"""
 
 
 def _active_dims(x: torch.Tensor) -> torch.Tensor:
@@ -51,63 +57,101 @@ def _active_dims(x: torch.Tensor) -> torch.Tensor:
     return (x != 0).any(dim=1).to(F64)
 
 
-def em(points: torch.Tensor, mask: torch.Tensor, kmask: torch.Tensor, init: torch.Tensor, iters: int,
-       covariance: Literal["spherical", "diag"] = "spherical", reg: float = 1e-6) -> EMResult:
-    """`iters` EM iterations from centroids `init`, with uniform initial weights and one shared initial
-    variance: the mean squared distance of valid points to their nearest init centroid, per coordinate."""
-    if covariance not in ("spherical", "diag"):
-        raise ValueError(f"covariance must be 'spherical' or 'diag', got {covariance!r}")
-    out_dtype = points.dtype if points.dtype.is_floating_point else torch.float32
-    x, m = prepare_points(points, mask)
-    km = kmask.bool()
-    kf = km.to(F64)
-    dims = _active_dims(x)  # [B,d]
-    n_dims = dims.sum(-1).clamp(min=1)  # [B]
-    n_valid = m.sum(-1).clamp(min=1)  # [B]
+class _Mixture:
+    """The E- and M-steps of EM on one padded batch (float64), shared by `em` and `em_from_responsibilities`."""
 
-    means = init.to(F64) * kf[..., None]
-    weights = kf / kf.sum(-1, keepdim=True).clamp(min=1)
-    nearest = neg_inf_pad(-sq_dist(x, means), km).amax(-1).neg()  # [B,n] squared distance to nearest
-    shared = (nearest * m).sum(-1) / (n_valid * n_dims) + reg  # [B]
-    if covariance == "spherical":
-        variances = shared[:, None].expand(-1, means.shape[1]).clone()
-    else:
-        variances = shared[:, None, None].expand(-1, means.shape[1], x.shape[-1]).clone()
+    def __init__(self, points: torch.Tensor, mask: torch.Tensor, kmask: torch.Tensor, covariance: str,
+                 reg: float) -> None:
+        if covariance not in ("spherical", "diag"):
+            raise ValueError(f"covariance must be 'spherical' or 'diag', got {covariance!r}")
+        self.out_dtype = points.dtype if points.dtype.is_floating_point else torch.float32
+        self.x, self.m = prepare_points(points, mask)
+        self.km = kmask.bool()
+        self.covariance, self.reg = covariance, reg
+        self.dims = _active_dims(self.x)  # [B,d]
+        self.n_dims = self.dims.sum(-1).clamp(min=1)  # [B]
+        self.n_valid = self.m.sum(-1).clamp(min=1)  # [B]
 
-    def e_step() -> torch.Tensor:
-        if covariance == "spherical":
+    def log_joint(self, means: torch.Tensor, weights: torch.Tensor, variances: torch.Tensor) -> torch.Tensor:
+        """[B,n,k] log w_j + log N(x_i; μ_j, Σ_j) up to the constant −(d/2) log 2π; padded clusters −inf."""
+        x, dims = self.x, self.dims
+        if self.covariance == "spherical":
             log_lik = -0.5 * (sq_dist(x, means) / variances[:, None, :]
-                              + n_dims[:, None, None] * torch.log(variances)[:, None, :])
+                              + self.n_dims[:, None, None] * torch.log(variances)[:, None, :])
         else:
             prec = 1.0 / variances  # [B,k,d]
             # Σ_j (x_j − μ_j)² / v_j expanded into matmuls; padded coordinates have x = μ = 0.
             maha = (torch.bmm(x * x, prec.transpose(1, 2)) - 2 * torch.bmm(x, (means * prec).transpose(1, 2))
                     + (means * means * prec).sum(-1)[:, None, :]).clamp(min=0)
             log_lik = -0.5 * (maha + (torch.log(variances) * dims[:, None, :]).sum(-1)[:, None, :])
-        log_joint = neg_inf_pad(log_lik + torch.log(weights)[:, None, :], km)
-        return log_joint - torch.logsumexp(log_joint, dim=-1, keepdim=True)
+        return neg_inf_pad(log_lik + torch.log(weights)[:, None, :], self.km)
 
-    for _ in range(iters):
-        resp = e_step().exp() * m[..., None]  # [B,n,k]
+    def m_step(self, resp: torch.Tensor, means: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(weights, means, variances) from responsibilities [B,n,k]; padded clusters keep `means`."""
+        x, km = self.x, self.km
+        resp = resp * self.m[..., None]
         mass = resp.sum(1) + _MASS_EPS  # [B,k]
-        weights = torch.where(km, mass / n_valid[:, None], torch.zeros_like(mass))
+        weights = torch.where(km, mass / self.n_valid[:, None], torch.zeros_like(mass))
         new_means = torch.bmm(resp.transpose(1, 2), x) / mass[..., None]
         means = torch.where(km[..., None], new_means, means)
         # E[x²] − E[x]² per coordinate (sklearn's diag estimator, by expansion), then reg.
         avg_x2 = torch.bmm(resp.transpose(1, 2), x * x) / mass[..., None]
         per_dim = (avg_x2 - new_means * new_means).clamp(min=0)
-        if covariance == "spherical":
-            variances = (per_dim * dims[:, None, :]).sum(-1) / n_dims[:, None] + reg
+        if self.covariance == "spherical":
+            variances = (per_dim * self.dims[:, None, :]).sum(-1) / self.n_dims[:, None] + self.reg
         else:
-            variances = per_dim + reg
-        variances = torch.where(km if covariance == "spherical" else km[..., None], variances,
+            variances = per_dim + self.reg
+        variances = torch.where(km if self.covariance == "spherical" else km[..., None], variances,
                                 torch.ones_like(variances))  # padded clusters: any positive value
-    log_resp = e_step()
-    return EMResult(means=means.to(out_dtype), weights=weights.to(out_dtype), variances=variances.to(out_dtype),
-                    log_resp=log_resp.float())
+        return weights, means, variances
+
+    def result(self, means: torch.Tensor, weights: torch.Tensor, variances: torch.Tensor) -> EMResult:
+        """The final E-step: responsibilities and the mean log-likelihood per valid point."""
+        log_joint = self.log_joint(means, weights, variances)
+        log_marginal = torch.logsumexp(log_joint, dim=-1, keepdim=True)
+        per_point = log_marginal[..., 0] - 0.5 * self.n_dims[:, None] * math.log(2 * math.pi)
+        log_likelihood = (per_point * self.m).sum(-1) / self.n_valid
+        dtype = self.out_dtype
+        return EMResult(means=means.to(dtype), weights=weights.to(dtype), variances=variances.to(dtype),
+                        log_resp=(log_joint - log_marginal).float(), log_likelihood=log_likelihood)
 
 
-# ---------------------------------------------------------------------------------------------- oracle
+def em(points: torch.Tensor, mask: torch.Tensor, kmask: torch.Tensor, init: torch.Tensor, iters: int,
+       covariance: Literal["spherical", "diag"] = "spherical", reg: float = 1e-6) -> EMResult:
+    """`iters` EM iterations from centroids `init`, with uniform initial weights and one shared initial
+    variance: the mean squared distance of valid points to their nearest init centroid, per coordinate."""
+    mix = _Mixture(points, mask, kmask, covariance, reg)
+    kf = mix.km.to(F64)
+    means = init.to(F64) * kf[..., None]
+    weights = kf / kf.sum(-1, keepdim=True).clamp(min=1)
+    nearest = neg_inf_pad(-sq_dist(mix.x, means), mix.km).amax(-1).neg()  # [B,n] squared distance to nearest
+    shared = (nearest * mix.m).sum(-1) / (mix.n_valid * mix.n_dims) + reg  # [B]
+    if covariance == "spherical":
+        variances = shared[:, None].expand(-1, means.shape[1]).clone()
+    else:
+        variances = shared[:, None, None].expand(-1, means.shape[1], mix.x.shape[-1]).clone()
+    for _ in range(iters):
+        log_joint = mix.log_joint(means, weights, variances)
+        resp = (log_joint - torch.logsumexp(log_joint, dim=-1, keepdim=True)).exp()
+        weights, means, variances = mix.m_step(resp, means)
+    return mix.result(means, weights, variances)
+
+
+def em_from_responsibilities(points: torch.Tensor, mask: torch.Tensor, kmask: torch.Tensor, resp: torch.Tensor,
+                             iters: int, covariance: Literal["spherical", "diag"] = "spherical",
+                             reg: float = 1e-6) -> EMResult:
+    """EM started from a soft assignment resp [B,n,k] (e.g. a model's): the M-step of resp, then `iters` EM
+    iterations (E-step, M-step), then the final E-step. iters = 0 fits the mixture of resp itself: its
+    log_likelihood scores that assignment."""
+    mix = _Mixture(points, mask, kmask, covariance, reg)
+    means = torch.zeros(resp.shape[0], resp.shape[2], mix.x.shape[-1], dtype=F64, device=mix.x.device)
+    weights, means, variances = mix.m_step(resp.to(F64), means)
+    for _ in range(iters):
+        log_joint = mix.log_joint(means, weights, variances)
+        weights, means, variances = mix.m_step((log_joint - torch.logsumexp(log_joint, -1, keepdim=True)).exp(), means)
+    return mix.result(means, weights, variances)
+
+
 def oracle_log_posterior(batch: dict[str, torch.Tensor], spec: TaskSpec) -> torch.Tensor:
     """log p(z = j | x) [B,n,k] under the true model: means, weights, per-axis scales and the spec's noise
     (Gaussian, or per-axis Student-t with spec.noise_df scaled to unit variance). Padded clusters -inf."""
