@@ -34,7 +34,11 @@ Input conventions, each a choice the model's training forces on us (figures: the
 """
 from __future__ import annotations
 
+import importlib.resources
 import json
+import math
+import re
+import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -44,6 +48,7 @@ import torch
 from emformer.atomic import sha256_file
 from emformer.data import inits
 from emformer.errors import CheckpointError, ConfigError, DataError
+from emformer.models import baselines
 from emformer.models.transformer import ClusterTransformer, TransformerConfig
 
 EXPORT_FORMAT = "emformer-export"
@@ -54,6 +59,10 @@ ONNX_FILE = "model.onnx"
 INIT_MODES = inits.POINT_INITS
 STANDARDIZE_MODES = (True, False, "isotropic", "features")
 DEFAULT_INIT_ITERS = 10
+AUTO = "auto"
+# Models shipped with emformer, by name: pretrained/<name>/ beside the packages (package data when installed).
+PRETRAINED_PACKAGE = "emformer.pretrained"
+PRETRAINED_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 ArrayLike = Union[np.ndarray, torch.Tensor, Sequence[Sequence[float]]]
 
@@ -69,6 +78,41 @@ class UnsupportedProblemError(ConfigError, ValueError):
 
 class ParameterError(ConfigError, ValueError):
     """A Clusterer parameter (init, n_clusters, n_passes, batch_size) has a value it cannot take."""
+
+
+class OutOfRangeWarning(UserWarning):
+    """k, d or n lies outside the range the model was trained on: it runs, but was never trained there."""
+
+
+# ---------------------------------------------------------------------------------------- shipped models
+def pretrained_root() -> Path:
+    """The folder of the shipped models: package data `emformer.pretrained` when installed, else the
+    repository's pretrained/ (an editable install maps it there too)."""
+    try:
+        root = Path(str(importlib.resources.files(PRETRAINED_PACKAGE)))
+        if root.is_dir():
+            return root
+    except ModuleNotFoundError:
+        pass
+    return Path(__file__).resolve().parents[1] / "pretrained"
+
+
+def shipped_models() -> list[str]:
+    root = pretrained_root()
+    return sorted(p.name for p in root.iterdir() if (p / CONFIG_FILE).is_file()) if root.is_dir() else []
+
+
+def resolve_model_dir(model: str | Path) -> Path:
+    """An export directory, or the name of a shipped model (e.g. "emformer-gmm-small") when no such
+    directory exists; a missing one is a CheckpointError listing the shipped names."""
+    path = Path(model)
+    if path.exists() or not PRETRAINED_NAME.match(str(model)):
+        return path
+    shipped = pretrained_root() / str(model)
+    if (shipped / CONFIG_FILE).is_file():
+        return shipped
+    raise CheckpointError(f"{model}: no such export directory and no shipped model of that name (shipped: "
+                          f"{', '.join(shipped_models()) or 'none'}; make one with `emformer export RUN_DIR --out DIR`)")
 
 
 # ---------------------------------------------------------------------------------------- loading exports
@@ -102,7 +146,7 @@ def load_exported_model(model_dir: str | Path, device: str | torch.device = "cpu
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    model_dir = Path(model_dir)
+    model_dir = resolve_model_dir(model_dir)
     config = config if config is not None else read_export_config(model_dir)
     weights_path = model_dir / WEIGHTS_FILE
     if not weights_path.is_file():
@@ -178,15 +222,21 @@ class Clusterer:
 
     Parameters
     ----------
-    model, config: the ClusterTransformer and its export config (use `Clusterer.from_pretrained(DIR)`).
-    n_clusters: k; defaults to the k the model was trained on (required when it was trained on a range).
+    model, config: the ClusterTransformer and its export config (use `Clusterer.from_pretrained(DIR or NAME)`).
+    n_clusters: k; "auto" lets the model's count head pick k (the most probable under P(k | X)); defaults to
+        the k the model was trained on (required when it was trained on a range).
     init: "kmeans++" | "spectral" | an array (k, d) of initial centroids in X's coordinates.
     standardize: True / "isotropic" (default): centre, then one common scale for all features so their mean
-        variance is the training episodes'; "features": z-score each feature first (for features in unrelated
-        units; it distorts the clusters' shape); False: feed X as it is (see module doc).
+        variance is the training episodes' at X's d; "features": z-score each feature first (for features in
+        unrelated units; it distorts the clusters' shape); False: feed X as it is (see module doc).
     init_iters: Lloyd iterations refining the k-means++ / spectral centroids before the model sees them.
         None: 0 when the model was trained with that init (its training distribution), else 10 (a model
         trained on noisy true means needs centroids near the truth; see module doc).
+    n_init: starts (k-means++ / spectral draws), run as one batch; the one whose assignment fits X best is
+        kept, scored by the log-likelihood of the spherical Gaussian mixture fitted to it (like
+        scikit-learn's n_init, which keeps the lowest inertia). Ignored for a given init array.
+    em_steps: EM iterations (spherical covariances) after the model, started from its soft assignment;
+        0 keeps the model's assignment as it is.
     random_state: seed (int), None, or a numpy Generator, for the k-means++ / spectral draws.
     n_passes: model passes; each further pass starts from the previous pass's soft centroids (like another
         EM round). 1 is what the model was trained and evaluated for.
@@ -195,14 +245,18 @@ class Clusterer:
 
     Fitted attributes: labels_ (n,), cluster_centers_ (k, d) = centroids of the soft assignment in X's
     coordinates, probabilities_ (n, k), init_centers_ (k, d), mean_ / scale_ (the standardization),
-    n_features_in_.
+    n_features_in_, n_clusters_ (the k used), log_likelihood_ (the kept start's score, per point, in
+    standardized coordinates), k_proba_ (with n_clusters="auto": P(k | X) as {k: probability}).
+
+    k, d or n outside the ranges the model was trained on (config.json's supported.*.trained) raise an
+    OutOfRangeWarning naming the range: the model runs there, untested.
     """
 
-    def __init__(self, model: torch.nn.Module, config: dict[str, Any], n_clusters: Optional[int] = None,
+    def __init__(self, model: torch.nn.Module, config: dict[str, Any], n_clusters: Union[int, str, None] = None,
                  init: Union[str, ArrayLike] = "kmeans++", standardize: Union[bool, str] = True,
                  random_state: Union[int, np.random.Generator, None] = None, n_passes: int = 1,
-                 init_iters: Optional[int] = None, device: Union[str, torch.device] = "cpu",
-                 batch_size: int = 256) -> None:
+                 init_iters: Optional[int] = None, n_init: int = 1, em_steps: int = 0,
+                 device: Union[str, torch.device] = "cpu", batch_size: int = 256) -> None:
         self.model = model
         self.config = config
         self.n_clusters = n_clusters
@@ -211,20 +265,24 @@ class Clusterer:
         self.random_state = random_state
         self.n_passes = n_passes
         self.init_iters = init_iters
+        self.n_init = n_init
+        self.em_steps = em_steps
         self.device = torch.device(device)
         self.batch_size = batch_size
         arch = config["architecture"]
         self.d_max = int(arch["d_in"])
         self.k_max = int(arch["k_max"])
-        self.input_scale = float(config.get("input_scale", 1.0))
+        self.k_min = int(arch.get("k_min", 2))
+        self.has_count_head = bool(arch.get("count_head", False))
         self._check_params()
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, device: Union[str, torch.device] = "cpu",
                         **params: Any) -> "Clusterer":
-        """Load an export directory written by `emformer export` (model.safetensors + config.json).
-        `params` are the constructor's (n_clusters, init, standardize, random_state, n_passes, batch_size)."""
+        """Load an export directory written by `emformer export` (model.safetensors + config.json), or a
+        shipped model by name ("emformer-gmm-small"). `params` are the constructor's."""
+        model_dir = resolve_model_dir(model_dir)
         model, config = load_exported_model(model_dir, device=device)
         clusterer = cls(model, config, device=device, **params)
         clusterer.model_dir_ = Path(model_dir)
@@ -232,7 +290,7 @@ class Clusterer:
 
     def get_params(self, deep: bool = True) -> dict[str, Any]:
         return {key: getattr(self, key) for key in ("n_clusters", "init", "standardize", "random_state", "n_passes",
-                                                     "init_iters", "batch_size")}
+                                                     "init_iters", "n_init", "em_steps", "batch_size")}
 
     def set_params(self, **params: Any) -> "Clusterer":
         for key, value in params.items():
@@ -254,16 +312,23 @@ class Clusterer:
                                  f"got {self.init!r}")
         if self.standardize not in STANDARDIZE_MODES:
             raise ParameterError(f"standardize: expected True, False, 'isotropic' or 'features', got {self.standardize!r}")
-        for name in ("n_passes", "batch_size"):
+        for name, least in (("n_passes", 1), ("batch_size", 1), ("n_init", 1), ("em_steps", 0)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ParameterError(f"{name}: expected a positive integer, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+                raise ParameterError(f"{name}: expected {'a positive integer' if least else 'an integer >= 0'}, got {value!r}")
         if self.init_iters is not None and (isinstance(self.init_iters, bool)
                                             or not isinstance(self.init_iters, (int, np.integer)) or self.init_iters < 0):
             raise ParameterError(f"init_iters: expected None or an integer >= 0, got {self.init_iters!r}")
-        if self.n_clusters is not None and (isinstance(self.n_clusters, bool)
-                                            or not isinstance(self.n_clusters, (int, np.integer))):
-            raise ParameterError(f"n_clusters: expected an integer or None, got {self.n_clusters!r}")
+        if self.n_clusters == AUTO:
+            if not self.has_count_head:
+                raise ParameterError("n_clusters: 'auto' needs a model trained with a count head "
+                                     "(model.count_head=true), this one has none; give k")
+            if not isinstance(self.init, str):
+                raise ParameterError("n_clusters: 'auto' draws its own k initial centroids; init must be "
+                                     "'kmeans++' or 'spectral', not an array")
+        elif self.n_clusters is not None and (isinstance(self.n_clusters, bool)
+                                              or not isinstance(self.n_clusters, (int, np.integer))):
+            raise ParameterError(f"n_clusters: expected an integer, 'auto' or None, got {self.n_clusters!r}")
 
     # ------------------------------------------------------------------ supported shapes
     def _resolve_k(self, init: Any = None) -> int:
@@ -279,7 +344,7 @@ class Clusterer:
             task = self.config["task"]
             if task.get("k_max") not in (None, task["k"]):
                 raise ParameterError(f"n_clusters: required, this model was trained on k in "
-                                     f"[{task['k']}, {task['k_max']}]")
+                                     f"[{task['k']}, {task['k_max']}]" + (" (or 'auto')" if self.has_count_head else ""))
             k = int(task["k"])
         if not 2 <= k <= self.k_max:
             raise UnsupportedProblemError(f"n_clusters: this model supports 2 <= k <= {self.k_max} "
@@ -291,30 +356,60 @@ class Clusterer:
             raise UnsupportedProblemError(f"{name}: has {d} features but this model takes at most d={self.d_max} "
                                           f"(smaller d is zero-padded; reduce the dimension first, e.g. with PCA)")
 
-    def _prepare(self, X: ArrayLike) -> tuple[np.ndarray, int, Optional[np.ndarray]]:
-        """X checked against the model: (points (n, d) float64, k, given init (k, d) or None)."""
+    def trained_range(self, name: str) -> Optional[tuple[int, int]]:
+        """(lo, hi) of k, d or n in the training episodes, from config.json (None when it does not say)."""
+        trained = self.config.get("supported", {}).get(name, {}).get("trained")
+        if not isinstance(trained, (list, tuple)) or len(trained) != 2:
+            return None
+        return int(trained[0]), int(trained[1])
+
+    def _warn_outside_training(self, k: int, d: int, n: int) -> None:
+        outside = []
+        for name, value in (("k", k), ("d", d), ("n", n)):
+            span = self.trained_range(name)
+            if span is not None and not span[0] <= value <= span[1]:
+                outside.append(f"{name}={value} (trained on {name} in [{span[0]}, {span[1]}])")
+        if outside:
+            warnings.warn(f"X: {', '.join(outside)} is outside the range this model was trained on; it runs, "
+                          f"but was never trained there", OutOfRangeWarning, stacklevel=3)
+
+    def _prepare(self, X: ArrayLike) -> tuple[np.ndarray, Optional[int], Optional[np.ndarray]]:
+        """X checked against the model: (points (n, d) float64, k (None for 'auto'), given init (k, d) or None)."""
         points = as_points(X)
-        k = self._resolve_k(self.init)
+        k = None if self.n_clusters == AUTO else self._resolve_k(self.init)
         self._check_d(points.shape[1])
-        if points.shape[0] < k:
-            raise InputError(f"X: {points.shape[0]} point(s) but n_clusters={k}: need at least as many points as "
-                             f"clusters")
+        need = self.k_min if k is None else k
+        if points.shape[0] < need:
+            raise InputError(f"X: {points.shape[0]} point(s) but n_clusters={k if k is not None else AUTO}: need at "
+                             f"least as many points as clusters" + ("" if k is not None else f" ({need})"))
+        distinct = len(np.unique(points, axis=0))
+        if distinct < need:
+            what = "all its points are identical" if distinct == 1 else f"it has only {distinct} distinct points"
+            raise InputError(f"X: {what}, fewer than the {need} clusters asked for: nothing to cluster")
         init = None if isinstance(self.init, str) else self._given_init(self.init, k, points.shape[1])
         return points, k, init
 
     # ------------------------------------------------------------------ scikit-learn API
     def fit(self, X: ArrayLike, y: Any = None) -> "Clusterer":
         """Cluster X (n, d) in one episode; sets labels_, cluster_centers_, probabilities_."""
+        for key, value in self._cluster(X).items():
+            setattr(self, key, value)
+        return self
+
+    def _cluster(self, X: ArrayLike) -> dict[str, Any]:
+        """fit's work, returned as the fitted attributes (predict_proba before fit stores nothing)."""
         points, k, init = self._prepare(X)
         mean, scale = self._standardization(points)
-        proba, init_used = self._episode(points, k, init, mean, scale)
-        self.mean_, self.scale_ = mean, scale
-        self.probabilities_ = proba
-        self.labels_ = proba.argmax(1)
-        self.init_centers_ = init_used
-        self.cluster_centers_ = _soft_centroids(points, proba, init_used)
-        self.n_features_in_ = points.shape[1]
-        return self
+        k_proba = None
+        if k is None:
+            k_proba = self._k_proba(points, mean, scale)
+            distinct = len(np.unique(points, axis=0))
+            k = max((kk for kk in k_proba if kk <= distinct), key=k_proba.get)
+        self._warn_outside_training(k, points.shape[1], points.shape[0])
+        proba, init_used, score = self._episode(points, k, init, mean, scale, self.n_init, self.em_steps)
+        return {"mean_": mean, "scale_": scale, "probabilities_": proba, "labels_": proba.argmax(1),
+                "init_centers_": init_used, "cluster_centers_": _soft_centroids(points, proba, init_used),
+                "n_features_in_": points.shape[1], "n_clusters_": k, "log_likelihood_": score, "k_proba_": k_proba}
 
     def fit_predict(self, X: ArrayLike, y: Any = None) -> np.ndarray:
         """Labels (n,) of X's points, each in [0, k)."""
@@ -328,18 +423,25 @@ class Clusterer:
         cluster j means the same cluster as in labels_.
         """
         if not hasattr(self, "cluster_centers_"):
-            points, k, init = self._prepare(X)
-            return self._episode(points, k, init, *self._standardization(points))[0]
+            return self._cluster(X)["probabilities_"]
         points = as_points(X)
         if points.shape[1] != self.n_features_in_:
             raise InputError(f"X: has {points.shape[1]} features but the clusterer was fitted on {self.n_features_in_}")
         k = self.cluster_centers_.shape[0]
         if points.shape[0] < k:
             raise InputError(f"X: {points.shape[0]} point(s) but the clusterer has {k} clusters")
-        return self._episode(points, k, self.cluster_centers_, self.mean_, self.scale_)[0]
+        return self._episode(points, k, self.cluster_centers_, self.mean_, self.scale_, 1, self.em_steps)[0]
 
     def predict(self, X: ArrayLike) -> np.ndarray:
         return self.predict_proba(X).argmax(1)
+
+    def predict_k_proba(self, X: ArrayLike) -> dict[int, float]:
+        """P(k | X) from the model's count head, as {k: probability} over the k it was trained on."""
+        if not self.has_count_head:
+            raise ParameterError("predict_k_proba: this model has no count head (trained without model.count_head)")
+        points = as_points(X)
+        self._check_d(points.shape[1])
+        return self._k_proba(points, *self._standardization(points))
 
     # ------------------------------------------------------------------ batched API
     def predict_proba_batch(self, points: ArrayLike, mask: Optional[ArrayLike] = None,
@@ -351,10 +453,11 @@ class Clusterer:
         initial centroids in the points' coordinates; without it they come from `init` ("kmeans++" /
         "spectral", drawn with random_state). kmask [B, k] (True = real cluster) lets episodes have different
         k; k is init's second dimension, else n_clusters. Standardization, when on, is per episode over its
-        real points. Episodes go through the model `batch_size` at a time. numpy or torch inputs; pass
-        tensors already on the device to avoid copies.
+        real points, in float64. Episodes go through the model `batch_size` at a time. numpy or torch
+        inputs; pass tensors already on the device to avoid copies. One start, no EM polish (n_init and
+        em_steps are for fit).
         """
-        x = torch.as_tensor(points, dtype=torch.float32, device=self.device)
+        x = _float64(points, self.device)
         if x.ndim != 3 or 0 in x.shape:
             raise InputError(f"points: expected a non-empty array [B, n, d], got shape {tuple(x.shape)}")
         if not torch.isfinite(x).all():
@@ -364,7 +467,7 @@ class Clusterer:
         m = self._batch_mask(mask, (batch, n), "mask")
         c = None
         if init is not None:
-            c = torch.as_tensor(init, dtype=torch.float32, device=self.device)
+            c = _float64(init, self.device)
             if c.ndim != 3 or c.shape[0] != batch or c.shape[2] != d:
                 raise InputError(f"init: expected shape [{batch}, k, {d}], got {tuple(c.shape)}")
             if not torch.isfinite(c).all():
@@ -376,6 +479,8 @@ class Clusterer:
             if not isinstance(self.init, str):
                 raise ParameterError("init: an array of centroids is for one episode (fit); pass init=[B, k, d] "
                                      "to predict_proba_batch instead")
+            if self.n_clusters == AUTO:
+                raise ParameterError("n_clusters: 'auto' is for fit; the batched API needs k (or init=[B, k, d])")
             k = self._resolve_k(self.init)
         km = self._batch_mask(kmask, (batch, k), "kmask")
         if (km.sum(1) < 1).any():
@@ -383,11 +488,13 @@ class Clusterer:
         too_few = m.sum(1) < km.sum(1)
         if too_few.any():
             raise InputError(f"points: episode {int(too_few.nonzero()[0, 0])} has fewer real points than clusters")
+        self._warn_outside_training(int(km.sum(1).max()), d, int(m.sum(1).max()))
         out = torch.zeros(batch, n, k, device=self.device)
         rng = np.random.default_rng(self.random_state)
         for start in range(0, batch, self.batch_size):
             part = slice(start, min(start + self.batch_size, batch))
-            out[part] = self._forward_batch(x[part], m[part], None if c is None else c[part], km[part], rng)[0]
+            z, zinit = self._standardize_input(x[part], m[part], None if c is None else c[part], start)
+            out[part] = self._forward_batch(z, m[part], zinit, km[part], rng)[0]
         return out
 
     def predict_batch(self, points: ArrayLike, mask: Optional[ArrayLike] = None, init: Optional[ArrayLike] = None,
@@ -414,40 +521,68 @@ class Clusterer:
             raise InputError(f"init: expected {k} centroids of dimension {d} (shape {(k, d)}), got {centroids.shape}")
         return centroids
 
+    def input_scale(self, d: int) -> float:
+        """The per-feature spread standardized data gets at dimension d: the training episodes' at that d
+        (config.json's input_scale_by_d), so the noise reaches the model at the scale it was trained on."""
+        by_d = self.config.get("input_scale_by_d") or {}
+        return float(by_d.get(str(d), self.config.get("input_scale", 1.0)))
+
     def _standardization(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(mean, scale) per feature, z = (x - mean) / scale being the model's input; as _standardize_batch."""
         if not self.standardize:
             return np.zeros(points.shape[1]), np.ones(points.shape[1])
         x = torch.as_tensor(points)[None]
         mean, scale = _standardize_batch(x, torch.ones(x.shape[:2], dtype=torch.bool), self.standardize,
-                                         self.input_scale)
+                                         self.input_scale(points.shape[1]), "X")
         return mean[0, 0].numpy(), scale[0, 0].numpy()
 
-    def _episode(self, points: np.ndarray, k: int, init: Optional[np.ndarray], mean: np.ndarray,
-                 scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The model over one episode in standardized coordinates; (proba (n, k), init in X's coordinates)."""
-        z = torch.as_tensor((points - mean) / scale, dtype=torch.float32, device=self.device)[None]
-        m = torch.ones(1, z.shape[1], dtype=torch.bool, device=self.device)
-        c = None if init is None else torch.as_tensor((init - mean) / scale, dtype=torch.float32, device=self.device)[None]
+    def _standardize_input(self, x: torch.Tensor, mask: torch.Tensor, init: Optional[torch.Tensor],
+                           first: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """float64 episodes [b, n, d] (and init [b, k, d]) -> the model's float32 input, standardized per
+        episode in float64 (so an offset far above the spread costs no precision)."""
+        x = x * mask[..., None]
+        if self.standardize:
+            mean, scale = _standardize_batch(x, mask, self.standardize, self.input_scale(x.shape[-1]), "points",
+                                             first)
+            x = (x - mean) / scale * mask[..., None]
+            init = None if init is None else (init - mean) / scale
+        return _model_input(x, "points"), None if init is None else _model_input(init, "init")
+
+    def _episode(self, points: np.ndarray, k: int, init: Optional[np.ndarray], mean: np.ndarray, scale: np.ndarray,
+                 n_init: int, em_steps: int) -> tuple[np.ndarray, np.ndarray, float]:
+        """One episode from `n_init` starts (one batch), in standardized coordinates, polished by em_steps of
+        EM; the start whose fitted mixture has the highest log-likelihood is kept. Returns (proba (n, k), its
+        init in X's coordinates, its log-likelihood per point)."""
+        starts = 1 if init is not None else n_init
+        z = _model_input(torch.as_tensor((points - mean) / scale, device=self.device), "X")[None].expand(starts, -1, -1)
+        m = torch.ones(starts, z.shape[1], dtype=torch.bool, device=self.device)
+        c = None if init is None else _model_input(torch.as_tensor((init - mean) / scale, device=self.device),
+                                                   "init")[None]
         rng = np.random.default_rng(self.random_state)
-        kmask = torch.ones(1, k, dtype=torch.bool, device=self.device)
-        proba, init_used = self._forward_batch(z, m, c, kmask, rng, standardized=True)
-        init_x = init_used[0, :k, : points.shape[1]].double().cpu().numpy() * scale + mean
-        return proba[0].double().cpu().numpy(), init_x
+        kmask = torch.ones(starts, k, dtype=torch.bool, device=self.device)
+        proba, init_used = self._forward_batch(z, m, c, kmask, rng)
+        zd = torch.as_tensor((points - mean) / scale, device=self.device)[None].expand(starts, -1, -1)
+        fit = baselines.em_from_responsibilities(zd, m, kmask, proba.double(), max(em_steps - 1, 0))
+        if em_steps:
+            proba = fit.log_resp.exp()
+        best = int(torch.argmax(fit.log_likelihood))
+        init_x = init_used[best, :k, : points.shape[1]].double().cpu().numpy() * scale + mean
+        return proba[best].double().cpu().numpy(), init_x, float(fit.log_likelihood[best])
+
+    def _k_proba(self, points: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> dict[int, float]:
+        z = _model_input(torch.as_tensor((points - mean) / scale, device=self.device), "X")[None]
+        z = torch.nn.functional.pad(z, (0, self.d_max - z.shape[-1]))
+        with torch.inference_mode():
+            logits = self.model.count_logits(z, torch.ones(z.shape[:2], dtype=torch.bool, device=self.device))
+        proba = torch.softmax(logits.double(), -1)[0].cpu().numpy()
+        return {self.k_min + j: float(p) for j, p in enumerate(proba)}
 
     def _forward_batch(self, x: torch.Tensor, mask: torch.Tensor, init: Optional[torch.Tensor], kmask: torch.Tensor,
-                       rng: np.random.Generator, standardized: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """[b, n, d] points -> (probabilities [b, n, k], the model's init [b, k_max, d_max]): standardize, pad
-        d and k, pick the init, run the model."""
-        b, n, d = x.shape
+                       rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """[b, n, d] standardized float32 points -> (probabilities [b, n, k], the model's init [b, k_max,
+        d_max]): pad d and k, pick the init, run the model."""
         k = kmask.shape[1]
-        x = x * mask[..., None]
-        if self.standardize and not standardized:
-            mean, scale = _standardize_batch(x, mask, self.standardize, self.input_scale)
-            x = (x - mean) / scale * mask[..., None]
-            if init is not None:
-                init = (init - mean) / scale
-        pad_d = self.d_max - d
+        pad_d = self.d_max - x.shape[-1]
         if pad_d:
             # Zero-padding keeps every distance and inner product, which is all the model compares.
             x = torch.nn.functional.pad(x, (0, pad_d))
@@ -480,13 +615,30 @@ class Clusterer:
         return centroids * kmask[..., None]
 
 
-def _standardize_batch(x: torch.Tensor, mask: torch.Tensor, mode: Union[bool, str],
-                       input_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-episode (mean [B,1,d], scale [B,1,d]) over the real points of x [B,n,d].
+def _float64(values: ArrayLike, device: torch.device) -> torch.Tensor:
+    """A tensor in float64 (a list would otherwise become float32 before anything is centred)."""
+    if isinstance(values, torch.Tensor):
+        return values.to(device=device, dtype=torch.float64)
+    return torch.as_tensor(np.asarray(values, dtype=np.float64), device=device)
+
+
+def _model_input(x: torch.Tensor, name: str) -> torch.Tensor:
+    """float32 model input; values beyond float32's range (standardize=False on huge data) are an InputError."""
+    out = x.float()
+    if not torch.isfinite(out).all():
+        raise InputError(f"{name}: values up to {float(x.abs().max()):.3g} overflow the model's float32 input; "
+                         f"rescale the data or use standardize=True")
+    return out
+
+
+def _standardize_batch(x: torch.Tensor, mask: torch.Tensor, mode: Union[bool, str], input_scale: float,
+                       name: str = "points", first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-episode (mean [B,1,d], scale [B,1,d]) over the real points of x [B,n,d], in float64.
 
     isotropic (True): one scale for all features, so the mean per-feature variance becomes input_scale²
     (the training episodes'); the clusters keep their shape. features: each feature to variance
-    input_scale². A feature (or episode) without spread gets scale 1 instead of a division by 0.
+    input_scale². A feature without spread gets scale 1 instead of a division by 0. An episode without
+    any spread, or whose spread overflows float64, is an InputError naming it (`first`: the index of x[0]).
     """
     dtype = x.dtype
     x = x.double()
@@ -494,9 +646,19 @@ def _standardize_batch(x: torch.Tensor, mask: torch.Tensor, mode: Union[bool, st
     count = m.sum(1, keepdim=True).clamp(min=1)
     mean = (x * m).sum(1, keepdim=True) / count
     var = (((x - mean) * m) ** 2).sum(1, keepdim=True) / count
+    where = (lambda b: name) if name == "X" else (lambda b: f"{name}: episode {first + b}")
+    overflow = ~torch.isfinite(var).all(-1).flatten()
+    if overflow.any():
+        b = int(overflow.nonzero()[0, 0])
+        raise InputError(f"{where(b)}: the spread of the points overflows float64 (values up to "
+                         f"{float(x[b].abs().max()):.3g}); rescale the data first (e.g. divide it by its largest value)")
+    tiny = 1e-24 * (1 + (mean ** 2).amax(-1, keepdim=True))
+    flat = ~(var > tiny).any(-1).flatten()
+    if flat.any():
+        b = int(flat.nonzero()[0, 0])
+        raise InputError(f"{where(b)}: all its points are identical (no spread); nothing to cluster")
     if mode != "features":
         var = var.mean(-1, keepdim=True).expand_as(var)
-    tiny = 1e-24 * (1 + (mean ** 2).amax(-1, keepdim=True))
     std = torch.where(var > tiny, var.sqrt(), torch.ones_like(var))
     return mean.to(dtype), (std / input_scale).to(dtype)
 

@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +15,9 @@ import torch
 
 from emformer import Clusterer
 from emformer.errors import CheckpointError, EmformerError
-from emformer.models.clusterer import InputError, ParameterError, UnsupportedProblemError
-from export_fixtures import REPO, subprocess_env
+from emformer.models.clusterer import (InputError, OutOfRangeWarning, ParameterError, UnsupportedProblemError,
+                                       resolve_model_dir)
+from export_fixtures import REPO, make_fake_run, subprocess_env
 
 
 def _blobs(n: int, d: int, k: int, separation: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -251,6 +253,144 @@ def test_bad_model_directories(fake_export: Path, tmp_path: Path) -> None:
     (broken / "config.json").write_text(json.dumps({**config, "format_version": 99}))
     with pytest.raises(CheckpointError, match="format_version 99 is not supported"):
         Clusterer.from_pretrained(broken)
+
+
+# ------------------------------------------------------------------------------------------- edges
+def test_batched_api_centres_in_float64(fake_export: Path) -> None:
+    """An offset far above the spread (+1e7) changes nothing: episodes are centred in float64 before the
+    model's float32 input (a float32 cast first moved the probabilities by up to 0.05)."""
+    X, _ = _blobs(32, 4, 2, 3.0, seed=5)
+    init = X[:2] + 0.2
+    clusterer = Clusterer.from_pretrained(fake_export)
+    plain = clusterer.predict_proba_batch(X[None], init=init[None])
+    for points, centroids in ((X + 1e7, init + 1e7), ((X + 1e7).tolist(), (init + 1e7).tolist())):
+        shifted = clusterer.predict_proba_batch([points] if isinstance(points, list) else points[None],
+                                                init=[centroids] if isinstance(centroids, list) else centroids[None])
+        torch.testing.assert_close(shifted, plain, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(Clusterer.from_pretrained(fake_export, init=init + 1e7).predict_proba(X + 1e7),
+                               plain[0].numpy(), atol=1e-5)
+
+
+def test_outside_the_trained_range_warns_naming_it(fake_export: Path) -> None:
+    """The fake export was trained on k = 2, d = 4, n = 32 exactly: inside runs quietly, outside warns."""
+    config = json.loads((fake_export / "config.json").read_text())
+    assert config["supported"]["n"]["min"] == "k" and config["supported"]["n"]["trained"] == [32, 32]
+    X, _ = _blobs(32, 4, 2, 3.0, seed=6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Clusterer.from_pretrained(fake_export, random_state=0).fit(X)
+    with pytest.warns(OutOfRangeWarning, match=r"n=40 \(trained on n in \[32, 32\]\)"):
+        Clusterer.from_pretrained(fake_export, random_state=0).fit(_blobs(40, 4, 2, 3.0, seed=6)[0])
+    with pytest.warns(OutOfRangeWarning, match=r"d=3 \(trained on d in \[4, 4\]\)"):
+        Clusterer.from_pretrained(fake_export, random_state=0).fit(X[:, :3])
+    with pytest.warns(OutOfRangeWarning, match=r"n=20 \(trained on n in \[32, 32\]\)"):
+        Clusterer.from_pretrained(fake_export, random_state=0).predict_proba_batch(X[None, :20])
+
+
+def test_degenerate_and_overflowing_input_are_clear_errors(fake_export: Path) -> None:
+    X, _ = _blobs(32, 4, 2, 3.0, seed=7)
+    clusterer = Clusterer.from_pretrained(fake_export, random_state=0)
+    for bad, message in ((np.full((32, 4), 3.5), "all its points are identical"),
+                         (np.repeat(X[:1], 32, axis=0), "all its points are identical"),
+                         (X * 1e200, "the spread of the points overflows float64 .* rescale")):
+        with pytest.raises(InputError, match=message) as info:
+            clusterer.fit_predict(bad)
+        assert isinstance(info.value, EmformerError) and "\n" not in str(info.value)
+    with pytest.raises(InputError, match="points: episode 1: all its points are identical"):
+        clusterer.predict_proba_batch(np.stack([X, np.ones_like(X)]))
+    with pytest.raises(InputError, match="points: episode 0: the spread of the points overflows float64"):
+        clusterer.predict_proba_batch((X * 1e200)[None])
+    with pytest.raises(InputError, match="overflow the model's float32 input"):
+        Clusterer.from_pretrained(fake_export, standardize=False, random_state=0).fit(X * 1e39)
+    # Large but representable data is fine: the standardization takes the scale out.
+    np.testing.assert_array_equal(clusterer.fit_predict(X * 1e100), clusterer.fit_predict(X))
+
+
+def test_standardization_keeps_the_noise_scale_at_every_d(fake_export: Path) -> None:
+    """Episodes of the model's task at any d <= d_in (σ = 1) reach the model with noise of scale ~1, as in
+    training: the target spread is the training episodes' at that d, not at the trained d alone."""
+    from emformer.data.episodes import sample_episodes
+    from emformer.data.tasks import TaskSpec
+
+    config = json.loads((fake_export / "config.json").read_text())
+    task = TaskSpec.from_dict(config["task"])
+    clusterer = Clusterer.from_pretrained(fake_export)
+    scales = {d: clusterer.input_scale(d) for d in range(1, 5)}
+    assert scales[4] == pytest.approx(config["input_scale"])
+    old = {d: config["input_scale"] for d in scales}  # one scale for every d, as before
+    check_noise = [(scales, True), (old, False)]
+    old_off = {}
+    for d in range(1, 5):
+        batch = sample_episodes(TaskSpec(**{**task.to_dict(), "d": d}), 99, range(200))
+        for target, keeps in check_noise:
+            clusterer.input_scale = target.get  # the target spread at each d
+            noise = []
+            for points, labels in zip(batch["points"].double().numpy(), batch["labels"].numpy()):
+                _, scale = clusterer._standardization(points)
+                z = points / scale
+                noise.append(np.mean([z[labels == j].var(0).mean() for j in range(2)]))
+            off = abs(np.sqrt(np.mean(noise)) - 1)
+            if keeps:
+                assert off < 0.08, (d, off)
+            else:
+                old_off[d] = off
+    assert old_off[1] > 0.1 and old_off[2] > 0.1, old_off  # one scale for every d missed the noise scale
+
+
+def test_n_init_keeps_the_best_start_and_is_reproducible(fake_export: Path) -> None:
+    X, _ = _blobs(32, 4, 2, 2.0, seed=8)
+    one = Clusterer.from_pretrained(fake_export, random_state=3).fit(X)
+    many = Clusterer.from_pretrained(fake_export, random_state=3, n_init=6).fit(X)
+    again = Clusterer.from_pretrained(fake_export, random_state=3, n_init=6).fit(X)
+    np.testing.assert_array_equal(many.labels_, again.labels_)
+    # start 0 of the batch draws what n_init=1 draws, so the best of six is at least as likely
+    assert many.log_likelihood_ >= one.log_likelihood_ - 1e-9
+    with pytest.raises(ParameterError, match="n_init: expected a positive integer, got 0"):
+        Clusterer.from_pretrained(fake_export, n_init=0)
+
+
+def test_em_steps_polish_the_models_assignment(fake_export: Path) -> None:
+    from emformer.models import baselines
+
+    X, _ = _blobs(32, 4, 2, 2.5, seed=9)
+    fits = {m: Clusterer.from_pretrained(fake_export, random_state=0, em_steps=m).fit(X) for m in (0, 1, 3)}
+    base = Clusterer.from_pretrained(fake_export, random_state=0).fit(X)
+    np.testing.assert_array_equal(fits[0].probabilities_, base.probabilities_)  # m = 0 is the model alone
+    assert fits[0].log_likelihood_ <= fits[1].log_likelihood_ + 1e-9 <= fits[3].log_likelihood_ + 2e-9
+    # one step: the M-step of the model's assignment, then the E-step (EM in the standardized coordinates)
+    z = torch.as_tensor((X - base.mean_) / base.scale_)[None]
+    ones = torch.ones(1, 32, dtype=torch.bool)
+    step = baselines.em_from_responsibilities(z, ones, torch.ones(1, 2, dtype=torch.bool),
+                                              torch.as_tensor(base.probabilities_)[None], 0)
+    np.testing.assert_allclose(fits[1].probabilities_, step.log_resp.exp()[0].numpy(), atol=1e-5)
+    with pytest.raises(ParameterError, match="em_steps: expected an integer >= 0"):
+        Clusterer.from_pretrained(fake_export, em_steps=-1)
+
+
+def test_auto_k_from_the_count_head(tmp_path: Path, fake_export: Path) -> None:
+    from emformer.train.export import export_run
+
+    run = make_fake_run(tmp_path / "run", ("task.k=2", "task.k_max=4", "model.count_head=true"))
+    export = export_run(run, tmp_path / "export")
+    X, _ = _blobs(40, 4, 3, 5.0, seed=10)
+    clusterer = Clusterer.from_pretrained(export, n_clusters="auto", random_state=0)
+    k_proba = clusterer.predict_k_proba(X)
+    assert sorted(k_proba) == [2, 3, 4] and sum(k_proba.values()) == pytest.approx(1.0)
+    clusterer.fit(X)
+    assert clusterer.n_clusters_ == max(k_proba, key=k_proba.get) and clusterer.k_proba_ == pytest.approx(k_proba)
+    assert clusterer.probabilities_.shape == (40, clusterer.n_clusters_)
+    with pytest.raises(ParameterError, match="n_clusters: required, .* k in \\[2, 4\\] \\(or 'auto'\\)"):
+        Clusterer.from_pretrained(export).fit(X)
+    with pytest.raises(ParameterError, match="'auto' needs a model trained with a count head"):
+        Clusterer.from_pretrained(fake_export, n_clusters="auto")
+    with pytest.raises(ParameterError, match="predict_k_proba: this model has no count head"):
+        Clusterer.from_pretrained(fake_export).predict_k_proba(X)
+
+
+def test_unknown_model_name_lists_the_shipped_ones() -> None:
+    with pytest.raises(CheckpointError, match="no-such-model: no such export directory and no shipped model"):
+        Clusterer.from_pretrained("no-such-model")
+    assert resolve_model_dir("some/dir/that/is/not/a/name") == Path("some/dir/that/is/not/a/name")
 
 
 # ------------------------------------------------------------------------------------------- light import

@@ -351,13 +351,16 @@ def _file_entry(path: Path) -> dict[str, Any]:
     return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
 
 
-def input_scale(task: TaskSpec, episodes: int = 256) -> float:
-    """RMS within-episode standard deviation of one real coordinate of the training points: what a
-    standardized feature is scaled to so user data looks like the training episodes (see Clusterer)."""
+def input_scale(task: TaskSpec, episodes: int = 256, d: Optional[int] = None) -> float:
+    """RMS within-episode standard deviation of one real coordinate of the training points (of the task's
+    episodes at dimension d, default the task's own): what a standardized feature is scaled to so user data
+    looks like the training episodes (see Clusterer)."""
     # Points do not depend on the init mode; noisy_truth skips k-means++/spectral work.
     spec = dataclasses.replace(task, init="noisy_truth")
+    if d is not None:
+        spec = dataclasses.replace(spec, d=d, d_min=None, d_max=None)
     batch = sample_episodes(spec, seed=12345, indices=range(episodes))
-    x = batch["points"][..., : task.d].double()
+    x = batch["points"][..., : spec.d].double()
     m = batch["mask"][..., None].double()
     count = m.sum(1)
     mean = (x * m).sum(1) / count
@@ -377,12 +380,17 @@ def build_export_config(architecture: TransformerConfig, task: TaskSpec, loaded:
         "supported": {
             "k": {"min": 2, "max": architecture.k_max, "trained": [task.k, task.k_pad],
                   "note": "k below k_max masks the unused centroid slots"},
-            "d": {"min": 1, "max": architecture.d_in, "trained": [task.d, task.d_pad],
+            "d": {"min": 1, "max": architecture.d_in,
+                  "trained": [task.d_min if task.d_min is not None else task.d, task.d],
                   "note": "d below max is zero-padded to max"},
-            "n": {"min": 2, "max": None, "trained": [task.n, task.n_pad],
-                  "note": "any n >= k (no upper bound: no positional encoding); attention memory grows as n^2"},
+            "n": {"min": "k", "max": None, "trained": [task.n, task.n_pad],
+                  "note": "any n >= k, the number of clusters asked for (no upper bound: no positional "
+                          "encoding); attention memory grows as n^2"},
         },
         "input_scale": input_scale(task),
+        # The spread a standardized feature gets at each d the model takes: with Δ fixed, the means' spread
+        # per coordinate shrinks as d grows, so one scale for every d would change the noise scale.
+        "input_scale_by_d": {str(d): input_scale(task, d=d) for d in range(1, architecture.d_in + 1)},
         "init": task.init,
         "training": {
             "checkpoint": str(loaded.path),
@@ -528,7 +536,7 @@ def model_card(config: dict[str, Any], where: str = "EXPORT_DIR") -> str:
         "| field | value |",
         "| --- | --- |",
         f"| clusters k | {k_range} |",
-        f"| dimension d | {task['d']}" + (f" (padded to {task['d_max']})" if task.get("d_max") else "") + " |",
+        f"| dimension d | {_span(task.get('d_min') or task['d'], task['d'])}" + (f" (padded to {task['d_max']})" if task.get("d_max") else "") + " |",
         f"| points n | {n_range} |",
         f"| separation Δ (min distance / σ) | {sep} |",
         f"| σ, weights, noise | {task['sigma']}, {task['weights']}, {task['noise']} |",
@@ -545,11 +553,15 @@ def model_card(config: dict[str, Any], where: str = "EXPORT_DIR") -> str:
         f"- k: {_span(2, sup['k']['max'])} (trained on {k_range}); d: {_span(1, sup['d']['max'])} (smaller d is "
         f"zero-padded); n: any n ≥ k (trained on {n_range}; attention memory grows as n²).",
         f"- `standardize=True` (default) centres X and divides all features by one common scale, to a mean "
-        f"per-feature spread of {config['input_scale']:.3f} (the training episodes'), because the model saw "
+        f"per-feature spread of {config['input_scale']:.3f} at d = {task['d']} (the training episodes' at X's d, "
+        f"config.json's input_scale_by_d), because the model saw "
         f"σ = {task['sigma']} mixtures at the separation above; `standardize=\"features\"` z-scores each feature "
         "(features in unrelated units); `standardize=False` feeds X as it is.",
-        f"- Initial centroids: k-means++ (or spectral) refined by Lloyd iterations, since the model was trained "
-        f"with {task['init']} centroids; or pass `init=` your own (k, d) array.",
+        (f"- Initial centroids: raw {task['init']} seeds, as in training (no Lloyd iterations); `n_init` draws "
+         "several and keeps the best fitted likelihood; `em_steps` polishes the model's assignment with EM; "
+         "or pass `init=` your own (k, d) array." if task["init"] in ("kmeans++", "spectral") else
+         f"- Initial centroids: k-means++ (or spectral) refined by Lloyd iterations, since the model was trained "
+         f"with {task['init']} centroids; or pass `init=` your own (k, d) array."),
         "",
         "## Evaluation" + (f" (test set at step {row.get('step')}: {row.get('episodes', '?')} fresh episodes of "
                            f"eval.test_seed = {row.get('seed')})" if row else ""),
@@ -585,9 +597,11 @@ def model_card(config: dict[str, Any], where: str = "EXPORT_DIR") -> str:
         "",
         "```python",
         "from emformer import Clusterer",
-        f"clusterer = Clusterer.from_pretrained({where!r}, random_state=0)",
+        f"clusterer = Clusterer.from_pretrained({where!r}, random_state=0"
+        + (", n_clusters='auto')" if arch.get("count_head") else ")"),
         "labels = clusterer.fit_predict(X)          # X: (n, d) numpy array",
         "proba = clusterer.predict_proba(X)         # (n, k) soft assignments",
+        *(["k_proba = clusterer.predict_k_proba(X)     # P(k | X) from the count head"] if arch.get("count_head") else []),
         "```",
         "",
         f"or `emformer cluster {where} data.csv --out labels.csv`.",
