@@ -371,7 +371,7 @@ class Clusterer:
                 outside.append(f"{name}={value} (trained on {name} in [{span[0]}, {span[1]}])")
         if outside:
             warnings.warn(f"X: {', '.join(outside)} is outside the range this model was trained on; it runs, "
-                          f"but was never trained there", OutOfRangeWarning, stacklevel=3)
+                          f"but was never trained there", OutOfRangeWarning, stacklevel=4)
 
     def _prepare(self, X: ArrayLike) -> tuple[np.ndarray, Optional[int], Optional[np.ndarray]]:
         """X checked against the model: (points (n, d) float64, k (None for 'auto'), given init (k, d) or None)."""

@@ -1,4 +1,5 @@
-"""`emformer cluster DIR data.csv|data.npy [--k K] [--out labels.csv]`: label points with an exported model.
+"""`emformer cluster DIR|NAME data.csv|data.npy [--k K|auto] [--out labels.csv]`: label points with an exported
+model (an export directory, or a shipped model by name, e.g. emformer-gmm-small).
 
 The input is a numeric CSV (one point a row, comma-separated, no header unless --skip-header; blank lines
 and lines starting with # are skipped) or a 2-d .npy array. The output is one integer label a line, in the
@@ -18,13 +19,15 @@ import numpy as np
 
 from emformer.atomic import atomic_write_text
 from emformer.errors import DataError
-from emformer.models.clusterer import INIT_MODES, Clusterer
+from emformer.models.clusterer import AUTO, INIT_MODES, Clusterer
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model_dir", help="export directory written by `emformer export`")
+    parser.add_argument("model_dir", help="export directory written by `emformer export`, or the name of a shipped "
+                        "model (emformer-gmm-small)")
     parser.add_argument("data", help="points to cluster: a CSV file (one point a row) or a .npy array (n, d)")
-    parser.add_argument("--k", type=int, default=None, help="number of clusters (default: the k the model was trained on)")
+    parser.add_argument("--k", type=_k_value, default=None, help="number of clusters, or 'auto' (the model's count "
+                        "head picks it); default: the k the model was trained on")
     parser.add_argument("--out", default=None, help="write the labels here (one a line); default: stdout")
     parser.add_argument("--init", choices=INIT_MODES, default="kmeans++", help="initial centroids (default kmeans++)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the k-means++ / spectral draws (default 0)")
@@ -35,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Lloyd iterations refining the initial centroids (default: 10, or 0 when the model "
                              "was trained with that init)")
     parser.add_argument("--passes", type=int, default=1, help="model passes, each from the last's soft centroids")
+    parser.add_argument("--n-init", type=int, default=1, help="starts (k-means++ draws); the best fitted "
+                        "likelihood is kept (default 1)")
+    parser.add_argument("--em-steps", type=int, default=0, help="EM iterations from the model's assignment (default 0)")
     parser.add_argument("--skip-header", action="store_true", help="the CSV's first line is a header: skip it")
     parser.add_argument("--device", default="cpu", help="torch device for the model (default cpu)")
 
@@ -45,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
     standardize = False if args.standardize == "none" else args.standardize
     clusterer = Clusterer.from_pretrained(args.model_dir, device=args.device, n_clusters=args.k, init=args.init,
                                           random_state=args.seed, standardize=standardize,
-                                          init_iters=args.init_iters, n_passes=args.passes)
+                                          init_iters=args.init_iters, n_passes=args.passes, n_init=args.n_init,
+                                          em_steps=args.em_steps)
     labels = clusterer.fit_predict(points)
     text = "".join(f"{int(label)}\n" for label in labels)
     if args.out:
@@ -58,6 +65,15 @@ def run(args: argparse.Namespace) -> int:
           f"(sizes {sizes}) in {time.perf_counter() - started:.2f} s" + (f"; labels in {args.out}" if args.out else ""),
           file=sys.stderr)
     return 0
+
+
+def _k_value(text: str) -> int | str:
+    if text == AUTO:
+        return AUTO
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or '{AUTO}', got {text!r}") from None
 
 
 def read_points(path: Path, skip_header: bool = False) -> np.ndarray:

@@ -1,0 +1,393 @@
+"""The shipped pretrained clusterer (pretrained/emformer-gmm-small) on data nobody trained it on.
+
+Four tables, every figure measured in the run that writes them:
+  1. its learning curve per k against EM and the oracle (the val rows of its training run, curve.jsonl
+     beside the export);
+  2. unknown k: accuracy and expected calibration error (ECE, 10 confidence bins) of its count head's
+     P(k | X) against scikit-learn GaussianMixture + BIC over the same k range (P(k | X) ∝ exp(−BIC_k / 2));
+  3. EM polish: error and log-likelihood for em_steps m ∈ {0, 1, 3} against EM from k-means++ alone;
+  4. adjusted Rand index and CPU time of the model (given k, and auto k) against KMeans(n_init=10),
+     GaussianMixture (full, spherical; given k and BIC over k), and our EM, on make_blobs sets of varied
+     spread and anisotropy, Student-t and unequal-weight episodes, and two real data sets (PCA to the
+     model's d). ▲ marks a model cell above every baseline of its row that knows as much about k
+     (given k: KMeans, GMMs, EM; auto k: the BIC columns) by more than 0.01, ▼ one below the best of them
+     by more than 0.01.
+
+Times are CPU seconds per data set (time.process_time, one torch thread), which other processes on a
+shared machine do not inflate.
+
+    python benchmarks/bench_pretrained.py [--model emformer-gmm-small] [--quick] [--write BENCHMARKS.md]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from common import REPO, fmt, markdown_table, progress, write_report  # noqa: E402
+
+SEED = 5_000_011
+SECTION_TITLE = "## The pretrained clusterer on data nobody trained it on"
+EM_ITERS = 100
+ECE_BINS = 10
+MARGIN = 0.01
+FULL = {"episodes": 8, "task_episodes": 120}
+QUICK = {"episodes": 2, "task_episodes": 16}
+
+
+# ------------------------------------------------------------------------------------------ data sets
+def blobs(count: int, seed: int, n: int, k: int, d: int, std: Any, anisotropic: bool = False) -> list:
+    from sklearn.datasets import make_blobs
+
+    out = []
+    for i in range(count):
+        X, y = make_blobs(n_samples=n, centers=k, n_features=d, cluster_std=std, random_state=seed + i)
+        if anisotropic:
+            rng = np.random.default_rng(seed + i)
+            X = X @ rng.normal(size=(d, d))  # a random linear map: elongated, sheared clusters
+        out.append((X, y))
+    return out
+
+
+def task_episodes(count: int, seed: int, **task: Any) -> list:
+    from emformer.data.episodes import sample_episodes
+    from emformer.data.tasks import TaskSpec
+
+    batch = sample_episodes(TaskSpec(**task).validate(), seed, range(count))
+    return [(p[m].double().numpy(), l[m].numpy()) for p, l, m in zip(batch["points"], batch["labels"], batch["mask"])]
+
+
+def real(name: str, d: int, classes: Optional[int] = None) -> list:
+    from sklearn import datasets
+    from sklearn.decomposition import PCA
+    from sklearn.preprocessing import StandardScaler
+
+    data = getattr(datasets, f"load_{name}")()
+    X, y = data.data, data.target
+    if classes is not None:
+        keep = y < classes
+        X, y = X[keep], y[keep]
+    X = PCA(n_components=d, random_state=0).fit_transform(StandardScaler().fit_transform(X))
+    return [(X, y)]
+
+
+def data_sets(episodes: int, d_model: int) -> dict[str, list]:
+    return {
+        "blobs k=3 d=2 σ=1": blobs(episodes, 100, 300, 3, 2, 1.0),
+        "blobs k=5 d=8 σ=2.5": blobs(episodes, 200, 400, 5, 8, 2.5),
+        "blobs k=4 d=4 σ∈{0.5,1,2,3}": blobs(episodes, 300, 400, 4, 4, [0.5, 1.0, 2.0, 3.0]),
+        "anisotropic blobs k=3 d=2": blobs(episodes, 400, 300, 3, 2, 1.0, anisotropic=True),
+        "Student-t ν=3 k=4 d=8 Δ=4": task_episodes(episodes, 500, k=4, d=8, n=256, separation=4.0, noise="student_t",
+                                                   noise_df=3.0),
+        "unequal weights Dirichlet(1) k=4 d=8 Δ=4": task_episodes(episodes, 600, k=4, d=8, n=256, separation=4.0,
+                                                               weights="dirichlet"),
+        f"breast cancer (PCA {d_model}) k=2": real("breast_cancer", d_model),
+        f"digits 0–7 (PCA {d_model}) k=8": real("digits", d_model, classes=8),
+        f"digits (PCA {d_model}) k=10": real("digits", d_model),
+    }
+
+
+# ------------------------------------------------------------------------------------------ methods
+def gmm_bic(X: np.ndarray, ks: list[int], covariance: str, seed: int) -> tuple[np.ndarray, dict[int, float]]:
+    """GaussianMixture for each k in ks; the labels of the lowest BIC and P(k) ∝ exp(−BIC/2)."""
+    from sklearn.mixture import GaussianMixture
+
+    fits = {k: GaussianMixture(k, covariance_type=covariance, random_state=seed).fit(X) for k in ks}
+    bic = np.array([fits[k].bic(X) for k in ks])
+    weights = np.exp(-(bic - bic.min()) / 2)
+    proba = dict(zip(ks, (weights / weights.sum()).tolist()))
+    return fits[ks[int(bic.argmin())]].predict(X), proba
+
+
+def our_em(X: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """baselines.em (spherical) from k-means++ seeds, EM_ITERS iterations."""
+    from emformer.models import baselines
+
+    x = torch.as_tensor(X)[None]
+    mask = torch.ones(1, len(X), dtype=torch.bool)
+    kmask = torch.ones(1, k, dtype=torch.bool)
+    uniforms = torch.as_tensor(np.random.default_rng(seed).random((1, k)))
+    init = baselines.kmeans_plus_plus(x, mask, kmask, uniforms)
+    return baselines.em(x, mask, kmask, init, EM_ITERS).log_resp[0].argmax(-1).numpy()
+
+
+def methods(model: str, ks: list[int], k_max: int) -> dict[str, tuple[str, Callable[[np.ndarray, int, int], Any]]]:
+    """name -> (what it knows about k: 'given' | 'auto' | 'model' | 'model-auto', fit(X, k, seed) -> labels)."""
+    from sklearn.cluster import KMeans
+    from sklearn.mixture import GaussianMixture
+
+    from emformer import Clusterer
+
+    def emformer(**params: Any) -> Callable[[np.ndarray, int, int], Any]:
+        def fit(X: np.ndarray, k: int, seed: int) -> Any:
+            if params.get("n_clusters") != "auto" and k > k_max:
+                return None  # more clusters than the model's slots
+            chosen = {"n_clusters": k, **params}
+            return Clusterer.from_pretrained(model, random_state=seed, **chosen).fit_predict(X)
+        return fit
+
+    return {
+        "emformer": ("model", emformer()),
+        "emformer n_init=10 em_steps=3": ("model", emformer(n_init=10, em_steps=3)),
+        "KMeans n_init=10": ("given", lambda X, k, s: KMeans(k, n_init=10, random_state=s).fit_predict(X)),
+        "GMM full": ("given", lambda X, k, s: GaussianMixture(k, covariance_type="full", random_state=s).fit_predict(X)),
+        "GMM spherical": ("given", lambda X, k, s: GaussianMixture(k, covariance_type="spherical", random_state=s).fit_predict(X)),
+        f"our EM ({EM_ITERS} it.)": ("given", lambda X, k, s: our_em(X, k, s)),
+        "emformer auto k": ("model-auto", emformer(n_clusters="auto")),
+        "emformer auto k n_init=10 em_steps=3": ("model-auto", emformer(n_clusters="auto", n_init=10, em_steps=3)),
+        "GMM full + BIC": ("auto", lambda X, k, s: gmm_bic(X, ks, "full", s)[0]),
+        "GMM spherical + BIC": ("auto", lambda X, k, s: gmm_bic(X, ks, "spherical", s)[0]),
+    }
+
+
+# ------------------------------------------------------------------------------------------ figures
+def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> float:
+    """Σ_b (n_b / N) |accuracy_b − confidence_b| over equal-width confidence bins."""
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+    total = 0.0
+    for b in range(bins):
+        inside = which == b
+        if inside.any():
+            total += inside.mean() * abs(correct[inside].mean() - confidence[inside].mean())
+    return float(total)
+
+
+def main_table(model: str, episodes: int, info: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    from sklearn.metrics import adjusted_rand_score
+
+    ks = list(range(info["k_min"], info["k_max"] + 1))
+    table = methods(model, ks, info["k_max"])
+    sets = data_sets(episodes, info["d"])
+    figures: dict[str, Any] = {}
+    rows_ari, rows_time = [], []
+    for name, items in sets.items():
+        progress(f"pretrained: {name} ({len(items)} data set(s))")
+        ari: dict[str, Optional[float]] = {}
+        cpu: dict[str, Optional[float]] = {}
+        for method, (_, fit) in table.items():
+            scores, seconds = [], 0.0
+            for index, (X, y) in enumerate(items):
+                k = len(np.unique(y))
+                start = time.process_time()
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # out-of-range and sklearn convergence warnings
+                    labels = fit(X, k, index)
+                seconds += time.process_time() - start
+                if labels is None:
+                    break
+                scores.append(adjusted_rand_score(y, labels))
+            ari[method] = float(np.mean(scores)) if scores else None
+            cpu[method] = seconds / len(items) if scores else None
+        figures[name] = {"ari": ari, "cpu_s": cpu}
+        rows_ari.append([name] + [_marked(method, ari, table) for method in table])
+        rows_time.append([name] + [fmt(cpu[m], 2) if cpu[m] is not None else "n/a" for m in table])
+    header = ["data set"] + list(table)
+    text = ("Adjusted Rand index (mean over the data sets of each row; ▲ / ▼: the model above / below every "
+            f"baseline that knows as much about k by more than {MARGIN}; n/a: k above the model's {info['k_max']} "
+            "slots):\n\n" + markdown_table(header, rows_ari) +
+            "\n\nCPU seconds per data set (one torch thread):\n\n" + markdown_table(header, rows_time))
+    return figures, text
+
+
+def _marked(method: str, ari: dict[str, Optional[float]], table: dict[str, Any]) -> str:
+    value = ari[method]
+    if value is None:
+        return "n/a"
+    kind = table[method][0]
+    if not kind.startswith("model"):
+        return fmt(value, 3)
+    rivals = [ari[m] for m, (k, _) in table.items() if k == ("auto" if kind == "model-auto" else "given")
+              and ari[m] is not None]
+    mark = "▲" if value > max(rivals) + MARGIN else "▼" if value < max(rivals) - MARGIN else ""
+    return f"{fmt(value, 3)} {mark}".strip()
+
+
+def unknown_k_table(model: str, count: int, info: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """k-accuracy and ECE of P(k | X) on fresh episodes of the model's own task, against GMM + BIC."""
+    from emformer import Clusterer
+    from emformer.data.tasks import TaskSpec
+
+    task = {key: value for key, value in info["task"].items()}
+    items = task_episodes(count, SEED, **{**TaskSpec(**task).to_dict(), "init": "noisy_truth"})
+    ks = list(range(info["k_min"], info["k_max"] + 1))
+    clusterer = Clusterer.from_pretrained(model)
+    results: dict[str, dict[str, list]] = {m: {"conf": [], "correct": [], "cpu": []} for m in
+                                           ("emformer count head", "GMM spherical + BIC", "GMM full + BIC")}
+    for index, (X, y) in enumerate(items):
+        k = len(np.unique(y))
+        for method in results:
+            start = time.process_time()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                if method == "emformer count head":
+                    proba = clusterer.predict_k_proba(X)
+                else:
+                    proba = gmm_bic(X, ks, "spherical" if "spherical" in method else "full", index)[1]
+            results[method]["cpu"].append(time.process_time() - start)
+            best = max(proba, key=proba.get)
+            results[method]["conf"].append(proba[best])
+            results[method]["correct"].append(best == k)
+    figures, rows = {}, []
+    for method, r in results.items():
+        conf, correct = np.array(r["conf"]), np.array(r["correct"], dtype=float)
+        figures[method] = {"k_accuracy": float(correct.mean()), "ece": expected_calibration_error(conf, correct),
+                           "mean_confidence": float(conf.mean()), "cpu_s": float(np.mean(r["cpu"]))}
+        f = figures[method]
+        rows.append([method, f["k_accuracy"], f["mean_confidence"], f["ece"], fmt(f["cpu_s"], 2)])
+    text = (f"{count} fresh episodes of the model's own task (k ∈ [{info['k_min']}, {info['k_max']}], d ∈ "
+            f"[{info['task'].get('d_min') or info['task']['d']}, {info['task']['d']}], n ∈ [{info['task']['n']}, "
+            f"{info['task'].get('n_max') or info['task']['n']}], Δ ∈ [{info['task']['separation']}, "
+            f"{info['task'].get('separation_max') or info['task']['separation']}]); BIC over the same k range:\n\n"
+            + markdown_table(["method", "k accuracy", "mean confidence", "ECE", "CPU s / episode"], rows))
+    return figures, text
+
+
+def polish_table(model: str, count: int, info: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """err and log-likelihood of the model with em_steps m, and of EM from k-means++ alone, on fresh task
+    episodes (given k). The log-likelihood is the mean per point of the spherical mixture fitted to each
+    final assignment, in the episode's own coordinates."""
+    from emformer import Clusterer
+    from emformer.data.tasks import TaskSpec
+    from emformer.models import baselines, metrics
+
+    items = task_episodes(count, SEED + 1, **{**TaskSpec(**info["task"]).to_dict(), "init": "noisy_truth"})
+    rows, figures = [], {}
+
+    def score(X: np.ndarray, y: np.ndarray, proba: np.ndarray) -> tuple[float, float]:
+        k = proba.shape[1]
+        x, resp = torch.as_tensor(X)[None], torch.as_tensor(proba)[None]
+        mask, kmask = torch.ones(1, len(X), dtype=torch.bool), torch.ones(1, k, dtype=torch.bool)
+        fit = baselines.em_from_responsibilities(x, mask, kmask, resp, 0)
+        err = metrics.misclustering_rate(resp.argmax(-1), torch.as_tensor(y)[None], mask, k)
+        return float(err[0]), float(fit.log_likelihood[0])
+
+    variants: dict[str, Callable[[np.ndarray, int, int], np.ndarray]] = {}
+    for m in (0, 1, 3):
+        variants[f"emformer em_steps={m}"] = (lambda m: lambda X, k, s: Clusterer.from_pretrained(
+            model, n_clusters=k, em_steps=m, random_state=s).fit(X).probabilities_)(m)
+    variants["emformer n_init=10 em_steps=3"] = lambda X, k, s: Clusterer.from_pretrained(
+        model, n_clusters=k, em_steps=3, n_init=10, random_state=s).fit(X).probabilities_
+
+    def em_alone(iters: int) -> Callable[[np.ndarray, int, int], np.ndarray]:
+        def fit(X: np.ndarray, k: int, s: int) -> np.ndarray:
+            x = torch.as_tensor(X)[None]
+            mask, kmask = torch.ones(1, len(X), dtype=torch.bool), torch.ones(1, k, dtype=torch.bool)
+            init = baselines.kmeans_plus_plus(x, mask, kmask, torch.as_tensor(np.random.default_rng(s).random((1, k))))
+            return baselines.em(x, mask, kmask, init, iters).log_resp[0].exp().numpy()
+        return fit
+
+    for iters in (3, 10, EM_ITERS):
+        variants[f"EM from k-means++, {iters} it."] = em_alone(iters)
+    for name, fit in variants.items():
+        errs, lls, cpu = [], [], 0.0
+        for index, (X, y) in enumerate(items):
+            start = time.process_time()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                proba = fit(X, len(np.unique(y)), index)
+            cpu += time.process_time() - start
+            err, ll = score(X, y, proba)
+            errs.append(err)
+            lls.append(ll)
+        figures[name] = {"err": float(np.mean(errs)), "log_likelihood": float(np.mean(lls)), "cpu_s": cpu / len(items)}
+        rows.append([name, figures[name]["err"], figures[name]["log_likelihood"], fmt(cpu / len(items), 2)])
+    text = (f"{count} fresh episodes of the model's own task, k given; error = mis-clustering rate under the best "
+            "relabelling; log-likelihood per point of the spherical mixture fitted to the final assignment:\n\n"
+            + markdown_table(["method", "error", "log-likelihood / point", "CPU s / episode"], rows))
+    return figures, text
+
+
+def curve_table(export_dir: Path, info: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """Val rows of the training run (curve.jsonl beside the export): error per k against EM and the oracle."""
+    path = export_dir / "curve.jsonl"
+    if not path.is_file():
+        return {}, f"(no {path.name} beside the export: no learning curve)"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    ks = list(range(info["k_min"], info["k_max"] + 1))
+    header = ["step"] + [f"k={k}" for k in ks] + ["all k", "k accuracy"]
+    body = [[r["step"]] + [fmt(r.get(f"err_k{k}"), 3) for k in ks] + [fmt(r["err"], 3), fmt(r.get("k_acc"), 3)]
+            for r in rows]
+    last = rows[-1]
+    body.append(["EM, 10 it. (same k-means++ init)"] + [fmt(last.get(f"err_em_k{k}"), 3) for k in ks]
+                + [fmt(last.get("err_em"), 3), "—"])
+    body.append(["oracle"] + [fmt(last.get(f"err_oracle_k{k}"), 3) for k in ks] + [fmt(last.get("err_oracle"), 3), "—"])
+    text = ("Mis-clustering rate on its fixed val set (fresh episodes of the training task) during training, per k, "
+            "with the count head's k accuracy:\n\n" + markdown_table(header, body))
+    return {"rows": rows}, text
+
+
+def model_info(model: str) -> tuple[Path, dict[str, Any]]:
+    from emformer.models.clusterer import read_export_config, resolve_model_dir
+
+    export_dir = resolve_model_dir(model)
+    config = read_export_config(export_dir)
+    arch, task = config["architecture"], config["task"]
+    return export_dir, {"k_min": int(arch.get("k_min", 2)), "k_max": int(arch["k_max"]), "d": int(arch["d_in"]),
+                        "task": task}
+
+
+def run(model: str = "emformer-gmm-small", quick: bool = False) -> tuple[dict[str, Any], str]:
+    torch.set_num_threads(1)
+    sizes = QUICK if quick else FULL
+    export_dir, info = model_info(model)
+    figures: dict[str, Any] = {}
+    parts = [SECTION_TITLE, "",
+             f"Command: `.venv/bin/python benchmarks/bench_pretrained.py --model {model}"
+             + (" --quick" if quick else "") + " --write BENCHMARKS.md`", ""]
+    for key, title, work in (
+            ("curve", "Learning curve per k", lambda: curve_table(export_dir, info)),
+            ("unknown_k", "Unknown k: P(k | X) against GaussianMixture + BIC",
+             lambda: unknown_k_table(model, sizes["task_episodes"], info)),
+            ("polish", "EM polish (em_steps) and restarts (n_init)",
+             lambda: polish_table(model, sizes["task_episodes"], info)),
+            ("table", "Adjusted Rand index and time on data nobody trained it on",
+             lambda: main_table(model, sizes["episodes"], info))):
+        progress(f"pretrained: {title}")
+        figures[key], text = work()
+        parts += [f"### {title}", "", text, ""]
+    return figures, "\n".join(parts)
+
+
+def replace_section(path: Path, title: str, text: str) -> None:
+    """Put `text` (starting with the `## title` line) in place of that section of the markdown file, or at
+    its end; the rest of the file is kept."""
+    old = path.read_text() if path.is_file() else ""
+    start = old.find(title)
+    if start < 0:
+        new = old.rstrip("\n") + "\n\n" + text
+    else:
+        end = old.find("\n## ", start + len(title))
+        new = old[:start] + text.rstrip("\n") + "\n" + (old[end:] if end >= 0 else "")
+    write_report(path, new)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="emformer-gmm-small", help="shipped model name or export directory")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the script only")
+    parser.add_argument("--write", type=Path, default=None, help="replace this section of a markdown file (BENCHMARKS.md)")
+    parser.add_argument("--json", type=Path, default=None, help="also write every figure here")
+    args = parser.parse_args(argv)
+    figures, text = run(args.model, args.quick)
+    print(text)
+    if args.write:
+        replace_section(args.write if args.write.is_absolute() else REPO / args.write, SECTION_TITLE, text)
+    if args.json:
+        from common import save_json
+
+        save_json(args.json, figures)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
