@@ -202,3 +202,24 @@ def test_gpu_check_cpu_path_writes_its_section(tmp_path):
     figures = json.loads(result.stdout[result.stdout.index("\n{") + 1:])
     assert all(r["episodes_per_s"] > 0 and r["tokens_per_s"] > 0 and r["model_flops_per_s"] > 0
                for r in figures["rows"])
+
+
+def test_pretrained_bench_calibration_and_section_rewrite(tmp_path):
+    import numpy as np
+
+    import bench_pretrained
+
+    ece = bench_pretrained.expected_calibration_error
+    assert ece(np.array([0.9] * 10), np.array([1] * 9 + [0], dtype=float)) == pytest.approx(0.0)
+    assert ece(np.array([0.9] * 10), np.zeros(10)) == pytest.approx(0.9)
+    assert ece(np.array([0.55, 0.95]), np.array([1.0, 1.0])) == pytest.approx(0.5 * 0.45 + 0.5 * 0.05)
+    path = tmp_path / "BENCHMARKS.md"
+    path.write_text("# Benchmarks\n\n## Data\n\nold data\n")
+    title = bench_pretrained.SECTION_TITLE
+    bench_pretrained.replace_section(path, title, f"{title}\n\nfirst\n")
+    bench_pretrained.replace_section(path, title, f"{title}\n\nsecond\n")
+    text = path.read_text()
+    assert text.count(title) == 1 and "second" in text and "first" not in text and "old data" in text
+    path.write_text(text + "\n## Later\n\nkept\n")
+    bench_pretrained.replace_section(path, title, f"{title}\n\nthird\n")
+    assert "kept" in path.read_text() and "third" in path.read_text() and "second" not in path.read_text()

@@ -408,3 +408,26 @@ def test_clusterer_loads_without_lightning_or_deepspeed(fake_export: Path) -> No
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "HEAVY []" in result.stdout, result.stdout
+
+
+# ------------------------------------------------------------------------------------------- the shipped model
+def test_shipped_model_by_name() -> None:
+    """pretrained/emformer-gmm-small loads by name with no training, picks k itself, and with k given and an
+    EM polish clusters well-separated blobs it never saw."""
+    from emformer.models.clusterer import pretrained_root, shipped_models
+
+    assert "emformer-gmm-small" in shipped_models()
+    assert resolve_model_dir("emformer-gmm-small") == pretrained_root() / "emformer-gmm-small"
+    X, truth = _blobs(120, 5, 3, 12.0, seed=11)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # k = 3, d = 5, n = 120: inside the trained ranges
+        auto = Clusterer.from_pretrained("emformer-gmm-small", n_clusters="auto", random_state=0)
+        labels = auto.fit_predict(X)
+    assert labels.shape == (120,) and 2 <= auto.n_clusters_ <= 8
+    assert sum(auto.k_proba_.values()) == pytest.approx(1.0) and sorted(auto.k_proba_) == list(range(2, 9))
+    given = Clusterer.from_pretrained("emformer-gmm-small", n_clusters=3, em_steps=3, n_init=4, random_state=0)
+    from emformer.models.metrics import misclustering_rate
+
+    err = misclustering_rate(torch.as_tensor(given.fit_predict(X))[None], torch.as_tensor(truth)[None],
+                             torch.ones(1, 120, dtype=torch.bool), 3)
+    assert float(err[0]) < 0.02

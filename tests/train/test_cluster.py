@@ -116,3 +116,23 @@ def test_cli_bad_model_dir_and_too_few_points(fake_export: Path, tmp_path: Path,
     assert main(["cluster", str(fake_export), str(wide), "--out", str(tmp_path / "labels.csv")]) == 2
     assert "has 9 features but this model takes at most d=4" in capsys.readouterr().err
     assert not (tmp_path / "labels.csv").exists()
+
+
+def test_cli_with_a_shipped_model_by_name_and_auto_k(tmp_path: Path, capsys) -> None:
+    """`emformer cluster emformer-gmm-small data.csv --k auto` gives the Python API's labels."""
+    X, _ = _two_blobs(n=60, d=3)
+    data = tmp_path / "points.csv"
+    np.savetxt(data, X, delimiter=",", fmt="%.6f")
+    out = tmp_path / "labels.csv"
+    assert main(["cluster", "emformer-gmm-small", str(data), "--k", "auto", "--n-init", "2", "--em-steps", "1",
+                 "--out", str(out)]) == 0
+    expected = Clusterer.from_pretrained("emformer-gmm-small", n_clusters="auto", n_init=2, em_steps=1,
+                                         random_state=0).fit_predict(np.loadtxt(data, delimiter=","))
+    np.testing.assert_array_equal(np.loadtxt(out, dtype=int), expected)
+
+
+def test_cli_k_must_be_an_integer_or_auto(tmp_path: Path) -> None:
+    data = tmp_path / "points.csv"
+    np.savetxt(data, _two_blobs(n=20)[0], delimiter=",")
+    with pytest.raises(SystemExit):
+        main(["cluster", "emformer-gmm-small", str(data), "--k", "three"])
