@@ -54,7 +54,7 @@ def blobs(count: int, seed: int, n: int, k: int, d: int, std: Any, anisotropic: 
         if anisotropic:
             rng = np.random.default_rng(seed + i)
             X = X @ rng.normal(size=(d, d))  # a random linear map: elongated, sheared clusters
-        out.append((X, y))
+        out.append((X, y, k))
     return out
 
 
@@ -63,7 +63,9 @@ def task_episodes(count: int, seed: int, **task: Any) -> list:
     from emformer.data.tasks import TaskSpec
 
     batch = sample_episodes(TaskSpec(**task).validate(), seed, range(count))
-    return [(p[m].double().numpy(), l[m].numpy()) for p, l, m in zip(batch["points"], batch["labels"], batch["mask"])]
+    # k is the episode's: with unequal weights and small n a component may have no point
+    return [(p[m].double().numpy(), l[m].numpy(), int(k))
+            for p, l, m, k in zip(batch["points"], batch["labels"], batch["mask"], batch["k"])]
 
 
 def real(name: str, d: int, classes: Optional[int] = None) -> list:
@@ -77,7 +79,7 @@ def real(name: str, d: int, classes: Optional[int] = None) -> list:
         keep = y < classes
         X, y = X[keep], y[keep]
     X = PCA(n_components=d, random_state=0).fit_transform(StandardScaler().fit_transform(X))
-    return [(X, y)]
+    return [(X, y, len(np.unique(y)))]
 
 
 def data_sets(episodes: int, d_model: int) -> dict[str, list]:
@@ -176,8 +178,7 @@ def main_table(model: str, episodes: int, info: dict[str, Any]) -> tuple[dict[st
         cpu: dict[str, Optional[float]] = {}
         for method, (_, fit) in table.items():
             scores, seconds = [], 0.0
-            for index, (X, y) in enumerate(items):
-                k = len(np.unique(y))
+            for index, (X, y, k) in enumerate(items):
                 start = time.process_time()
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # out-of-range and sklearn convergence warnings
@@ -223,8 +224,7 @@ def unknown_k_table(model: str, count: int, info: dict[str, Any]) -> tuple[dict[
     clusterer = Clusterer.from_pretrained(model)
     results: dict[str, dict[str, list]] = {m: {"conf": [], "correct": [], "cpu": []} for m in
                                            ("emformer count head", "GMM spherical + BIC", "GMM full + BIC")}
-    for index, (X, y) in enumerate(items):
-        k = len(np.unique(y))
+    for index, (X, y, k) in enumerate(items):
         for method in results:
             start = time.process_time()
             with warnings.catch_warnings():
@@ -290,11 +290,11 @@ def polish_table(model: str, count: int, info: dict[str, Any]) -> tuple[dict[str
         variants[f"EM from k-means++, {iters} it."] = em_alone(iters)
     for name, fit in variants.items():
         errs, lls, cpu = [], [], 0.0
-        for index, (X, y) in enumerate(items):
+        for index, (X, y, k) in enumerate(items):
             start = time.process_time()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                proba = fit(X, len(np.unique(y)), index)
+                proba = fit(X, k, index)
             cpu += time.process_time() - start
             err, ll = score(X, y, proba)
             errs.append(err)

@@ -368,7 +368,7 @@ def test_em_steps_polish_the_models_assignment(fake_export: Path) -> None:
 
 
 def test_auto_k_from_the_count_head(tmp_path: Path, fake_export: Path) -> None:
-    from emformer.train.export import export_run
+    from emformer.train.export.command import export_run
 
     run = make_fake_run(tmp_path / "run", ("task.k=2", "task.k_max=4", "model.count_head=true"))
     export = export_run(run, tmp_path / "export")
