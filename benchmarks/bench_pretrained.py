@@ -336,14 +336,18 @@ def model_info(model: str) -> tuple[Path, dict[str, Any]]:
                         "task": task}
 
 
-def run(model: str = "emformer-gmm-small", quick: bool = False) -> tuple[dict[str, Any], str]:
+def command(model: str = "emformer-gmm-small", quick: bool = False) -> str:
+    return (f".venv/bin/python benchmarks/bench_pretrained.py --model {model}" + (" --quick" if quick else "")
+            + " --write BENCHMARKS.md")
+
+
+def run(model: str = "emformer-gmm-small", quick: bool = False, heading: bool = True) -> tuple[dict[str, Any], str]:
+    """(figures, markdown); heading=False leaves out the section title and command (run_all writes them)."""
     torch.set_num_threads(1)
     sizes = QUICK if quick else FULL
     export_dir, info = model_info(model)
     figures: dict[str, Any] = {}
-    parts = [SECTION_TITLE, "",
-             f"Command: `.venv/bin/python benchmarks/bench_pretrained.py --model {model}"
-             + (" --quick" if quick else "") + " --write BENCHMARKS.md`", ""]
+    parts = [SECTION_TITLE, "", f"Command: `{command(model, quick)}`", ""] if heading else []
     for key, title, work in (
             ("curve", "Learning curve per k", lambda: curve_table(export_dir, info)),
             ("unknown_k", "Unknown k: P(k | X) against GaussianMixture + BIC",

@@ -32,7 +32,7 @@ from common import (CACHE, REPO, TrainedModel, gpu_section, machine_info, machin
                     progress, replace_gpu_section, resolved_hash, save_json, trained_model, usable_cpus,
                     write_report)
 
-SECTIONS = ("data", "train", "inference", "quality")
+SECTIONS = ("data", "train", "inference", "quality", "pretrained")
 REFERENCE = "configs/reference.yaml"
 # --quick: a real but barely trained model of the reference task (tiny architecture, 30 steps), so the
 # inference and quality scripts run end to end in seconds. Its figures mean nothing.
@@ -116,6 +116,10 @@ def run_sections(sections: list[str], quick: bool, export: Optional[Path], reuse
 
             figures["quality"], tables["quality"] = timed("quality", lambda: bench_quality.run(export, quick))
         figures["export"] = str(export)
+    if "pretrained" in sections:
+        import bench_pretrained
+
+        figures["pretrained"], tables["pretrained"] = timed("pretrained", lambda: bench_pretrained.run(quick=quick, heading=False))
     return figures, tables, seconds, model
 
 
@@ -142,6 +146,18 @@ def data_against_measured_step(figures: dict[str, Any]) -> tuple[Optional[str], 
         remarks.append(f"Data: against the training step measured in this run the slowest data path is only "
                        f"{ratio:.1f}x (target 20x).")
     return text, remarks
+
+
+def bench_pretrained_title() -> str:
+    import bench_pretrained
+
+    return bench_pretrained.SECTION_TITLE.removeprefix("## ")
+
+
+def bench_pretrained_command(quick: bool) -> str:
+    import bench_pretrained
+
+    return bench_pretrained.command(quick=quick)
 
 
 def report(figures: dict[str, Any], tables: dict[str, str], seconds: dict[str, float], info: dict[str, Any],
@@ -173,6 +189,7 @@ def report(figures: dict[str, Any], tables: dict[str, str], seconds: dict[str, f
                       f".venv/bin/python benchmarks/bench_inference.py --export {export_arg}" + (" --quick" if quick else "")),
         "quality": ("Clustering quality: the model against EM, Lloyd, scikit-learn and the oracle",
                     f".venv/bin/python benchmarks/bench_quality.py --export {export_arg}" + (" --quick" if quick else "")),
+        "pretrained": (bench_pretrained_title(), bench_pretrained_command(quick)),
     }
     for section in SECTIONS:
         if section not in tables:
