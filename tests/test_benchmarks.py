@@ -223,3 +223,14 @@ def test_pretrained_bench_calibration_and_section_rewrite(tmp_path):
     path.write_text(text + "\n## Later\n\nkept\n")
     bench_pretrained.replace_section(path, title, f"{title}\n\nthird\n")
     assert "kept" in path.read_text() and "third" in path.read_text() and "second" not in path.read_text()
+
+
+@pytest.mark.slow
+def test_pretrained_bench_runs_at_tiny_sizes():
+    import bench_pretrained
+
+    figures, text = bench_pretrained.run(quick=True, heading=False)
+    assert set(figures) == {"curve", "unknown_k", "polish", "table"} and bench_pretrained.SECTION_TITLE not in text
+    assert 0 <= figures["unknown_k"]["emformer count head"]["k_accuracy"] <= 1
+    assert figures["table"]["digits (PCA 16) k=10"]["ari"]["emformer"] is None  # k above the model's slots
+    assert all(row["ari"]["KMeans n_init=10"] is not None for row in figures["table"].values())
