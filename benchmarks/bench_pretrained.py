@@ -112,13 +112,14 @@ def gmm_bic(X: np.ndarray, ks: list[int], covariance: str, seed: int) -> tuple[n
 
 def our_em(X: np.ndarray, k: int, seed: int) -> np.ndarray:
     """baselines.em (spherical) from k-means++ seeds, EM_ITERS iterations."""
+    from emformer.data import inits
     from emformer.models import baselines
 
     x = torch.as_tensor(X)[None]
     mask = torch.ones(1, len(X), dtype=torch.bool)
     kmask = torch.ones(1, k, dtype=torch.bool)
     uniforms = torch.as_tensor(np.random.default_rng(seed).random((1, k)))
-    init = baselines.kmeans_plus_plus(x, mask, kmask, uniforms)
+    init = inits.kmeans_plus_plus(x, mask, kmask, uniforms)
     return baselines.em(x, mask, kmask, init, EM_ITERS).log_resp[0].argmax(-1).numpy()
 
 
@@ -258,6 +259,7 @@ def polish_table(model: str, count: int, info: dict[str, Any]) -> tuple[dict[str
     final assignment, in the episode's own coordinates."""
     from emformer import Clusterer
     from emformer.data.tasks import TaskSpec
+    from emformer.data import inits
     from emformer.models import baselines, metrics
 
     items = task_episodes(count, SEED + 1, **{**TaskSpec(**info["task"]).to_dict(), "init": "noisy_truth"})
@@ -282,7 +284,7 @@ def polish_table(model: str, count: int, info: dict[str, Any]) -> tuple[dict[str
         def fit(X: np.ndarray, k: int, s: int) -> np.ndarray:
             x = torch.as_tensor(X)[None]
             mask, kmask = torch.ones(1, len(X), dtype=torch.bool), torch.ones(1, k, dtype=torch.bool)
-            init = baselines.kmeans_plus_plus(x, mask, kmask, torch.as_tensor(np.random.default_rng(s).random((1, k))))
+            init = inits.kmeans_plus_plus(x, mask, kmask, torch.as_tensor(np.random.default_rng(s).random((1, k))))
             return baselines.em(x, mask, kmask, init, iters).log_resp[0].exp().numpy()
         return fit
 
