@@ -122,6 +122,10 @@ _UNHASHED = ("wandb",)
 # too, so adding these keys left every existing run's name and resumability as they were.
 _UNHASHED_TRAINER = ("progress", "threads", "compile")
 _UNHASHED_STRATEGY = ("single_process_ddp",)
+# Keys added after runs were published (the committed study in docs/study) that, at these values, change
+# nothing a run computes: left out of the hash at those values, so the names of runs that do not use them
+# stay what they were and `emformer study` still skips the committed runs.
+_NEUTRAL_AT = {"task": {"d_min": None, "n_log": False}, "model": {"count_head": False}}
 
 
 def configs_root(config_path: Path) -> Path:
@@ -270,6 +274,10 @@ def config_hash(cfg: DictConfig | RunConfig | dict[str, Any]) -> str:
         values.get("trainer", {}).pop(key, None)
     for key in _UNHASHED_STRATEGY:
         values.get("strategy", {}).pop(key, None)
+    for section, neutral in _NEUTRAL_AT.items():
+        for key, value in neutral.items():
+            if key in values.get(section, {}) and values[section][key] == value:
+                values[section].pop(key)
     blob = json.dumps(values, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
