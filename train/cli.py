@@ -17,7 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("emformer.data.shards", "write episodes to webdataset shards with a manifest"),
     "baselines": ("emformer.train.baselines_table", "error of EM, Lloyd and the oracle on a task"),
     "train": ("emformer.train.fit", "pre-train a transformer on clustering episodes"),
-    "sweep": ("emformer.train.sweep.spec", "run a grid of training runs locally or on SLURM"),
+    "sweep": ("emformer.train.sweep.command", "run a grid of training runs locally or on SLURM"),
     "status": ("emformer.train.sweep.status", "show the state of every point of a sweep"),
     "report": ("emformer.train.report.command", "check a sweep against the theory: report.md and plots"),
     "export": ("emformer.train.export.command", "export a trained checkpoint to safetensors (+ ONNX)"),

@@ -13,12 +13,12 @@ numbers mean nothing.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 from emformer.errors import ConfigError
+from emformer.train import rundir
 
 SPECS = {False: "demo.yaml", True: "demo_quick.yaml"}
 
@@ -47,10 +47,9 @@ def export_best(sweep: Any, out: Path) -> Optional[Path]:
     best: Optional[tuple[float, Path]] = None
     for point in sweep.points:
         run_dir = sweep.run_dir(point)
-        done = run_dir / "DONE"
-        if not done.is_file():
+        if not rundir.is_done(run_dir):
             continue
-        err = json.loads(done.read_text()).get("val", {}).get("err")
+        err = (rundir.read_done(run_dir).get("val") or {}).get("err")
         if err is not None and (best is None or err < best[0]):
             best = (float(err), run_dir)
     if best is None:

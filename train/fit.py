@@ -8,7 +8,6 @@ so everything before `trainer.fit` must be safe to run on every rank (only rank 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import socket
@@ -19,12 +18,9 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional
 
-from emformer.atomic import atomic_write_json
 from emformer.errors import ConfigError
+from emformer.train import rundir
 
-DONE_FILE = "DONE"
-META_FILE = "meta.json"
-CURVES_FILE = "curves.png"
 SLURM_KEYS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_NAME", "SLURM_NODELIST",
               "SLURM_NTASKS", "SLURM_NNODES", "SLURM_RESTART_COUNT", "SLURM_CLUSTER_NAME")
 
@@ -67,8 +63,7 @@ def train(cfg: Any, run_dir: Path) -> int:
     is_zero = is_global_zero()
     # First: a run dir belongs to one config, finished or not (a finished one must not pass for another's).
     _check_same_config(run_dir, cfg, config_hash)
-    done = run_dir / DONE_FILE
-    if done.is_file():
+    if rundir.is_done(run_dir):
         if is_zero:
             print(f"emformer train: {run_dir} is finished (DONE); nothing to do")
         return 0
@@ -90,7 +85,7 @@ def train(cfg: Any, run_dir: Path) -> int:
     from emformer.data.datamodule import EpisodeDataModule
     from emformer.train.callbacks import Preemption, RunControl, StepProgress
     from emformer.train.checkpoints import check_resumable, resume_path
-    from emformer.train.config import save_yaml, to_dict
+    from emformer.train.config import to_dict
     from emformer.train.module import ClusterModule
     from emformer.train.tracking import Tracker, plot_curves
 
@@ -104,8 +99,8 @@ def train(cfg: Any, run_dir: Path) -> int:
     meta = _meta(run_dir, params, resumed_from, accelerator, precision, cfg)
     if is_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_yaml(cfg, run_dir / "config.yaml")
-        atomic_write_json(run_dir / META_FILE, meta)
+        rundir.write_config(run_dir, cfg)
+        rundir.write_meta(run_dir, meta)
         where = f"resuming from step {resumed_from}" if resumed_from is not None else "from scratch"
         print(f"emformer train: {run_dir} ({where}): {params:,} parameters, {accelerator} x "
               f"{int(cfg.trainer.devices) * int(cfg.trainer.num_nodes)}, strategy {cfg.strategy.name}, "
@@ -134,10 +129,10 @@ def train(cfg: Any, run_dir: Path) -> int:
         exit_code = 0
     finally:
         if trainer.is_global_zero:
-            curves = plot_curves(run_dir / "metrics.jsonl", run_dir / CURVES_FILE) if exit_code == 0 else None
+            curves = plot_curves(run_dir, rundir.curves_path(run_dir)) if exit_code == 0 else None
             finished = exit_code == 0 and not control.preempted and trainer.global_step >= int(cfg.trainer.max_steps)
             if finished:
-                atomic_write_json(done, {"step": trainer.global_step, "val": control.last_val,
+                rundir.write_done(run_dir, {"step": trainer.global_step, "val": control.last_val,
                                          "finished_at": _now(), "run_dir": str(run_dir)})
             tracker.finish(control.last_val if finished else None, curves, exit_code=exit_code)
     if control.preempted:
@@ -189,7 +184,7 @@ def _check_data(cfg: Any) -> None:
 
 def _check_same_config(run_dir: Path, cfg: Any, config_hash: Any) -> None:
     """A run dir belongs to one config: refuse to continue it with a different one (nothing overwritten)."""
-    saved = run_dir / "config.yaml"
+    saved = rundir.config_path(run_dir)
     if not saved.is_file():
         return
     from omegaconf import OmegaConf
@@ -211,13 +206,7 @@ def _meta(run_dir: Path, params: int, resumed_from: Optional[int], accelerator: 
     from emformer import __version__
     from emformer.train.config import config_hash
 
-    previous: dict[str, Any] = {}
-    path = run_dir / META_FILE
-    if path.is_file():
-        try:
-            previous = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            previous = {}
+    previous = rundir.read_meta(run_dir)
     starts = list(previous.get("starts", []))
     starts.append({"time": _now(), "step": resumed_from or 0, "host": socket.gethostname(),
                    "slurm_job_id": os.environ.get("SLURM_JOB_ID")})

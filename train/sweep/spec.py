@@ -1,6 +1,7 @@
-"""`emformer sweep`: a grid of training runs over any config keys, times seeds, locally or on SLURM.
+"""The sweep spec and the sweep directory: a grid of training runs over any config keys, times seeds.
 
-A sweep spec (configs/sweeps/*.yaml) names a base run config and what to vary:
+The bottom of the sweep code: the backends (local.py, slurm.py), status.py and the `emformer sweep` command
+(command.py) build on it. A sweep spec (configs/sweeps/*.yaml) names a base run config and what to vary:
 
     name: debug_grid                 # the sweep dir defaults to sweeps/<name>
     base: ../debug.yaml              # relative to the spec file
@@ -19,13 +20,9 @@ local/ (local launches) and slurm/ (rendered scripts, submissions.json, logs/).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import itertools
 import json
-import os
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -33,10 +30,11 @@ from typing import Any, Optional, Sequence
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from emformer.atomic import atomic_write_json, atomic_write_text
+from emformer.atomic import atomic_write_text
 from emformer.errors import ConfigError
 from emformer.slurm.launcher import SlurmOptions
-from emformer.train.config import GROUPS, config_hash, load_config, read_yaml_mapping, run_name, save_yaml, validate
+from emformer.train import rundir
+from emformer.train.config import GROUPS, config_hash, load_config, read_yaml_mapping, run_name, validate
 
 SPEC_KEYS = ("name", "base", "overrides", "grid", "points", "seeds", "local", "slurm", "wandb")
 SEED_KEYS = ("trainer.seed", "data.seed")
@@ -349,9 +347,8 @@ def prepare_sweep(spec: SweepSpec, out: str | Path | None = None) -> Sweep:
     """Create (or re-open) the sweep dir; refuse one that a different spec made."""
     points = expand_points(spec)
     sweep_dir = Path(out) if out is not None else Path("sweeps") / spec.name
-    index_path = sweep_dir / "index.json"
-    if index_path.is_file():
-        old = _read_index(sweep_dir)
+    if rundir.index_path(sweep_dir).is_file():
+        old = rundir.read_index(sweep_dir)
         if _identity(old) != _identity(points):
             old_names = {p["name"] for p in old}
             new_names = {p.name for p in points}
@@ -363,171 +360,30 @@ def prepare_sweep(spec: SweepSpec, out: str | Path | None = None) -> Sweep:
         raise ConfigError(f"{sweep_dir} exists, is not empty and holds no sweep (no index.json): choose another --out")
     for point in points:
         run_dir = sweep_dir / point.run_dir
-        config_path = run_dir / "config.yaml"
-        if config_path.is_file():
-            existing = yaml.safe_load(config_path.read_text()) or {}
+        if rundir.has_config(run_dir):
+            existing = rundir.read_config(run_dir)
             if config_hash(existing) != config_hash(point.config):
-                raise ConfigError(f"{config_path} holds a different config than point {point.id}: refusing to mix")
+                raise ConfigError(f"{rundir.config_path(run_dir)} holds a different config than point {point.id}: refusing to mix")
         else:
             run_dir.mkdir(parents=True, exist_ok=True)
-            save_yaml(point.config, config_path)
-    atomic_write_text(sweep_dir / "sweep.yaml", yaml.safe_dump(spec.to_dict(), sort_keys=False))
-    atomic_write_json(index_path, {"name": spec.name, "points": [p.index_entry() for p in points]})
+            rundir.write_config(run_dir, point.config)
+    atomic_write_text(rundir.spec_path(sweep_dir), yaml.safe_dump(spec.to_dict(), sort_keys=False))
+    rundir.write_index(sweep_dir, spec.name, [p.index_entry() for p in points])
     return Sweep(sweep_dir, spec, points)
-
-
-def _read_index(sweep_dir: Path) -> list[dict[str, Any]]:
-    try:
-        data = json.loads((sweep_dir / "index.json").read_text())
-        return list(data["points"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"{sweep_dir / 'index.json'}: not a sweep index: {exc}") from None
 
 
 def load_sweep(sweep_dir: str | Path) -> Sweep:
     """Open an existing sweep dir from its sweep.yaml and index.json (no base config needed)."""
     sweep_dir = Path(sweep_dir)
-    if not (sweep_dir / "sweep.yaml").is_file() or not (sweep_dir / "index.json").is_file():
+    if not rundir.spec_path(sweep_dir).is_file() or not rundir.index_path(sweep_dir).is_file():
         raise ConfigError(f"{sweep_dir}: not a sweep directory (expected sweep.yaml and index.json; "
                           "`emformer sweep SPEC --out DIR` makes one)")
-    data = yaml.safe_load((sweep_dir / "sweep.yaml").read_text()) or {}
+    data = yaml.safe_load(rundir.spec_path(sweep_dir).read_text()) or {}
     # The base config may have moved since: every run dir already holds its resolved config.yaml.
-    spec = spec_from_dict(data, relative_to=sweep_dir, source=str(sweep_dir / "sweep.yaml"), check_base=False)
+    spec = spec_from_dict(data, relative_to=sweep_dir, source=str(rundir.spec_path(sweep_dir)), check_base=False)
     points = [Point(int(p["id"]), str(p["name"]), str(p["run_dir"]), dict(p.get("overrides") or {}), int(p["seed"]))
-              for p in _read_index(sweep_dir)]
+              for p in rundir.read_index(sweep_dir)]
     return Sweep(sweep_dir, spec, points)
-
-
-# ----------------------------------------------------------------------------------------------- backends
-
-def points_to_run(sweep: Sweep, ids: Sequence[int] | None = None) -> tuple[list[Point], dict[str, list[int]]]:
-    """Points (of `ids`, default all) that are neither done nor active; and the skipped ids by reason."""
-    from emformer.train.sweep.status import point_statuses
-
-    wanted = set(ids) if ids is not None else None
-    todo: list[Point] = []
-    skipped: dict[str, list[int]] = {}
-    for point, status in zip(sweep.points, point_statuses(sweep)):
-        if wanted is not None and point.id not in wanted:
-            continue
-        # "unknown": submitted to SLURM, which cannot be asked from here: running it again could double it.
-        if status.state in ("done", "running", "requeued", "unknown") or (status.state == "pending" and status.job_id):
-            skipped.setdefault(status.state, []).append(point.id)
-        else:
-            todo.append(point)
-    return todo, skipped
-
-
-def submit_slurm(sweep: Sweep, points: Sequence[Point], dry_run: bool = False, workdir: Path | None = None) -> Optional[str]:
-    """Render the array script for `points` and submit it (or print it for --dry-run); the job id."""
-    from emformer.slurm import launcher
-
-    options = sweep.spec.slurm
-    devices = world_shape(sweep)
-    sweep_dir = sweep.dir.resolve()
-    records = launcher.read_submissions(sweep_dir)
-    script_name = f"sweep-{len(records) + 1:03d}.sbatch"
-    workdir = (workdir or Path.cwd()).resolve()
-    script = launcher.render_script(
-        options, sweep_name=sweep.spec.name, sweep_dir=sweep_dir,
-        run_dirs=[(p.id, p.run_dir) for p in sweep.points], ids=[p.id for p in points],
-        workdir=workdir, devices=devices, script_name=f"{sweep_dir}/slurm/{script_name}")
-    if dry_run:
-        print(script)
-        return None
-    launcher.check_partition(options.partition)
-    (sweep_dir / "slurm" / "logs").mkdir(parents=True, exist_ok=True)
-    script_path = sweep_dir / "slurm" / script_name
-    atomic_write_text(script_path, script)
-    job_id = launcher.submit(script_path)
-    launcher.record_submission(sweep_dir, {
-        "job_id": job_id,
-        "array": launcher.array_expression([p.id for p in points], min(options.array_parallel, len(points))),
-        "points": {str(p.id): p.run_dir for p in points},
-        "script": f"slurm/{script_name}",
-        "submitted_at": time.time(),
-        "submitted": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "command": ["sbatch", "--parsable", str(script_path)],
-        "workdir": str(workdir),
-    })
-    return job_id
-
-
-def world_shape(sweep: Sweep) -> int:
-    """One array job has one shape: every point must want the same devices and nodes, matching `slurm:`.
-    Returns trainer.devices (the tasks per node)."""
-    options = sweep.spec.slurm
-    shapes = set()
-    for point in sweep.points:
-        if point.config is not None:
-            trainer = OmegaConf.to_container(point.config.trainer)
-        else:
-            trainer = (yaml.safe_load((sweep.run_dir(point) / "config.yaml").read_text()) or {}).get("trainer", {})
-        shapes.add((int(trainer.get("devices", 1)), int(trainer.get("num_nodes", 1))))
-    if len(shapes) != 1:
-        raise ConfigError(f"{sweep.spec.source}: points differ in (trainer.devices, trainer.num_nodes) "
-                          f"{sorted(shapes)}; one job array needs one shape: split the sweep")
-    devices, num_nodes = shapes.pop()
-    if num_nodes != options.nodes or options.tasks_per_node(devices) != devices:
-        raise ConfigError(f"{sweep.spec.source}: trainer.devices={devices}, trainer.num_nodes={num_nodes} do not "
-                          f"match the slurm section (nodes={options.nodes}, {options.tasks_per_node(devices)} tasks "
-                          "per node): set them in overrides, or set slurm.gpus_per_node")
-    return devices
-
-
-# -------------------------------------------------------------------------------------------------- CLI
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("spec", help="sweep spec (configs/sweeps/NAME.yaml)")
-    parser.add_argument("overrides", nargs="*", help="key=value for every point (trainer.max_steps=100), or "
-                        "sweep.KEY=value for the spec (sweep.slurm.partition=gpu, sweep.seeds=[0,1])")
-    parser.add_argument("--backend", choices=("local", "slurm"), default="local")
-    parser.add_argument("--out", type=Path, default=None, help="sweep directory (default sweeps/<name>)")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="print the points (and, for slurm, the sbatch script) without running anything")
-    parser.add_argument("--parallel", type=int, default=None, help="local: runs at once (default local.parallel)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="local: threads per run (default local.threads_per_run)")
-
-
-def run(args: argparse.Namespace) -> int:
-    spec = load_spec(args.spec, args.overrides)
-    if args.parallel is not None:
-        spec.local = LocalOptions.from_dict({**dataclasses.asdict(spec.local), "parallel": args.parallel}, "--parallel")
-    if args.threads is not None:
-        spec.local = LocalOptions.from_dict({**dataclasses.asdict(spec.local), "threads_per_run": args.threads},
-                                            "--threads")
-    if args.dry_run:
-        points = expand_points(spec)
-        sweep = Sweep(args.out or Path("sweeps") / spec.name, spec, points)
-        print(format_points(points, spec, sweep.dir))
-        if args.backend == "slurm":
-            print()
-            submit_slurm(sweep, points, dry_run=True)
-        return 0
-
-    sweep = prepare_sweep(spec, args.out)
-    todo, skipped = points_to_run(sweep)
-    for reason, ids in sorted(skipped.items()):
-        print(f"skipping {len(ids)} point(s) already {reason}: {_ids(ids)}")
-    if not todo:
-        print(f"{sweep.dir}: nothing to run ({len(sweep.points)} points; `emformer status {sweep.dir}`)")
-        return 0
-    if args.backend == "slurm":
-        job_id = submit_slurm(sweep, todo)
-        print(f"submitted job {job_id}: {len(todo)} point(s) {_ids([p.id for p in todo])} of {sweep.dir} "
-              f"(`emformer status {sweep.dir}`)")
-        return 0
-    from emformer.train.sweep.local import run_local
-
-    failed = run_local(sweep, todo, parallel=spec.local.parallel, threads=spec.local.threads_per_run)
-    return 1 if failed else 0
-
-
-def _ids(ids: Sequence[int]) -> str:
-    from emformer.slurm.launcher import array_expression
-
-    return array_expression(ids) if ids else "-"
 
 
 def format_points(points: Sequence[Point], spec: SweepSpec, out: str | Path) -> str:
@@ -539,9 +395,3 @@ def format_points(points: Sequence[Point], spec: SweepSpec, out: str | Path) -> 
     lines = [f"sweep {spec.name}: {len(points)} points (base {spec.base}, wandb group {spec.group})"]
     lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
     return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="emformer sweep")
-    add_arguments(parser)
-    sys.exit(run(parser.parse_args()))

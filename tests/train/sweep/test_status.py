@@ -15,8 +15,8 @@ import pytest
 from emformer.atomic import atomic_write_json
 from emformer.slurm import launcher
 from emformer.train.cli import main
-from emformer.train.sweep.status import format_table, point_statuses, read_progress, tail
-from emformer.train.sweep.spec import Sweep, load_spec, points_to_run, prepare_sweep
+from emformer.train.sweep.spec import Sweep, load_spec, prepare_sweep
+from emformer.train.sweep.status import format_table, point_statuses, points_to_run, read_progress, tail
 
 DEBUG_SPEC = Path(__file__).resolve().parents[3] / "configs" / "sweeps" / "debug.yaml"
 
