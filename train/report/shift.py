@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from emformer.errors import ConfigError, EmformerError
+from emformer.train import rundir
 
 SHIFTABLE = ("k", "k_max", "n", "n_max", "separation", "separation_max", "weights", "weights_alpha", "weights_lo",
              "weights_hi", "noise", "noise_df", "diag_ratio", "init_noise")
@@ -59,9 +60,9 @@ class ShiftResult:
 
 
 def _checkpoint(run_dir: Path) -> Path:
-    for name in ("best.ckpt", "last.ckpt"):
-        if (run_dir / "checkpoints" / name).exists():
-            return run_dir / "checkpoints" / name
+    path = rundir.best_or_last_checkpoint(run_dir)
+    if path is not None:
+        return path
     raise ConfigError(f"{run_dir}: no checkpoints/best.ckpt or last.ckpt to evaluate at test time")
 
 
@@ -76,7 +77,7 @@ def evaluate_shift(run_dir: Path, shift: Shift, config: dict[str, Any]) -> Shift
     from emformer.models.losses import per_episode_cross_entropy, per_episode_permutation_cross_entropy
     from emformer.models.metrics import misclustering_rate
     from emformer.models.transformer import ClusterTransformer, TransformerConfig
-    from emformer.train.export.command import load_checkpoint
+    from emformer.train.checkpoints import load_checkpoint
 
     result = ShiftResult(run_dir, shift)
     try:

@@ -16,9 +16,10 @@ import torch
 from emformer.errors import CheckpointError, ConfigError
 from emformer.models.clusterer import Clusterer, sha256_file
 from emformer.models.transformer import ClusterTransformer, TransformerConfig
-from emformer.train.export import command as export_mod
+from emformer.train.export import onnx as export_onnx
 from emformer.train.cli import main
-from emformer.train.export.command import export_checkpoint, export_run, load_checkpoint
+from emformer.train.checkpoints import load_checkpoint
+from emformer.train.export.command import export_checkpoint, export_run
 from export_fixtures import FAKE_STEP, FAKE_VAL_ROW, make_fake_run, subprocess_env
 
 
@@ -109,7 +110,7 @@ def test_missing_run_dir_and_checkpoint(tmp_path: Path) -> None:
 def test_corrupt_and_foreign_checkpoints(tmp_path: Path, fake_run: Path) -> None:
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_bytes(b"not a checkpoint at all")
-    with pytest.raises(CheckpointError, match="garbage.ckpt: not a readable torch checkpoint"):
+    with pytest.raises(CheckpointError, match="garbage.ckpt: corrupt or unreadable checkpoint"):
         load_checkpoint(garbage)
     no_config = tmp_path / "no_config.ckpt"
     checkpoint = torch.load(fake_run / "checkpoints/best.ckpt", weights_only=True)
@@ -173,9 +174,9 @@ def test_onnx_mismatch_is_an_error_and_writes_nothing(tiny_export: Path, tmp_pat
     config = json.loads((tiny_export / "config.json").read_text())
     architecture = TransformerConfig.from_dict(config["architecture"])
     torch.manual_seed(123)
-    other = export_mod._LogitsOnly(ClusterTransformer(architecture)).eval()
+    other = export_onnx._LogitsOnly(ClusterTransformer(architecture)).eval()
     with pytest.raises(CheckpointError, match="ONNX logits differ from torch"):
-        export_mod._check_onnx(other, architecture, (tiny_export / "model.onnx").read_bytes(), tmp_path / "model.onnx")
+        export_onnx._check_onnx(other, architecture, (tiny_export / "model.onnx").read_bytes(), tmp_path / "model.onnx")
     assert not (tmp_path / "model.onnx").exists()
 
 
