@@ -1,10 +1,10 @@
-"""Where a run's numbers go: `metrics.jsonl` always, wandb when asked, and a curves plot at the end.
+"""Where a run's numbers go: the run's metrics log always, wandb when asked, and a curves plot at the end.
 
-Only global rank 0 writes (the callers check). `metrics.jsonl` is append-only, one JSON object per line,
-flushed per row so a killed run loses nothing it had logged; on resume rows after the restored step are
-dropped (the file is rewritten atomically), so a step never appears twice. wandb runs offline by default
-(no network here), keeps its files under `<run_dir>/wandb/` and reuses the id stored in `<run_dir>/wandb_id`,
-so a requeued job continues the same wandb run.
+Only global rank 0 writes (the callers check). The metrics log (rundir.MetricsLog) is append-only, one JSON
+object per line, flushed per row so a killed run loses nothing it had logged; on resume rows after the
+restored step are dropped (the file is rewritten atomically), so a step never appears twice. wandb runs
+offline by default (no network here), keeps its files under `<run_dir>/wandb/` and reuses the id stored in
+`<run_dir>/wandb_id`, so a requeued job continues the same wandb run.
 """
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ class WandbRun:
 
 
 class Tracker:
-    """metrics.jsonl + wandb behind one `log(row)`; rank 0 creates it, other ranks use `Tracker.null()`."""
+    """The metrics log + wandb behind one `log(row)`; rank 0 creates it, other ranks use `Tracker.null()`."""
 
     def __init__(self, run_dir: Path, wandb_cfg: Optional[dict[str, Any]] = None,
                  config: Optional[dict[str, Any]] = None, name: str = "run",

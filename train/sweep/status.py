@@ -37,7 +37,7 @@ class PointStatus:
     overrides: dict[str, Any]
     seed: int
     step: Optional[int] = None
-    """the last step in metrics.jsonl"""
+    """the last step in the run's metrics log"""
     max_steps: Optional[int] = None
     err: Optional[float] = None
     """misclustering rate of the latest val row"""
@@ -52,7 +52,7 @@ class PointStatus:
 
 
 def read_progress(run_dir: Path) -> tuple[Optional[int], Optional[float]]:
-    """(last step, err of the last val row) from metrics.jsonl; a half-written last line is ignored."""
+    """(last step, err of the last val row) from the run's metrics log; a half-written last line is ignored."""
     step = err = None
     for row in rundir.read_metrics(run_dir):
         if not isinstance(row.get("step"), int):
