@@ -2,7 +2,7 @@
 
 Runs the repository's configs/sweeps/demo.yaml through the local sweep backend: the sample-complexity check
 of DESIGN §3 (N = 512..8192 pool episodes plus fresh episodes) and a depth trend (L = 1, 2, 4 at N = ∞), 2 seeds,
-18 CPU runs of 1000 steps, 2 at a time with one thread each, about 10 minutes on 2 cores. Then it runs
+18 CPU runs of 1000 steps, 2 at a time with one thread each (README gives the time it took). Then it runs
 `emformer report` on the sweep and prints where report.md is and its summary table. The spec is found next to
 the installed package (an editable install of a checkout), so the demo runs from any working directory; its
 output goes to ./demo (gitignored in the repository). Re-running it skips finished runs and resumes unfinished

@@ -3,7 +3,7 @@
 - one process (devices * num_nodes == 1): Lightning's single-device strategy, so no process group starts;
 - `ddp`: gloo on CPU, NCCL on GPU, any devices/nodes;
 - `deepspeed_zero{1,2,3}`: Lightning's DeepSpeedStrategy. Lightning refuses it on CPU; `CPUDeepSpeedStrategy`
-  lifts that check (and skips compiling DeepSpeed's shared-memory comm op on CPU, ~20 s), so ZeRO runs on
+  lifts that check (and skips DeepSpeed's slow compile of its shared-memory comm op on CPU), so ZeRO runs on
   CPU ranks over gloo, which is how the tests cover this path. The optimizer stays a plain torch AdamW.
 """
 from __future__ import annotations
@@ -143,7 +143,7 @@ def _cpu_deepspeed_class() -> Any:
 
 
 def _skip_shm_comm_op() -> None:
-    """DeepSpeed's CPU backend compiles a shared-memory allreduce op at init (~20 s); gloo does without it."""
+    """DeepSpeed's CPU backend compiles a shared-memory allreduce op at init (slow); gloo does without it."""
     import importlib
 
     try:

@@ -271,7 +271,7 @@ def _check_keys(spec: SweepSpec, base: DictConfig) -> None:
 
 class _PointLoader:
     """`load_config(base, items)` for many points, fast: building a config from its schema, group files and
-    base file dominates (~0.1 s, 10x more under load; a 200-point sweep took minutes), and most points share
+    base file dominates the cost of a point (a large sweep spent minutes on it), and most points share
     their group choices. So the config of each distinct list of group choices is built once, and a point's
     dotted items are merged onto it and validated, which is what load_config does after the groups. Any
     failure is redone by load_config itself, for its exact error message."""
