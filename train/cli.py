@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 from typing import Sequence
 
+from emformer import __version__
 from emformer.errors import EmformerError
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -45,8 +45,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(_usage())
         return 0 if argv else 2
     if argv[0] in ("-V", "--version"):
-        from emformer import __version__
-
         print(f"emformer {__version__}")
         return 0
     command, rest = argv[0], argv[1:]

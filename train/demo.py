@@ -17,16 +17,19 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+import emformer.train
 from emformer.errors import ConfigError
 from emformer.train import rundir
+from emformer.train.export.command import export_run
+from emformer.train.report import command as report
+from emformer.train.sweep.local import run_local
+from emformer.train.sweep.spec import LocalOptions, load_spec, prepare_sweep
 
 SPECS = {False: "demo.yaml", True: "demo_quick.yaml"}
 
 
 def configs_dir() -> Path:
     """The repository's configs/: beside the code of the editable install (train/ -> ../configs)."""
-    import emformer.train
-
     return Path(emformer.train.__file__).resolve().parents[1] / "configs"
 
 
@@ -42,8 +45,6 @@ def spec_path(quick: bool) -> Path:
 
 def export_best(sweep: Any, out: Path) -> Optional[Path]:
     """Export the finished run with the lowest final val err (a pretrained example to try the Clusterer on)."""
-    from emformer.train.export.command import export_run
-
     best: Optional[tuple[float, Path]] = None
     for point in sweep.points:
         run_dir = sweep.run_dir(point)
@@ -66,10 +67,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from emformer.train.report import command as report
-    from emformer.train.sweep.spec import LocalOptions, load_spec, prepare_sweep
-    from emformer.train.sweep.local import run_local
-
     out = args.out if args.out is not None else Path("demo-quick" if args.quick else "demo")
     spec = load_spec(spec_path(args.quick))
     local = LocalOptions.from_dict({"parallel": args.parallel if args.parallel is not None else spec.local.parallel,

@@ -88,7 +88,7 @@ def build_report(sweep_dir: str | Path | Sequence[str | Path], out_dir: str | Pa
     problems += [p for run in runs for p in run.problems]
     shifted = []
     if test_shifts:
-        from emformer.train.report import shift as report_shift
+        from emformer.train.report import shift as report_shift  # torch and the model: only with --test-shift
 
         shifted = report_shift.evaluate_shifts(runs, [report_shift.parse_shift(t) for t in test_shifts])
         problems += [r.problem for r in shifted if r.problem]
