@@ -30,6 +30,7 @@ import yaml
 
 from emformer.atomic import atomic_write_json, atomic_write_text
 from emformer.errors import ConfigError
+from emformer.train.config import save_yaml
 
 CONFIG = "config.yaml"
 META = "meta.json"
@@ -70,9 +71,6 @@ def read_config(run_dir: str | os.PathLike) -> dict[str, Any]:
 
 def write_config(run_dir: str | os.PathLike, config: Any) -> None:
     """config.yaml, resolved (an OmegaConf config or a plain dict)."""
-    # config.py imports nothing of train/, so this stays a one-way edge.
-    from emformer.train.config import save_yaml
-
     save_yaml(config, config_path(run_dir))
 
 
