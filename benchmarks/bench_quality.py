@@ -94,14 +94,15 @@ def spherical_log_likelihood(points: torch.Tensor, mask: torch.Tensor, kmask: to
 def em_with_restarts(batch: dict, restarts: int) -> torch.Tensor:
     """Labels of the best (by likelihood) of `restarts` EM runs from k-means++ inits, all restarts in one
     batched EM call (restart r of episode b is row r*B + b)."""
+    from emformer.data import inits
     from emformer.models import baselines
 
     points, mask, kmask = batch["points"], batch["mask"], batch["kmask"]
     size, k = kmask.shape
-    inits = [baselines.kmeans_plus_plus(points, mask, kmask, baselines.episode_uniforms(batch, k, stream))
-             for stream in range(1, restarts + 1)]
+    starts = [inits.kmeans_plus_plus(points, mask, kmask, baselines.episode_uniforms(batch, k, stream))
+              for stream in range(1, restarts + 1)]
     tiled = [t.repeat(restarts, *([1] * (t.ndim - 1))) for t in (points, mask, kmask)]
-    fit = baselines.em(tiled[0], tiled[1], tiled[2], torch.cat(inits), EM_ITERS, "spherical")
+    fit = baselines.em(tiled[0], tiled[1], tiled[2], torch.cat(starts), EM_ITERS, "spherical")
     ll = spherical_log_likelihood(*tiled, fit).view(restarts, size)
     best = ll.argmax(0)  # [B]
     pred = fit.log_resp.argmax(-1).view(restarts, size, -1)

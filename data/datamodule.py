@@ -7,29 +7,27 @@ Train with `max_steps` (the stream is infinite; uneven finite streams would dead
 """
 from __future__ import annotations
 
-from typing import Any
-
 import lightning as L
 from torch.utils.data import DataLoader
 
+from emformer.data.config import DataConfig
 from emformer.data.stream import EpisodeStream
-from emformer.train.config import to_task_spec
+from emformer.data.tasks import TaskSpec
 
 
 class EpisodeDataModule(L.LightningDataModule):
-    """Training batches for one run config (cfg.task, cfg.data)."""
+    """Training batches for one run's task and data sections."""
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, spec: TaskSpec, data: DataConfig) -> None:
         super().__init__()
-        self.cfg = cfg
-        self.spec = to_task_spec(cfg).validate()
+        self.spec = spec.validate()
+        self.data = data.validate()
 
     def make_stream(self, start_step: int = 0, rank: int = 0, world_size: int = 1) -> EpisodeStream:
-        data = self.cfg.data
+        data = self.data
         return EpisodeStream(
-            self.spec, source=str(data.source), seed=int(data.seed), batch_size=int(data.batch_size),
-            pool_size=int(data.pool_size), shards_dir=data.shards_dir, start_step=start_step,
-            rank=rank, world_size=world_size,
+            self.spec, source=data.source, seed=data.seed, batch_size=data.batch_size, pool_size=data.pool_size,
+            shards_dir=data.shards_dir, start_step=start_step, rank=rank, world_size=world_size,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -39,6 +37,6 @@ class EpisodeDataModule(L.LightningDataModule):
         else:  # used outside a Trainer (scripts, tests): torch.distributed / env decide
             start, rank, world = 0, None, None
         stream = self.make_stream(start, rank, world)  # type: ignore[arg-type]
-        workers = int(self.cfg.data.num_workers)
+        workers = self.data.num_workers
         return DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=False,
                           prefetch_factor=4 if workers > 0 else None)

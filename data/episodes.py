@@ -1,11 +1,12 @@
 """Sampling GMM clustering episodes (DESIGN §1).
 
 Episode `i` of seed `s` is a pure function of (spec, s, i): its random numbers are the first words of a
-Philox counter-based generator keyed by (s, i) (`Layout` says which word is which), so any episode can be
-regenerated alone, shards can be written in parallel and a resumed stream sees exactly what it would have
-seen. Per episode there is one rekey and one `random_raw` call; everything else (words to uniforms and
-Box-Muller normals, rescaling to Δ, labels, noise, init, anchoring, augmentation) is batched torch.
-Shard format version 2 holds these episodes (version 1 drew with numpy's per-distribution methods).
+Philox counter-based generator keyed by (s, i >> BLOCK_BITS) and read at a counter offset set by i (`draw_words`;
+`Layout` says which word is which), so any episode can be regenerated alone, shards can be written in
+parallel and a resumed stream sees exactly what it would have seen. A run of consecutive indices is one
+`random_raw` call; everything else (words to uniforms and Box-Muller normals, rescaling to Δ, labels, noise,
+init, anchoring, augmentation) is batched torch. Shard format version 3 holds these episodes (version 2 keyed
+Philox by (s, i), one call per episode; version 1 drew with numpy's per-distribution methods).
 
 Batch layout (all padded to the spec's k_pad / n_pad / d_pad):
   points [B,n,d] f32 · labels [B,n] i64 (-1 = padding) · mask [B,n] bool · means [B,k,d] · weights [B,k]
@@ -22,6 +23,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from emformer.data import inits
 from emformer.data.tasks import TaskSpec
 from emformer.matching import best_assignment
 
@@ -50,12 +52,13 @@ def episode_rng(seed: int, index: int, counter: Sequence[int] = (0, 0, 0, 0)) ->
 class Layout:
     """Where each random number of an episode sits among its raw Philox words (a function of the spec only).
 
-    An episode's main draws are the first `words` 64-bit outputs of Philox keyed (seed, index), counter 0,
-    read as 32-bit halves: the first `2 · uniform_words` halves give uniforms in [0, 1) from 23 bits each, in
+    An episode's main draws are its `words` 64-bit Philox outputs at counter word 0 (`draw_words`), read as
+    32-bit halves: the first `2 · uniform_words` halves give uniforms in [0, 1) from 23 bits each, in
     the runs of `uniforms`; the rest give standard normals by Box-Muller, half j of the normal block paired
     with half j + normal_words (tails end at sqrt(2·23·ln 2) ≈ 5.6: one normal in 5·10⁷ is cut), in the runs
-    of `normals`. Per-mode extras (Dirichlet and Student-t gammas, the rotation) come from the same key at
-    other counters, so switching task.translate or task.rotate moves or turns the very same episode.
+    of `normals`. Per-mode extras (the rotation at the same key, Dirichlet and Student-t gammas keyed (seed,
+    index)) come from other counter words, so switching task.translate or task.rotate moves or turns the
+    very same episode.
     """
 
     def __init__(self, spec: TaskSpec) -> None:
@@ -64,6 +67,7 @@ class Layout:
         normals = {"means": k * d, "noise": n * d, "init_noise": k * d, "offset": d}
         self.uniform_words = -(-sum(uniforms.values()) // 2)  # 64-bit words: two uniforms each
         self.normal_words = -(-sum(normals.values()) // 2)  # and one Box-Muller pair each
+        self.normal_words += -(self.uniform_words + self.normal_words) % 4  # whole Philox blocks: no copy
         self.words = self.uniform_words + self.normal_words
         self.uniforms = self._runs(uniforms)
         self.normals = self._runs(normals)
@@ -77,25 +81,38 @@ class Layout:
         return runs
 
 
-def draw_words(seed: int, indices: Sequence[int], words: int, counter: int = 0) -> np.ndarray:
-    """[B, words] uint64: row b is the first `words` outputs of Philox keyed (seed, indices[b]) whose counter
-    starts at (0, counter, 0, 0).
+BLOCK_BITS = 10  # episodes share a Philox key in blocks of 2**BLOCK_BITS consecutive indices
 
-    One rekey and one `random_raw` per episode is all the per-episode Python left: rekeying one bit generator
-    through a reused state dict costs ~2 µs where building a new Philox costs ~15 µs (tested equal).
+
+def draw_words(seed: int, indices: Sequence[int], words: int, counter: int = 0) -> np.ndarray:
+    """[B, words] uint64: row b holds episode indices[b]'s `words` raw Philox outputs.
+
+    Counter-based, so still a pure function of (seed, index): episode i reads Philox keyed
+    (seed, i >> BLOCK_BITS) from counter ((i mod 2**BLOCK_BITS) · stride, counter, 0, 0), stride = the
+    episode's words in 4-word Philox blocks. Consecutive indices of one key block are thus consecutive stretches
+    of one stream: a run of them is one rekey and one `random_raw` call (a batch of 64 consecutive indices
+    costs one or two), where one rekey per episode cost ~2 µs each; random indices cost one rekey each.
     """
-    out = np.empty((len(indices), words), dtype=np.uint64)
+    stride = -(-words // 4)
+    out = np.empty((len(indices), stride * 4), dtype=np.uint64)
+    idx = np.asarray(indices, dtype=np.int64)
+    _check_key(seed, int(idx.min()))
+    _check_key(seed, int(idx.max()))
+    block = idx >> BLOCK_BITS
+    # a run ends where the next index is not the next one of the same key block
+    ends = np.flatnonzero((np.diff(idx) != 1) | (np.diff(block) != 0)) + 1
     bitgen = np.random.Philox(key=[0, 0], counter=[0, counter, 0, 0])
     state = bitgen.state
-    key = state["state"]["key"]
-    _check_key(seed, min(indices))
-    _check_key(seed, max(indices))
+    key, ctr = state["state"]["key"], state["state"]["counter"]
     key[0] = seed
-    for row, index in enumerate(indices):
-        key[1] = index
-        bitgen.state = state  # counter and buffer are the fresh generator's: the dict is never read back
-        out[row] = bitgen.random_raw(words)
-    return out
+    flat = out.reshape(-1)
+    for start, stop in zip([0, *ends.tolist()], [*ends.tolist(), len(idx)]):
+        first = int(idx[start])
+        key[1] = first >> BLOCK_BITS
+        ctr[0] = (first & ((1 << BLOCK_BITS) - 1)) * stride
+        bitgen.state = state  # buffer is the fresh generator's: the dict is never read back
+        flat[start * stride * 4:stop * stride * 4] = bitgen.random_raw((stop - start) * stride * 4)
+    return out if stride * 4 == words else np.ascontiguousarray(out[:, :words])
 
 
 # Counters (second word) of the per-mode extras: 2**64 blocks apart from the main words and from each other.
@@ -184,30 +201,43 @@ def _transform(spec: TaskSpec, raw: dict[str, torch.Tensor]) -> Batch:
     kmask = torch.arange(k_pad)[None, :] < k[:, None]
     mask = torch.arange(n_pad)[None, :] < n[:, None]
 
-    # Means: random directions, centred, rescaled so the closest pair is exactly Δσ apart.
-    means = raw["means"].reshape(batch_size, k_pad, d).double() * kmask[..., None]
-    centre = means.sum(1, keepdim=True) / k[:, None, None]
-    means = (means - centre) * kmask[..., None]
-    dist = torch.cdist(means, means)
-    pair_ok = kmask[:, :, None] & kmask[:, None, :] & ~torch.eye(k_pad, dtype=torch.bool)[None]
-    min_dist = dist.masked_fill(~pair_ok, math.inf).flatten(1).amin(1)
-    means = means * (delta * spec.sigma / min_dist)[:, None, None]
-
-    if spec.weights == "dirichlet":
-        weights = raw["gamma_weights"]
-    elif spec.weights == "range":
-        weights = spec.weights_lo + raw["weights"].double() * (spec.weights_hi - spec.weights_lo)
+    # Means: random directions, centred, rescaled so the closest pair is exactly Δσ apart. With one k (no
+    # padded clusters) the masks are all true: the fast path skips them, same values, fewer small ops.
+    fixed_k = spec.k_max is None
+    if fixed_k:
+        means = raw["means"].reshape(batch_size, k_pad, d).double()
+        means = means - means.sum(1, keepdim=True) / spec.k
+        pair_ok = ~torch.eye(k_pad, dtype=torch.bool)[None]
     else:
-        weights = torch.ones(batch_size, k_pad, dtype=f64)
-    weights = weights * kmask
-    weights = weights / weights.sum(1, keepdim=True)
+        means = raw["means"].reshape(batch_size, k_pad, d).double() * kmask[..., None]
+        centre = means.sum(1, keepdim=True) / k[:, None, None]
+        means = (means - centre) * kmask[..., None]
+        pair_ok = kmask[:, :, None] & kmask[:, None, :] & ~torch.eye(k_pad, dtype=torch.bool)[None]
+    dist = torch.cdist(means, means)
+    min_dist = dist.masked_fill_(~pair_ok, math.inf).flatten(1).amin(1)
+    means = means.mul_((delta * spec.sigma / min_dist)[:, None, None])
+
+    if spec.weights == "uniform" and fixed_k:
+        weights = torch.full((batch_size, k_pad), 1.0 / spec.k, dtype=f64)
+    else:
+        if spec.weights == "dirichlet":
+            weights = raw["gamma_weights"]
+        elif spec.weights == "range":
+            weights = spec.weights_lo + raw["weights"].double() * (spec.weights_hi - spec.weights_lo)
+        else:
+            weights = torch.ones(batch_size, k_pad, dtype=f64)
+        weights = weights * kmask
+        weights = weights / weights.sum(1, keepdim=True)
 
     # Labels by inverse CDF (the number of cdf entries below u); clamp guards the last bin against rounding.
-    if spec.weights == "uniform":  # equal bins: the CDF search is a floor
-        labels = (raw["label_u"] * k[:, None]).long()
+    if spec.weights == "uniform" and spec.k_max is None:  # one k, equal bins: a floor by a scalar
+        labels = (raw["label_u"] * spec.k).long().clamp_(max=spec.k - 1)
     else:
-        labels = torch.searchsorted(weights.float().cumsum(1), raw["label_u"].contiguous())
-    labels = torch.minimum(labels, k[:, None] - 1)
+        if spec.weights == "uniform":  # equal bins: the CDF search is a floor
+            labels = (raw["label_u"] * k[:, None]).long()
+        else:
+            labels = torch.searchsorted(weights.float().cumsum(1), raw["label_u"].contiguous())
+        labels = torch.minimum(labels, k[:, None] - 1)
 
     if spec.noise == "diagonal":  # log r uniform in ±log diag_ratio
         scales = spec.sigma * torch.exp((2 * raw["axis"] - 1) * math.log(spec.diag_ratio))  # [B, d]
@@ -219,19 +249,19 @@ def _transform(spec: TaskSpec, raw: dict[str, torch.Tensor]) -> Batch:
         chi = torch.sqrt(raw["gamma_noise"] * (2 / spec.noise_df)).float().view(batch_size, n_pad, d)
         noise = noise / chi * t_unit
     # centres[b, i] = means[b, labels[b, i]] by a flat index (index_select: several times faster than gather)
-    flat = (labels + (torch.arange(batch_size) * k_pad)[:, None]).flatten()
+    flat = (labels + (torch.arange(batch_size) * k_pad)[:, None]).view(-1)
     centres = means.float().reshape(batch_size * k_pad, d).index_select(0, flat).view(batch_size, n_pad, d)
     if spec.noise == "diagonal":
-        points = torch.addcmul(centres, noise, scales[:, None, :])
+        points = centres.addcmul_(noise, scales[:, None, :])
     else:  # one scalar σ: no broadcast over a [B, 1, d] factor, whose inner loop of d is slow
-        points = torch.add(centres, noise, alpha=spec.sigma)
+        points = centres.add_(noise, alpha=spec.sigma)
     if spec.n_max is not None:  # with a fixed n the mask is all true: skip two full-size passes
         points = points * mask[..., None]
         labels = labels.masked_fill(~mask, -1)
 
     init = _initial_centroids(spec, points, mask, kmask, means, delta, raw)
-    if spec.init != "none":
-        means, weights, labels = _anchor(means, weights, labels, init, kmask, spec.n_max is None)
+    if spec.anchored:
+        means, weights, labels = _anchor(means, weights, labels, init, None if fixed_k else kmask, spec.n_max is None)
     points, means, init = _move(spec, raw, delta, points, mask, means, init, kmask)
 
     out: Batch = {
@@ -276,31 +306,24 @@ def _move(spec: TaskSpec, raw: dict[str, torch.Tensor], delta: torch.Tensor, poi
 
 def _initial_centroids(spec: TaskSpec, points: torch.Tensor, mask: torch.Tensor, kmask: torch.Tensor,
                        means: torch.Tensor, delta: torch.Tensor, raw: dict[str, torch.Tensor]) -> torch.Tensor:
-    k_pad = kmask.shape[1]
-    if spec.init == "noisy_truth":
-        scale = spec.init_noise * delta * spec.sigma / math.sqrt(points.shape[-1])
-        init_noise = raw["init_noise"].reshape(means.shape).double()
-        return (means + init_noise * scale[:, None, None]) * kmask[..., None]
-    if spec.init == "none":
-        return torch.zeros_like(means)
-    from emformer.models import baselines  # heavier module; only these init modes need it
-
-    if spec.init == "kmeans++":
-        return baselines.kmeans_plus_plus(points, mask, kmask, raw["init_u"][:, :k_pad].double())
-    return baselines.spectral_init(points, mask, kmask, raw["init_u"][:, k_pad:].double())
+    truth = inits.Truth(means=means, normals=raw["init_noise"].reshape(means.shape).double(), separation=delta,
+                        sigma=spec.sigma, init_noise=spec.init_noise)
+    return inits.initial_centroids(spec.init, inits.InitInputs(points, mask, kmask, raw["init_u"].double(), truth))
 
 
 def _anchor(means: torch.Tensor, weights: torch.Tensor, labels: torch.Tensor, init: torch.Tensor,
-            kmask: torch.Tensor, fixed_n: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Relabel components so that component j is the one Hungarian-matched to init centroid j."""
+            kmask: torch.Tensor | None, fixed_n: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Relabel components so that component j is the one Hungarian-matched to init centroid j (kmask None:
+    no padded clusters)."""
     cost = torch.cdist(means, init.to(means.dtype))
-    valid = kmask[:, :, None] & kmask[:, None, :]
-    both_pad = ~kmask[:, :, None] & ~kmask[:, None, :]
-    cost = torch.where(valid, cost, torch.where(both_pad, torch.zeros_like(cost), torch.full_like(cost, math.inf)))
+    if kmask is not None:
+        valid = kmask[:, :, None] & kmask[:, None, :]
+        both_pad = ~kmask[:, :, None] & ~kmask[:, None, :]
+        cost = torch.where(valid, cost, torch.where(both_pad, torch.zeros_like(cost), torch.full_like(cost, math.inf)))
     perm = best_assignment(cost)  # perm[b, true component] = init slot
     inverse = torch.argsort(perm, dim=1)  # inverse[b, slot] = true component
     means = torch.gather(means, 1, inverse[..., None].expand_as(means))
     weights = torch.gather(weights, 1, inverse)
-    relabelled = torch.gather(perm, 1, labels.clamp(min=0))
+    relabelled = torch.gather(perm, 1, labels if fixed_n else labels.clamp(min=0))
     labels = relabelled if fixed_n else torch.where(labels >= 0, relabelled, labels)
     return means, weights, labels

@@ -1,4 +1,4 @@
-"""`emformer generate`: episodes written to webdataset tar shards with a manifest, and the shard reader.
+"""Episodes written to webdataset tar shards with a manifest, and the shard reader.
 
 Layout of an output directory:
 
@@ -33,7 +33,6 @@ below 20x what a training step consumes per core; the figures are in BENCHMARKS.
 """
 from __future__ import annotations
 
-import argparse
 import bisect
 import functools
 import hashlib
@@ -61,7 +60,7 @@ from emformer.data.tasks import TaskSpec
 from emformer.errors import ConfigError, DataError
 
 FORMAT = "emformer-shards"
-FORMAT_VERSION = 2  # 2: episodes drawn as raw Philox words + batched Box-Muller (data/episodes.py)
+FORMAT_VERSION = 3  # 3: Philox keyed per block of indices (data/episodes.py); 2: keyed per episode
 MANIFEST = "manifest.json"
 PARTIAL = "manifest.partial.json"
 SAMPLE_EXT = "safetensors"
@@ -475,32 +474,3 @@ class ShardReader:
                 self.close()
             except (OSError, ValueError):
                 pass
-
-
-# ====================================================================== CLI
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from emformer.train.cli import add_config_arguments
-
-    add_config_arguments(parser)
-    parser.add_argument("--out", required=True, help="output directory (created; reruns complete it)")
-    parser.add_argument("--episodes", type=int, required=True, help="number of episodes N (indices 0..N-1)")
-    parser.add_argument("--shard-size", type=int, default=1000, help="episodes per shard (default 1000)")
-    parser.add_argument("--workers", type=int, default=1, help="parallel writer processes (default 1)")
-    parser.add_argument("--seed", type=int, default=None, help="episode seed (default: the config's data.seed)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def run(args: argparse.Namespace) -> int:
-    from emformer.train.config import load_config, to_task_spec
-
-    cfg = load_config(args.config, args.overrides)
-    spec = to_task_spec(cfg).validate()
-    seed = int(cfg.data.seed) if args.seed is None else args.seed
-    started = time.perf_counter()
-    manifest = write_shards(spec, seed, args.out, args.episodes, args.shard_size, args.workers,
-                            progress=not args.no_progress)
-    seconds = time.perf_counter() - started
-    total = sum(r["bytes"] for r in manifest["shards"])
-    print(f"{args.out}: {manifest['episodes']} episodes of seed {seed} in {len(manifest['shards'])} shard(s), "
-          f"{total / 2**20:.1f} MiB, manifest {Path(args.out) / MANIFEST} ({seconds:.1f} s)")
-    return 0

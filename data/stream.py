@@ -36,12 +36,13 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from emformer.data.config import DataConfig
 from emformer.data.episodes import EPISODE_KEYS, Batch, sample_episodes
 from emformer.data.permutation import KeyedPermutation
+from emformer.data.shards import ShardReader
 from emformer.data.tasks import TaskSpec
 from emformer.errors import ConfigError
 
-SOURCES = ("fresh", "pool", "shards")
 SPECTRAL_FRESH_WARNING = (
     "task.init=spectral with data.source=fresh: spectral init eigendecomposes an n x n affinity per episode "
     "(n={n}; 15-20 ms per episode at n=256 on one core, while a training step consumes hundreds of episodes "
@@ -136,18 +137,10 @@ class EpisodeStream(IterableDataset):
                  shards_dir: Optional[str | os.PathLike] = None, start_step: int = 0, rank: Optional[int] = None,
                  world_size: Optional[int] = None, finite: bool = False, verify: bool = True) -> None:
         super().__init__()
-        if source not in SOURCES:
-            raise ConfigError(f"data.source: expected one of {', '.join(SOURCES)}, got {source!r}")
-        if batch_size < 1:
-            raise ConfigError(f"data.batch_size: expected an integer >= 1, got {batch_size!r}")
-        if seed < 0:
-            raise ConfigError(f"data.seed: expected an integer >= 0, got {seed!r}")
+        DataConfig(source=source, pool_size=pool_size, seed=seed, batch_size=batch_size,
+                   shards_dir=None if shards_dir is None else os.fspath(shards_dir)).validate()
         if start_step < 0:
             raise ConfigError(f"start_step: expected an integer >= 0, got {start_step!r}")
-        if source == "pool" and pool_size < 1:
-            raise ConfigError(f"data.pool_size: expected an integer >= 1 when data.source=pool, got {pool_size!r}")
-        if source == "shards" and not shards_dir:
-            raise ConfigError("data.shards_dir: expected a directory when data.source=shards, got None")
         if finite and source != "shards":
             raise ConfigError(f"finite: only data.source=shards has a finite mode (use eval_set for {source})")
         self.spec = spec.validate()
@@ -162,8 +155,6 @@ class EpisodeStream(IterableDataset):
             # Built here, in the main process: forked DataLoader workers inherit it instead of each building it.
             pool_episodes(self.spec, self.seed, self.pool_size)
         if source == "shards":
-            from emformer.data.shards import ShardReader
-
             # Verified here, in the main process, so errors surface before workers start.
             self._reader = ShardReader(self.shards_dir, spec=self.spec, verify=verify)
             self.pool_size = self._reader.episodes
@@ -204,27 +195,22 @@ def eval_set(spec: TaskSpec, seed: int, episodes: int) -> Batch:
     return sample_episodes(spec, seed, range(episodes))
 
 
-def pool_eval_set(cfg: Any) -> Batch:
-    """Up to cfg.eval.episodes of the *training* episodes, to measure the train/test gap.
+def pool_eval_set(spec: TaskSpec, data: DataConfig, episodes: int) -> Batch:
+    """Up to `episodes` of the *training* episodes, to measure the train/test gap.
 
     fresh: episodes 0.. of data.seed (the first ones trained on) · pool: the first pool episodes ·
     shards: the first episodes of the manifest.
     """
-    from emformer.train.config import to_task_spec
-
-    spec = to_task_spec(cfg).validate()
-    data, wanted = cfg.data, int(cfg.eval.episodes)
+    wanted = episodes
     if data.source == "pool":
-        wanted = min(wanted, int(data.pool_size))
-        pool = pool_episodes(spec, int(data.seed), int(data.pool_size))
+        wanted = min(wanted, data.pool_size)
+        pool = pool_episodes(spec, data.seed, data.pool_size)
         if pool is not None:
             return {name: value[:wanted].clone() for name, value in pool.items()}
     if data.source == "shards":
-        from emformer.data.shards import ShardReader
-
         reader = ShardReader(data.shards_dir, spec=spec)
         return reader.read(torch.arange(min(wanted, reader.episodes)))
-    return sample_episodes(spec, int(data.seed), range(wanted))
+    return sample_episodes(spec, data.seed, range(wanted))
 
 
 __all__ = ["EpisodeStream", "eval_set", "pool_eval_set", "resolve_rank", "epoch_permutation",

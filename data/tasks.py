@@ -15,7 +15,13 @@ from emformer.errors import ConfigError
 
 WEIGHT_MODES = ("uniform", "dirichlet", "range")
 NOISE_MODES = ("isotropic", "diagonal", "student_t")
-INIT_MODES = ("noisy_truth", "kmeans++", "spectral", "none")
+NO_INIT = "none"
+"""the init mode without initial centroids (the model learns slot vectors; labels are not anchored)"""
+
+
+def anchored(init: str) -> bool:
+    """Whether init mode `init` gives initial centroids that the labels are anchored to (all but `none`)."""
+    return init != NO_INIT
 
 
 @dataclass
@@ -52,7 +58,8 @@ class TaskSpec:
     diag_ratio: float = 2.0
     """largest per-axis scale factor for diagonal noise"""
     init: str = "noisy_truth"
-    """initial centroids: noisy_truth (true means + noise of relative size init_noise) | kmeans++ | spectral | none"""
+    """initial centroids: a mode of data/inits.py's INITS, e.g. noisy_truth (true means + noise of relative size
+    init_noise), kmeans++, spectral, or none (no initial centroids: labels are not anchored)"""
     init_noise: float = 0.3
     """ρ: noisy_truth adds Gaussian noise of expected norm ρ·Δ·σ to each true mean"""
     translate: float = 0.0
@@ -74,6 +81,11 @@ class TaskSpec:
     @property
     def d_pad(self) -> int:
         return self.d_max if self.d_max is not None else self.d
+
+    @property
+    def anchored(self) -> bool:
+        """Whether episodes come with initial centroids that the labels are anchored to (init != none)."""
+        return anchored(self.init)
 
     def validate(self, prefix: str = "task") -> "TaskSpec":
         """Raise ConfigError naming the first bad key; return self so calls chain."""
@@ -113,8 +125,12 @@ class TaskSpec:
             raise bad("noise_df", "a number > 2 (finite variance)")
         if not self.diag_ratio >= 1:
             raise bad("diag_ratio", "a number >= 1")
-        if self.init not in INIT_MODES:
-            raise bad("init", f"one of {', '.join(INIT_MODES)}")
+        # The registry's functions need torch (~2 s of CPU to import): light commands (status, sweep) import
+        # TaskSpec without it.
+        from emformer.data import inits
+
+        if self.init not in inits.INITS:
+            raise bad("init", f"one of {', '.join(inits.INITS)}")
         if not self.init_noise >= 0:
             raise bad("init_noise", "a number >= 0")
         if isinstance(self.translate, bool) or not (self.translate >= 0 and math.isfinite(self.translate)):

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
+from emformer.version import __version__
 __all__ = ["Clusterer", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
-    # Lazy so that `import emformer` stays cheap for every subcommand.
     if name == "Clusterer":
+        # Lazy (the Clusterer imports torch) so that `import emformer` stays cheap for every subcommand.
         from emformer.models.clusterer import Clusterer
 
         return Clusterer

@@ -4,8 +4,9 @@
   diagonal ('diag') covariances, weights estimated, `reg` added to variances like sklearn's reg_covar.
   One iteration = E-step then M-step, as sklearn counts them; the returned log_resp is a final E-step with
   the final parameters (what sklearn's fit_predict returns).
-- `lloyd`: Lloyd's k-means. An empty cluster keeps its centroid (sklearn instead moves it to a far point).
-- `kmeans_plus_plus`, `spectral_init`: initial centroids, deterministic given per-episode uniforms.
+- `lloyd`: Lloyd's k-means (lives in data/inits.py, which the spectral init needs it for). An empty cluster
+  keeps its centroid (sklearn instead moves it to a far point).
+- The initial centroids (k-means++, spectral, ...) are data/inits.py's registry.
 - `oracle_log_posterior`: the Bayes classifier with the true means, weights and noise (the error floor).
 - `evaluate_baselines`: per-episode errors and losses of all of them, on one batch (see its doc).
 
@@ -18,16 +19,17 @@ the spherical variance is the mean over the other coordinates only, so padding d
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import torch
 
+from emformer.data import inits
+from emformer.data.inits import F64, lloyd, neg_inf_pad, prepare_points, sq_dist
+from emformer.data.tasks import TaskSpec
 from emformer.models import metrics
 
-F64 = torch.float64
 # sklearn adds 10 * eps to every component's responsibility mass so an empty component divides safely.
 _MASS_EPS = 10 * torch.finfo(F64).eps
 
@@ -44,26 +46,9 @@ class EMResult:
     """[B,n,k] log responsibilities under the final parameters; padded clusters -inf"""
 
 
-def _prepare(points: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """float64 points with padded points zeroed (garbage or NaN there must not leak), and the mask as float."""
-    m = mask.bool()
-    x = torch.where(m[..., None], points.to(F64), torch.zeros((), dtype=F64, device=points.device))
-    return x, m.to(F64)
-
-
 def _active_dims(x: torch.Tensor) -> torch.Tensor:
     """[B,d] float: 1 where some valid point is non-zero (coordinates beyond task.d are all zero)."""
     return (x != 0).any(dim=1).to(F64)
-
-
-def _sq_dist(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """[B,n,k] squared Euclidean distances, by expansion (batched matmul) in float64."""
-    d2 = (x * x).sum(-1)[..., None] - 2 * torch.bmm(x, c.transpose(1, 2)) + (c * c).sum(-1)[:, None, :]
-    return d2.clamp(min=0)
-
-
-def _neg_inf_pad(values: torch.Tensor, kmask: torch.Tensor) -> torch.Tensor:
-    return values.masked_fill(~kmask.bool()[:, None, :], -math.inf)
 
 
 def em(points: torch.Tensor, mask: torch.Tensor, kmask: torch.Tensor, init: torch.Tensor, iters: int,
@@ -73,7 +58,7 @@ def em(points: torch.Tensor, mask: torch.Tensor, kmask: torch.Tensor, init: torc
     if covariance not in ("spherical", "diag"):
         raise ValueError(f"covariance must be 'spherical' or 'diag', got {covariance!r}")
     out_dtype = points.dtype if points.dtype.is_floating_point else torch.float32
-    x, m = _prepare(points, mask)
+    x, m = prepare_points(points, mask)
     km = kmask.bool()
     kf = km.to(F64)
     dims = _active_dims(x)  # [B,d]
@@ -82,7 +67,7 @@ def em(points: torch.Tensor, mask: torch.Tensor, kmask: torch.Tensor, init: torc
 
     means = init.to(F64) * kf[..., None]
     weights = kf / kf.sum(-1, keepdim=True).clamp(min=1)
-    nearest = _neg_inf_pad(-_sq_dist(x, means), km).amax(-1).neg()  # [B,n] squared distance to nearest
+    nearest = neg_inf_pad(-sq_dist(x, means), km).amax(-1).neg()  # [B,n] squared distance to nearest
     shared = (nearest * m).sum(-1) / (n_valid * n_dims) + reg  # [B]
     if covariance == "spherical":
         variances = shared[:, None].expand(-1, means.shape[1]).clone()
@@ -91,7 +76,7 @@ def em(points: torch.Tensor, mask: torch.Tensor, kmask: torch.Tensor, init: torc
 
     def e_step() -> torch.Tensor:
         if covariance == "spherical":
-            log_lik = -0.5 * (_sq_dist(x, means) / variances[:, None, :]
+            log_lik = -0.5 * (sq_dist(x, means) / variances[:, None, :]
                               + n_dims[:, None, None] * torch.log(variances)[:, None, :])
         else:
             prec = 1.0 / variances  # [B,k,d]
@@ -99,7 +84,7 @@ def em(points: torch.Tensor, mask: torch.Tensor, kmask: torch.Tensor, init: torc
             maha = (torch.bmm(x * x, prec.transpose(1, 2)) - 2 * torch.bmm(x, (means * prec).transpose(1, 2))
                     + (means * means * prec).sum(-1)[:, None, :]).clamp(min=0)
             log_lik = -0.5 * (maha + (torch.log(variances) * dims[:, None, :]).sum(-1)[:, None, :])
-        log_joint = _neg_inf_pad(log_lik + torch.log(weights)[:, None, :], km)
+        log_joint = neg_inf_pad(log_lik + torch.log(weights)[:, None, :], km)
         return log_joint - torch.logsumexp(log_joint, dim=-1, keepdim=True)
 
     for _ in range(iters):
@@ -122,123 +107,8 @@ def em(points: torch.Tensor, mask: torch.Tensor, kmask: torch.Tensor, init: torc
                     log_resp=log_resp.float())
 
 
-def _nearest(x: torch.Tensor, centroids: torch.Tensor, kmask: torch.Tensor) -> torch.Tensor:
-    return _neg_inf_pad(-_sq_dist(x, centroids), kmask.bool()).argmax(-1)
-
-
-def lloyd(points: torch.Tensor, mask: torch.Tensor, kmask: torch.Tensor, init: torch.Tensor,
-          iters: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`iters` Lloyd iterations from `init`; returns (centroids [B,k,d], labels [B,n] with -1 on padding),
-    the labels being the nearest final centroid (as sklearn's labels_). An empty cluster keeps its centroid."""
-    out_dtype = points.dtype if points.dtype.is_floating_point else torch.float32
-    x, m = _prepare(points, mask)
-    km = kmask.bool()
-    centroids = init.to(F64) * km.to(F64)[..., None]
-    k = centroids.shape[1]
-    for _ in range(iters):
-        assign = torch.nn.functional.one_hot(_nearest(x, centroids, km), k).to(F64) * m[..., None]
-        count = assign.sum(1)  # [B,k]
-        sums = torch.bmm(assign.transpose(1, 2), x)
-        keep = (count == 0)[..., None] | ~km[..., None]
-        centroids = torch.where(keep, centroids, sums / count.clamp(min=1)[..., None])
-    labels = _nearest(x, centroids, km).masked_fill(~mask.bool(), -1)
-    return centroids.to(out_dtype), labels
-
-
-# ---------------------------------------------------------------------------------------------- inits
-def _d2_sample(weight: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Index drawn with probability ∝ weight [B,n] by inverse CDF at u [B] (u in [0,1))."""
-    cdf = weight.cumsum(-1)
-    target = (u.to(device=weight.device, dtype=F64) * cdf[:, -1])[:, None]
-    idx = (cdf <= target).sum(-1)  # first index whose cdf exceeds the target: it has positive weight
-    positions = torch.arange(weight.shape[1], device=weight.device)
-    last_positive = torch.where(weight > 0, positions, torch.zeros_like(positions)).amax(-1)
-    return torch.minimum(idx, last_positive)  # guards rounding at the top end
-
-
-def _kmeanspp_indices(x: torch.Tensor, m: torch.Tensor, kmask: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """[B,k] indices of the chosen points (k-means++ D² sampling, one trial per centre); padded slots
-    repeat the first pick. Valid points only; if every valid point coincides with a centre, uniform."""
-    batch, k = kmask.shape
-    chosen = torch.empty(batch, k, dtype=torch.long, device=x.device)
-    chosen[:, 0] = _d2_sample(m, uniforms[:, 0])
-    rows = torch.arange(batch, device=x.device)
-    closest = ((x - x[rows, chosen[:, 0]][:, None, :]) ** 2).sum(-1)  # [B,n]
-    for j in range(1, k):
-        weight = closest * m
-        weight = torch.where(weight.sum(-1, keepdim=True) > 0, weight, m)
-        pick = _d2_sample(weight, uniforms[:, j])
-        pick = torch.where(kmask[:, j].bool(), pick, chosen[:, 0])
-        chosen[:, j] = pick
-        closest = torch.minimum(closest, ((x - x[rows, pick][:, None, :]) ** 2).sum(-1))
-    return chosen
-
-
-def _gather_points(points: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    return torch.gather(points, 1, idx[..., None].expand(-1, -1, points.shape[-1]))
-
-
-def kmeans_plus_plus(points: torch.Tensor, mask: torch.Tensor, kmask: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """k-means++ centroids [B,k,d] (padded clusters 0): the first a valid point chosen by uniforms[:,0],
-    centre j a valid point drawn ∝ squared distance to the nearest chosen centre by uniforms[:,j]."""
-    x, m = _prepare(points, mask)
-    idx = _kmeanspp_indices(x, m, kmask.bool(), uniforms)
-    out_dtype = points.dtype if points.dtype.is_floating_point else torch.float32
-    return (_gather_points(x, idx) * kmask.to(F64)[..., None]).to(out_dtype)
-
-
-SPECTRAL_NEIGHBOUR = 7  # local scale = distance to the 7th nearest neighbour (Zelnik-Manor & Perona 2004)
-SPECTRAL_LLOYD_ITERS = 10
-
-
-def spectral_init(points: torch.Tensor, mask: torch.Tensor, kmask: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """Spectral-clustering centroids [B,k,d] (padded clusters 0).
-
-    Self-tuning affinity W_ij = exp(−‖x_i − x_j‖² / (s_i s_j)), s_i the distance to the 7th neighbour;
-    embedding = top-k eigenvectors of D^{-1/2} W D^{-1/2} (k of that episode), rows normalised; k-means++
-    (from `uniforms`) then Lloyd in the embedding; centroids = means of the points of each spectral cluster
-    (an empty one falls back to its k-means++ seed point). Cost: one n×n eigendecomposition per episode.
-    """
-    x, m = _prepare(points, mask)
-    km = kmask.bool()
-    batch, n, _ = x.shape
-    k_pad = km.shape[1]
-    valid = m.bool()
-    pair = valid[:, :, None] & valid[:, None, :]
-    d2 = _sq_dist(x, x)
-    n_valid = valid.sum(-1)
-    # Local scale from the r-th nearest other point, r = min(7, n_valid − 1).
-    ranked = d2.masked_fill(~pair, math.inf).topk(min(SPECTRAL_NEIGHBOUR + 1, n), -1, largest=False).values
-    # (ranked column 0 is the point itself)
-    r = (n_valid - 1).clamp(min=1, max=min(SPECTRAL_NEIGHBOUR, n - 1))
-    scale2 = torch.gather(ranked, 2, r[:, None, None].expand(-1, n, 1)).squeeze(-1)
-    scale2 = torch.where(valid & torch.isfinite(scale2), scale2, torch.ones_like(scale2))
-    scale = scale2.clamp(min=1e-12).sqrt()
-    affinity = torch.exp(-d2 / (scale[:, :, None] * scale[:, None, :])) * pair
-    affinity = affinity * (1 - torch.eye(n, dtype=F64, device=x.device))  # no self-loops
-    degree = affinity.sum(-1)
-    inv_sqrt = torch.where(degree > 0, degree.clamp(min=1e-300).rsqrt(), torch.zeros_like(degree))
-    normalised = affinity * inv_sqrt[:, :, None] * inv_sqrt[:, None, :]
-    # Padded points get eigenvalue −2, below every valid one (those lie in [−1, 1]), so never in the top k.
-    normalised = normalised - 2 * torch.diag_embed((~valid).to(F64))
-    _, vectors = torch.linalg.eigh(normalised)  # ascending eigenvalues
-    embedding = vectors.flip(-1)[:, :, :k_pad]  # top k_pad; keep only the top k of each episode
-    embedding = embedding * km.to(F64)[:, None, :]
-    embedding = embedding / embedding.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-    embedding = embedding * m[..., None]
-
-    seeds = _kmeanspp_indices(embedding, m, km, uniforms)
-    _, labels = lloyd(embedding, valid, km, _gather_points(embedding, seeds), SPECTRAL_LLOYD_ITERS)
-    assign = torch.nn.functional.one_hot(labels.clamp(min=0), k_pad).to(F64) * m[..., None]
-    count = assign.sum(1)
-    centroids = torch.bmm(assign.transpose(1, 2), x) / count.clamp(min=1)[..., None]
-    centroids = torch.where((count > 0)[..., None], centroids, _gather_points(x, seeds))
-    out_dtype = points.dtype if points.dtype.is_floating_point else torch.float32
-    return (centroids * km.to(F64)[..., None]).to(out_dtype)
-
-
 # ---------------------------------------------------------------------------------------------- oracle
-def oracle_log_posterior(batch: dict[str, torch.Tensor], spec) -> torch.Tensor:
+def oracle_log_posterior(batch: dict[str, torch.Tensor], spec: TaskSpec) -> torch.Tensor:
     """log p(z = j | x) [B,n,k] under the true model: means, weights, per-axis scales and the spec's noise
     (Gaussian, or per-axis Student-t with spec.noise_df scaled to unit variance). Padded clusters -inf."""
     d = spec.d  # coordinates beyond task.d are padding (scale 0)
@@ -253,11 +123,11 @@ def oracle_log_posterior(batch: dict[str, torch.Tensor], spec) -> torch.Tensor:
     else:
         log_lik = -0.5 * (z * z).sum(-1)
     # The normalising constants (Σ log scales, Student-t constants) are the same for every component.
-    log_joint = _neg_inf_pad(log_lik + torch.log(batch["weights"].to(F64))[:, None, :], batch["kmask"])
+    log_joint = neg_inf_pad(log_lik + torch.log(batch["weights"].to(F64))[:, None, :], batch["kmask"])
     return (log_joint - torch.logsumexp(log_joint, dim=-1, keepdim=True)).float()
 
 
-def em_covariance(spec) -> str:
+def em_covariance(spec: TaskSpec) -> str:
     """The EM variant that matches a task's noise: diagonal noise → 'diag', otherwise 'spherical'."""
     return "diag" if spec.noise == "diagonal" else "spherical"
 
@@ -270,16 +140,16 @@ def episode_uniforms(batch: dict[str, torch.Tensor], k: int, stream: int = 0) ->
     return torch.from_numpy(np.stack(rows)).to(batch["points"].device)
 
 
-def baseline_init(batch: dict[str, torch.Tensor], spec) -> torch.Tensor:
+def baseline_init(batch: dict[str, torch.Tensor], spec: TaskSpec) -> torch.Tensor:
     """The centroids EM and Lloyd start from: the task's init, or k-means++ when task.init = none."""
-    if spec.init != "none":
+    if spec.anchored:
         return batch["init"]
     uniforms = episode_uniforms(batch, batch["kmask"].shape[1]) if "seed" in batch and "index" in batch \
         else torch.full(batch["kmask"].shape, 0.5, dtype=F64, device=batch["points"].device)
-    return kmeans_plus_plus(batch["points"], batch["mask"], batch["kmask"], uniforms)
+    return inits.kmeans_plus_plus(batch["points"], batch["mask"], batch["kmask"], uniforms)
 
 
-def evaluate_baselines(batch: dict[str, torch.Tensor], spec, em_iters: int, depth: int | None = None) -> dict[str, torch.Tensor]:
+def evaluate_baselines(batch: dict[str, torch.Tensor], spec: TaskSpec, em_iters: int, depth: int | None = None) -> dict[str, torch.Tensor]:
     """Per-episode [B] float32 figures of EM, Lloyd (both from the task's init, k-means++ when there is
     none) and the oracle: err_* permutation-minimised, err_*_anchored against the anchored labels, loss_*
     the cross-entropy of the method's log-posterior against the anchored labels. With `depth`, also

@@ -41,10 +41,12 @@ import numpy as np
 import torch
 
 from emformer.atomic import sha256_file
+from emformer.data import inits
 from emformer.errors import CheckpointError, ConfigError, DataError
 from emformer.models.export_format import CONFIG_FILE, WEIGHTS_FILE, read_export_config
+from emformer.models.transformer import ClusterTransformer, TransformerConfig
 
-INIT_MODES = ("kmeans++", "spectral")
+INIT_MODES = inits.POINT_INITS
 STANDARDIZE_MODES = (True, False, "isotropic", "features")
 DEFAULT_INIT_ITERS = 10
 
@@ -70,8 +72,6 @@ def load_exported_model(model_dir: str | Path, device: str | torch.device = "cpu
     """Rebuild the ClusterTransformer of an export and load its weights, checking every file against config.json."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-
-    from emformer.models.transformer import ClusterTransformer, TransformerConfig
 
     model_dir = Path(model_dir)
     config = config if config is not None else read_export_config(model_dir)
@@ -441,16 +441,13 @@ class Clusterer:
 
     def _initial_centroids(self, x: torch.Tensor, mask: torch.Tensor, kmask: torch.Tensor,
                            rng: np.random.Generator) -> torch.Tensor:
-        from emformer.models import baselines  # torch only; imported when an init must be drawn
-
         uniforms = torch.as_tensor(rng.random((x.shape[0], self.k_max)), dtype=torch.float32, device=x.device)
-        draw = baselines.kmeans_plus_plus if self.init == "kmeans++" else baselines.spectral_init
-        centroids = draw(x, mask, kmask, uniforms).to(x.dtype)
+        centroids = inits.initial_centroids(self.init, inits.InitInputs(x, mask, kmask, uniforms)).to(x.dtype)
         iters = self.init_iters
         if iters is None:  # the model's own training init as it was; refined k-means otherwise
             iters = 0 if self.config["task"].get("init") == self.init else DEFAULT_INIT_ITERS
         if iters:
-            centroids = baselines.lloyd(x, mask, kmask, centroids, iters)[0].to(x.dtype)
+            centroids = inits.lloyd(x, mask, kmask, centroids, iters)[0].to(x.dtype)
         return centroids * kmask[..., None]
 
 

@@ -26,33 +26,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from emformer.data.tasks import TaskSpec
+from emformer.models.config import ModelConfig
+
 
 @dataclass
-class TransformerConfig:
-    """Everything needed to rebuild the model (stored in checkpoints and exports)."""
+class TransformerConfig(ModelConfig):
+    """Everything needed to rebuild the model (stored in checkpoints and exports): the model section plus
+    what the task fixes. Built from a run by `from_task_and_model`, from an export by `from_dict`."""
 
     d_in: int = 8
     """input dimension (the task's padded d)"""
     k_max: int = 3
     """number of centroid tokens (the task's padded k)"""
-    depth: int = 4
-    heads: int = 4
-    width: int = 64
-    mlp_ratio: int = 4
-    dropout: float = 0.0
-    centroid_head: bool = False
     learned_centroids: bool = False
     """init = none: centroid tokens are learned slot vectors instead of embedded initial centroids"""
 
     @classmethod
-    def from_run_config(cls, cfg: Any) -> "TransformerConfig":
-        """From a RunConfig (DictConfig or plain dict): model section + the task's padded sizes."""
-        task, model = cfg["task"], cfg["model"]
-        k_pad = task["k_max"] if task.get("k_max") is not None else task["k"]
-        d_pad = task["d_max"] if task.get("d_max") is not None else task["d"]
-        return cls(d_in=int(d_pad), k_max=int(k_pad), depth=int(model["depth"]), heads=int(model["heads"]),
-                   width=int(model["width"]), mlp_ratio=int(model["mlp_ratio"]), dropout=float(model["dropout"]),
-                   centroid_head=bool(model["centroid_head"]), learned_centroids=task["init"] == "none")
+    def from_task_and_model(cls, task: TaskSpec, model: ModelConfig) -> "TransformerConfig":
+        """The one derivation of the architecture from a run: the model section + the task's padded sizes."""
+        return cls(**dataclasses.asdict(model), d_in=task.d_pad, k_max=task.k_pad,
+                   learned_centroids=not task.anchored)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

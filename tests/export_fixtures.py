@@ -33,6 +33,15 @@ def fake_run_config(overrides: tuple[str, ...] = ()) -> dict:
     return to_dict(load_config(REPO / "configs" / "debug.yaml", ["wandb.mode=disabled", *overrides]))
 
 
+def architecture_of(config: dict) -> "TransformerConfig":
+    """The transformer config of a run config dict (as a checkpoint's hyper-parameters hold it)."""
+    from emformer.models.transformer import TransformerConfig
+    from emformer.train.config import to_run_config
+
+    run = to_run_config(config)
+    return TransformerConfig.from_task_and_model(run.task, run.model)
+
+
 def make_fake_run(run_dir: Path, overrides: tuple[str, ...] = (), seed: int = 0) -> Path:
     """checkpoints/{best,last}.ckpt (Lightning layout: state_dict with prefix model., hyper_parameters.config,
     global_step), config.yaml, meta.json, metrics.jsonl with one val row."""
@@ -44,7 +53,7 @@ def make_fake_run(run_dir: Path, overrides: tuple[str, ...] = (), seed: int = 0)
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     config = fake_run_config(overrides)
     torch.manual_seed(seed)
-    model = ClusterTransformer(TransformerConfig.from_run_config(config))
+    model = ClusterTransformer(architecture_of(config))
     checkpoint = {
         "state_dict": {f"model.{key}": value for key, value in model.state_dict().items()},
         "hyper_parameters": {"config": config},

@@ -85,6 +85,7 @@ def test_em_restarts_pick_the_likeliest_fit():
     import torch
 
     import bench_quality
+    from emformer.data import inits
     from emformer.data.episodes import sample_episodes
     from emformer.data.tasks import TaskSpec
     from emformer.models import baselines
@@ -95,8 +96,8 @@ def test_em_restarts_pick_the_likeliest_fit():
     # The kept labels are those of the likeliest restart, episode by episode, each restart run on its own.
     lls, preds = [], []
     for stream in range(1, 4):
-        init = baselines.kmeans_plus_plus(batch["points"], batch["mask"], batch["kmask"],
-                                          baselines.episode_uniforms(batch, 3, stream))
+        init = inits.kmeans_plus_plus(batch["points"], batch["mask"], batch["kmask"],
+                                      baselines.episode_uniforms(batch, 3, stream))
         fit = baselines.em(batch["points"], batch["mask"], batch["kmask"], init, bench_quality.EM_ITERS)
         lls.append(bench_quality.spherical_log_likelihood(batch["points"], batch["mask"], batch["kmask"], fit))
         preds.append(fit.log_resp.argmax(-1))

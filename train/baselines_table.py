@@ -16,14 +16,15 @@ from typing import Callable
 
 import torch
 
+from emformer.data import inits
 from emformer.data.episodes import sample_episodes
 from emformer.data.tasks import TaskSpec
 from emformer.errors import ConfigError
 from emformer.models import baselines, metrics
 from emformer.train.cli import add_config_arguments
-from emformer.train.config import load_config, to_task_spec
+from emformer.train.config import load_run_config
 
-EXTRA_INITS = ("kmeans++", "spectral")
+EXTRA_INITS = inits.POINT_INITS  # each with its own uniforms stream, numbered by position from 1
 COLUMNS = ("err", "err_anchored", "ari", "ce", "mean_err")
 # Spectral init holds an n×n float64 matrix per episode: cap a batch at ~2e7 of its entries.
 _BATCH_ENTRIES = 20_000_000
@@ -98,7 +99,6 @@ def evaluate(spec: TaskSpec, seed: int, episodes: int, em_iters: int, batch_size
     """The table as a dict {method: {metric: mean, metric_se: standard error}} plus "meta"."""
     rows = _Rows()
     covariance = baselines.em_covariance(spec)
-    task_anchored = spec.init != "none"
     separations = []
     for start in range(0, episodes, batch_size):
         batch = sample_episodes(spec, seed, range(start, min(start + batch_size, episodes)))
@@ -112,15 +112,14 @@ def evaluate(spec: TaskSpec, seed: int, episodes: int, em_iters: int, batch_size
                  ari=metrics.adjusted_rand_index(pred, labels, mask, kmask.shape[1]),
                  ce=metrics.cross_entropy(log_post, labels, mask))
 
-        inits = {"": baselines.baseline_init(batch, spec)}
+        starts = {"": baselines.baseline_init(batch, spec)}
         for stream, name in enumerate(EXTRA_INITS, start=1):
             if name == spec.init:
                 continue  # already the task's own init
             uniforms = baselines.episode_uniforms(batch, kmask.shape[1], stream)
-            fn = baselines.kmeans_plus_plus if name == "kmeans++" else baselines.spectral_init
-            inits[f"[{name}]"] = fn(points, mask, kmask, uniforms)
-        for suffix, init in inits.items():
-            anchored = task_anchored and suffix == ""
+            starts[f"[{name}]"] = inits.initial_centroids(name, inits.InitInputs(points, mask, kmask, uniforms))
+        for suffix, init in starts.items():
+            anchored = spec.anchored and suffix == ""
             fit = baselines.em(points, mask, kmask, init, em_iters, covariance)
             _score_clustering(rows, f"em{suffix}", batch, fit.log_resp.argmax(-1), fit.means, fit.log_resp, anchored)
             centroids, lloyd_labels = baselines.lloyd(points, mask, kmask, init, em_iters)
@@ -134,7 +133,7 @@ def evaluate(spec: TaskSpec, seed: int, episodes: int, em_iters: int, batch_size
         table["oracle"]["closed_form"] = closed  # type: ignore[index]
     table["meta"] = {
         "task": spec.to_dict(), "episodes": episodes, "seed": seed, "em_iters": em_iters,
-        "em_covariance": covariance, "em_init": spec.init if task_anchored else "kmeans++",
+        "em_covariance": covariance, "em_init": spec.init if spec.anchored else "kmeans++",
     }
     return table
 
@@ -179,8 +178,8 @@ def format_table(table: dict[str, object]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
-    spec = to_task_spec(cfg).validate()
+    cfg = load_run_config(args.config, args.overrides)
+    spec = cfg.task
     if args.episodes < 1:
         raise ConfigError(f"--episodes: expected an integer >= 1, got {args.episodes}")
     em_iters = cfg.eval.em_iters if args.em_iters is None else args.em_iters

@@ -28,6 +28,7 @@ from lightning.pytorch.callbacks import Callback
 
 from emformer.errors import EmformerError
 from emformer.train.checkpoints import save_atomic
+from emformer.train.config import RunConfig
 from emformer.train.rundir import BEST, LAST, checkpoint_dir
 from emformer.train.tracking import Tracker
 
@@ -79,12 +80,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
 class RunControl(Callback):
     """Logging, evaluation, checkpoints, preemption and the crash hook (see the module doc)."""
 
-    def __init__(self, run_dir: Path, config: dict[str, Any], tracker: Tracker,
+    def __init__(self, run_dir: Path, config: RunConfig, tracker: Tracker,
                  preemption: Optional[Preemption] = None) -> None:
         self.run_dir = Path(run_dir)
-        self.trainer_cfg = config["trainer"]
-        self.tokens_per_episode = _tokens_per_episode(config)
-        self.batch_size = int(config["data"]["batch_size"])
+        self.trainer_cfg = config.trainer
+        self.tokens_per_episode = config.task.n_pad + config.task.k_pad
+        self.batch_size = config.data.batch_size
         self.tracker = tracker
         self.preemption = preemption or Preemption()
         self.best_loss = float("inf")
@@ -94,6 +95,7 @@ class RunControl(Callback):
         self._crash_at = int(os.environ[CRASH_ENV]) if os.environ.get(CRASH_ENV) else None
         self._loss_sum = torch.zeros((), dtype=torch.float64)
         self._loss_count = 0
+        self._rank_loss_sums: Optional[torch.Tensor] = None  # every rank's _loss_sum, gathered when saving
         self._window_start = 0.0
         self._window_steps = 0
         self._excluded = 0.0  # seconds of eval / checkpointing inside the current window
@@ -101,9 +103,11 @@ class RunControl(Callback):
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict[str, Any]:
         # The open window of the train-loss average too: a run preempted between two train rows logs the
-        # same mean at the next row as an uninterrupted run would.
+        # same mean at the next row as an uninterrupted run would. The checkpoint holds rank 0's callback
+        # state only, so every rank's sum goes in (gathered by _save).
         return {"best_loss": self.best_loss, "rng": rng_state(), "last_val": self.last_val,
-                "loss_window": {"sum": self._loss_sum.clone(), "count": self._loss_count}}
+                "loss_window": {"sum": self._loss_sum.clone(), "count": self._loss_count,
+                                "rank_sums": self._rank_loss_sums}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best_loss = float(state.get("best_loss", float("inf")))
@@ -111,6 +115,7 @@ class RunControl(Callback):
         window = state.get("loss_window")
         if window is not None:
             self._loss_sum, self._loss_count = window["sum"].clone(), int(window["count"])
+            self._rank_loss_sums = window.get("rank_sums")  # this rank's share is taken in on_train_start
         # Applied just before the next training step: Lightning draws from the RNG while it sets up.
         self._pending_rng = state.get("rng")
 
@@ -119,6 +124,11 @@ class RunControl(Callback):
         step = trainer.global_step
         if trainer.is_global_zero:
             self.tracker.start(step)
+        if self._rank_loss_sums is not None:
+            sums = self._rank_loss_sums
+            # Resumed on as many ranks: each its own sum; on another number, each the mean (same logged mean).
+            self._loss_sum = (sums[trainer.global_rank] if len(sums) == trainer.world_size else sums.mean()).clone()
+            self._rank_loss_sums = None
         if step == 0:
             # The untrained model next to the baselines: the first point of every curve.
             self._validate(trainer, module, step)
@@ -147,14 +157,14 @@ class RunControl(Callback):
             raise NonFiniteLoss(f"training loss is {float(loss)} at step {step}: stopping ({kept}); "
                                 "try a lower optim.lr or optim.grad_clip")
 
-        max_steps = int(cfg["max_steps"])
+        max_steps = cfg.max_steps
         done = step >= max_steps
-        if step % int(cfg["log_every"]) == 0 or done:
+        if step % cfg.log_every == 0 or done:
             self._log_train(trainer, module, step)
         started = time.perf_counter()
-        if step % int(cfg["val_every"]) == 0 or done:
+        if step % cfg.val_every == 0 or done:
             self._validate(trainer, module, step)
-        if step % int(cfg["ckpt_every"]) == 0 or done or preempt:
+        if step % cfg.ckpt_every == 0 or done or preempt:
             self._save(trainer, module, LAST, step)
         self._excluded += time.perf_counter() - started
         if preempt and not done:
@@ -186,7 +196,12 @@ class RunControl(Callback):
             kept = f"{path} from an earlier step is kept" if path.exists() else f"{path} was never written"
             raise NonFiniteLoss(f"parameters became NaN or infinite by step {step}: stopping without saving "
                                 f"({kept}); try a lower optim.lr or optim.grad_clip")
+        if trainer.world_size > 1:  # a gather as a sum: each rank fills its own slot, x + 0.0 is exact
+            sums = torch.zeros(trainer.world_size, dtype=torch.float64, device=trainer.strategy.root_device)
+            sums[trainer.global_rank] = self._loss_sum
+            self._rank_loss_sums = trainer.strategy.reduce(sums, reduce_op="sum").cpu()
         save_atomic(trainer, checkpoint_dir(self.run_dir) / name)
+        self._rank_loss_sums = None
 
     def _log_train(self, trainer: L.Trainer, module: L.LightningModule, step: int) -> None:
         mean = self._loss_sum / max(self._loss_count, 1)
@@ -261,10 +276,3 @@ class StepProgress(Callback):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-
-
-def _tokens_per_episode(config: dict[str, Any]) -> int:
-    task = config["task"]
-    n = task["n_max"] if task.get("n_max") is not None else task["n"]
-    k = task["k_max"] if task.get("k_max") is not None else task["k"]
-    return int(n) + int(k)

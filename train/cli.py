@@ -10,11 +10,11 @@ import importlib
 import sys
 from typing import Sequence
 
-from emformer import __version__
 from emformer.errors import EmformerError
+from emformer.version import __version__
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "generate": ("emformer.data.shards", "write episodes to webdataset shards with a manifest"),
+    "generate": ("emformer.train.generate", "write episodes to webdataset shards with a manifest"),
     "baselines": ("emformer.train.baselines_table", "error of EM, Lloyd and the oracle on a task"),
     "train": ("emformer.train.fit", "pre-train a transformer on clustering episodes"),
     "sweep": ("emformer.train.sweep.command", "run a grid of training runs locally or on SLURM"),

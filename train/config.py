@@ -12,9 +12,12 @@ This module must stay light (no torch, no lightning): `generate` and `cluster` i
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import hashlib
+import inspect
 import json
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -24,43 +27,13 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from emformer.atomic import atomic_write_text
+from emformer.data.config import DataConfig
 from emformer.data.tasks import TaskSpec
 from emformer.errors import ConfigError
+from emformer.models.config import ModelConfig
 
 GROUPS = ("task", "model", "data", "optim", "trainer", "strategy", "wandb", "eval")
-SOURCES = ("fresh", "pool", "shards")
 STRATEGIES = ("auto", "ddp", "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3")
-
-
-@dataclass
-class ModelConfig:
-    depth: int = 4
-    """L: number of transformer blocks"""
-    heads: int = 4
-    """M: attention heads per block"""
-    width: int = 64
-    """D: residual stream width (must be divisible by heads)"""
-    mlp_ratio: int = 4
-    """hidden width of each MLP as a multiple of D"""
-    dropout: float = 0.0
-    centroid_head: bool = False
-    """also read out refined centroids (trained with a matched-mean MSE term)"""
-
-
-@dataclass
-class DataConfig:
-    source: str = "fresh"
-    """fresh: new episodes every step (N = ∞) | pool: a finite pool of pool_size episodes | shards: read shards_dir"""
-    pool_size: int = 0
-    """N, the number of distinct pre-training episodes when source=pool"""
-    shards_dir: Optional[str] = None
-    """directory written by `emformer generate` when source=shards"""
-    seed: int = 0
-    """seed of the training episodes (the eval set uses eval.seed)"""
-    batch_size: int = 64
-    """episodes per step per rank"""
-    num_workers: int = 0
-    """dataloader worker processes per rank"""
 
 
 @dataclass
@@ -225,56 +198,60 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     return cfg
 
 
-def validate(cfg: DictConfig) -> None:
-    """Range checks the type system cannot express; each error names its key."""
-    task = to_task_spec(cfg)
-    task.validate()
+def validate(cfg: DictConfig) -> RunConfig:
+    """Range checks the type system cannot express, each key checked by its section; each error names its key."""
+    run = to_run_config(cfg)
+    run.task.validate()
+    run.model.validate()
+    run.data.validate()
 
     def need(ok: bool, key: str, expected: str) -> None:
         if not ok:
             raise ConfigError(f"{key}: expected {expected}, got {OmegaConf.select(cfg, key)!r}")
 
-    m, d, o, t, e = cfg.model, cfg.data, cfg.optim, cfg.trainer, cfg.eval
-    need(m.depth >= 1, "model.depth", "an integer >= 1")
-    need(m.heads >= 1, "model.heads", "an integer >= 1")
-    need(m.width >= 1 and m.width % m.heads == 0, "model.width", f"a positive multiple of model.heads ({m.heads})")
-    need(m.mlp_ratio >= 1, "model.mlp_ratio", "an integer >= 1")
-    need(0 <= m.dropout < 1, "model.dropout", "a number in [0, 1)")
-    need(d.source in SOURCES, "data.source", f"one of {', '.join(SOURCES)}")
-    need(d.source != "pool" or d.pool_size >= 1, "data.pool_size", "an integer >= 1 when data.source=pool")
-    need(d.source != "shards" or bool(d.shards_dir), "data.shards_dir", "a directory when data.source=shards")
-    need(d.seed >= 0, "data.seed", "an integer >= 0")
-    need(d.batch_size >= 1, "data.batch_size", "an integer >= 1")
-    need(d.num_workers >= 0, "data.num_workers", "an integer >= 0")
+    d, o, t, e = run.data, run.optim, run.trainer, run.eval
     need(o.lr > 0, "optim.lr", "a number > 0")
     need(o.warmup_steps >= 0, "optim.warmup_steps", "an integer >= 0")
     need(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "a number in [0, 1]")
     need(o.grad_clip >= 0, "optim.grad_clip", "a number >= 0")
     need(t.max_steps >= 1, "trainer.max_steps", "an integer >= 1")
     for key in ("val_every", "log_every", "ckpt_every"):
-        need(t[key] >= 1, f"trainer.{key}", "an integer >= 1")
+        need(getattr(t, key) >= 1, f"trainer.{key}", "an integer >= 1")
     need(t.accelerator in ("auto", "cpu", "gpu", "cuda"), "trainer.accelerator", "auto, cpu or gpu")
     need(t.devices >= 1, "trainer.devices", "an integer >= 1")
     need(t.num_nodes >= 1, "trainer.num_nodes", "an integer >= 1")
     need(t.precision in ("auto", "32", "bf16-mixed", "16-mixed"), "trainer.precision", "auto, 32, bf16-mixed or 16-mixed")
-    need(cfg.strategy.name in STRATEGIES, "strategy.name", f"one of {', '.join(STRATEGIES)}")
-    need(cfg.wandb.mode in ("offline", "online", "disabled"), "wandb.mode", "offline, online or disabled")
+    need(run.strategy.name in STRATEGIES, "strategy.name", f"one of {', '.join(STRATEGIES)}")
+    need(run.wandb.mode in ("offline", "online", "disabled"), "wandb.mode", "offline, online or disabled")
     need(e.episodes >= 1, "eval.episodes", "an integer >= 1")
     need(e.em_iters >= 1, "eval.em_iters", "an integer >= 1")
     need(e.seed != d.seed, "eval.seed", f"a seed different from data.seed ({d.seed}) so eval episodes are unseen")
+    return run
 
 
-def to_task_spec(cfg: DictConfig) -> TaskSpec:
-    return TaskSpec(**OmegaConf.to_container(cfg.task, resolve=True))
+def to_run_config(cfg: DictConfig | dict[str, Any], where: str = "run config") -> RunConfig:
+    """The typed run config: the one conversion of a merged DictConfig, or of the plain dict a checkpoint's
+    hyper-parameters hold (keys it lacks take today's defaults), into the dataclasses everything below the
+    commands takes. Not range-checked here: `validate` does that for new configs."""
+    if not isinstance(cfg, DictConfig):
+        cfg = _merge(OmegaConf.structured(RunConfig), cfg, where)
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
 
 
-def to_dict(cfg: DictConfig) -> dict[str, Any]:
+def load_run_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """`load_config`, typed: what a command's entry calls once."""
+    return to_run_config(load_config(path, overrides))
+
+
+def to_dict(cfg: DictConfig | RunConfig) -> dict[str, Any]:
+    if isinstance(cfg, RunConfig):
+        return dataclasses.asdict(cfg)
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 
 
-def config_hash(cfg: DictConfig | dict[str, Any]) -> str:
+def config_hash(cfg: DictConfig | RunConfig | dict[str, Any]) -> str:
     """8 hex digits identifying what a run computes (wandb and console settings excluded)."""
-    values = to_dict(cfg) if isinstance(cfg, DictConfig) else json.loads(json.dumps(cfg))
+    values = to_dict(cfg) if isinstance(cfg, (DictConfig, RunConfig)) else json.loads(json.dumps(cfg))
     for key in _UNHASHED:
         values.pop(key, None)
     values.pop("name", None)
@@ -284,13 +261,14 @@ def config_hash(cfg: DictConfig | dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
 
-def run_name(cfg: DictConfig) -> str:
+def run_name(cfg: DictConfig | RunConfig) -> str:
     return f"{cfg.name}-{config_hash(cfg)}"
 
 
-def save_yaml(cfg: DictConfig, path: Path) -> None:
+def save_yaml(cfg: DictConfig | RunConfig, path: Path) -> None:
     """Write the resolved config atomically."""
-    atomic_write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
+    atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.structured(cfg) if isinstance(cfg, RunConfig) else cfg,
+                                              resolve=True))
 
 
 def schema_help() -> str:
@@ -316,10 +294,6 @@ def schema_help() -> str:
 
 def _field_docs(cls: type) -> dict[str, str]:
     """Attribute docstrings (the string right after a field) as help text."""
-    import ast
-    import inspect
-    import textwrap
-
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     except (OSError, TypeError):

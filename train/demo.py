@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-import emformer.train
 from emformer.errors import ConfigError
 from emformer.train import rundir
 from emformer.train.export.command import export_run
@@ -30,7 +29,7 @@ SPECS = {False: "demo.yaml", True: "demo_quick.yaml"}
 
 def configs_dir() -> Path:
     """The repository's configs/: beside the code of the editable install (train/ -> ../configs)."""
-    return Path(emformer.train.__file__).resolve().parents[1] / "configs"
+    return Path(__file__).resolve().parents[1] / "configs"
 
 
 def spec_path(quick: bool) -> Path:

@@ -18,21 +18,21 @@ import subprocess
 import sys
 import time
 import warnings
-from pathlib import Path
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from omegaconf import OmegaConf
 
-from emformer import __version__
 from emformer.data.shards import verify_shards
 from emformer.errors import ConfigError
 from emformer.train import rundir, strategies
 from emformer.train.checkpoints import check_resumable, resume_path
 from emformer.train.cli import add_config_arguments
-from emformer.train.config import config_hash, load_config, run_name, schema_help, to_dict, to_task_spec
+from emformer.train.config import RunConfig, config_hash, load_run_config, run_name, schema_help, to_dict
 from emformer.train.tracking import Tracker, plot_curves
+from emformer.version import __version__
 
 SLURM_KEYS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_NAME", "SLURM_NODELIST",
               "SLURM_NTASKS", "SLURM_NNODES", "SLURM_RESTART_COUNT", "SLURM_CLUSTER_NAME")
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.config:
         raise ConfigError("missing CONFIG: e.g. `emformer train configs/debug.yaml` (see --help-config)")
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_run_config(args.config, args.overrides)
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / run_name(cfg)
     return train(cfg, run_dir)
 
@@ -76,7 +76,7 @@ class Hardware:
 class Run:
     """Everything build made, for fit and finish."""
 
-    cfg: Any
+    cfg: RunConfig
     run_dir: Path
     is_zero: bool
     module: Any  # ClusterModule
@@ -87,7 +87,7 @@ class Run:
     control: Any  # RunControl
 
 
-def train(cfg: Any, run_dir: Path) -> int:
+def train(cfg: RunConfig, run_dir: Path) -> int:
     """Train (or resume, or skip a finished) run of `cfg` in `run_dir`; 0 when done or preempted."""
     run_dir = Path(run_dir)
     is_zero = is_global_zero()
@@ -110,7 +110,7 @@ def train(cfg: Any, run_dir: Path) -> int:
     return 0
 
 
-def setup(cfg: Any, run_dir: Path, is_zero: bool) -> Optional[Hardware]:
+def setup(cfg: RunConfig, run_dir: Path, is_zero: bool) -> Optional[Hardware]:
     """Checks before anything is built or written: the run dir's config, DONE, the hardware, the shards.
     None when the run is already finished."""
     # First: a run dir belongs to one config, finished or not (a finished one must not pass for another's).
@@ -128,12 +128,12 @@ def setup(cfg: Any, run_dir: Path, is_zero: bool) -> Optional[Hardware]:
     return Hardware(accelerator, precision)
 
 
-def build(cfg: Any, run_dir: Path, hardware: Hardware, is_zero: bool) -> Run:
+def build(cfg: RunConfig, run_dir: Path, hardware: Hardware, is_zero: bool) -> Run:
     """The model (checked against a checkpoint to resume), the run dir's config and meta, the tracker and
     the Lightning trainer with its callbacks."""
     _quiet_lightning()
-    # Lightning (slow to import) and the modules built on it load only when a run is built, so that
-    # `emformer train --help-config` and a finished run's skip stay fast.
+    # Heavy (lightning), so imported once the run is known to train: a finished run and --help-config answer
+    # at once. The three modules below import lightning.
     import lightning as L
 
     from emformer.data.datamodule import EpisodeDataModule
@@ -160,7 +160,7 @@ def build(cfg: Any, run_dir: Path, hardware: Hardware, is_zero: bool) -> Run:
         else Tracker.null()
     preemption = Preemption()
     preemption.install()
-    control = RunControl(run_dir, config, tracker, preemption)
+    control = RunControl(run_dir, cfg, tracker, preemption)
     progress = StepProgress(int(cfg.trainer.max_steps), enabled=bool(cfg.trainer.progress) and is_zero)
     trainer = L.Trainer(
         accelerator=hardware.accelerator, devices=int(cfg.trainer.devices), num_nodes=int(cfg.trainer.num_nodes),
@@ -172,7 +172,7 @@ def build(cfg: Any, run_dir: Path, hardware: Hardware, is_zero: bool) -> Run:
         num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False,
         deterministic=False, default_root_dir=str(run_dir),
     )
-    return Run(cfg, run_dir, is_zero, module, trainer, EpisodeDataModule(cfg), checkpoint, tracker, control)
+    return Run(cfg, run_dir, is_zero, module, trainer, EpisodeDataModule(cfg.task, cfg.data), checkpoint, tracker, control)
 
 
 def fit(run: Run) -> None:
@@ -228,15 +228,15 @@ def _slurm_plugins() -> Optional[list[Any]]:
     return None
 
 
-def _check_data(cfg: Any) -> None:
+def _check_data(cfg: RunConfig) -> None:
     """Shards that disagree with the config fail here, before the run dir is touched (verification is cached
     per process, so the stream does not hash the shards a second time)."""
     if str(cfg.data.source) != "shards":
         return
-    verify_shards(str(cfg.data.shards_dir), to_task_spec(cfg))
+    verify_shards(str(cfg.data.shards_dir), cfg.task)
 
 
-def _check_same_config(run_dir: Path, cfg: Any) -> None:
+def _check_same_config(run_dir: Path, cfg: RunConfig) -> None:
     """A run dir belongs to one config: refuse to continue it with a different one (nothing overwritten)."""
     saved = rundir.config_path(run_dir)
     if not saved.is_file():
@@ -250,8 +250,9 @@ def _check_same_config(run_dir: Path, cfg: Any) -> None:
                           f"{config_hash(cfg)}); use another --run-dir, or the same config to resume")
 
 
-def _meta(run_dir: Path, params: int, resumed_from: Optional[int], hardware: Hardware, cfg: Any) -> dict[str, Any]:
-    import lightning  # loaded by build already (see there)
+def _meta(run_dir: Path, params: int, resumed_from: Optional[int], hardware: Hardware,
+          cfg: RunConfig) -> dict[str, Any]:
+    import lightning  # heavy: loaded by build already, only for a run that trains (see there)
 
     previous = rundir.read_meta(run_dir)
     starts = list(previous.get("starts", []))
@@ -264,7 +265,8 @@ def _meta(run_dir: Path, params: int, resumed_from: Optional[int], hardware: Har
     return {
         "run_name": run_dir.name, "config_hash": config_hash(cfg), "git_commit": _git_commit(),
         "param_count": params, "host": socket.gethostname(), "platform": platform.platform(),
-        "accelerator": hardware.accelerator, "devices": int(cfg.trainer.devices), "num_nodes": int(cfg.trainer.num_nodes),
+        "accelerator": hardware.accelerator, "devices": int(cfg.trainer.devices),
+        "num_nodes": int(cfg.trainer.num_nodes),
         "strategy": str(cfg.strategy.name), "precision": hardware.precision, "versions": versions,
         "slurm": {key: os.environ[key] for key in SLURM_KEYS if key in os.environ},
         "created_at": previous.get("created_at", _now()), "starts": starts, "argv": sys.argv,

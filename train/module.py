@@ -19,9 +19,13 @@ import lightning as L
 import torch
 
 from emformer.data.episodes import Batch, batch_chunks
+from emformer.data.stream import eval_set, pool_eval_set
+from emformer.models import baselines
 from emformer.models.losses import (clustering_loss, per_episode_cross_entropy,
                                     per_episode_permutation_cross_entropy)
+from emformer.models.metrics import adjusted_rand_index, anchored_error, misclustering_rate
 from emformer.models.transformer import ClusterTransformer, TransformerConfig
+from emformer.train.config import to_run_config
 
 
 class WarmupCosine:
@@ -46,15 +50,17 @@ def model_inputs(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
 
 
 class ClusterModule(L.LightningModule):
-    """Trains a ClusterTransformer on episodes; `config` is the resolved run config as a plain dict."""
+    """Trains a ClusterTransformer on episodes; `config` is the resolved run config as a plain dict (what the
+    checkpoint's hyper-parameters hold), typed once here as `self.run_config`."""
 
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__()
         self.save_hyperparameters({"config": config})
         self.config = config
-        self.model_config = TransformerConfig.from_run_config(config)
+        self.run_config = to_run_config(config)
+        self.model_config = TransformerConfig.from_task_and_model(self.run_config.task, self.run_config.model)
         self.model = ClusterTransformer(self.model_config)
-        self.anchored = config["task"]["init"] != "none"
+        self.anchored = self.run_config.task.anchored
         self._eval: Optional[dict[str, Any]] = None  # eval sets and cached baselines, built on first use
 
     # ------------------------------------------------------------------ training
@@ -66,34 +72,27 @@ class ClusterModule(L.LightningModule):
         return clustering_loss(logits, batch, self.anchored, centroids)
 
     def configure_optimizers(self) -> Any:
-        optim, trainer = self.config["optim"], self.config["trainer"]
+        optim, trainer = self.run_config.optim, self.run_config.trainer
         # Weight decay on matrices only: not on biases, LayerNorm gains or the type/slot embeddings.
         decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2 and "slots" not in n]
         no_decay = [p for n, p in self.model.named_parameters() if not (p.ndim >= 2 and "slots" not in n)]
         optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": float(optim["weight_decay"])},
+            [{"params": decay, "weight_decay": optim.weight_decay},
              {"params": no_decay, "weight_decay": 0.0}],
-            lr=float(optim["lr"]), betas=(float(optim["beta1"]), float(optim["beta2"])),
+            lr=optim.lr, betas=(optim.beta1, optim.beta2),
         )
-        schedule = WarmupCosine(optim["warmup_steps"], trainer["max_steps"], optim["min_lr_ratio"])
+        schedule = WarmupCosine(optim.warmup_steps, trainer.max_steps, optim.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------ evaluation
     def _eval_sets(self) -> dict[str, Any]:
         if self._eval is None:
-            from omegaconf import OmegaConf
-
-            from emformer.data.stream import eval_set, pool_eval_set
-            from emformer.train.config import to_task_spec
-
-            cfg = OmegaConf.create(self.config)
-            spec = to_task_spec(cfg)
-            ev = self.config["eval"]
+            spec, ev = self.run_config.task, self.run_config.eval
             self._eval = {
                 "spec": spec,
-                "val": eval_set(spec, int(ev["seed"]), int(ev["episodes"])),
-                "train": pool_eval_set(cfg),
+                "val": eval_set(spec, ev.seed, ev.episodes),
+                "train": pool_eval_set(spec, self.run_config.data, ev.episodes),
                 "baselines": None,
             }
         return self._eval
@@ -102,12 +101,10 @@ class ClusterModule(L.LightningModule):
         """Mean over the eval set of every evaluate_baselines key (computed once, then cached)."""
         sets = self._eval_sets()
         if sets["baselines"] is None:
-            from emformer.models.baselines import evaluate_baselines
-
-            ev = self.config["eval"]
+            ev = self.run_config.eval
             chunks: dict[str, list[torch.Tensor]] = {}
-            for part in batch_chunks(sets["val"], int(ev["batch_size"])):
-                values = evaluate_baselines(part, sets["spec"], em_iters=int(ev["em_iters"]),
+            for part in batch_chunks(sets["val"], ev.batch_size):
+                values = baselines.evaluate_baselines(part, sets["spec"], em_iters=ev.em_iters,
                                             depth=int(self.model_config.depth))
                 for key, value in values.items():
                     chunks.setdefault(key, []).append(value.detach().double().cpu())
@@ -120,8 +117,6 @@ class ClusterModule(L.LightningModule):
     @torch.no_grad()
     def score(self, batch: Batch, batch_size: int) -> dict[str, float]:
         """Model loss / err / err_anchored / ari on a fixed batch, in chunks, as means over episodes."""
-        from emformer.models.metrics import adjusted_rand_index, anchored_error, misclustering_rate
-
         k = self.model_config.k_max
         sums = {"loss": 0.0, "err": 0.0, "err_anchored": 0.0, "ari": 0.0}
         count = 0
@@ -151,7 +146,7 @@ class ClusterModule(L.LightningModule):
     def evaluate(self) -> dict[str, float]:
         """One val row (without step/split): the model on the eval set, on training episodes, and baselines."""
         sets = self._eval_sets()
-        batch_size = int(self.config["eval"]["batch_size"])
+        batch_size = self.run_config.eval.batch_size
         row = self.score(sets["val"], batch_size)
         train = self.score(sets["train"], batch_size)
         row["train_loss"], row["train_err"] = train["loss"], train["err"]
@@ -161,8 +156,6 @@ class ClusterModule(L.LightningModule):
 
 def init_errors(batch: Batch, batch_size: int = 1024) -> list[torch.Tensor]:
     """Anchored error of 'nearest initial centroid' per episode: what the model must beat."""
-    from emformer.models.metrics import anchored_error
-
     out = []
     for part in batch_chunks(batch, batch_size):
         dist = torch.cdist(part["points"].float(), part["init"].float())

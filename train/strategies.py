@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from emformer.errors import ConfigError
+from emformer.train.config import RunConfig
 
 
 def resolve_accelerator(name: str) -> str:
@@ -49,11 +50,11 @@ def check_devices(devices: int, accelerator: str) -> None:
         raise ConfigError(f"trainer.devices: {devices} requested but this machine has {available} {what}")
 
 
-def world_size(cfg: Any) -> int:
+def world_size(cfg: RunConfig) -> int:
     return int(cfg.trainer.devices) * int(cfg.trainer.num_nodes)
 
 
-def build_strategy(cfg: Any, accelerator: str) -> Any:
+def build_strategy(cfg: RunConfig, accelerator: str) -> Any:
     """A Lightning strategy (object or 'auto') for cfg.strategy on `accelerator`."""
     name = str(cfg.strategy.name)
     if name.startswith("deepspeed"):
@@ -66,7 +67,7 @@ def build_strategy(cfg: Any, accelerator: str) -> Any:
                        find_unused_parameters=bool(cfg.strategy.find_unused_parameters))
 
 
-def _deepspeed(cfg: Any, accelerator: str, stage: int) -> Any:
+def _deepspeed(cfg: RunConfig, accelerator: str, stage: int) -> Any:
     try:
         import deepspeed  # noqa: F401
     except ImportError:

@@ -156,15 +156,23 @@ def test_negative_seed_or_index_is_refused():
 
 
 def test_batched_draws_are_the_episode_generators_own():
-    """Rekeying one Philox (the fast path) draws exactly what a fresh Philox keyed (seed, index) draws."""
-    from emformer.data.episodes import draw_words, episode_rng
+    """Episode i's words are those of a fresh Philox keyed (seed, i >> BLOCK_BITS) read from its counter offset,
+    whether drawn alone, at random, or inside a run of consecutive indices (one call) that crosses a key block."""
+    from emformer.data.episodes import BLOCK_BITS, draw_words, episode_rng
 
-    keys = [(0, 0), (9, 2**40), (2**63 - 1, 5)]
+    words, stride = 11, 3  # 11 words take 3 Philox blocks of 4
+    keys = [(0, 0), (9, 2**40 + 5), (2**63 - 1, 5)]
     for counter in (0, 1):
         for seed, index in keys:
-            words = draw_words(seed, [7, index, 3], 11, counter)
-            fresh = episode_rng(seed, index, (0, counter, 0, 0)).bit_generator.random_raw(11)
-            assert np.array_equal(words[1], fresh)
+            drawn = draw_words(seed, [7, index, 3], words, counter)
+            offset = (index % 2**BLOCK_BITS) * stride
+            fresh = episode_rng(seed, index >> BLOCK_BITS, (offset, counter, 0, 0)).bit_generator.random_raw(words)
+            assert np.array_equal(drawn[1], fresh)
+            assert np.array_equal(draw_words(seed, [index], words, counter)[0], fresh)
+    run = list(range(2**BLOCK_BITS - 40, 2**BLOCK_BITS + 30))  # crosses a key block
+    together = draw_words(4, run, words)
+    assert np.array_equal(together, np.concatenate([draw_words(4, [i], words) for i in run]))
+    assert len({row.tobytes() for row in together}) == len(run)
     with pytest.raises(ValueError, match="2\\*\\*63"):  # numpy would fold such a key onto another seed's
         sample_episodes(SPECS["fixed"], 2**64 - 1, [0])
 

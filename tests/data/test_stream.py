@@ -15,7 +15,7 @@ from emformer.data.episodes import EPISODE_KEYS, sample_episodes
 from emformer.data.stream import EpisodeStream, eval_set, pool_eval_set, resampled_indices, resolve_rank
 from emformer.data.tasks import TaskSpec
 from emformer.errors import ConfigError, DataError
-from emformer.train.config import load_config
+from emformer.train.config import load_run_config
 
 BASE = Path(__file__).resolve().parents[2] / "configs" / "base.yaml"
 SPEC = TaskSpec(k=2, d=2, n=8)
@@ -153,25 +153,25 @@ def test_rank_defaults_and_bad_arguments(monkeypatch):
 
 def test_eval_sets():
     assert_batches_equal([eval_set(SPEC, 11, 5)], [sample_episodes(SPEC, 11, range(5))])
-    fresh = load_config(BASE, ["task.n=16", "eval.episodes=6"])
-    assert pool_eval_set(fresh)["index"].tolist() == list(range(6))
-    pool = load_config(BASE, ["task.n=16", "data.source=pool", "data.pool_size=4", "data.seed=3"])
-    got = pool_eval_set(pool)
+    fresh = load_run_config(BASE, ["task.n=16", "eval.episodes=6"])
+    assert pool_eval_set(fresh.task, fresh.data, fresh.eval.episodes)["index"].tolist() == list(range(6))
+    pool = load_run_config(BASE, ["task.n=16", "data.source=pool", "data.pool_size=4", "data.seed=3"])
+    got = pool_eval_set(pool.task, pool.data, pool.eval.episodes)
     assert got["index"].tolist() == [0, 1, 2, 3] and got["seed"].eq(3).all()
 
 
 def test_pool_eval_set_from_shards(shard_dir):
-    cfg = load_config(BASE, ["task.d=4", "task.n=32", "data.source=shards", f"data.shards_dir={shard_dir}",
-                             "eval.episodes=10"])
-    got = pool_eval_set(cfg)
+    cfg = load_run_config(BASE, ["task.d=4", "task.n=32", "data.source=shards", f"data.shards_dir={shard_dir}",
+                                 "eval.episodes=10"])
+    got = pool_eval_set(cfg.task, cfg.data, cfg.eval.episodes)
     assert got["index"].tolist() == list(range(10)) and got["seed"].eq(7).all()
 
 
 def test_datamodule_uses_trainer_step_rank_and_world():
     from emformer.data.datamodule import EpisodeDataModule
 
-    cfg = load_config(BASE, ["task.n=16", "data.batch_size=3", "data.num_workers=0"])
-    module = EpisodeDataModule(cfg)
+    cfg = load_run_config(BASE, ["task.n=16", "data.batch_size=3", "data.num_workers=0"])
+    module = EpisodeDataModule(cfg.task, cfg.data)
     module.trainer = SimpleNamespace(global_step=5, global_rank=1, world_size=2)
     first = next(iter(module.train_dataloader()))
     assert first["index"].tolist() == [(5 * 2 + 1) * 3 + b for b in range(3)]

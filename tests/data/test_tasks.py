@@ -7,7 +7,7 @@ import pytest
 
 from emformer.data.tasks import TaskSpec
 from emformer.errors import ConfigError
-from emformer.train.config import load_config, to_task_spec
+from emformer.train.config import load_config, load_run_config
 
 BASE = Path(__file__).resolve().parents[2] / "configs" / "base.yaml"
 
@@ -59,7 +59,7 @@ def test_bad_override_names_key(override, key):
 
 
 def test_good_config_gives_valid_spec():
-    spec = to_task_spec(load_config(BASE, ["task.k=2", "task.n_max=64", "task.n=32"]))
+    spec = load_run_config(BASE, ["task.k=2", "task.n_max=64", "task.n=32"]).task
     assert (spec.k, spec.n, spec.n_pad, spec.k_pad, spec.d_pad) == (2, 32, 64, 2, spec.d)
 
 

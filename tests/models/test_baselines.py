@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from emformer.data import inits
 from emformer.data.episodes import sample_episodes
 from emformer.data.tasks import TaskSpec
 from emformer.models import baselines, metrics
@@ -109,7 +110,7 @@ def test_masked_padding_changes_nothing() -> None:
     assert torch.equal(lp[:, :n], la) and torch.all(lp[:, n:] == -1)
 
     u = torch.rand(6, k + 2, generator=torch.Generator().manual_seed(5))
-    for init_fn in (baselines.kmeans_plus_plus, baselines.spectral_init):
+    for init_fn in (inits.kmeans_plus_plus, inits.spectral_init):
         ia = init_fn(batch["points"], batch["mask"], batch["kmask"], u[:, :k])
         ip = init_fn(padded["points"], padded["mask"], padded["kmask"], u)
         torch.testing.assert_close(ip[:, :k], ia, rtol=1e-5, atol=1e-5)
@@ -123,7 +124,7 @@ def test_variable_n_and_k_in_one_batch_match_each_episode_alone() -> None:
     full = baselines.em(batch["points"], batch["mask"], batch["kmask"], batch["init"], 6, "diag")
     _, full_lloyd = baselines.lloyd(batch["points"], batch["mask"], batch["kmask"], batch["init"], 6)
     u = torch.rand(8, spec.k_pad, generator=torch.Generator().manual_seed(6))
-    full_pp = baselines.kmeans_plus_plus(batch["points"], batch["mask"], batch["kmask"], u)
+    full_pp = inits.kmeans_plus_plus(batch["points"], batch["mask"], batch["kmask"], u)
     for b in range(8):
         n, k = int(batch["n"][b]), int(batch["k"][b])
         one = {key: batch[key][b:b + 1] for key in ("points", "mask", "kmask", "init")}
@@ -133,7 +134,7 @@ def test_variable_n_and_k_in_one_batch_match_each_episode_alone() -> None:
         torch.testing.assert_close(full.means[b, :k], alone.means[0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(full.log_resp[b, :n, :k], alone.log_resp[0], rtol=1e-4, atol=1e-4)
         assert torch.equal(full_lloyd[b, :n], baselines.lloyd(pts, msk, kms, ini, 6)[1][0])
-        torch.testing.assert_close(full_pp[b, :k], baselines.kmeans_plus_plus(pts, msk, kms, u[b:b + 1, :k])[0])
+        torch.testing.assert_close(full_pp[b, :k], inits.kmeans_plus_plus(pts, msk, kms, u[b:b + 1, :k])[0])
 
 
 def test_spherical_em_ignores_dimension_padding() -> None:
@@ -143,24 +144,6 @@ def test_spherical_em_ignores_dimension_padding() -> None:
     p = baselines.em(padded["points"], padded["mask"], padded["kmask"], padded["init"], 5)
     torch.testing.assert_close(p.log_resp, a.log_resp, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(p.variances, a.variances)
-
-
-def test_inits_are_deterministic_valid_points_and_good() -> None:
-    spec = TaskSpec(k=3, d=4, n=90, n_max=120, separation=6.0)
-    batch = _episodes(spec, 10)
-    u = torch.rand(10, 3, generator=torch.Generator().manual_seed(7))
-    pp = baselines.kmeans_plus_plus(batch["points"], batch["mask"], batch["kmask"], u)
-    assert torch.equal(pp, baselines.kmeans_plus_plus(batch["points"], batch["mask"], batch["kmask"], u))
-    # Every k-means++ centre is one of the episode's valid points.
-    dist = ((pp[:, :, None, :] - batch["points"][:, None, :, :]) ** 2).sum(-1)
-    dist = dist.masked_fill(~batch["mask"][:, None, :], math.inf)
-    assert torch.all(dist.amin(-1) == 0)
-    sp = baselines.spectral_init(batch["points"], batch["mask"], batch["kmask"], u)
-    assert torch.equal(sp, baselines.spectral_init(batch["points"], batch["mask"], batch["kmask"], u))
-    # At Δ = 6 spectral clustering finds the clusters: its centroids are within sampling error (~sqrt(d/30)σ)
-    # of the true means, where a merged or split cluster would be Δ/2 = 3σ off.
-    err = metrics.matched_mean_error(sp, batch["means"], batch["kmask"], batch["sigma"])
-    assert err.max() < 1.0
 
 
 def test_evaluate_baselines_keys_and_ordering() -> None:

@@ -7,6 +7,7 @@ import torch
 from emformer.data.episodes import sample_episodes
 from emformer.data.tasks import TaskSpec
 from emformer.models.losses import clustering_loss
+from emformer.models.config import ModelConfig
 from emformer.models.transformer import ClusterTransformer, TransformerConfig
 
 ATOL = 1e-5
@@ -145,10 +146,11 @@ def test_config_round_trip_and_errors():
         TransformerConfig.from_dict({**cfg.to_dict(), "bogus": 1})
     with pytest.raises(ValueError, match="multiple of heads"):
         ClusterTransformer(TransformerConfig(width=10, heads=4))
-    run = {"task": {"k": 2, "k_max": 5, "d": 3, "d_max": 8, "init": "none"},
-           "model": {"depth": 2, "heads": 2, "width": 16, "mlp_ratio": 2, "dropout": 0.0, "centroid_head": False}}
-    from_run = TransformerConfig.from_run_config(run)
+    task = TaskSpec(k=2, k_max=5, d=3, d_max=8, init="none")
+    model = ModelConfig(depth=2, heads=2, width=16, mlp_ratio=2)
+    from_run = TransformerConfig.from_task_and_model(task, model)
     assert (from_run.d_in, from_run.k_max, from_run.learned_centroids) == (8, 5, True)
+    assert (from_run.depth, from_run.heads, from_run.width, from_run.mlp_ratio) == (2, 2, 16, 2)
 
 
 def test_parameter_count_of_the_shipped_models():

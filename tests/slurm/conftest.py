@@ -1,5 +1,6 @@
-"""A real single-node SLURM for the tests marked `slurm`, started once per session by the project's own
-slurm/local-cluster/up.sh and stopped by down.sh at the end (only if this session started it).
+"""A real SLURM for the tests marked `slurm`, started once per session by the project's own
+slurm/local-cluster/up.sh with 2 nodes on this host (n1, n2) and stopped by down.sh at the end (only if this
+session started it). A SLURM that already answers is used as it is (the 2-node tests skip on one node).
 
 The tests run when the machine allows it: SLURM already answering, or root with the daemons installed or
 apt-get to install them. Otherwise they are skipped with the reason, so `make test` says why."""
@@ -16,6 +17,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 LOCAL_CLUSTER = REPO / "slurm" / "local-cluster"
 UP_TIMEOUT_S = 600  # a first start installs packages (seconds with a local mirror, minutes without)
+NODES = 2  # the most any test asks for: a 2-node job
 
 
 def _answers() -> bool:
@@ -49,8 +51,8 @@ def slurm_cluster() -> Iterator[str]:
         reason = _why_not_startable()
         if reason:
             pytest.skip(f"no SLURM for the slurm tests: {reason}")
-        done = subprocess.run(["bash", str(LOCAL_CLUSTER / "up.sh")], capture_output=True, text=True,
-                              timeout=UP_TIMEOUT_S)
+        done = subprocess.run(["bash", str(LOCAL_CLUSTER / "up.sh"), "--nodes", str(NODES)], capture_output=True,
+                              text=True, timeout=UP_TIMEOUT_S)
         if done.returncode == 3:
             pytest.skip(f"no SLURM for the slurm tests: up.sh cannot install it here: {done.stderr.strip()}")
         if done.returncode != 0:

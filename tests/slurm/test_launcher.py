@@ -65,7 +65,7 @@ def test_rendered_script_is_valid_bash(tmp_path: Path) -> None:
 
 
 def test_the_gpu_example_runs_every_point_on_two_nodes_of_four_gpus() -> None:
-    from emformer.train.sweep.slurm import world_shape
+    from emformer.train.sweep.slurm_backend import world_shape
     from emformer.train.sweep.spec import Sweep, expand_points
 
     spec = load_spec(GPU_EXAMPLE)

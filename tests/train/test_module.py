@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from emformer.data.stream import eval_set
 from emformer.train.config import load_config, to_dict
 from emformer.train.module import ClusterModule, WarmupCosine
 
@@ -73,11 +74,7 @@ def test_evaluate_row_and_cached_baselines(init, monkeypatch):
     assert chunks == 3  # 48 episodes in chunks of 20
     # Training changes the model's numbers, not the baselines', which are not recomputed.
     optimizer = torch.optim.SGD(module.model.parameters(), lr=0.5)
-    from emformer.data.stream import eval_set
-    from emformer.train.config import to_task_spec
-    from omegaconf import OmegaConf
-
-    batch = eval_set(to_task_spec(OmegaConf.create(module.config)), 7, 16)
+    batch = eval_set(module.run_config.task, 7, 16)
     for _ in range(3):
         optimizer.zero_grad()
         module.training_step(batch, 0).backward()
@@ -89,14 +86,11 @@ def test_evaluate_row_and_cached_baselines(init, monkeypatch):
 
 
 def test_training_step_uses_the_permutation_loss_without_an_init():
-    from emformer.data.stream import eval_set
     from emformer.models.losses import anchored_cross_entropy, permutation_cross_entropy
-    from emformer.train.config import to_task_spec
-    from omegaconf import OmegaConf
 
     module = ClusterModule(small_config("task.init=none"))
     assert module.model.slots is not None and not module.anchored
-    batch = eval_set(to_task_spec(OmegaConf.create(module.config)), 3, 8)
+    batch = eval_set(module.run_config.task, 3, 8)
     logits = module.model(batch["points"], batch["mask"], batch["init"], batch["kmask"])
     loss = module.training_step(batch, 0)
     torch.testing.assert_close(loss, permutation_cross_entropy(logits, batch["labels"], batch["mask"], batch["kmask"]))

@@ -11,7 +11,7 @@ import torch
 
 from emformer.errors import ConfigError
 from emformer.train import strategies
-from emformer.train.config import load_config
+from emformer.train.config import load_run_config
 from tests.train.trainrun import REPO, assert_same_rows, no_duplicate_steps, rows, train
 
 DEBUG = REPO / "configs" / "debug.yaml"
@@ -22,21 +22,21 @@ SHORT = ("trainer.max_steps=20", "trainer.val_every=10", "trainer.ckpt_every=10"
 
 # ---------------------------------------------------------------------------------------------- unit
 def test_single_process_uses_no_process_group():
-    cfg = load_config(DEBUG)
+    cfg = load_run_config(DEBUG)
     assert strategies.build_strategy(cfg, "cpu") == "auto"
 
 
 def test_ddp_on_cpu_is_gloo():
     from lightning.pytorch.strategies import DDPStrategy
 
-    strategy = strategies.build_strategy(load_config(DEBUG, ["trainer.devices=2"]), "cpu")
+    strategy = strategies.build_strategy(load_run_config(DEBUG, ["trainer.devices=2"]), "cpu")
     assert isinstance(strategy, DDPStrategy) and strategy._process_group_backend == "gloo"
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_deepspeed_strategy_builds_on_cpu(stage):
     pytest.importorskip("deepspeed")
-    cfg = load_config(DEBUG, [f"strategy=deepspeed_zero{stage}", "trainer.devices=2", "data.batch_size=8"])
+    cfg = load_run_config(DEBUG, [f"strategy=deepspeed_zero{stage}", "trainer.devices=2", "data.batch_size=8"])
     strategy = strategies.build_strategy(cfg, "cpu")
     assert strategy.config["zero_optimization"]["stage"] == stage
     assert strategy._process_group_backend == "gloo" and strategy._auto_select_batch_size() == 8
@@ -60,7 +60,8 @@ def test_each_rank_sees_different_episodes_and_together_the_doubled_batch():
     from emformer.data.datamodule import EpisodeDataModule
 
     def first_batches(world: int, rank: int, batch: int, start: int = 3) -> list[torch.Tensor]:
-        module = EpisodeDataModule(load_config(DEBUG, [f"data.batch_size={batch}"]))
+        cfg = load_run_config(DEBUG, [f"data.batch_size={batch}"])
+        module = EpisodeDataModule(cfg.task, cfg.data)
         module.trainer = SimpleNamespace(global_step=start, global_rank=rank, world_size=world)
         stream = iter(module.train_dataloader())
         return [next(stream)["index"] for _ in range(2)]

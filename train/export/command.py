@@ -32,7 +32,6 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from emformer import __version__
 from emformer.data.episodes import sample_episodes
 from emformer.data.tasks import TaskSpec
 from emformer.errors import CheckpointError, ConfigError
@@ -44,8 +43,11 @@ from emformer.models.export_format import (
 from emformer.models.transformer import ClusterTransformer, TransformerConfig
 from emformer.train import rundir
 from emformer.train.checkpoints import LoadedCheckpoint, load_checkpoint
+from emformer.train.config import to_run_config
 from emformer.train.export.card import model_card
 from emformer.train.export.onnx import write_onnx
+from emformer.version import __version__
+
 
 # ------------------------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -105,12 +107,13 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, onnx: bool = 
         run_dir = checkpoint.parent.parent
     run_dir = Path(run_dir) if run_dir is not None else None
     loaded = load_checkpoint(checkpoint)
-    architecture = TransformerConfig.from_run_config(loaded.run_config)
+    run = to_run_config(loaded.run_config, where=f"{checkpoint}: hyper_parameters.config")
+    architecture = TransformerConfig.from_task_and_model(run.task, run.model)
     model = ClusterTransformer(architecture)
     check_state_dict(model, loaded.state_dict, where=str(checkpoint))
     model.load_state_dict(loaded.state_dict, strict=True)
     model.eval()
-    task = TaskSpec.from_dict(dict(loaded.run_config["task"]), where=f"{checkpoint}: hyper_parameters.config.task")
+    task = run.task.validate(f"{checkpoint}: hyper_parameters.config.task")
 
     meta = rundir.read_meta(run_dir) if run_dir else {}
     eval_row = _eval_row(run_dir, loaded.step) if run_dir else None

@@ -14,6 +14,7 @@ from typing import Any, Hashable, Optional, Sequence
 
 import numpy as np
 
+from emformer.data.tasks import TaskSpec, anchored
 from emformer.train.report import scaling
 from emformer.train.report.records import SHORT_NAMES, RunRecord, point_values
 
@@ -140,10 +141,10 @@ class SampleComplexity:
 
 @lru_cache(maxsize=32)
 def _init_only_loss_cached(task_json: str, seed: int, episodes: int) -> float:
+    # torch (~2 s of CPU to import): only this check needs episodes; the rest of the report stays without it.
     import torch
 
     from emformer.data.episodes import sample_episodes
-    from emformer.data.tasks import TaskSpec
 
     spec = TaskSpec(**json.loads(task_json))
     losses = []
@@ -165,7 +166,7 @@ def init_only_loss(config: dict[str, Any]) -> tuple[float, str]:
     weights, on the run's eval set (eval.seed, eval.episodes). Without an init, log k (a uniform guess)."""
     task = dict(config.get("task", {}))
     ev = config.get("eval", {})
-    if task.get("init", "noisy_truth") == "none":
+    if not anchored(task.get("init", "noisy_truth")):
         k = task.get("k_max") or task.get("k", 2)
         return math.log(k), "log k (uniform guess; the task has no init)"
     try:
@@ -340,7 +341,7 @@ def separation_trends(points: Sequence[Point]) -> list[SeparationTrend]:
 def outside_theory(values: dict[str, Any]) -> list[str]:
     """Which of the theory's assumptions a point breaks (empty: inside the theory)."""
     broken = []
-    if values.get("task.init") == "none":
+    if "task.init" in values and not anchored(values["task.init"]):
         broken.append("no init")
     if values.get("task.weights", "uniform") != "uniform":
         broken.append(f"{values['task.weights']} weights")

@@ -28,6 +28,7 @@ from emformer.errors import ConfigError
 from emformer.train import rundir
 from emformer.train.report import checks
 from emformer.train.report import records, scaling
+from emformer.train.report import shift as report_shift
 from emformer.train.report.records import RunRecord
 
 FIGURES = {"curves": "curves.png", "sample_complexity": "sample_complexity.png", "depth_heads": "depth_heads.png",
@@ -88,8 +89,6 @@ def build_report(sweep_dir: str | Path | Sequence[str | Path], out_dir: str | Pa
     problems += [p for run in runs for p in run.problems]
     shifted = []
     if test_shifts:
-        from emformer.train.report import shift as report_shift  # torch and the model: only with --test-shift
-
         shifted = report_shift.evaluate_shifts(runs, [report_shift.parse_shift(t) for t in test_shifts])
         problems += [r.problem for r in shifted if r.problem]
     out = Path(out_dir) if out_dir is not None else sweep_dirs[0] / "report"

@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from emformer.data.tasks import TaskSpec
 from emformer.errors import ConfigError, EmformerError
 from emformer.train import rundir
+from emformer.train.config import to_run_config
 
 SHIFTABLE = ("k", "k_max", "n", "n_max", "separation", "separation_max", "weights", "weights_alpha", "weights_lo",
              "weights_hi", "noise", "noise_df", "diag_ratio", "init_noise")
@@ -68,11 +70,11 @@ def _checkpoint(run_dir: Path) -> Path:
 
 def evaluate_shift(run_dir: Path, shift: Shift, config: dict[str, Any]) -> ShiftResult:
     """The run's model and the baselines on its eval set drawn from the shifted task."""
+    # torch and the models (~2 s of CPU to import): only `report --test-shift` evaluates models.
     import torch
 
     from emformer.data.episodes import batch_chunks
     from emformer.data.stream import eval_set
-    from emformer.data.tasks import TaskSpec
     from emformer.models.baselines import evaluate_baselines
     from emformer.models.losses import per_episode_cross_entropy, per_episode_permutation_cross_entropy
     from emformer.models.metrics import misclustering_rate
@@ -82,36 +84,37 @@ def evaluate_shift(run_dir: Path, shift: Shift, config: dict[str, Any]) -> Shift
     result = ShiftResult(run_dir, shift)
     try:
         loaded = load_checkpoint(_checkpoint(run_dir))
-        trained = TaskSpec.from_dict(dict(loaded.run_config["task"]), f"{run_dir}: task")
+        run = to_run_config(loaded.run_config, f"{run_dir}: config")
+        trained = run.task.validate(f"{run_dir}: task")
         spec = TaskSpec.from_dict(shift.apply(trained.to_dict()), f"--test-shift {shift.label}").validate()
         if spec.d_pad != trained.d_pad:
             raise ConfigError(f"{shift.label}: the model reads {trained.d_pad}-d points, the shifted task has {spec.d_pad}")
-        if spec.init == "none" and spec.k_pad != trained.k_pad:
+        if not spec.anchored and spec.k_pad != trained.k_pad:
             raise ConfigError(f"{shift.label}: without an init the model has {trained.k_pad} learned centroid slots; "
                               f"the shifted task needs {spec.k_pad}")
-        architecture = TransformerConfig.from_run_config(loaded.run_config)
+        architecture = TransformerConfig.from_task_and_model(run.task, run.model)
         model = ClusterTransformer(architecture)
         model.load_state_dict(loaded.state_dict)
         model.eval()
-        ev = loaded.run_config.get("eval", {})
-        batch = eval_set(spec, int(ev.get("seed", 1_000_003)), int(ev.get("episodes", 512)))
-        size = int(ev.get("batch_size", 256))
+        ev = run.eval  # keys an old checkpoint lacks take the schema's defaults
+        batch = eval_set(spec, ev.seed, ev.episodes)
+        size = ev.batch_size
         sums = {"err": 0.0, "loss": 0.0}
         with torch.no_grad():
             for part in batch_chunks(batch, size):
                 kmask = part["kmask"]
-                if spec.init == "none":  # learned slots: the mask has the training width
+                if not spec.anchored:  # learned slots: the mask has the training width
                     kmask = torch.nn.functional.pad(kmask, (0, architecture.k_max - kmask.shape[1]))
                 logits = model(part["points"].float(), part["mask"], part["init"].float(), kmask).float()
                 logits = logits[..., :part["kmask"].shape[1]]
                 labels, mask = part["labels"], part["mask"]
                 sums["err"] += float(misclustering_rate(logits.argmax(-1), labels, mask, spec.k_pad).double().sum())
                 loss = (per_episode_permutation_cross_entropy(logits, labels, mask, part["kmask"])
-                        if spec.init == "none" else per_episode_cross_entropy(logits, labels, mask))
+                        if not spec.anchored else per_episode_cross_entropy(logits, labels, mask))
                 sums["loss"] += float(loss.double().sum())
             episodes = batch["points"].shape[0]
             result.metrics = {key: value / episodes for key, value in sums.items()}
-            baselines = evaluate_baselines(batch, spec, em_iters=int(ev.get("em_iters", 10)))
+            baselines = evaluate_baselines(batch, spec, em_iters=ev.em_iters)
         for key in ("err_em", "err_lloyd", "err_oracle", "loss_em", "loss_oracle"):
             result.metrics[key] = float(baselines[key].double().mean())
     except (EmformerError, RuntimeError, ValueError, KeyError) as exc:  # one bad run must not sink the report

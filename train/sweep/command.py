@@ -1,17 +1,18 @@
-"""`emformer sweep SPEC [key=value ...] [--backend local|slurm]`: make the sweep dir, then run the points
-that are neither done nor active, locally (local.py) or as a SLURM job array (slurm.py)."""
+"""`emformer sweep SPEC [key=value ...] [--backend local|slurm]`: make the sweep dir (spec.py), then run the
+points that are neither done nor active, locally (local.py) or as a SLURM job array (slurm_backend.py)."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from emformer.slurm.launcher import array_expression
 from emformer.train.sweep.local import run_local
-from emformer.train.sweep.slurm import submit_slurm
-from emformer.train.sweep.spec import LocalOptions, Sweep, expand_points, format_points, load_spec, prepare_sweep
+from emformer.train.sweep.slurm_backend import submit_slurm
+from emformer.train.sweep.spec import LocalOptions, Point, Sweep, SweepSpec, expand_points, load_spec, prepare_sweep
 from emformer.train.sweep.status import points_to_run
 
 
@@ -62,6 +63,17 @@ def run(args: argparse.Namespace) -> int:
 
 def _ids(ids: Sequence[int]) -> str:
     return array_expression(ids) if ids else "-"
+
+
+def format_points(points: Sequence[Point], spec: SweepSpec, out: str | Path) -> str:
+    keys = list(dict.fromkeys(k for p in points for k in p.overrides))
+    header = ["id", *keys, "seed", "run dir"]
+    rows = [[str(p.id), *(json.dumps(p.overrides.get(k, "")) if k in p.overrides else "" for k in keys),
+             str(p.seed), f"{out}/{p.run_dir}"] for p in points]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = [f"sweep {spec.name}: {len(points)} points (base {spec.base}, wandb group {spec.group})"]
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

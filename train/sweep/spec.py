@@ -384,14 +384,3 @@ def load_sweep(sweep_dir: str | Path) -> Sweep:
     points = [Point(int(p["id"]), str(p["name"]), str(p["run_dir"]), dict(p.get("overrides") or {}), int(p["seed"]))
               for p in rundir.read_index(sweep_dir)]
     return Sweep(sweep_dir, spec, points)
-
-
-def format_points(points: Sequence[Point], spec: SweepSpec, out: str | Path) -> str:
-    keys = list(dict.fromkeys(k for p in points for k in p.overrides))
-    header = ["id", *keys, "seed", "run dir"]
-    rows = [[str(p.id), *(json.dumps(p.overrides.get(k, "")) if k in p.overrides else "" for k in keys),
-             str(p.seed), f"{out}/{p.run_dir}"] for p in points]
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    lines = [f"sweep {spec.name}: {len(points)} points (base {spec.base}, wandb group {spec.group})"]
-    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
-    return "\n".join(lines)

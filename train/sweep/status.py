@@ -22,7 +22,7 @@ from emformer.errors import ConfigError
 from emformer.slurm import launcher
 from emformer.train import rundir
 from emformer.train.sweep.local import run_local
-from emformer.train.sweep.slurm import submit_slurm
+from emformer.train.sweep.slurm_backend import submit_slurm
 from emformer.train.sweep.spec import Point, Sweep, load_sweep
 
 STATES = ("pending", "running", "requeued", "done", "failed", "unknown")

@@ -20,7 +20,7 @@ from emformer.train.export import onnx as export_onnx
 from emformer.train.cli import main
 from emformer.train.checkpoints import load_checkpoint
 from emformer.train.export.command import export_checkpoint, export_run
-from export_fixtures import FAKE_STEP, FAKE_VAL_ROW, make_fake_run, subprocess_env
+from export_fixtures import FAKE_STEP, FAKE_VAL_ROW, architecture_of, make_fake_run, subprocess_env
 
 
 def _random_inputs(cfg: TransformerConfig, batch: int, n: int, seed: int) -> tuple[torch.Tensor, ...]:
@@ -35,7 +35,7 @@ def _random_inputs(cfg: TransformerConfig, batch: int, n: int, seed: int) -> tup
 def _model_from_checkpoint(path: Path) -> ClusterTransformer:
     """The training checkpoint's model, rebuilt the way training does (hyper_parameters + state_dict)."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    model = ClusterTransformer(TransformerConfig.from_run_config(checkpoint["hyper_parameters"]["config"]))
+    model = ClusterTransformer(architecture_of(checkpoint["hyper_parameters"]["config"]))
     model.load_state_dict({k[len("model."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")})
     return model.eval()
 
@@ -47,7 +47,7 @@ def test_export_writes_the_documented_files(fake_run: Path, fake_export: Path) -
     config = json.loads((fake_export / "config.json").read_text())
     run_config = torch.load(fake_run / "checkpoints/best.ckpt", weights_only=True)["hyper_parameters"]["config"]
     assert config["format"] == "emformer-export" and config["format_version"] == 1
-    assert config["architecture"] == TransformerConfig.from_run_config(run_config).to_dict()
+    assert config["architecture"] == architecture_of(run_config).to_dict()
     assert config["task"] == run_config["task"]
     task = run_config["task"]
     assert config["supported"]["k"]["max"] == config["architecture"]["k_max"] == task["k"]
@@ -197,6 +197,7 @@ import importlib, sys
 from pathlib import Path
 import torch, deepspeed
 from emformer.models.transformer import ClusterTransformer, TransformerConfig
+from emformer.train.config import to_run_config
 
 # The CPU backend would compile a shared-memory op (~20 s); gloo needs none. importlib, not `import ... as`:
 # deepspeed.comm re-exports the name `torch` (the torch module itself).
@@ -209,7 +210,8 @@ for stage, run_dir in ((2, Path(sys.argv[1])), (3, Path(sys.argv[2]))):
     class Module(torch.nn.Module):  # the LightningModule's layout: the transformer under `model.`
         def __init__(self):
             super().__init__()
-            self.model = ClusterTransformer(TransformerConfig.from_run_config(config))
+            run = to_run_config(config)
+            self.model = ClusterTransformer(TransformerConfig.from_task_and_model(run.task, run.model))
 
     torch.manual_seed(stage)
     module = Module()

@@ -1,0 +1,45 @@
+"""The `data.*` config section: where the training episodes come from (DESIGN §5).
+
+It lives in data/ so that the stream and the datamodule take it typed; train/config.py puts it in the run
+config. `validate` is the one check of every data.* key (the run config and `EpisodeStream` both call it).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from emformer.errors import ConfigError
+
+SOURCES = ("fresh", "pool", "shards")
+
+
+@dataclass
+class DataConfig:
+    source: str = "fresh"
+    """fresh: new episodes every step (N = ∞) | pool: a finite pool of pool_size episodes | shards: read shards_dir"""
+    pool_size: int = 0
+    """N, the number of distinct pre-training episodes when source=pool"""
+    shards_dir: Optional[str] = None
+    """directory written by `emformer generate` when source=shards"""
+    seed: int = 0
+    """seed of the training episodes (the eval set uses eval.seed)"""
+    batch_size: int = 64
+    """episodes per step per rank"""
+    num_workers: int = 0
+    """dataloader worker processes per rank"""
+
+    def validate(self, prefix: str = "data") -> "DataConfig":
+        """Raise ConfigError naming the first bad key; return self so calls chain."""
+
+        def need(ok: bool, key: str, expected: str) -> None:
+            if not ok:
+                raise ConfigError(f"{prefix}.{key}: expected {expected}, got {getattr(self, key)!r}")
+
+        need(self.source in SOURCES, "source", f"one of {', '.join(SOURCES)}")
+        need(self.source != "pool" or self.pool_size >= 1, "pool_size", f"an integer >= 1 when {prefix}.source=pool")
+        need(self.source != "shards" or bool(self.shards_dir), "shards_dir",
+             f"a directory when {prefix}.source=shards")
+        need(self.seed >= 0, "seed", "an integer >= 0")
+        need(self.batch_size >= 1, "batch_size", "an integer >= 1")
+        need(self.num_workers >= 0, "num_workers", "an integer >= 0")
+        return self

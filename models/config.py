@@ -1,0 +1,42 @@
+"""The `model.*` config section: the transformer's own settings (the task fixes its sizes).
+
+Light (no torch): train/config.py puts it in the run config, which light commands read.
+models/transformer.py extends it with the task's sizes into the `TransformerConfig` the model is built from.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from emformer.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    """The `model.*` config section: the architecture's own settings (the task sets the sizes)."""
+
+    depth: int = 4
+    """L: number of transformer blocks"""
+    heads: int = 4
+    """M: attention heads per block"""
+    width: int = 64
+    """D: residual stream width (must be divisible by heads)"""
+    mlp_ratio: int = 4
+    """hidden width of each MLP as a multiple of D"""
+    dropout: float = 0.0
+    centroid_head: bool = False
+    """also read out refined centroids (trained with a matched-mean MSE term)"""
+
+    def validate(self, prefix: str = "model") -> "ModelConfig":
+        """Raise ConfigError naming the first bad key; return self so calls chain."""
+
+        def need(ok: bool, key: str, expected: str) -> None:
+            if not ok:
+                raise ConfigError(f"{prefix}.{key}: expected {expected}, got {getattr(self, key)!r}")
+
+        need(self.depth >= 1, "depth", "an integer >= 1")
+        need(self.heads >= 1, "heads", "an integer >= 1")
+        need(self.width >= 1 and self.width % self.heads == 0, "width",
+             f"a positive multiple of {prefix}.heads ({self.heads})")
+        need(self.mlp_ratio >= 1, "mlp_ratio", "an integer >= 1")
+        need(0 <= self.dropout < 1, "dropout", "a number in [0, 1)")
+        return self
