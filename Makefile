@@ -1,4 +1,4 @@
-# The two commands of the README: `make demo` and `make test`. Both set up .venv first.
+# The commands of the README: `make demo`, `make study` and `make test`. Each sets up .venv first.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 # into .venv first (see README); `setup` keeps any torch that is already there.
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup demo test test-fast bench clean-demo
+.PHONY: setup demo study test test-fast bench clean-demo
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -18,6 +18,10 @@ $(VENV)/.installed: pyproject.toml
 
 demo: setup
 	$(VENV)/bin/emformer demo
+
+# the committed CPU study (configs/sweeps/study.yaml): resumes and skips the runs committed in docs/study
+study: setup
+	$(VENV)/bin/emformer study --out docs/study
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -55,12 +55,12 @@ def episodes(spec, count: int) -> dict[str, torch.Tensor]:
 
 
 # ------------------------------------------------------------------------------------------ the methods
-def model_method(export_dir: Path, chunk: int) -> Callable[[dict], torch.Tensor]:
+def model_method(export_dir: Path, chunk: int, device: str = "cpu") -> Callable[[dict], torch.Tensor]:
     """The exported model through the public batched API, given each episode's init (no standardization:
     the episodes are on the training scale)."""
     from emformer.models.clusterer import Clusterer
 
-    clusterer = Clusterer.from_pretrained(export_dir, standardize=False, batch_size=chunk)
+    clusterer = Clusterer.from_pretrained(export_dir, device=device, standardize=False, batch_size=chunk)
 
     def run(batch: dict) -> torch.Tensor:
         proba = clusterer.predict_proba_batch(batch["points"], batch["mask"], batch["init"], batch["kmask"])

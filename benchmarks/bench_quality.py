@@ -166,10 +166,10 @@ def _row(label: str, cell: dict[str, Any], *prefix: str) -> list[str]:
             f"{cell['model_minus_em']:+.4f} ± {cell['model_minus_em_se']:.4f}"]
 
 
+@torch.no_grad()  # not set_grad_enabled(False): that would stay off for whatever runs next in the process
 def run(export_dir: Path, quick: bool = False) -> tuple[dict[str, Any], str]:
     sizes = QUICK if quick else FULL
     model, config = load_model(export_dir)
-    torch.set_grad_enabled(False)
     base = training_task(config)
     trained_n = base.n if base.n_max is None else f"{base.n}..{base.n_max}"
     trained_delta = base.separation if base.separation_max is None else f"{base.separation}..{base.separation_max}"

@@ -7,6 +7,7 @@ checkpointing, so the figure is what a user's run reports; the first window (sta
 first DataLoader batch) is dropped. Rows:
 
   - debug and reference configs, one process with 1 thread and with every usable core;
+  - the reference config with trainer.compile=true (1 thread), against the eager 1-thread row;
   - DDP with 2 processes x 1 thread on CPU (gloo) for the reference config, against 2x the 1-thread rate:
     scaling efficiency = episodes/s(2 processes) / (2 x episodes/s(1 process, 1 thread));
   - on a GPU (when torch sees one): fp32, bf16-mixed and DeepSpeed ZeRO-2; otherwise the rows say so.
@@ -39,13 +40,14 @@ EVAL_EPISODES = 64
 
 
 def measure(config: str, warmup: int, steps: int, threads: int, devices: int = 1,
-            extra: tuple[str, ...] = (), timeout: float = 900) -> dict[str, Any]:
-    """One `emformer train` run; throughput over the windows after the first `warmup` steps."""
+            extra: tuple[str, ...] = (), timeout: float = 900, keep: Optional[Path] = None) -> dict[str, Any]:
+    """One `emformer train` run; throughput over the windows after the first `warmup` steps.
+    `keep`: train in this run directory and leave it there (e.g. to export the model), else a temporary one."""
     if steps % warmup:
         raise ValueError(f"steps ({steps}) must be a multiple of warmup ({warmup}): one train row per window")
     workdir = Path(tempfile.mkdtemp(prefix="bench-train-"))
     try:
-        run_dir = workdir / "run"
+        run_dir = keep or workdir / "run"
         never = 10 ** 9
         command = emformer_command(
             "train", CONFIGS[config], f"trainer.max_steps={warmup + steps}", f"trainer.log_every={warmup}",
@@ -71,13 +73,14 @@ def measure(config: str, warmup: int, steps: int, threads: int, devices: int = 1
     import yaml
 
     batch = int(yaml.safe_load(config_used)["data"]["batch_size"])
+    peaks = [r["peak_memory_gib"] for r in windows if r.get("peak_memory_gib") is not None]
     return {
         "config": config, "threads": threads, "devices": devices, "extra": list(extra), "steps": steps,
         "batch_per_rank": batch, "episodes_per_step": round(episodes),
         "s_per_step": seconds / steps, "episodes_per_s": steps * episodes / seconds,
         "tokens_per_s": steps * episodes * per_episode_tokens / seconds,
         "episodes_per_s_min": min(rates), "episodes_per_s_max": max(rates), "process_wall_s": wall,
-        "parameters": params,
+        "parameters": params, "peak_memory_gib": max(peaks) if peaks else None,
     }
 
 
@@ -96,6 +99,14 @@ def run(quick: bool = False) -> tuple[dict[str, Any], str]:
                              f"{fmt(result['episodes_per_s_min'])}–{fmt(result['episodes_per_s_max'])}"])
 
     one = next(r for r in figures["cpu"] if r["config"] == "reference" and r["threads"] == 1)
+    progress(f"train: reference, trainer.compile=true, 1 process x 1 thread, {sizes['warmup']}+{sizes['steps']} steps")
+    compiled = measure("reference", sizes["warmup"], sizes["steps"], 1,
+                       extra=("trainer.accelerator=cpu", "trainer.compile=true"))
+    compiled["speedup"] = compiled["episodes_per_s"] / one["episodes_per_s"]
+    figures["compiled"] = compiled
+    cpu_rows.append(["reference, trainer.compile=true", "1 x 1 thread(s)", compiled["episodes_per_step"],
+                     compiled["s_per_step"] * 1000, compiled["episodes_per_s"], compiled["tokens_per_s"],
+                     f"{fmt(compiled['episodes_per_s_min'])}–{fmt(compiled['episodes_per_s_max'])}"])
     if cores >= 2:
         progress(f"train: reference, DDP 2 processes x 1 thread (gloo), {sizes['warmup']}+{sizes['steps']} steps")
         ddp = measure("reference", sizes["warmup"], sizes["steps"], 1, devices=2,
@@ -127,6 +138,10 @@ def run(quick: bool = False) -> tuple[dict[str, Any], str]:
                 f"Training ({config}): {cores} threads ran {rates[1] / rates[cores]:.1f}x slower than 1 thread. "
                 "Each step is many small ops; when the cores are shared, OpenMP threads likely spin-wait on "
                 "each other at every op. On a shared or busy node set trainer.threads=1 (and use more processes).")
+    speedup = figures["compiled"]["speedup"]
+    lines.append(f"\ntorch.compile (trainer.compile=true) on CPU, reference, 1 thread: **{speedup:.2f}x** the eager "
+                 f"step (compilation, in the first {sizes['warmup']} steps, not timed); "
+                 f"{'it pays' if speedup > 1.05 else 'it does not pay here, so it stays off by default'}.")
     if figures["ddp"] is None:
         lines.append(f"\nDDP scaling: not measured (this machine has {cores} usable core; 2 are needed).")
 

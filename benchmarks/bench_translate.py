@@ -16,19 +16,20 @@ from pathlib import Path
 import torch
 
 from emformer.data.episodes import sample_episodes
-from emformer.data.tasks import TaskSpec
 from emformer.models.metrics import misclustering_rate
 from emformer.models.transformer import ClusterTransformer, TransformerConfig
-from emformer.train.checkpoints import load_checkpoint_file
+from emformer.train import rundir
+from emformer.train.checkpoints import load_checkpoint
+from emformer.train.config import RunConfig, to_run_config
 
 EVAL_SEED = 987_654  # apart from training (seed 0..) and the runs' own eval seeds
 
 
-def _model(run_dir: Path) -> tuple[ClusterTransformer, dict]:
-    checkpoint = load_checkpoint_file(run_dir / "checkpoints" / "last.ckpt")
-    config = checkpoint["hyper_parameters"]["config"]
-    model = ClusterTransformer(TransformerConfig.from_run_config(config))
-    model.load_state_dict({k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()})
+def _model(run_dir: Path) -> tuple[ClusterTransformer, RunConfig]:
+    loaded = load_checkpoint(rundir.checkpoint_path(run_dir, "last"))
+    config = to_run_config(loaded.run_config, f"{run_dir}: checkpoint config")
+    model = ClusterTransformer(TransformerConfig.from_task_and_model(config.task, config.model))
+    model.load_state_dict(loaded.state_dict)
     return model.eval(), config
 
 
@@ -41,13 +42,13 @@ def _err(model: ClusterTransformer, batch: dict[str, torch.Tensor]) -> float:
 
 def measure(run_dir: Path, episodes: int) -> dict[str, float]:
     model, config = _model(run_dir)
-    spec = dataclasses.replace(TaskSpec(**config["task"]), translate=0.0, rotate=False)
+    spec = dataclasses.replace(config.task, translate=0.0, rotate=False)
     raw = sample_episodes(spec, EVAL_SEED, range(episodes))
     mask = raw["mask"][..., None].float()
     mean = (raw["points"] * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True)
     centred = {**raw, "points": (raw["points"] - mean) * mask, "init": (raw["init"] - mean) * raw["kmask"][..., None]}
     moved = sample_episodes(dataclasses.replace(spec, translate=1.0), EVAL_SEED, range(episodes))
-    return {"trained_translate": config["task"].get("translate", 0.0), "raw": _err(model, raw),
+    return {"trained_translate": config.task.translate, "raw": _err(model, raw),
             "centred": _err(model, centred), "translated": _err(model, moved)}
 
 

@@ -310,6 +310,25 @@ def write_report(path: Path, text: str) -> None:
     atomic_write_text(path, text if text.endswith("\n") else text + "\n")
 
 
+# The GPU section of BENCHMARKS.md belongs to benchmarks/gpu_check.py; run_all.py carries it over unchanged.
+GPU_BEGIN = "<!-- gpu_check:begin -->"
+GPU_END = "<!-- gpu_check:end -->"
+
+
+def gpu_section(text: str) -> Optional[str]:
+    """The GPU_BEGIN..GPU_END block of a BENCHMARKS.md text, markers included (None when there is none)."""
+    start, end = text.find(GPU_BEGIN), text.find(GPU_END)
+    return text[start:end + len(GPU_END)] if 0 <= start < end else None
+
+
+def replace_gpu_section(text: str, section: str) -> str:
+    """`text` with its GPU block replaced by `section` (appended when there is none)."""
+    old = gpu_section(text)
+    if old is not None:
+        return text.replace(old, section, 1)
+    return text.rstrip("\n") + "\n\n" + section + "\n"
+
+
 def save_json(path: Path, obj: Any) -> None:
     from emformer.atomic import atomic_write_text
 

@@ -6,7 +6,9 @@ An episode is n points x_1..x_n in R^d and k initial centroids m_1..m_k. Every o
     centroid token  c_j = E m_j + e_centroid                 (or a learned slot vector s_j when there is no init)
 
 The n + k tokens go through L pre-LN blocks (multi-head softmax self-attention, then an MLP, each added to
-the residual stream); padded points and padded clusters are masked out as keys. After a final LayerNorm,
+the residual stream); padded points and padded clusters are masked out as keys. When nothing can be padded
+(fixed n and k) the caller passes no masks, and attention runs without a mask so that a GPU may use its
+flash or memory-efficient kernels (a boolean mask rules them out). After a final LayerNorm,
 point i scores centroid token j:
 
     logits_ij = <W_q h_i, W_k c_j> / sqrt(D)                 (padded clusters: -inf)
@@ -61,7 +63,8 @@ class TransformerConfig(ModelConfig):
 
 
 class SelfAttention(nn.Module):
-    """Multi-head softmax attention over all tokens; `keep [B, T]` says which tokens may be attended to."""
+    """Multi-head softmax attention over all tokens; `keep [B, T]` says which tokens may be attended to
+    (None: every token, and no mask reaches scaled_dot_product_attention)."""
 
     def __init__(self, width: int, heads: int, dropout: float) -> None:
         super().__init__()
@@ -70,12 +73,12 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(width, width)
         self.dropout = dropout
 
-    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
         batch, tokens, width = x.shape
         q, k, v = self.qkv(x).split(width, dim=-1)
         shape = (batch, tokens, self.heads, width // self.heads)
         q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))  # [B, M, T, D/M]
-        attn_mask = keep[:, None, None, :]  # True = may attend; broadcast over heads and queries
+        attn_mask = None if keep is None else keep[:, None, None, :]  # True = may attend; over heads, queries
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(batch, tokens, width))
@@ -102,13 +105,15 @@ class Block(nn.Module):
         self.ln_mlp = nn.LayerNorm(cfg.width)
         self.mlp = MLP(cfg.width, cfg.mlp_ratio, cfg.dropout)
 
-    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
         x = x + self.attn(self.ln_attn(x), keep)
         return x + self.mlp(self.ln_mlp(x))
 
 
 class ClusterTransformer(nn.Module):
-    """points [B,n,d], mask [B,n], init [B,k,d], kmask [B,k] -> logits [B,n,k] (padded clusters -inf)."""
+    """points [B,n,d], mask [B,n], init [B,k,d], kmask [B,k] -> logits [B,n,k] (padded clusters -inf).
+
+    mask / kmask None: no point / no cluster is padded (the fast path of fixed-size tasks)."""
 
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
@@ -132,12 +137,12 @@ class ClusterTransformer(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, points: torch.Tensor, mask: torch.Tensor, init: torch.Tensor,
-                kmask: torch.Tensor) -> torch.Tensor:
+    def forward(self, points: torch.Tensor, mask: Optional[torch.Tensor], init: torch.Tensor,
+                kmask: Optional[torch.Tensor]) -> torch.Tensor:
         return self.forward_with_centroids(points, mask, init, kmask)[0]
 
-    def forward_with_centroids(self, points: torch.Tensor, mask: torch.Tensor, init: torch.Tensor,
-                               kmask: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def forward_with_centroids(self, points: torch.Tensor, mask: Optional[torch.Tensor], init: torch.Tensor,
+                               kmask: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         n = points.shape[1]
         point_tokens = self.embed(points) + self.type_point
         if self.slots is None:
@@ -145,14 +150,22 @@ class ClusterTransformer(nn.Module):
         else:
             centroid_tokens = (self.slots + self.type_centroid).expand(points.shape[0], -1, -1)
         x = torch.cat([point_tokens, centroid_tokens], dim=1)  # [B, n + k, D]
-        keep = torch.cat([mask, kmask], dim=1).bool()
+        keep = None
+        if mask is not None or kmask is not None:
+            batch, k = points.shape[0], centroid_tokens.shape[1]
+            keep = torch.cat([mask.bool() if mask is not None else points.new_ones(batch, n, dtype=torch.bool),
+                              kmask.bool() if kmask is not None else points.new_ones(batch, k, dtype=torch.bool)],
+                             dim=1)
         for block in self.blocks:
             x = block(x, keep)
         x = self.ln_final(x)
         h, c = x[:, :n], x[:, n:]
         logits = self.read_point(h) @ self.read_centroid(c).transpose(1, 2) / math.sqrt(self.cfg.width)
-        logits = logits.masked_fill(~kmask.bool()[:, None, :], float("-inf"))
+        if kmask is not None:
+            logits = logits.masked_fill(~kmask.bool()[:, None, :], float("-inf"))
         centroids = None
         if self.centroid_head is not None:
-            centroids = (init + self.centroid_head(c).to(init.dtype)) * kmask[..., None]
+            centroids = init + self.centroid_head(c).to(init.dtype)
+            if kmask is not None:
+                centroids = centroids * kmask[..., None]
         return logits, centroids

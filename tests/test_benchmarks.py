@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -113,3 +116,89 @@ def test_training_benchmark_measures_a_real_run():
     result = bench_train.measure("debug", warmup=2, steps=2, threads=1, extra=("trainer.accelerator=cpu",))
     assert result["episodes_per_step"] == 32  # configs/debug.yaml: batch 32, one process
     assert result["episodes_per_s"] > 0 and result["tokens_per_s"] == pytest.approx(result["episodes_per_s"] * 34, rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ gpu_check
+def _counted_flops(model, n: int, k: int, backward: bool) -> int:
+    """What torch's FlopCounterMode counts for one episode (SDPA's math backend, so attention is counted too)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    points, init = torch.randn(1, n, model.cfg.d_in), torch.randn(1, k, model.cfg.d_in)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        logits, centroids = model.forward_with_centroids(points, None, init, None)
+        if backward:
+            (logits.logsumexp(-1).sum() + (0 if centroids is None else centroids.sum())).backward()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("overrides", [{}, {"centroid_head": True}, {"learned_centroids": True, "depth": 3}])
+def test_model_flops_per_token_match_torchs_flop_counter(overrides):
+    import gpu_check
+    from emformer.models.transformer import ClusterTransformer, TransformerConfig
+
+    cfg = TransformerConfig(**{"d_in": 5, "k_max": 3, "depth": 2, "heads": 2, "width": 16, "mlp_ratio": 3,
+                               **overrides})
+    model = ClusterTransformer(cfg)
+    n, k = 11, 3
+    forward = gpu_check.forward_flops_per_episode(cfg, n, k)
+    assert forward == _counted_flops(model, n, k, backward=False)
+    # Training = 3 x forward: exact but for the embedding's input gradient, which nothing needs.
+    both = _counted_flops(model, n, k, backward=True)
+    assert 0.97 * 3 * forward <= both <= 3 * forward
+    assert gpu_check.training_flops_per_token(cfg, n, k) == pytest.approx(3 * forward / (n + k))
+
+
+def test_peak_flops_by_device_name():
+    import gpu_check
+
+    assert gpu_check.peak_flops("NVIDIA H200", "bf16-mixed") == 989e12
+    assert gpu_check.peak_flops("NVIDIA H100 80GB HBM3", "32") == 67e12
+    assert gpu_check.peak_flops("NVIDIA H100 PCIe", "bf16-mixed") == 756e12
+    assert gpu_check.peak_flops("NVIDIA A100-SXM4-80GB", "bf16-mixed") == 312e12
+    assert gpu_check.peak_flops("NVIDIA L40S", "32") == 91.6e12 and gpu_check.peak_flops("NVIDIA L4", "32") == 30.3e12
+    assert gpu_check.peak_flops("NVIDIA GH200 480GB", "bf16-mixed") == 989e12
+    assert gpu_check.peak_flops("Tesla V100-SXM2-16GB", "bf16-mixed") is None  # no bf16 on Volta
+    assert gpu_check.peak_flops("Some Future GPU", "32") is None
+
+
+def test_gpu_section_is_replaced_or_appended_and_kept_by_run_all():
+    section = f"{common.GPU_BEGIN}\n## GPU proof\nnew\n{common.GPU_END}"
+    text = f"# Benchmarks\n\nCPU tables\n\n{common.GPU_BEGIN}\nold\n{common.GPU_END}\n\n## After\n"
+    replaced = common.replace_gpu_section(text, section)
+    assert replaced == text.replace(f"{common.GPU_BEGIN}\nold\n{common.GPU_END}", section)
+    assert common.gpu_section(replaced) == section
+    appended = common.replace_gpu_section("# Benchmarks\n", section)
+    assert appended == f"# Benchmarks\n\n{section}\n" and common.gpu_section("# Benchmarks\n") is None
+
+
+def test_gpu_check_without_a_gpu_says_so(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    result = subprocess.run([str(REPO / "benchmarks" / "gpu_check.sh"), "--out", str(tmp_path / "B.md")],
+                            env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "no CUDA device" in result.stderr and "--cpu" in result.stderr
+    assert not (tmp_path / "B.md").exists()
+
+
+@pytest.mark.slow
+def test_gpu_check_cpu_path_writes_its_section(tmp_path):
+    """The whole GPU script on its CPU path at tiny sizes: every run, the export, the Clusterer row, the table
+    between the markers (the rest of the file untouched)."""
+    out = tmp_path / "BENCHMARKS.md"
+    out.write_text("# Benchmarks\n\nCPU tables stay.\n")
+    result = subprocess.run([str(REPO / "benchmarks" / "gpu_check.sh"), "--cpu", "--out", str(out), "--json"],
+                            env={**os.environ, "PYTHON": sys.executable, "WANDB_MODE": "disabled"},
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = out.read_text()
+    assert text.startswith("# Benchmarks\n\nCPU tables stay.\n")
+    section = common.gpu_section(text)
+    assert section and "--cpu path check" in section
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith(("| run", "| :"))]
+    labels = [row.split(" | ")[0][2:] for row in rows]
+    assert labels == ["fp32", "DDP, 1 process (gloo), fp32", "DeepSpeed ZeRO-2, fp32",
+                      "Clusterer.predict_proba_batch, fp32, chunks of 16"]
+    figures = json.loads(result.stdout[result.stdout.index("\n{") + 1:])
+    assert all(r["episodes_per_s"] > 0 and r["tokens_per_s"] > 0 and r["model_flops_per_s"] > 0
+               for r in figures["rows"])

@@ -1,9 +1,16 @@
 """What happens at the end of each training step, in this order (DESIGN §4, §6):
 
-1. flags agreed across ranks (one all-reduce): a non-finite loss on any rank stops every rank with a clear
-   error (the last good checkpoint stays as it was); a SIGUSR1 on any rank asks for preemption;
-   a checkpoint is only written when every parameter is finite, so `last` is always a good one;
-2. a train row every `log_every` steps (loss averaged over ranks and steps, lr, throughput);
+1. the step's loss is added to sums kept on the device: nothing in a step waits for the device or for
+   another rank. At a *check point* -- a train row (every `log_every` steps), a val row, a checkpoint, the
+   last step, or a preemption request -- one small tensor (loss sum, non-finite count, preemption flag)
+   goes to the host, after one all-reduce under DDP. A non-finite loss on any rank
+   then stops every rank with a clear error before anything is saved, so no checkpoint ever follows a
+   non-finite loss; a SIGUSR1 on any rank asks for preemption (one process acts on it at the step it lands;
+   under DDP ranks agree at the next check point, at most `log_every` steps later, so no rank ever waits in
+   a collective that the others skip); a checkpoint is only written when every parameter is finite (one
+   sync for all of them), so `last` is always a good one;
+2. a train row every `log_every` steps (loss averaged over ranks and steps, lr, throughput; peak device
+   memory on a GPU);
 3. a val row every `val_every` steps and at the end (every rank evaluates; rank 0 writes), `best` on
    improvement of the val loss;
 4. `last` every `ckpt_every` steps, at the end, and on preemption (then training stops, without DONE);
@@ -96,6 +103,9 @@ class RunControl(Callback):
         self._loss_sum = torch.zeros((), dtype=torch.float64)
         self._loss_count = 0
         self._rank_loss_sums: Optional[torch.Tensor] = None  # every rank's _loss_sum, gathered when saving
+        # On the device, like _loss_sum: how many steps had a non-finite loss, and the first such step.
+        self._bad_count = torch.zeros((), dtype=torch.float64)
+        self._first_bad = torch.full((), float("inf"), dtype=torch.float64)
         self._window_start = 0.0
         self._window_steps = 0
         self._excluded = 0.0  # seconds of eval / checkpointing inside the current window
@@ -106,7 +116,7 @@ class RunControl(Callback):
         # same mean at the next row as an uninterrupted run would. The checkpoint holds rank 0's callback
         # state only, so every rank's sum goes in (gathered by _save).
         return {"best_loss": self.best_loss, "rng": rng_state(), "last_val": self.last_val,
-                "loss_window": {"sum": self._loss_sum.clone(), "count": self._loss_count,
+                "loss_window": {"sum": self._loss_sum.detach().cpu().clone(), "count": self._loss_count,
                                 "rank_sums": self._rank_loss_sums}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -145,26 +155,35 @@ class RunControl(Callback):
                            batch_idx: int) -> None:
         step = trainer.global_step
         cfg = self.trainer_cfg
-        loss = (outputs["loss"] if isinstance(outputs, dict) else outputs).detach().double().cpu()
-        self._loss_sum += loss
+        loss = (outputs["loss"] if isinstance(outputs, dict) else outputs).detach().double()
+        self._accumulate(loss, step)
         self._loss_count += 1
         self._window_steps += 1
 
-        bad_loss, preempt = self._agree(trainer, not bool(torch.isfinite(loss)), self.preemption.requested.is_set())
-        if bad_loss:
+        done = step >= cfg.max_steps
+        logging = step % cfg.log_every == 0 or done
+        validating = step % cfg.val_every == 0 or done
+        saving = step % cfg.ckpt_every == 0 or done
+        preempt = self.preemption.requested.is_set()
+        if not (logging or validating or saving or (preempt and trainer.world_size == 1)):
+            self._crash_hook(step)
+            return  # not a check point: no host sync, no collective
+        loss_sum, bad_count, preempt_any = self._agree_values(trainer, self._loss_sum, self._bad_count, float(preempt))
+        preempt = preempt_any > 0
+        if bad_count > 0:
             last = checkpoint_dir(self.run_dir) / LAST
             kept = f"the last good checkpoint {last} is kept" if last.exists() else "no checkpoint was written"
-            raise NonFiniteLoss(f"training loss is {float(loss)} at step {step}: stopping ({kept}); "
-                                "try a lower optim.lr or optim.grad_clip")
-
-        max_steps = cfg.max_steps
-        done = step >= max_steps
-        if step % cfg.log_every == 0 or done:
-            self._log_train(trainer, module, step)
+            first = float(self._first_bad)  # the error path: one more sync does not matter
+            where = f"from step {int(first)}" if first != float("inf") else "on another rank"
+            raise NonFiniteLoss(f"training loss is nan or infinite {where} (found at step {step}): stopping "
+                                f"({kept}); try a lower optim.lr or optim.grad_clip")
+        saving = saving or preempt
+        if logging:
+            self._log_train(trainer, loss_sum / max(self._loss_count * trainer.world_size, 1))
         started = time.perf_counter()
-        if step % cfg.val_every == 0 or done:
+        if validating:
             self._validate(trainer, module, step)
-        if step % cfg.ckpt_every == 0 or done or preempt:
+        if saving:
             self._save(trainer, module, LAST, step)
         self._excluded += time.perf_counter() - started
         if preempt and not done:
@@ -173,6 +192,9 @@ class RunControl(Callback):
             if trainer.is_global_zero:
                 print(f"emformer train: preempted at step {step}: saved {checkpoint_dir(self.run_dir) / LAST}",
                       file=sys.stderr, flush=True)
+        self._crash_hook(step)
+
+    def _crash_hook(self, step: int) -> None:
         if self._crash_at is not None and step == self._crash_at:
             self.tracker.metrics.close()
             sys.stdout.flush()
@@ -180,17 +202,33 @@ class RunControl(Callback):
             os._exit(1)
 
     # ------------------------------------------------------------------ pieces
-    def _agree(self, trainer: L.Trainer, *flags: bool) -> list[bool]:
+    def _accumulate(self, loss: torch.Tensor, step: int) -> None:
+        """Add this step's loss to the device-side sums (elementwise ops only: the host does not wait)."""
+        if self._loss_sum.device != loss.device:  # first step, or just resumed from a CPU checkpoint
+            self._loss_sum = self._loss_sum.to(loss.device)
+            self._bad_count = self._bad_count.to(loss.device)
+            self._first_bad = self._first_bad.to(loss.device)
+        bad = ~torch.isfinite(loss)
+        self._loss_sum += loss
+        self._bad_count += bad.double()
+        self._first_bad = torch.where(bad, self._first_bad.clamp(max=step), self._first_bad)
+
+    def _agree_values(self, trainer: L.Trainer, *values: torch.Tensor | float) -> list[float]:
+        """Each value summed over ranks: one all-reduce (none on a single process), one copy to the host."""
+        device = trainer.strategy.root_device
+        stacked = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(device).reshape(()) for v in values])
+        if trainer.world_size > 1:
+            stacked = trainer.strategy.reduce(stacked, reduce_op="sum")
+        return stacked.tolist()
+
+    def _agree(self, trainer: L.Trainer, *flags: bool | torch.Tensor) -> list[bool]:
         """Any-rank OR of each flag, with one all-reduce (or none on a single process)."""
-        if trainer.world_size == 1:
-            return list(flags)
-        values = torch.tensor([float(f) for f in flags], device=trainer.strategy.root_device)
-        values = trainer.strategy.reduce(values, reduce_op="sum")
-        return [bool(v > 0) for v in values.cpu()]
+        return [v > 0 for v in self._agree_values(trainer, *(torch.as_tensor(f).double() for f in flags))]
 
     def _save(self, trainer: L.Trainer, module: L.LightningModule, name: str, step: int) -> None:
         """Write checkpoints/<name> unless a parameter is non-finite on some rank (then stop, keeping the old)."""
-        bad = not all(bool(torch.isfinite(p).all()) for p in module.parameters())
+        params = [p.detach() for p in module.parameters()]
+        bad = ~torch.stack([torch.isfinite(p).all() for p in params]).all() if params else torch.tensor(False)
         if self._agree(trainer, bad)[0]:
             path = checkpoint_dir(self.run_dir) / name
             kept = f"{path} from an earlier step is kept" if path.exists() else f"{path} was never written"
@@ -203,20 +241,22 @@ class RunControl(Callback):
         save_atomic(trainer, checkpoint_dir(self.run_dir) / name)
         self._rank_loss_sums = None
 
-    def _log_train(self, trainer: L.Trainer, module: L.LightningModule, step: int) -> None:
-        mean = self._loss_sum / max(self._loss_count, 1)
-        if trainer.world_size > 1:
-            mean = trainer.strategy.reduce(mean.to(trainer.strategy.root_device), reduce_op="mean").cpu()
+    def _log_train(self, trainer: L.Trainer, mean: float) -> None:
+        """One train row; `mean` is the window's loss averaged over its steps and the ranks."""
+        step = trainer.global_step
         elapsed = max(time.perf_counter() - self._window_start - self._excluded, 1e-9)
         episodes_per_s = self._window_steps * self.batch_size * trainer.world_size / elapsed
         lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else float("nan")
         row = {"step": step, "split": "train", "loss": float(mean), "lr": float(lr),
                "episodes_per_s": episodes_per_s, "tokens_per_s": episodes_per_s * self.tokens_per_episode,
                "s_per_step": elapsed / max(self._window_steps, 1)}
+        device = trainer.strategy.root_device
+        if device.type == "cuda":
+            row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
         if trainer.is_global_zero:
             self.tracker.log(row)
         self._progress_update(trainer, loss=float(mean))
-        self._loss_sum = torch.zeros((), dtype=torch.float64)
+        self._loss_sum = torch.zeros_like(self._loss_sum)
         self._loss_count = 0
         self._window_start = time.perf_counter()
         self._window_steps, self._excluded = 0, 0.0

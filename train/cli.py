@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("emformer.train.export.command", "export a trained checkpoint to safetensors (+ ONNX)"),
     "cluster": ("emformer.train.cluster", "label a CSV or .npy file with an exported model"),
     "demo": ("emformer.train.demo", "the README's demo: a small CPU sweep that ends in a report"),
+    "study": ("emformer.train.study", "the CPU study of the theory (≥ 5 seeds, four checks): runs + report"),
 }
 
 

@@ -66,6 +66,8 @@ class TrainerConfig:
     threads: int = 0
     """torch CPU threads per process (0: torch's default)"""
     progress: bool = True
+    compile: bool = False
+    """torch.compile the model's training forward (see BENCHMARKS.md for what it gains)"""
 
 
 @dataclass
@@ -73,6 +75,8 @@ class StrategyConfig:
     name: str = "ddp"
     """auto | ddp | deepspeed_zero1 | deepspeed_zero2 | deepspeed_zero3"""
     find_unused_parameters: bool = False
+    single_process_ddp: bool = False
+    """ddp with one process: wrap in DDP with a process group anyway (the 1-GPU NCCL check of gpu_check.sh)"""
     offload_optimizer: bool = False
     """DeepSpeed only: keep optimizer state in CPU memory"""
 
@@ -90,7 +94,9 @@ class WandbConfig:
 @dataclass
 class EvalConfig:
     seed: int = 1_000_003
-    """seed of the fixed eval set (distinct from data.seed)"""
+    """seed of the fixed eval set (distinct from data.seed): the best checkpoint is selected on it"""
+    test_seed: int = 2_000_003
+    """seed of the test set: what is reported after selection (model card, report --test-shift, the demo)"""
     episodes: int = 512
     em_iters: int = 10
     """iterations of the EM and Lloyd baselines"""
@@ -112,7 +118,10 @@ class RunConfig:
 
 # Sections that do not change what a run computes, so they stay out of its hash and name.
 _UNHASHED = ("wandb",)
-_UNHASHED_TRAINER = ("progress", "threads")
+# How a step runs, not what it computes (compiled or eager kernels, a 1-process DDP wrapper): out of the hash
+# too, so adding these keys left every existing run's name and resumability as they were.
+_UNHASHED_TRAINER = ("progress", "threads", "compile")
+_UNHASHED_STRATEGY = ("single_process_ddp",)
 
 
 def configs_root(config_path: Path) -> Path:
@@ -226,6 +235,8 @@ def validate(cfg: DictConfig) -> RunConfig:
     need(e.episodes >= 1, "eval.episodes", "an integer >= 1")
     need(e.em_iters >= 1, "eval.em_iters", "an integer >= 1")
     need(e.seed != d.seed, "eval.seed", f"a seed different from data.seed ({d.seed}) so eval episodes are unseen")
+    need(e.test_seed not in (d.seed, e.seed), "eval.test_seed",
+         f"a seed different from data.seed ({d.seed}) and eval.seed ({e.seed}) so test episodes are unseen")
     return run
 
 
@@ -257,6 +268,8 @@ def config_hash(cfg: DictConfig | RunConfig | dict[str, Any]) -> str:
     values.pop("name", None)
     for key in _UNHASHED_TRAINER:
         values.get("trainer", {}).pop(key, None)
+    for key in _UNHASHED_STRATEGY:
+        values.get("strategy", {}).pop(key, None)
     blob = json.dumps(values, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:8]
 

@@ -3,33 +3,30 @@
 Runs the repository's configs/sweeps/demo.yaml through the local sweep backend: the sample-complexity check
 of DESIGN §3 (N = 512..8192 pool episodes plus fresh episodes) and a depth trend (L = 1, 2, 4 at N = ∞), 2 seeds,
 18 CPU runs of 1000 steps, 2 at a time with one thread each (README gives the time it took). Then it runs
-`emformer report` on the sweep and prints where report.md is and its summary table. The spec is found next to
-the installed package (an editable install of a checkout), so the demo runs from any working directory; its
-output goes to ./demo (gitignored in the repository). Re-running it skips finished runs and resumes unfinished
-ones (the sweep's own behaviour), so an interrupted demo continues where it stopped. `--quick` runs
+`emformer report` on the sweep and prints where report.md is, its summary table, and every verdict tagged with
+the seeds it rests on (2: indicative only, below the study's bar of 5; `emformer study` makes the real figures).
+The best run (selected on the eval set) is exported and its figures printed on the test set (eval.test_seed).
+The spec is found next to the installed package (an editable install of a checkout), so the demo runs from any
+working directory; its output goes to ./demo (gitignored in the repository). Re-running it skips finished runs
+and resumes unfinished ones (the sweep's own behaviour), so an interrupted demo continues where it stopped. `--quick` runs
 configs/sweeps/demo_quick.yaml instead: 4 tiny runs that check the whole path (what the tests use); its
 numbers mean nothing.
 """
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 from typing import Any, Optional
 
 from emformer.errors import ConfigError
+from emformer.models.export_format import read_export_config
 from emformer.train import rundir
 from emformer.train.export.command import export_run
 from emformer.train.report import command as report
-from emformer.train.sweep.local import run_local
-from emformer.train.sweep.spec import LocalOptions, load_spec, prepare_sweep
+from emformer.train.report import scaling
+from emformer.train.study import configs_dir, train_and_report
 
 SPECS = {False: "demo.yaml", True: "demo_quick.yaml"}
-
-
-def configs_dir() -> Path:
-    """The repository's configs/: beside the code of the editable install (train/ -> ../configs)."""
-    return Path(__file__).resolve().parents[1] / "configs"
 
 
 def spec_path(quick: bool) -> Path:
@@ -43,7 +40,8 @@ def spec_path(quick: bool) -> Path:
 
 
 def export_best(sweep: Any, out: Path) -> Optional[Path]:
-    """Export the finished run with the lowest final val err (a pretrained example to try the Clusterer on)."""
+    """Export the finished run with the lowest final val err (selection on the eval set; the export then
+    reports its figures on the test set)."""
     best: Optional[tuple[float, Path]] = None
     for point in sweep.points:
         run_dir = sweep.run_dir(point)
@@ -65,29 +63,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--parallel", type=int, default=None, help="runs at once (default: the spec's, 2)")
 
 
+def verdict_lines(result: Any, seeds: int) -> list[str]:
+    """Every verdict with the seeds it rests on; below the study's bar each says it is only indicative."""
+    bar = scaling.MIN_SEEDS_FOR_BOOTSTRAP
+    tag = (f"{seeds} seed{'s' if seeds != 1 else ''}" + (f"; indicative only, below the study's bar of ≥ {bar} seeds"
+                                                          if seeds < bar else ""))
+    return [f"{c.name.strip()}: {c.verdict} [{tag}]" for c in result.checks if c.verdict != report.NOT_IN_SWEEP]
+
+
+def test_summary(model_dir: Path) -> str:
+    """The exported model's figures on its test set (eval.test_seed), from the export's config.json."""
+    row = read_export_config(model_dir).get("eval") or {}
+    if row.get("split") != "test":
+        return "no test-set figures in the export"
+    return (f"on its test set (eval.test_seed = {row['seed']}, {row['episodes']} episodes; selected on the eval set): "
+            f"err {row['err']:.4f}, EM {row['err_em']:.4f} (model − EM {row['err'] - row['err_em']:+.4f} ± "
+            f"{row['err_minus_em_se']:.4f} paired SE), oracle {row['err_oracle']:.4f}")
+
+
 def run(args: argparse.Namespace) -> int:
     out = args.out if args.out is not None else Path("demo-quick" if args.quick else "demo")
-    spec = load_spec(spec_path(args.quick))
-    local = LocalOptions.from_dict({"parallel": args.parallel if args.parallel is not None else spec.local.parallel,
-                                    "threads_per_run": spec.local.threads_per_run}, "--parallel")
-    sweep = prepare_sweep(spec, out / "sweep")
-    print(f"emformer demo: {len(sweep.points)} training runs ({spec.name}: {spec.source}), {local.parallel} at a "
-          f"time with {local.threads_per_run} thread(s) each, in {sweep.dir}", flush=True)
-    started = time.monotonic()
-    failed = run_local(sweep, sweep.points, parallel=local.parallel, threads=local.threads_per_run)
-    trained = time.monotonic() - started
-    print(f"emformer demo: training took {trained:.0f} s; building the report", flush=True)
-    result = report.build_report(sweep.dir, out / "report")
+    path = spec_path(args.quick)
+    outcome = train_and_report(path, out, args.parallel)
+    result, sweep = outcome.result, outcome.sweep
     print()
     report.print_summary(result)
+    print("\nemformer demo: verdicts (the real figures, from ≥ 5 seeds, are in docs/study/report.md):")
+    for line in verdict_lines(result, len(sweep.spec.seeds)):
+        print(f"  {line}")
     model_dir = export_best(sweep, out / "model")
     if model_dir is not None:
-        print(f"\nemformer demo: exported the run with the lowest val err to {model_dir}; cluster your own data with "
-              f"`emformer cluster {model_dir} points.csv` or `Clusterer.from_pretrained('{model_dir}')`")
-    print(f"\nemformer demo: {time.monotonic() - started:.0f} s in all. Open {result.report_path} for the "
+        print(f"\nemformer demo: exported the run with the lowest val err to {model_dir}; {test_summary(model_dir)}. "
+              f"Cluster your own data with `emformer cluster {model_dir} points.csv` or "
+              f"`Clusterer.from_pretrained('{model_dir}')`")
+    print(f"\nemformer demo: training took {outcome.trained_s:.0f} s. Open {result.report_path} for the "
           "figures and the rule behind each verdict.")
-    if failed:
-        print(f"emformer demo: {len(failed)} run(s) failed ({failed}); see their console.log, "
+    if outcome.failed:
+        print(f"emformer demo: {len(outcome.failed)} run(s) failed ({outcome.failed}); see their console.log, "
               f"`emformer status {sweep.dir}`, and re-run the demo to resume them")
         return 1
     return result.exit_code

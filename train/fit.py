@@ -233,7 +233,13 @@ def _check_data(cfg: RunConfig) -> None:
     per process, so the stream does not hash the shards a second time)."""
     if str(cfg.data.source) != "shards":
         return
-    verify_shards(str(cfg.data.shards_dir), cfg.task)
+    manifest = verify_shards(str(cfg.data.shards_dir), cfg.task)
+    held_out = {"eval.seed": int(cfg.eval.seed), "eval.test_seed": int(cfg.eval.test_seed)}
+    for key, seed in held_out.items():
+        if int(manifest["seed"]) == seed:
+            raise ConfigError(f"{cfg.data.shards_dir}/manifest.json: the shards were generated with seed {seed}, "
+                              f"which is {key}: training on them would train on the held-out episodes; "
+                              f"regenerate them with another --seed")
 
 
 def _check_same_config(run_dir: Path, cfg: RunConfig) -> None:

@@ -20,6 +20,7 @@ import torch
 
 from emformer.data.episodes import Batch, batch_chunks
 from emformer.data.stream import eval_set, pool_eval_set
+from emformer.data.tasks import TaskSpec
 from emformer.models import baselines
 from emformer.models.losses import (clustering_loss, per_episode_cross_entropy,
                                     per_episode_permutation_cross_entropy)
@@ -45,8 +46,18 @@ class WarmupCosine:
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def model_inputs(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def model_inputs(batch: Batch, padded: bool = True
+                 ) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, Optional[torch.Tensor]]:
+    """The model's arguments; `padded=False` (fixed n and k: every mask is all-true) passes no masks, so
+    attention runs unmasked and a GPU can use its flash / memory-efficient kernels."""
+    if not padded:
+        return batch["points"], None, batch["init"], None
     return batch["points"], batch["mask"], batch["init"], batch["kmask"]
+
+
+def task_is_padded(task: TaskSpec) -> bool:
+    """Whether episodes of this task can carry padded points or clusters (n or k drawn from a range)."""
+    return task.n_pad != task.n or task.k_pad != task.k
 
 
 class ClusterModule(L.LightningModule):
@@ -61,11 +72,15 @@ class ClusterModule(L.LightningModule):
         self.model_config = TransformerConfig.from_task_and_model(self.run_config.task, self.run_config.model)
         self.model = ClusterTransformer(self.model_config)
         self.anchored = self.run_config.task.anchored
+        self.padded = task_is_padded(self.run_config.task)
+        # torch.compile of the training forward only (a bound method, so state_dict keys stay "model.*").
+        self._train_forward = (torch.compile(self.model.forward_with_centroids) if self.run_config.trainer.compile
+                               else self.model.forward_with_centroids)
         self._eval: Optional[dict[str, Any]] = None  # eval sets and cached baselines, built on first use
 
     # ------------------------------------------------------------------ training
     def forward(self, batch: Batch) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        return self.model.forward_with_centroids(*model_inputs(batch))
+        return self._train_forward(*model_inputs(batch, self.padded))
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         logits, centroids = self(batch)
@@ -126,7 +141,7 @@ class ClusterModule(L.LightningModule):
             for part in batch_chunks(batch, batch_size):
                 part = {key: value.to(self.device) for key, value in part.items()}
                 with self.trainer.precision_plugin.forward_context() if self._trainer is not None else contextlib.nullcontext():
-                    logits = self.model(*model_inputs(part))
+                    logits = self.model(*model_inputs(part, self.padded))
                 logits = logits.float()
                 labels, mask = part["labels"], part["mask"]
                 pred = logits.argmax(-1)

@@ -1,7 +1,8 @@
 """Accelerator, precision and distributed strategy from the config (DESIGN §6).
 
 - one process (devices * num_nodes == 1): Lightning's single-device strategy, so no process group starts;
-- `ddp`: gloo on CPU, NCCL on GPU, any devices/nodes;
+- `ddp`: gloo on CPU, NCCL on GPU, any devices/nodes (one process too with `strategy.single_process_ddp`,
+  which checks NCCL and the DDP wrapper on a single GPU);
 - `deepspeed_zero{1,2,3}`: Lightning's DeepSpeedStrategy. Lightning refuses it on CPU; `CPUDeepSpeedStrategy`
   lifts that check (and skips DeepSpeed's slow compile of its shared-memory comm op on CPU), so ZeRO runs on
   CPU ranks over gloo, which is how the tests cover this path. The optimizer stays a plain torch AdamW.
@@ -59,7 +60,7 @@ def build_strategy(cfg: RunConfig, accelerator: str) -> Any:
     name = str(cfg.strategy.name)
     if name.startswith("deepspeed"):
         return _deepspeed(cfg, accelerator, stage=int(name[-1]))
-    if world_size(cfg) == 1 or name == "auto":
+    if name == "auto" or (world_size(cfg) == 1 and not cfg.strategy.single_process_ddp):
         return "auto"  # single device: no process group for one process
     from lightning.pytorch.strategies import DDPStrategy
 

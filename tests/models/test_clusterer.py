@@ -154,7 +154,13 @@ def test_labels_agree_with_the_runs_eval_metrics(tiny_run: Path, tiny_export: Pa
     val = json.loads((tiny_run / "DONE").read_text())["val"]
     points = int(batch["mask"].sum())
     assert abs(err - val["err"]) <= 2 / points and abs(anchored - val["err_anchored"]) <= 2 / points
-    assert config["eval"]["err"] == val["err"]
+    assert config["selection"]["err"] == val["err"]
+    # the card's figures: the same model on the test seed's episodes (not the val set it was selected on)
+    test = eval_set(TaskSpec.from_dict(config["task"]), int(evaluation["test_seed"]), int(evaluation["episodes"]))
+    pred = clusterer.predict_batch(test["points"], test["mask"], test["init"], test["kmask"])
+    test_err = float(misclustering_rate(pred, test["labels"], test["mask"], k).double().mean())
+    assert config["eval"]["seed"] == evaluation["test_seed"] != evaluation["seed"]
+    assert abs(test_err - config["eval"]["err"]) <= 2 / int(test["mask"].sum())
 
 
 # ------------------------------------------------------------------------------------------- bad input

@@ -159,3 +159,19 @@ def test_parameter_count_of_the_shipped_models():
     small = ClusterTransformer(TransformerConfig(d_in=8, k_max=3, depth=4, heads=4, width=64))
     assert 25_000 < tiny.num_parameters() < 30_000
     assert 200_000 < small.num_parameters() < 215_000
+
+
+@pytest.mark.parametrize("centroid_head", [False, True])
+def test_no_mask_equals_an_all_true_mask(centroid_head):
+    """Fixed n and k: passing no masks (SDPA unmasked, free to pick a fused kernel) gives the masked output."""
+    model, batch = make_model(centroid_head=centroid_head), episodes(SPEC)
+    points, mask, init, kmask = inputs(batch)
+    assert mask.all() and kmask.all()
+    with torch.no_grad():
+        masked = model.forward_with_centroids(points, mask, init, kmask)
+        unmasked = model.forward_with_centroids(points, None, init, None)
+        only_points = model.forward_with_centroids(points, mask, init, None)
+    for got in (unmasked, only_points):
+        torch.testing.assert_close(got[0], masked[0], atol=ATOL, rtol=0)
+        if centroid_head:
+            torch.testing.assert_close(got[1], masked[1], atol=ATOL, rtol=0)

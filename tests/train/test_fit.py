@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -200,6 +201,7 @@ def snapshot(folder: Path) -> dict[Path, bytes]:
     (["model.width=30", "model.heads=4"], "model.width: expected a positive multiple of model.heads (4)"),
     (["strategy=zero9"], "no config 'zero9' in group 'strategy'"),
     (["eval.seed=0"], "eval.seed: expected a seed different from data.seed"),
+    (["eval.test_seed=1000003"], "eval.test_seed: expected a seed different from data.seed (0) and eval.seed"),
     (["trainer.devices=4096"], "trainer.devices: 4096 requested but this machine has"),
     (["trainer.precision=16-mixed", "trainer.accelerator=cpu"], "trainer.precision: 16-mixed is for GPUs"),
     (["data.source=shards"], "data.shards_dir: expected a directory"),
@@ -222,6 +224,21 @@ def test_shards_that_disagree_with_the_config_are_refused_before_anything_is_wri
     assert run_cli(run_dir, "data.source=shards", f"data.shards_dir={shards}") == 2
     err = capsys.readouterr().err
     assert "shards were generated for another task" in err and "n:" in err
+    assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("key, seed", [("eval.seed", 1_000_003), ("eval.test_seed", 2_000_003)])
+def test_shards_made_with_a_held_out_seed_are_refused(tmp_path, capsys, key, seed):
+    """Shards generated with the eval (or test) seed hold the very episodes the run is scored on."""
+    from emformer.data.shards import write_shards
+    from emformer.train.config import load_run_config
+
+    shards = tmp_path / "shards"
+    write_shards(load_run_config(DEBUG, []).task, seed, shards, episodes=8, shard_size=4, progress=False)
+    run_dir = tmp_path / "run"
+    assert run_cli(run_dir, "data.source=shards", f"data.shards_dir={shards}", f"{key}={seed}") == 2
+    err = capsys.readouterr().err
+    assert f"generated with seed {seed}, which is {key}" in err and "Traceback" not in err
     assert not run_dir.exists()
 
 
@@ -284,6 +301,41 @@ def test_nan_loss_before_any_checkpoint(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "training loss is nan" in err and "no checkpoint was written" in err
     assert not (run_dir / "DONE").exists() and not (run_dir / "checkpoints").exists()
+
+
+def test_nan_between_train_rows_never_reaches_a_checkpoint(tmp_path, capsys):
+    """Losses are only looked at on the host at check points (here: checkpoints every 3 steps, rows every 25):
+    the divergence is caught at the first check point after it, before that checkpoint is written."""
+    run_dir = tmp_path / "run"
+    code = run_cli(run_dir, *DIVERGING, "trainer.log_every=25", "trainer.ckpt_every=3")
+    err = capsys.readouterr().err
+    assert code == 2, err
+    match = re.search(r"training loss is nan or infinite from step (\d+) \(found at step (\d+)\)", err)
+    assert match and "Traceback" not in err, err
+    first, found = int(match[1]), int(match[2])
+    assert found % 3 == 0 and found - 3 < first <= found
+    if (run_dir / "checkpoints" / "last.ckpt").exists():
+        ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+        assert ckpt["global_step"] < first
+        assert all(torch.isfinite(t).all() for t in ckpt["state_dict"].values())
+
+
+def test_the_host_looks_at_the_loss_only_at_check_points(tmp_path, monkeypatch):
+    """No host sync or collective in an ordinary step: values reach the host at train rows (every 4), val rows
+    (every 6), checkpoints (every 9) and the last step, once per parameter check on save."""
+    from emformer.train.callbacks import RunControl
+
+    calls = []
+    real = RunControl._agree_values
+    monkeypatch.setattr(RunControl, "_agree_values",
+                        lambda self, trainer, *values: calls.append(trainer.global_step) or real(self, trainer, *values))
+    assert run_cli(tmp_path / "run", "trainer.max_steps=20", "trainer.log_every=4", "trainer.val_every=6",
+                   "trainer.ckpt_every=9", "eval.episodes=16") == 0
+    check_points = sorted({s for s in range(1, 21) if s % 4 == 0 or s % 6 == 0 or s % 9 == 0} | {20})
+    saves = [9, 18, 20]  # `last`; plus `best` on improvement at val rows (counted below)
+    assert set(calls) == set(check_points)
+    assert len(calls) >= len(check_points) + len(saves)
+    assert all(calls.count(s) == 1 for s in check_points if s not in saves and s % 6)
 
 
 DIVERGING = ("optim.lr=1e5", "optim.warmup_steps=0", "trainer.max_steps=50", "trainer.log_every=1",

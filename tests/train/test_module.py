@@ -95,3 +95,41 @@ def test_training_step_uses_the_permutation_loss_without_an_init():
     loss = module.training_step(batch, 0)
     torch.testing.assert_close(loss, permutation_cross_entropy(logits, batch["labels"], batch["mask"], batch["kmask"]))
     assert float(loss.detach()) <= float(anchored_cross_entropy(logits, batch["labels"], batch["mask"]).detach()) + 1e-6
+
+
+def _batch(module: ClusterModule, count: int = 8) -> dict:
+    from emformer.data.stream import eval_set
+
+    return eval_set(module.run_config.task, 3, count)
+
+
+@pytest.mark.parametrize("overrides, padded", [((), False), (("task.k_max=2",), False),
+                                               (("task.n_max=40",), True), (("task.k=2", "task.k_max=3"), True)])
+def test_attention_gets_a_mask_only_when_episodes_can_be_padded(overrides, padded, monkeypatch):
+    import torch.nn.functional as F
+
+    masks = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda *a, **k: masks.append(k.get("attn_mask")) or real(*a, **k))
+    module = ClusterModule(small_config(*overrides))
+    assert module.padded == padded
+    module.training_step(_batch(module), 0)
+    assert masks and all((m is not None) == padded for m in masks)
+
+
+@pytest.mark.slow
+def test_compiled_training_forward_gives_the_eager_loss_and_gradients():
+    eager = ClusterModule(small_config())
+    compiled = ClusterModule(small_config("trainer.compile=true"))
+    compiled.model.load_state_dict(eager.model.state_dict())
+    assert list(compiled.state_dict()) == list(eager.state_dict())  # checkpoints keep their "model.*" keys
+    batch = _batch(eager)
+    losses = []
+    for module in (eager, compiled):
+        loss = module.training_step(batch, 0)
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    for (name, a), b in zip(eager.model.named_parameters(), compiled.model.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)

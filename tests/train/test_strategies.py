@@ -33,6 +33,16 @@ def test_ddp_on_cpu_is_gloo():
     assert isinstance(strategy, DDPStrategy) and strategy._process_group_backend == "gloo"
 
 
+def test_single_process_ddp_wraps_one_process_in_ddp():
+    """The 1-GPU DDP check of benchmarks/gpu_check.sh: a process group even for one process (NCCL on a GPU)."""
+    from lightning.pytorch.strategies import DDPStrategy
+
+    cfg = load_run_config(DEBUG, ["strategy.single_process_ddp=true"])
+    for accelerator, backend in (("cpu", "gloo"), ("gpu", "nccl")):
+        strategy = strategies.build_strategy(cfg, accelerator)
+        assert isinstance(strategy, DDPStrategy) and strategy._process_group_backend == backend
+
+
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_deepspeed_strategy_builds_on_cpu(stage):
     pytest.importorskip("deepspeed")

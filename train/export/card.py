@@ -33,6 +33,7 @@ def model_card(config: dict[str, Any], where: str = "EXPORT_DIR") -> str:
     task, train = _lenient(config["task"]), config["training"]
     row = _lenient(config.get("eval"))
     run_eval = train["run_config"].get("eval", {})
+    err, err_em = (math.nan if row[key] is None else row[key] for key in ("err", "err_em"))
     env = jinja2.Environment(keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True,
                              undefined=jinja2.StrictUndefined, autoescape=False)
     env.filters.update(fmt=_fmt, pyrepr=repr)
@@ -43,5 +44,5 @@ def model_card(config: dict[str, Any], where: str = "EXPORT_DIR") -> str:
         parameters=f"{config['parameters']:,}", input_scale=config["input_scale"],
         k_range=_span(task["k"], task["k_max"]), n_range=_span(task["n"], task["n_max"]),
         separation=_span(task["separation"], task["separation_max"]), span=_span,
-        eval_episodes=run_eval.get("episodes", "?"), em_iters=run_eval.get("em_iters", "?"),
+        err_minus_em=err - err_em, em_iters=run_eval.get("em_iters", "?"),
     )

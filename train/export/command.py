@@ -43,9 +43,10 @@ from emformer.models.export_format import (
 from emformer.models.transformer import ClusterTransformer, TransformerConfig
 from emformer.train import rundir
 from emformer.train.checkpoints import LoadedCheckpoint, load_checkpoint
-from emformer.train.config import to_run_config
+from emformer.train.config import RunConfig, to_run_config
 from emformer.train.export.card import model_card
 from emformer.train.export.onnx import write_onnx
+from emformer.train.scoring import held_out_test_seed, score_model
 from emformer.version import __version__
 
 
@@ -116,7 +117,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, onnx: bool = 
     task = run.task.validate(f"{checkpoint}: hyper_parameters.config.task")
 
     meta = rundir.read_meta(run_dir) if run_dir else {}
-    eval_row = _eval_row(run_dir, loaded.step) if run_dir else None
+    eval_row = _test_row(model, task, run, loaded.step)
     out_dir.mkdir(parents=True, exist_ok=True)
     files: dict[str, dict[str, Any]] = {}
 
@@ -135,10 +136,20 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, onnx: bool = 
         (out_dir / ONNX_FILE).unlink()  # a stale model.onnx from an earlier export would not match these weights
 
     config = build_export_config(architecture, task, loaded, meta, eval_row, files, onnx_info, model)
+    config["selection"] = _eval_row(run_dir, loaded.step) if run_dir else None  # the eval-set row it was chosen on
     card = model_card(config, str(out_dir))
     publish(out_dir / CARD_FILE, lambda tmp: tmp.write_text(card))
     write_export_config(out_dir, config)  # last: it vouches for the files above
     return out_dir
+
+
+# ------------------------------------------------------------------------------------------- test set
+def _test_row(model: Any, task: TaskSpec, run: RunConfig, step: Optional[int]) -> dict[str, Any]:
+    """The card's figures: the model and the baselines on the run's test set (eval.test_seed), never on the
+    eval set the checkpoint was selected on."""
+    seed = held_out_test_seed(run)
+    metrics = score_model(model, task, run.eval, seed)
+    return {"split": "test", "seed": seed, "step": step, "episodes": run.eval.episodes, **metrics}
 
 
 # ------------------------------------------------------------------------------------------- run files

@@ -100,7 +100,47 @@ def _table(points: Sequence[Point], axis: str, key: str) -> dict[float, dict[Has
     return {float(p.values[axis]): p.final(key) for p in points if p.final(key)}
 
 
+# --------------------------------------------------------------------------- unfinished runs
+def _rest_key(values: dict[str, Any], axis: str) -> str:
+    return json.dumps({k: v for k, v in values.items() if k != axis}, sort_keys=True, default=repr)
+
+
+def _diverged(run: RunRecord) -> bool:
+    loss = (run.final or {}).get("loss")
+    return not (isinstance(loss, (int, float)) and math.isfinite(loss))
+
+
+def unfinished_members(family: Sequence[Point], runs: Sequence[RunRecord], axis: str) -> list[str]:
+    """Runs that belong to this family (same config but for `axis` and the seeds) yet have no usable final
+    row: never finished (no DONE) or diverged (non-finite final val loss). Named, so a check that would be
+    fitted without them says so instead of passing on the survivors."""
+    if not family:
+        return []
+    key = _rest_key(family[0].values, axis)
+    named = []
+    for run in runs:
+        if not run.config:
+            continue
+        if run.complete and not _diverged(run):
+            continue
+        if _rest_key(point_values(run), axis) == key:
+            why = "diverged: final val loss is not finite" if run.complete else (run.note or run.state)
+            named.append(f"{run.name} ({why})")
+    return sorted(named)
+
+
+def _unless_unfinished(verdict: str, incomplete: Sequence[str]) -> str:
+    return scaling.INCONCLUSIVE if incomplete and verdict != scaling.NO_DATA else verdict
+
+
 # --------------------------------------------------------------------------- sample complexity (§3)
+MEMORISED_TRAIN_FRACTION = 0.5
+"""N is memorised when its pool's train loss is below this fraction of the fresh run's train loss"""
+FLOOR_SES = 2.0
+"""an N enters the excess fits only when its seed-mean excess exceeds this many paired standard errors"""
+MIN_FITTED_SIZES = 3
+
+
 @dataclass
 class SampleComplexity:
     family: str
@@ -110,8 +150,11 @@ class SampleComplexity:
     """N -> seed -> test loss_N − test loss_∞ (this seed's fresh run, else the mean fresh loss)"""
     gap: dict[float, dict[Hashable, float]]
     """N -> seed -> test loss − train loss (final val row)"""
+    loss: dict[float, dict[Hashable, float]]
+    """N -> seed -> test loss (what the free-asymptote fit uses)"""
     fresh_loss: dict[Hashable, float]
     fresh_gap: float
+    fresh_train_loss: float
     loss_minus_oracle: dict[float, float]
     err_minus_oracle: dict[float, float]
     """N (∞ included) -> seed-mean"""
@@ -119,24 +162,47 @@ class SampleComplexity:
     init_loss_rule: str
     memorised: list[float]
     fitted: list[float]
+    """N outside the memorisation region whose excess clears the paired-SE floor"""
     not_positive: list[float]
-    """N with seed-mean excess ≤ 0: no logarithm, left out of the fit"""
+    """N outside the memorisation region whose excess does not clear the floor (left out of the log fits)"""
+    floor: dict[float, float]
+    """N -> FLOOR_SES paired standard errors of the excess over seeds"""
     excess_fit: scaling.Interval
+    upper_fit: scaling.Interval
+    asymptote_fit: scaling.Interval
     gap_fit: scaling.Interval
+    upper_fitted: list[float] = field(default_factory=list)
+    asymptote_sizes: list[float] = field(default_factory=list)
+    asymptote_params: Optional[tuple[float, float, float]] = None
+    """(L_∞, a, b) fitted on the seed means"""
     gap_fitted: list[float] = field(default_factory=list)
     """N whose seed-mean gap exceeds the fresh run's |gap| (the noise floor): the gap fit's points"""
     excess_intercept: float = math.nan
     gap_intercept: float = math.nan
     seeds: int = 0
     other_families: int = 0
+    incomplete: list[str] = field(default_factory=list)
+
+    def estimates(self) -> list[tuple[str, scaling.Interval]]:
+        return [("all fitted N", self.excess_fit), ("upper half of fitted N", self.upper_fit),
+                ("free asymptote L_∞ + a·N^b", self.asymptote_fit)]
+
+    @property
+    def verdict_and_reason(self) -> tuple[str, str]:
+        """PASS only when all three estimates pass; why not, otherwise."""
+        if self.incomplete:
+            return scaling.INCONCLUSIVE, f"unfinished or diverged runs in the family: {'; '.join(self.incomplete)}"
+        return combined_verdict([fit for _, fit in self.estimates()], self.fitted)
 
     @property
     def excess_verdict(self) -> str:
-        return scaling.verdict(self.excess_fit, SAMPLE_COMPLEXITY_BOUND)
+        return self.verdict_and_reason[0]
 
     @property
     def gap_verdict(self) -> str:
-        return scaling.verdict(self.gap_fit, SAMPLE_COMPLEXITY_BOUND)
+        if len(self.gap_fitted) < MIN_FITTED_SIZES:
+            return scaling.NO_DATA
+        return _unless_unfinished(scaling.verdict(self.gap_fit, SAMPLE_COMPLEXITY_BOUND), self.incomplete)
 
 
 @lru_cache(maxsize=32)
@@ -178,7 +244,52 @@ def init_only_loss(config: dict[str, Any]) -> tuple[float, str]:
     return value, "init-only loss (posterior of the initial centroids with the true σ, same eval set)"
 
 
-def sample_complexity(points: Sequence[Point]) -> Optional[SampleComplexity]:
+def _seed_mean(by_seed: dict[Hashable, float]) -> float:
+    return float(np.mean(list(by_seed.values()))) if by_seed else math.nan
+
+
+def _paired_se(by_seed: dict[Hashable, float]) -> float:
+    values = list(by_seed.values())
+    return float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) >= 2 else 0.0
+
+
+def excess_estimates(loss: dict[float, dict[Hashable, float]], fresh_loss: dict[Hashable, float],
+                     outside: Sequence[float], **kwargs) -> tuple[list[float], dict[float, float],
+                                                                  tuple[scaling.Interval, ...]]:
+    """(fitted N, N -> floor, (all-points, upper-half, free-asymptote) intervals of b) from test losses.
+
+    `outside`: N outside the memorisation region. An N is fitted when its seed-mean excess over the same
+    seeds' fresh runs clears FLOOR_SES paired standard errors; the log fits need ≥ MIN_FITTED_SIZES of them.
+    The asymptote fit uses every N outside the region (no logarithm, so no floor needed)."""
+    fresh_mean = _seed_mean(fresh_loss)
+    excess = {n: {s: v - fresh_loss.get(s, fresh_mean) for s, v in loss[n].items()} for n in outside}
+    floor = {n: FLOOR_SES * _paired_se(excess[n]) for n in outside}
+    fitted = [n for n in outside if excess[n] and _seed_mean(excess[n]) > max(floor[n], 0.0)]
+    none = scaling.NO_INTERVAL
+    if len(fitted) < MIN_FITTED_SIZES:
+        return fitted, floor, (none, none, none)
+    return fitted, floor, (
+        scaling.excess_power_law_interval(loss, fresh_loss, xs=fitted, **kwargs),
+        scaling.excess_power_law_interval(loss, fresh_loss, xs=fitted[len(fitted) // 2:], **kwargs),
+        scaling.asymptote_interval({n: loss[n] for n in outside if loss[n]}, **kwargs))
+
+
+def combined_verdict(fits: Sequence[scaling.Interval], fitted: Sequence[float]) -> tuple[str, str]:
+    """PASS only when the all-points, upper-half and free-asymptote estimates all pass; else why not."""
+    if len(fitted) < MIN_FITTED_SIZES:
+        return scaling.NO_DATA, (f"only {len(fitted)} N outside the memorisation region clear the "
+                                 f"{FLOOR_SES:g}-SE floor; the fit needs ≥ {MIN_FITTED_SIZES}")
+    names = ("all fitted N", "upper half of fitted N", "free asymptote L_∞ + a·N^b")
+    verdicts = [(name, scaling.verdict(fit, SAMPLE_COMPLEXITY_BOUND)) for name, fit in zip(names, fits)]
+    values = {v for _, v in verdicts}
+    if values == {scaling.PASS}:
+        return scaling.PASS, "all three estimates pass"
+    if values == {scaling.FAIL}:
+        return scaling.FAIL, "all three estimates fail"
+    return scaling.INCONCLUSIVE, "the estimates disagree: " + "; ".join(f"{n} {v}" for n, v in verdicts)
+
+
+def sample_complexity(points: Sequence[Point], runs: Sequence[RunRecord] = ()) -> Optional[SampleComplexity]:
     candidates = []
     for family in families(points, "N"):
         finite = [p for p in family if p.values["N"] is not None and math.isfinite(p.values["N"])]
@@ -192,43 +303,55 @@ def sample_complexity(points: Sequence[Point]) -> Optional[SampleComplexity]:
     finite.sort(key=lambda p: p.values["N"])
     sizes = [float(p.values["N"]) for p in finite]
     fresh_loss = fresh.final("loss")
-    fresh_mean = float(np.mean(list(fresh_loss.values())))
+    fresh_mean = _seed_mean(fresh_loss)
+    fresh_train = fresh.mean("train_loss")
     init_loss, init_rule = init_only_loss(fresh.config)
+    loss = {float(p.values["N"]): p.final("loss") for p in finite}
 
-    # memorisation region: every N up to the largest N whose seed-mean test loss is no better than the init
-    worse = [float(p.values["N"]) for p in finite if p.mean("loss") >= init_loss]
-    memorised = [n for n in sizes if worse and n <= max(worse)]
-    excess = {float(p.values["N"]): {s: v - fresh_loss.get(s, fresh_mean) for s, v in p.final("loss").items()}
-              for p in finite}
+    # Memorisation is read off the train losses, never off the test losses the fits use: a model that fits
+    # its own pool far better than any model fits fresh episodes has memorised the pool (and so has every
+    # smaller N).
+    below = [float(p.values["N"]) for p in finite
+             if math.isfinite(fresh_train) and p.mean("train_loss") < MEMORISED_TRAIN_FRACTION * fresh_train]
+    memorised = [n for n in sizes if below and n <= max(below)]
+    excess = {n: {s: v - fresh_loss.get(s, fresh_mean) for s, v in by_seed.items()} for n, by_seed in loss.items()}
     gap = {}
     for p in finite:
         test, train = p.final("loss"), p.final("train_loss")
         gap[float(p.values["N"])] = {s: test[s] - train[s] for s in test if s in train}
-    fresh_test, fresh_train = fresh.final("loss"), fresh.final("train_loss")
-    fresh_gaps = [fresh_test[s] - fresh_train[s] for s in fresh_test if s in fresh_train]
+    fresh_test, fresh_train_by_seed = fresh.final("loss"), fresh.final("train_loss")
+    fresh_gaps = [fresh_test[s] - fresh_train_by_seed[s] for s in fresh_test if s in fresh_train_by_seed]
 
-    fit_sizes = [n for n in sizes if n not in memorised]
-    not_positive = [n for n in fit_sizes if excess[n] and np.mean(list(excess[n].values())) <= 0]
-    pool_loss = {n: {s: v for s, v in p.final("loss").items()} for n, p in zip(sizes, finite) if n in fit_sizes}
-    excess_fit = scaling.excess_power_law_interval(pool_loss, fresh_loss) if len(fit_sizes) >= 2 else scaling.NO_INTERVAL
+    outside = [n for n in sizes if n not in memorised]
+    fitted, floor, (excess_fit, upper_fit, asymptote) = excess_estimates(loss, fresh_loss, outside)
+    not_positive = [n for n in outside if n not in fitted]
+    enough = len(fitted) >= MIN_FITTED_SIZES
+    upper = fitted[len(fitted) // 2:]
+    outside_loss = {n: loss[n] for n in outside if loss[n]}
+    means = sorted((n, _seed_mean(v)) for n, v in outside_loss.items())
+    params = scaling.asymptote_fit([n for n, _ in means], [y for _, y in means]) if len(means) >= 3 else None
     # The fresh run's own test − train gap is pure sampling noise (two finite episode sets, no memorisation):
     # a pool gap below it says nothing about N, and its logarithm would steepen the fit at will.
     gap_floor = abs(float(np.mean(fresh_gaps))) if fresh_gaps else 0.0
-    gap_fit_values = {n: gap[n] for n in fit_sizes if gap[n] and np.mean(list(gap[n].values())) > gap_floor}
-    gap_fit = scaling.power_law_interval(gap_fit_values) if len(gap_fit_values) >= 2 else scaling.NO_INTERVAL
+    gap_fit_values = {n: gap[n] for n in outside if gap[n] and _seed_mean(gap[n]) > gap_floor}
+    gap_fit = scaling.power_law_interval(gap_fit_values) if len(gap_fit_values) >= MIN_FITTED_SIZES \
+        else scaling.NO_INTERVAL
 
     every = [*finite, fresh]
     result = SampleComplexity(
         family=label(fresh.values, family_keys(points, "N")),
-        sizes=sizes, excess=excess, gap=gap, fresh_loss=fresh_loss,
-        fresh_gap=float(np.mean(fresh_gaps)) if fresh_gaps else math.nan,
+        sizes=sizes, excess=excess, gap=gap, loss=loss, fresh_loss=fresh_loss,
+        fresh_gap=float(np.mean(fresh_gaps)) if fresh_gaps else math.nan, fresh_train_loss=fresh_train,
         loss_minus_oracle={float(p.values["N"]): p.mean("loss") - p.mean("loss_oracle") for p in every},
         err_minus_oracle={float(p.values["N"]): p.mean("err") - p.mean("err_oracle") for p in every},
-        init_loss=init_loss, init_loss_rule=init_rule, memorised=memorised, fitted=fit_sizes,
-        not_positive=not_positive, excess_fit=excess_fit, gap_fit=gap_fit, gap_fitted=sorted(gap_fit_values),
+        init_loss=init_loss, init_loss_rule=init_rule, memorised=memorised, fitted=fitted,
+        not_positive=not_positive, floor=floor, excess_fit=excess_fit, upper_fit=upper_fit, asymptote_fit=asymptote,
+        gap_fit=gap_fit, upper_fitted=upper if enough else [], asymptote_sizes=sorted(outside_loss),
+        asymptote_params=params, gap_fitted=sorted(gap_fit_values),
         seeds=len({s for p in every for s in p.final("loss")}), other_families=len(candidates) - 1,
+        incomplete=unfinished_members(family, runs, "N"),
     )
-    result.excess_intercept = _intercept({n: excess[n] for n in fit_sizes}, excess_fit)
+    result.excess_intercept = _intercept({n: excess[n] for n in fitted}, excess_fit)
     result.gap_intercept = _intercept(gap_fit_values, gap_fit)
     return result
 
@@ -258,13 +381,14 @@ class AxisTrend:
     err_em: float
     err_oracle: float
     fit: scaling.Interval
+    incomplete: list[str] = field(default_factory=list)
 
     @property
     def verdict(self) -> str:
-        return scaling.verdict(self.fit, 0.0, strict=True)
+        return _unless_unfinished(scaling.verdict(self.fit, 0.0, strict=True), self.incomplete)
 
 
-def axis_trends(points: Sequence[Point], axis: str) -> list[AxisTrend]:
+def axis_trends(points: Sequence[Point], axis: str, runs: Sequence[RunRecord] = ()) -> list[AxisTrend]:
     """err against `axis` at the largest N in the sweep, one trend per family (e.g. per number of heads)."""
     sizes = [p.values.get("N") for p in points if p.values.get("N") is not None]
     largest = max(sizes) if sizes else None
@@ -282,7 +406,7 @@ def axis_trends(points: Sequence[Point], axis: str) -> list[AxisTrend]:
             err_em_depth={float(p.values[axis]): p.mean("err_em_depth") for p in family},
             err_em=float(np.nanmean([p.mean("err_em") for p in family])),
             err_oracle=float(np.nanmean([p.mean("err_oracle") for p in family])),
-            fit=scaling.per_doubling_interval(err_seeds),
+            fit=scaling.per_doubling_interval(err_seeds), incomplete=unfinished_members(family, runs, axis),
         ))
     return trends
 
@@ -298,10 +422,11 @@ class SeparationTrend:
     excluded: dict[float, str]
     fit: scaling.Interval
     oracle_slope: float
+    incomplete: list[str] = field(default_factory=list)
 
     @property
     def verdict(self) -> str:
-        return scaling.verdict(self.fit, RATE_SLOPE)
+        return _unless_unfinished(scaling.verdict(self.fit, RATE_SLOPE), self.incomplete)
 
     def ratio(self, method: str, delta: float) -> float:
         oracle = self.err["oracle"].get(delta, math.nan)
@@ -311,7 +436,7 @@ class SeparationTrend:
 METHOD_KEYS = {"model": "err", "em": "err_em", "lloyd": "err_lloyd", "oracle": "err_oracle"}
 
 
-def separation_trends(points: Sequence[Point]) -> list[SeparationTrend]:
+def separation_trends(points: Sequence[Point], runs: Sequence[RunRecord] = ()) -> list[SeparationTrend]:
     trends = []
     for family in families(points, "task.separation"):
         family.sort(key=lambda p: p.values["task.separation"])
@@ -332,7 +457,8 @@ def separation_trends(points: Sequence[Point]) -> list[SeparationTrend]:
                                     [math.log(err["oracle"][d]) for d in fitted if err["oracle"][d] > 0])
         others = family_keys(points, "task.separation")
         trends.append(SeparationTrend(label(family[0].values, others), deltas, err, fitted, excluded, fit,
-                                      oracle[0] if oracle else math.nan))
+                                      oracle[0] if oracle else math.nan,
+                                      unfinished_members(family, runs, "task.separation")))
     return trends
 
 
@@ -350,6 +476,10 @@ def outside_theory(values: dict[str, Any]) -> list[str]:
     return broken
 
 
+BEATS_EM_SES = 2.0
+"""the model beats EM only when err − err_EM is below −2 paired standard errors (benchmarks/bench_quality.py)"""
+
+
 @dataclass
 class SettingRow:
     setting: str
@@ -359,29 +489,51 @@ class SettingRow:
     err_em: float
     err_lloyd: float
     err_oracle: float
-    difference: scaling.Interval
-    """err − err_em, mean over seeds, bootstrap over seeds"""
+    difference: float
+    """err − err_em, mean over seeds"""
+    se: float
+    """paired standard error of the difference (see `se_method`); nan when there is none"""
+    se_method: str
 
     @property
     def beats_em(self) -> str:
-        if not self.difference.ok:
-            return "yes" if self.err < self.err_em else "no"  # one seed: no interval, the sign alone
-        if self.difference.high < 0:
+        if not (math.isfinite(self.se) and self.se > 0):
+            return f"undecided (no standard error: {self.se_method})"
+        if self.difference < -BEATS_EM_SES * self.se:
             return "yes"
-        if self.difference.low > 0:
+        if self.difference > BEATS_EM_SES * self.se:
             return "no"
-        return "tie (interval straddles 0)"
+        return f"tie (within {BEATS_EM_SES:g} SE)"
+
+    def describe_difference(self) -> str:
+        if not math.isfinite(self.difference):
+            return "n/a"
+        return f"{self.difference:+.4f} ± {self.se:.4f}" if math.isfinite(self.se) else f"{self.difference:+.4f}"
 
 
-def _setting_row(name: str, outside: list[str], table: dict[str, dict[Hashable, float]]) -> SettingRow:
-    """table: metric (err, err_em, err_lloyd, err_oracle) -> seed -> value."""
+def _setting_row(name: str, outside: list[str], table: dict[str, dict[Hashable, float]],
+                 episode_se: Optional[dict[Hashable, float]] = None) -> SettingRow:
+    """table: metric (err, err_em, err_lloyd, err_oracle) -> seed -> value; episode_se: seed -> the paired
+    per-episode SE of err − err_em of that seed's run (when its episodes were scored, as --test-shift does).
+
+    The SE is the larger of the one over seeds (≥ 2 seeds; every seed is scored on the same eval set, so
+    this misses the episode noise) and the mean per-episode one (which misses the seed noise)."""
     err, em = table.get("err", {}), table.get("err_em", {})
     seeds = [s for s in err if s in em]
-    difference = scaling.bootstrap(lambda sample: float(np.mean([err[s] - em[s] for s in sample])), seeds) \
-        if len(seeds) >= 2 else scaling.NO_INTERVAL
+    diffs = [err[s] - em[s] for s in seeds]
+    candidates, methods = [], []
+    if len(diffs) >= 2:
+        candidates.append(float(np.std(diffs, ddof=1) / math.sqrt(len(diffs))))
+        methods.append(f"paired over {len(diffs)} seeds")
+    per_episode = [episode_se[s] for s in seeds if episode_se and s in episode_se]
+    if per_episode:
+        candidates.append(float(np.mean(per_episode)))
+        methods.append("paired per episode")
+    se = max(candidates) if candidates else math.nan
+    method = " / ".join(methods) if methods else f"{len(diffs)} seed, episodes not scored"
     mean = lambda key: float(np.mean(list(table[key].values()))) if table.get(key) else math.nan  # noqa: E731
     return SettingRow(name, outside, len(seeds), mean("err"), mean("err_em"), mean("err_lloyd"), mean("err_oracle"),
-                      difference)
+                      float(np.mean(diffs)) if diffs else math.nan, se, method)
 
 
 def beyond_theory(points: Sequence[Point], shifted: Sequence[Any] = ()) -> Optional[list[SettingRow]]:
@@ -403,6 +555,8 @@ def beyond_theory(points: Sequence[Point], shifted: Sequence[Any] = ()) -> Optio
             if not runs:
                 continue
             table = {m: {r.seed: results[r.path.resolve()][m] for r in runs} for m in metrics}
+            se = {r.seed: results[r.path.resolve()]["err_minus_em_se"] for r in runs
+                  if "err_minus_em_se" in results[r.path.resolve()]}
             rows.append(_setting_row(f"{label(p.values, keys)}; {shift.label}",
-                                     [*outside_theory(p.values), f"{shift.label} (trained on another task)"], table))
+                                     [*outside_theory(p.values), f"{shift.label} (trained on another task)"], table, se))
     return sorted(rows, key=lambda r: (bool(r.outside), r.setting))

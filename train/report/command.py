@@ -47,6 +47,8 @@ class Check:
     target: str
     verdict: str
     sentence: str
+    method: str = "—"
+    """how the interval was made, e.g. "95% t (3 seeds)" (scaling.Interval.label)"""
 
 
 @dataclass
@@ -95,10 +97,10 @@ def build_report(sweep_dir: str | Path | Sequence[str | Path], out_dir: str | Pa
     out.mkdir(parents=True, exist_ok=True)
 
     points = checks.group_points(runs)
-    sample = checks.sample_complexity(points)
-    depth = checks.axis_trends(points, "model.depth")
-    heads = checks.axis_trends(points, "model.heads")
-    separation = checks.separation_trends(points)
+    sample = checks.sample_complexity(points, runs)
+    depth = checks.axis_trends(points, "model.depth", runs)
+    heads = checks.axis_trends(points, "model.heads", runs)
+    separation = checks.separation_trends(points, runs)
     beyond = checks.beyond_theory(points, shifted)
 
     from emformer.train.report import plots  # matplotlib only when there is something to draw
@@ -130,47 +132,65 @@ def _fmt(value: float, digits: int = 3) -> str:
     return f"{value:.{digits}g}"
 
 
-def _interval_note(interval: scaling.Interval) -> str:
-    if not interval.ok:
-        return ("no interval: one seed and fewer than 3 points" if interval.resampled == "none"
-                else "no interval")
-    return f"bootstrap over {interval.n_units} {interval.resampled.split(' ')[0]}" + \
-        (" (one seed: points resampled)" if interval.resampled.startswith("points") else "")
+def _unfinished_note(incomplete: Sequence[str]) -> str:
+    return f" INCONCLUSIVE because these runs of the family did not finish or diverged: {'; '.join(incomplete)}." \
+        if incomplete else ""
+
+
+def _sizes(sizes: Sequence[float]) -> str:
+    return "{" + ", ".join(str(int(n)) for n in sizes) + "}"
 
 
 def _summary_rows(sample, depth, heads, separation, beyond) -> list[Check]:
     rows = []
     fig = FIGURES["sample_complexity"]
+    name = "sample complexity: test loss_N − test loss_∞ ∝ N^b"
     if sample is None:
-        rows.append(Check("sample complexity: test loss_N − test loss_∞ ∝ N^b", "—", "—", "—", "b ≤ −0.5",
+        rows.append(Check(name, "—", "—", "—", "b ≤ −0.5",
                           NOT_IN_SWEEP, "The sweep has no family of pool sizes with a fresh (N = ∞) run."))
     else:
-        for what, fit, verdict, fitted in (
-                ("test loss_N − test loss_∞", sample.excess_fit, sample.excess_verdict, sample.fitted),
-                ("train/test gap", sample.gap_fit, sample.gap_verdict, sample.gap_fitted)):
-            sentence = (f"{what} falls as N^{_fmt(fit.estimate, 2)} over N ∈ {{{', '.join(str(int(n)) for n in fitted)}}} "
-                        f"(95% interval {fit.describe()}; {_interval_note(fit)}); the theory's bound needs b ≤ −1/2: "
-                        f"{verdict}.") if fit.ok else f"{what}: too few fitted points (need 2 pool sizes outside the memorisation region with a positive excess): {verdict}."
-            rows.append(Check(f"sample complexity: {what} ∝ N^b", fig, _fmt(fit.estimate, 3), fit.describe(), "b ≤ −0.5",
-                              verdict, sentence))
+        verdict, reason = sample.verdict_and_reason
+        estimates = sample.estimates()
+        rows.append(Check(name + " (all three estimates)", fig,
+                          " / ".join(_fmt(fit.estimate, 3) for _, fit in estimates), "see below", "b ≤ −0.5", verdict,
+                          f"Sample complexity over N ∈ {_sizes(sample.fitted)} (outside the memorisation region, "
+                          f"excess above {checks.FLOOR_SES:g} paired SE): {verdict} — {reason}.",
+                          method=estimates[0][1].label))
+        spans = (sample.fitted, sample.upper_fitted, sample.asymptote_sizes)
+        for (what, fit), over in zip(estimates, spans):
+            part = scaling.verdict(fit, checks.SAMPLE_COMPLEXITY_BOUND) if len(sample.fitted) >= checks.MIN_FITTED_SIZES \
+                else scaling.NO_DATA
+            rows.append(Check(f"  b from {what}", fig, _fmt(fit.estimate, 3), fit.describe(), "b ≤ −0.5", part,
+                              f"b from {what} over N ∈ {_sizes(over)}: {_fmt(fit.estimate, 3)} ({fit.label} "
+                              f"{fit.describe()}): {part}.", method=fit.label))
+        gap = sample.gap_fit
+        rows.append(Check("sample complexity: train/test gap ∝ N^b", fig, _fmt(gap.estimate, 3), gap.describe(),
+                          "b ≤ −0.5", sample.gap_verdict,
+                          f"The train/test gap falls as N^{_fmt(gap.estimate, 2)} over N ∈ {_sizes(sample.gap_fitted)} "
+                          f"({gap.label} {gap.describe()}; needs ≥ {checks.MIN_FITTED_SIZES} N above the fresh run's "
+                          f"|gap|): {sample.gap_verdict}.{_unfinished_note(sample.incomplete)}", method=gap.label))
     for trends, axis, word in ((depth, "model.depth", "depth L"), (heads, "model.heads", "heads M")):
         if not trends:
             rows.append(Check(f"err falls with {word}", "—", "—", "—", "Δerr per doubling < 0", NOT_IN_SWEEP,
                               f"The sweep varies no {word} with everything else fixed."))
         for trend in trends:
             sentence = (f"At {trend.at_n}, {trend.family}: err changes by {_fmt(trend.fit.estimate)} per doubling of "
-                        f"{word} (95% interval {trend.fit.describe(4)}; {_interval_note(trend.fit)}): {trend.verdict}.")
+                        f"{word} ({trend.fit.label} {trend.fit.describe(4)}): {trend.verdict}."
+                        f"{_unfinished_note(trend.incomplete)}")
             rows.append(Check(f"err falls with {word} ({trend.family})", FIGURES["depth_heads"], _fmt(trend.fit.estimate),
-                              trend.fit.describe(4), "Δerr per doubling < 0", trend.verdict, sentence))
+                              trend.fit.describe(4), "Δerr per doubling < 0", trend.verdict, sentence,
+                              method=trend.fit.label))
     if not separation:
         rows.append(Check("minimax rate: log err ∝ −Δ²/8", "—", "—", "—", "slope ≤ −0.125", NOT_IN_SWEEP,
                           "The sweep varies no separation Δ with everything else fixed."))
     for trend in separation:
         sentence = (f"{trend.family}: log err falls against Δ² with slope {_fmt(trend.fit.estimate)} over Δ ∈ "
-                    f"{{{', '.join(_fmt(d) for d in trend.fitted)}}} (95% interval {trend.fit.describe(3)}; oracle "
-                    f"{_fmt(trend.oracle_slope)}; theory −1/8 as Δ grows): {trend.verdict}.")
+                    f"{{{', '.join(_fmt(d) for d in trend.fitted)}}} ({trend.fit.label} {trend.fit.describe(3)}; oracle "
+                    f"{_fmt(trend.oracle_slope)}; theory −1/8 as Δ grows): {trend.verdict}."
+                    f"{_unfinished_note(trend.incomplete)}")
         rows.append(Check(f"minimax rate: slope of log err vs Δ² ({trend.family})", FIGURES["separation"],
-                          _fmt(trend.fit.estimate), trend.fit.describe(3), "slope ≤ −0.125", trend.verdict, sentence))
+                          _fmt(trend.fit.estimate), trend.fit.describe(3), "slope ≤ −0.125", trend.verdict, sentence,
+                          method=trend.fit.label))
     if beyond is None:
         rows.append(Check("beyond the theory: model vs EM", "—", "—", "—", "err < err_EM", NOT_IN_SWEEP,
                           "No run of the sweep is outside the theory's assumptions."))
@@ -178,16 +198,18 @@ def _summary_rows(sample, depth, heads, separation, beyond) -> list[Check]:
         outside = [r for r in beyond if r.outside]
         wins = [r for r in outside if r.beats_em == "yes"]
         rows.append(Check("beyond the theory: model beats EM", "table", f"{len(wins)} of {len(outside)} settings", "—",
-                          "err < err_EM", "—",
-                          f"Outside the theory the model beats EM in {len(wins)} of {len(outside)} settings"
+                          f"err − err_EM < −{checks.BEATS_EM_SES:g} SE", "—",
+                          f"Outside the theory the model beats EM by more than {checks.BEATS_EM_SES:g} paired standard "
+                          f"errors in {len(wins)} of {len(outside)} settings"
                           + (f": {'; '.join(r.setting for r in wins)}." if wins else ".")))
     return rows
 
 
 def format_summary(result: ReportResult) -> str:
     """The summary table as aligned plain text (what `emformer report` and `emformer demo` print)."""
-    header = ("check", "verdict", "estimate", "95% interval", "target", "figure")
-    rows = [header] + [(c.name, c.verdict, c.estimate, c.interval, c.target, c.figure) for c in result.checks]
+    header = ("check", "verdict", "estimate", "interval", "method", "target", "figure")
+    rows = [header] + [(c.name, c.verdict, c.estimate, c.interval, c.method, c.target, c.figure)
+                       for c in result.checks]
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
     lines = ["  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -218,9 +240,9 @@ def _markdown(result: ReportResult, sweep_dirs: Sequence[Path], names: Sequence[
                f"({sum(r.complete for r in result.runs)} complete, in {len(s['points'])} distinct configurations). "
                "Each check states its figure, its 95% interval and its verdict; the rules are at the end.")
     out += ["", "## Summary", ""]
-    out.append(_md_table(["check", "figure", "estimate", "95% interval", "target", "verdict"],
+    out.append(_md_table(["check", "figure", "estimate", "interval", "interval method", "target", "verdict"],
                          [(c.name, f"[{c.figure}]({c.figure})" if c.figure.endswith(".png") else c.figure,
-                           c.estimate, c.interval, c.target, f"**{c.verdict}**") for c in result.checks]))
+                           c.estimate, c.interval, c.method, c.target, f"**{c.verdict}**") for c in result.checks]))
     out += [""] + [f"- {c.sentence}" for c in result.checks]
     out += ["", *_runs_section(result)]
     out += ["", "## Training curves", ""]
@@ -263,18 +285,25 @@ def _sample_section(sc: Optional[checks.SampleComplexity]) -> list[str]:
     out.append(f"Family: {sc.family}; {sc.seeds} seed(s)." + (f" ({sc.other_families} other N families in the sweep "
                "are not analysed: the one with the most pool sizes is.)" if sc.other_families else ""))
     out += ["", f"![sample complexity]({FIGURES['sample_complexity']})", ""]
-    out.append(f"Memorisation rule: N is in the memorisation region when its seed-mean test loss is ≥ the "
-               f"{sc.init_loss_rule} = {_fmt(sc.init_loss, 4)} (training on N episodes left the model no better "
-               "than its init), and so is every smaller N. Those points are shaded and left out of both fits. "
-               f"Memorised: {', '.join(str(int(n)) for n in sc.memorised) or 'none'}."
+    out.append(f"Memorisation rule (reads train losses only, never the test losses that are fitted): N is in the "
+               f"memorisation region when its pool's seed-mean train loss is below {checks.MEMORISED_TRAIN_FRACTION:g} × "
+               f"the fresh run's train loss ({_fmt(sc.fresh_train_loss, 4)}): the model fits its own pool far better "
+               "than any model fits fresh episodes. Every smaller N is memorised too. Memorised (shaded, out of every "
+               f"fit): {', '.join(str(int(n)) for n in sc.memorised) or 'none'}. Floor: an N enters the two log-log "
+               f"fits only when its seed-mean excess (paired with the same seed's fresh run) exceeds "
+               f"{checks.FLOOR_SES:g} paired standard errors over seeds; below the floor: "
+               f"{', '.join(str(int(n)) for n in sc.not_positive) or 'none'}. The init-only loss "
+               f"({sc.init_loss_rule}) is {_fmt(sc.init_loss, 4)}."
                + (f" **The fresh run's own test loss ({_fmt(float(sum(sc.fresh_loss.values()) / len(sc.fresh_loss)), 4)}) is "
-                  "no better than the init alone: the runs are too short to have learned, so no N can pass the "
-                  "rule.**" if sum(sc.fresh_loss.values()) / len(sc.fresh_loss) >= sc.init_loss else "")
-               + (f" Excess ≤ 0 (at or below the fresh run; no logarithm; out of the fit): "
-                  f"{', '.join(str(int(n)) for n in sc.not_positive)}." if sc.not_positive else ""))
+                  "no better than the init alone: the runs are too short to have learned.**"
+                  if sum(sc.fresh_loss.values()) / len(sc.fresh_loss) >= sc.init_loss else ""))
+    verdict, reason = sc.verdict_and_reason
+    out += ["", f"**Verdict: {verdict}** — {reason}."]
     rows = []
     for n in sc.sizes:
-        status = "memorised" if n in sc.memorised else ("excess ≤ 0" if n in sc.not_positive else "fitted")
+        status = "memorised" if n in sc.memorised else (
+            f"below the floor ({_fmt(sc.floor.get(n))})" if n in sc.not_positive else
+            "fitted (upper half)" if n in sc.upper_fitted else "fitted")
         mean = lambda table: sum(table.values()) / len(table) if table else math.nan  # noqa: E731
         rows.append((int(n), len(sc.excess.get(n, {})), _fmt(mean(sc.excess.get(n, {}))), _fmt(mean(sc.gap.get(n, {}))),
                      _fmt(sc.loss_minus_oracle.get(n)), _fmt(sc.err_minus_oracle.get(n)), status))
@@ -283,12 +312,26 @@ def _sample_section(sc: Optional[checks.SampleComplexity]) -> list[str]:
                  _fmt(sc.loss_minus_oracle.get(math.inf)), _fmt(sc.err_minus_oracle.get(math.inf)), "reference"))
     out += ["", _md_table(["N", "seeds", "test loss_N − loss_∞", "train/test gap", "loss − oracle loss",
                            "err − err_oracle", "status"], rows)]
-    out += ["", f"Fits (log-log least squares on seed means): excess b = {_fmt(sc.excess_fit.estimate)} "
-                f"{sc.excess_fit.describe()}, gap b = {_fmt(sc.gap_fit.estimate)} {sc.gap_fit.describe()}; "
-                f"the gap is fitted over N ∈ {{{', '.join(str(int(n)) for n in sc.gap_fitted)}}}, where its seed mean "
-                f"exceeds the fresh run's |gap| = {_fmt(abs(sc.fresh_gap))} (the noise between two finite episode sets); "
-                "the bound of the paper is N^(−1/2) (grey dashed line). Loss − oracle loss and err − err_oracle are "
-                "shown without a fit: they flatten at the approximation / optimisation floor."]
+    estimates = [(f"all fitted N {_sizes(sc.fitted)}", sc.excess_fit),
+                 (f"upper half {_sizes(sc.upper_fitted)}", sc.upper_fit),
+                 (f"free asymptote over N ∈ {_sizes(sc.asymptote_sizes)}", sc.asymptote_fit)]
+    out += ["", _md_table(["estimate of b", "value", "interval", "method", "verdict (b ≤ −1/2)"],
+                          [(what, _fmt(fit.estimate), fit.describe(), fit.label,
+                            scaling.verdict(fit, checks.SAMPLE_COMPLEXITY_BOUND)) for what, fit in estimates])]
+    if sc.asymptote_params:
+        l_inf, a, b = sc.asymptote_params
+        fresh = sum(sc.fresh_loss.values()) / len(sc.fresh_loss)
+        out += ["", f"Free-asymptote fit on the seed means: L_N = {_fmt(l_inf, 4)} + {_fmt(a)}·N^{_fmt(b)}; the fitted "
+                    f"L_∞ = {_fmt(l_inf, 4)} against the fresh run's test loss {_fmt(fresh, 4)} (difference "
+                    f"{_fmt(l_inf - fresh)})."]
+    out += ["", f"The train/test gap is fitted over N ∈ {_sizes(sc.gap_fitted)}, where its seed mean exceeds the fresh "
+                f"run's |gap| = {_fmt(abs(sc.fresh_gap))} (the noise between two finite episode sets): b = "
+                f"{_fmt(sc.gap_fit.estimate)} {sc.gap_fit.describe()} ({sc.gap_fit.label}). The bound of the paper is "
+                "N^(−1/2) (grey dashed line). Loss − oracle loss and err − err_oracle are shown without a fit: they "
+                "flatten at the approximation / optimisation floor."]
+    if sc.incomplete:
+        out += ["", f"**Unfinished or diverged runs in this family (the check is INCONCLUSIVE):** "
+                    f"{'; '.join(sc.incomplete)}."]
     return out
 
 
@@ -300,7 +343,7 @@ def _axis_section(depth: list[checks.AxisTrend], heads: list[checks.AxisTrend]) 
     out.append("Theory: each layer can carry out one EM step, so err should fall with depth L towards EM run for L "
                "iterations; more heads M approximate the softmax of the E-step better. Measured at the largest N of "
                "the sweep; the check is the least-squares slope of err against log2 L (or log2 M), i.e. the "
-               "change of err per doubling, with its bootstrap interval over seeds.")
+               "change of err per doubling, with its interval over seeds (method named next to it).")
     for trends, axis, short in ((depth, "model.depth", "L"), (heads, "model.heads", "M")):
         if not trends:
             out += ["", f"{short}: {NOT_IN_SWEEP}."]
@@ -313,7 +356,8 @@ def _axis_section(depth: list[checks.AxisTrend], heads: list[checks.AxisTrend]) 
                 rows.append((int(x), _fmt(trend.err[x]), _fmt(em), _fmt(trend.err_oracle),
                              _fmt(trend.err[x] / em if em and em > 0 else math.nan)))
             out += ["", f"{short} at {trend.at_n}, {trend.family}: slope {_fmt(trend.fit.estimate)} per doubling "
-                        f"{trend.fit.describe(4)}: **{trend.verdict}**", "", _md_table(header, rows)]
+                        f"{trend.fit.describe(4)} ({trend.fit.label}): **{trend.verdict}**"
+                        f"{_unfinished_note(trend.incomplete)}", "", _md_table(header, rows)]
     return out
 
 
@@ -330,8 +374,8 @@ def _separation_section(trends: list[checks.SeparationTrend]) -> list[str]:
         rows = [(_fmt(d), *(_fmt(trend.err[m].get(d)) for m in ("model", "em", "lloyd", "oracle")),
                  _fmt(trend.ratio("model", d)), _fmt(trend.ratio("em", d)),
                  "fitted" if d in trend.fitted else f"excluded: {trend.excluded[d]}") for d in trend.deltas]
-        out += ["", f"{trend.family}: slope {_fmt(trend.fit.estimate)} {trend.fit.describe(3)} (oracle "
-                    f"{_fmt(trend.oracle_slope)}): **{trend.verdict}**", "",
+        out += ["", f"{trend.family}: slope {_fmt(trend.fit.estimate)} {trend.fit.describe(3)} ({trend.fit.label}; "
+                    f"oracle {_fmt(trend.oracle_slope)}): **{trend.verdict}**{_unfinished_note(trend.incomplete)}", "",
                 _md_table(["Δ", "model", "EM", "Lloyd", "oracle", "model / oracle", "EM / oracle", "fit"], rows)]
     return out
 
@@ -341,15 +385,18 @@ def _beyond_section(rows: Optional[list[checks.SettingRow]]) -> list[str]:
     if rows is None:
         return out + [f"{NOT_IN_SWEEP.capitalize()}: no run has init none, unequal weights, or diagonal / Student-t "
                       "noise (configs/sweeps/beyond.yaml has them), and no --test-shift was asked for."]
-    out.append("Model err against EM err (same init, same eval set) per setting. 'beats EM' is yes when the bootstrap "
-               "interval over seeds of err − err_EM is entirely below 0, no when entirely above, tie otherwise "
-               "(with one seed: the sign of the difference). Rows marked 'test ...' evaluate the run's checkpoint (best, else "
-               "last) on its eval set drawn with those task values at test time (`emformer report --test-shift "
-               "task.n=128`), EM and the oracle on the same episodes.")
+    out.append(f"Model err against EM err (same init, same eval set) per setting. 'beats EM' is yes when err − err_EM "
+               f"is below −{checks.BEATS_EM_SES:g} paired standard errors, no when above +{checks.BEATS_EM_SES:g}, tie "
+               "otherwise (as benchmarks/bench_quality.py decides). The SE is the larger of the paired SE over seeds "
+               "and, where the episodes were scored (rows 'test ...'), the mean paired per-episode SE; with one seed "
+               "and no scored episodes there is none and the row is undecided. Rows marked 'test ...' evaluate the "
+               "run's checkpoint (best, else last) on its test set (eval.test_seed) drawn with those task values "
+               "(`emformer report --test-shift task.n=128`), EM and the oracle on the same episodes.")
     table = [(r.setting, ", ".join(r.outside) or "inside the theory", r.seeds, _fmt(r.err), _fmt(r.err_em),
-              _fmt(r.err_lloyd), _fmt(r.err_oracle), r.difference.describe(4), f"**{r.beats_em}**") for r in rows]
+              _fmt(r.err_lloyd), _fmt(r.err_oracle), r.describe_difference(), r.se_method, f"**{r.beats_em}**")
+             for r in rows]
     return out + ["", _md_table(["setting", "outside the theory", "seeds", "err model", "err EM", "err Lloyd",
-                                 "err oracle", "err − err_EM 95%", "beats EM"], table)]
+                                 "err oracle", "err − err_EM ± SE", "SE", "beats EM"], table)]
 
 
 def _rules_section() -> list[str]:
@@ -357,9 +404,12 @@ def _rules_section() -> list[str]:
             f"- Values are from each run's last val row (highest step) in {rundir.METRICS}; a point is the set of runs "
             "with equal configs up to trainer.seed / data.seed, and its value is the mean over those seeds.",
             "- N = data.pool_size for data.source=pool, ∞ for data.source=fresh.",
-            "- Slopes are least-squares fits on seed means. 95% intervals: percentile bootstrap (2000 draws, fixed "
-            "generator seed 0): draw as many seeds as there are, with replacement, recompute the seed means (a "
-            "seed drawn twice counts twice) and refit. With a single seed the points are resampled instead.",
+            "- Slopes are least-squares fits on seed means. 95% intervals, named next to each: with ≥ "
+            f"{scaling.MIN_SEEDS_FOR_BOOTSTRAP} seeds a percentile seed bootstrap ({scaling.N_BOOT} draws, generator "
+            "seed 0; a draw without a fit counts as beyond either end); with 2–4 seeds a Student t interval over the "
+            "per-seed estimates (seeds − 1 degrees of freedom); with 1 seed none (NOT ENOUGH DATA).",
+            "- A check whose family has an unfinished (no DONE) or diverged (non-finite final loss) run is "
+            "INCONCLUSIVE and names the runs.",
             "- test loss_N − test loss_∞ uses the mean fresh-run loss over the same drawn seeds; the train/test gap "
             "is metrics `loss` − `train_loss` in the final val row.",
             "- Verdicts: PASS when the whole interval meets the target, FAIL when the whole interval misses it, "

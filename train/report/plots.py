@@ -92,6 +92,7 @@ def _sort_value(value):
 
 def _n_axis(ax, sizes: Sequence[float]) -> None:
     ax.set_xscale("log", base=2)
+    ax.set_xlim(min(sizes) / 1.3, max(sizes) * 1.3)  # an axis with nothing drawn has no positive limits to log
     ax.set_xticks(sizes)
     ax.set_xticklabels([f"{int(n)}" for n in sizes], rotation=0)
 
@@ -105,6 +106,7 @@ def sample_complexity(sc: SampleComplexity, path: Path) -> Path:
                sc.fitted),
               (sc.gap, "train/test gap (test − pool loss)", "tab:orange", "s", sc.gap_fit, sc.gap_intercept,
                sc.gap_fitted))
+    drawn = 0  # positive values on the log axis: with none (tiny runs), the axis stays linear and says so
     for values, name, colour, marker, fit, intercept, fitted in series:
         xs, means = [], []
         for n in sc.sizes:
@@ -113,6 +115,7 @@ def sample_complexity(sc: SampleComplexity, path: Path) -> Path:
             ax.scatter([n] * len(positive), positive, color=colour, alpha=0.35, s=14, marker=marker)
             mean = float(np.mean(list(seeds.values()))) if seeds else math.nan
             if mean > 0:
+                drawn += 1
                 xs.append(n)
                 means.append(mean)
         ax.plot(xs, means, color=colour, marker=marker, lw=0, ms=7, label=f"{name} (seed mean)")
@@ -130,7 +133,11 @@ def sample_complexity(sc: SampleComplexity, path: Path) -> Path:
         if shade:
             a.axvspan(min(sc.sizes) / 1.3, max(shade) * 1.3, color="tab:red", alpha=0.08,
                       label="memorisation region (excluded from fits)")
-    ax.set(yscale="log", xlabel="N = pre-training episodes (pool size)", ylabel="loss difference (nats)",
+    if drawn:
+        ax.set_yscale("log")
+    else:
+        ax.text(0.5, 0.5, "no positive excess or gap to draw", transform=ax.transAxes, ha="center")
+    ax.set(xlabel="N = pre-training episodes (pool size)", ylabel="loss difference (nats)",
            title="sample complexity: excess test loss and\ntrain/test gap vs N (fits exclude the shaded region)")
     _n_axis(ax, sc.sizes)
     ax.legend(loc="lower left")

@@ -1,16 +1,23 @@
-"""Slope fits with bootstrap intervals over seeds: the arithmetic behind the report's checks (pure numpy).
+"""Slope fits with intervals over seeds: the arithmetic behind the report's checks (numpy, scipy.stats.t).
 
 Every check of the report is a slope with a 95% interval, compared with a threshold from the theory:
 
-- sample complexity: b in log(test loss_N − test loss_∞) = a + b·log N, checked against b ≤ −1/2;
+- sample complexity: b in log(test loss_N − test loss_∞) = a + b·log N, checked against b ≤ −1/2 (and the
+  exponent of a free-asymptote fit L_N = L_∞ + a·N^b, see `asymptote_fit`);
 - depth / heads: the change of err per doubling of L (or M), checked against < 0;
 - separation: the slope of log err against Δ², checked against ≤ −1/8.
 
-Observations are held as `values[x][seed] = y` (one number per point and seed). The interval comes from
-the bootstrap over seeds: draw as many seeds as there are, with replacement, average each point's values
-over the drawn seeds (a seed drawn twice counts twice), refit, and take the 2.5% and 97.5% percentiles of
-the refitted slopes. With a single seed there is nothing to resample across seeds, so the points
-themselves are resampled instead (and the report says so).
+Observations are held as `values[x][seed] = y` (one number per point and seed). How the interval is made
+depends on how many seeds there are, because a resampling interval is only as good as its resamples:
+
+- ≥ 5 seeds (MIN_SEEDS_FOR_BOOTSTRAP): percentile bootstrap over seeds — draw as many seeds as there are,
+  with replacement, average each point's values over the drawn seeds (a seed drawn twice counts twice), refit.
+- 2–4 seeds: a Student t interval over the per-seed estimates (seeds − 1 degrees of freedom). With 2 seeds a
+  bootstrap has three distinct draws and its "interval" is the range of the two slopes.
+- 1 seed: no interval at all (NOT ENOUGH DATA).
+
+A fit whose points cannot all be transformed (e.g. a logarithm of an excess ≤ 0) has no value: points never
+drop out of a draw silently. A bootstrap with too many such draws has no interval (the note says why).
 """
 from __future__ import annotations
 
@@ -19,28 +26,33 @@ from dataclasses import dataclass
 from typing import Callable, Hashable, Mapping, Optional, Sequence
 
 import numpy as np
+from scipy import stats
 
 Values = Mapping[float, Mapping[Hashable, float]]
 """values[x][seed] = y: one observation per point x and seed"""
 
 PASS, FAIL, INCONCLUSIVE, NO_DATA = "PASS", "FAIL", "INCONCLUSIVE", "NOT ENOUGH DATA"
-MIN_POINTS_FOR_POINT_BOOTSTRAP = 3
-"""with one seed, the point bootstrap needs at least this many points (else: estimate only, no interval)"""
+MIN_SEEDS_FOR_BOOTSTRAP = 5
+"""fewer seeds than this get a t interval (2–4) or none (1)"""
+N_BOOT = 2000
+LEVEL = 0.95
 
 
 @dataclass(frozen=True)
 class Interval:
-    """A point estimate (fit on all seeds) and its bootstrap percentile interval."""
+    """A point estimate and its interval over seeds, with the method that made it."""
 
     estimate: float
     low: float
     high: float
-    resampled: str
-    """what the bootstrap resampled: 'seeds', 'points (one seed)', or 'none' (no fit possible)"""
-    n_units: int
-    """how many seeds (or points) were resampled"""
-    n_valid: int
-    """bootstrap draws whose refit succeeded (some draws can leave too few distinct points)"""
+    method: str
+    """'seed bootstrap', 't' or 'none'"""
+    n_seeds: int
+    n_draws: int = 0
+    """bootstrap draws made (0 for t / none)"""
+    note: str = ""
+    """why there is no interval, when there is none"""
+    level: float = LEVEL
 
     @property
     def ok(self) -> bool:
@@ -51,8 +63,21 @@ class Interval:
             return "n/a"
         return f"[{self.low:.{digits}f}, {self.high:.{digits}f}]"
 
+    @property
+    def label(self) -> str:
+        """The method, named next to every interval in the report: "95% t (3 seeds)" and so on."""
+        pct = f"{100 * self.level:g}%"
+        seeds = f"{self.n_seeds} seed{'s' if self.n_seeds != 1 else ''}"
+        if self.method == "seed bootstrap":
+            text = f"{pct} seed bootstrap ({seeds}, {self.n_draws} draws)"
+        elif self.method == "t":
+            text = f"{pct} t ({seeds})"
+        else:
+            text = f"no interval ({seeds})"
+        return text if self.ok or not self.note else f"{text}: {self.note}"
 
-NO_INTERVAL = Interval(math.nan, math.nan, math.nan, "none", 0, 0)
+
+NO_INTERVAL = Interval(math.nan, math.nan, math.nan, "none", 0, note="no fit")
 
 
 def line_slope(xs: Sequence[float], ys: Sequence[float]) -> Optional[tuple[float, float]]:
@@ -94,57 +119,83 @@ def all_seeds(*tables: Values) -> list[Hashable]:
 
 
 def bootstrap(statistic: Callable[[Sequence[Hashable]], Optional[float]], units: Sequence[Hashable], *,
-              resampled: str = "seeds", n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> Interval:
+              n_boot: int = N_BOOT, level: float = LEVEL, seed: int = 0) -> Interval:
     """Percentile bootstrap of `statistic(sample)` where sample draws len(units) units with replacement.
 
-    `statistic(units)` itself is the point estimate; draws where the statistic is None are skipped (their
-    count is reported as n_boot − n_valid)."""
+    `statistic(units)` is the point estimate. A draw whose statistic is None (no fit) is not skipped: when
+    more than the interval's tail share of the draws has no fit, there is no interval."""
     units = list(units)
     estimate = statistic(units) if units else None
     if estimate is None or not math.isfinite(estimate):
-        return Interval(math.nan, math.nan, math.nan, "none", len(units), 0)
+        return Interval(math.nan, math.nan, math.nan, "seed bootstrap", len(units), 0, "no fit on all seeds", level)
     rng = np.random.default_rng(seed)
-    draws = []
+    draws, failed = [], 0
     for _ in range(n_boot):
         picks = rng.integers(0, len(units), size=len(units))
         value = statistic([units[i] for i in picks])
-        if value is not None and math.isfinite(value):
+        if value is None or not math.isfinite(value):
+            failed += 1
+        else:
             draws.append(value)
-    if not draws:
-        return Interval(float(estimate), math.nan, math.nan, resampled, len(units), 0)
+    # a draw without a fit counts as lying beyond either end (half each): it widens the interval, and when
+    # too many draws fail the interval's ends are infinite, i.e. there is none
     tail = 100 * (1 - level) / 2
-    low, high = np.percentile(draws, [tail, 100 - tail])
-    return Interval(float(estimate), float(low), float(high), resampled, len(units), len(draws))
+    padded = np.concatenate([draws, np.full(failed // 2, -np.inf), np.full(failed - failed // 2, np.inf)])
+    with np.errstate(invalid="ignore"):  # an end among the ±inf draws interpolates to nan: no interval
+        low, high = np.percentile(padded, [tail, 100 - tail]) if len(padded) else (math.nan, math.nan)
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return Interval(float(estimate), math.nan, math.nan, "seed bootstrap", len(units), n_boot,
+                        f"{failed} of {n_boot} draws had no fit (e.g. an excess ≤ 0)", level)
+    return Interval(float(estimate), float(low), float(high), "seed bootstrap", len(units), n_boot, "", level)
+
+
+def t_interval(per_seed: Mapping[Hashable, Optional[float]], level: float = LEVEL) -> Interval:
+    """Student t interval (seeds − 1 dof) around the mean of per-seed estimates; none for < 2 seeds."""
+    n = len(per_seed)
+    missing = [s for s, v in per_seed.items() if v is None or not math.isfinite(v)]
+    if missing:
+        return Interval(math.nan, math.nan, math.nan, "t", n, 0,
+                        f"no fit for seed(s) {', '.join(map(str, missing))}", level)
+    values = np.array(list(per_seed.values()), dtype=float)
+    if n < 2:
+        return Interval(float(values[0]) if n else math.nan, math.nan, math.nan, "none", n, 0,
+                        "one seed: NOT ENOUGH DATA", level)
+    half = float(stats.t.ppf(1 - (1 - level) / 2, n - 1) * values.std(ddof=1) / math.sqrt(n))
+    mean = float(values.mean())
+    return Interval(mean, mean - half, mean + half, "t", n, 0, "", level)
+
+
+def seed_interval(statistic: Callable[[Sequence[Hashable]], Optional[float]], seeds: Sequence[Hashable], *,
+                  n_boot: int = N_BOOT, level: float = LEVEL, seed: int = 0) -> Interval:
+    """The interval the number of seeds supports: bootstrap (≥ 5), t over per-seed estimates (2–4), none (1).
+
+    `statistic(sample)` computes the estimate from a list of seeds (a seed may repeat)."""
+    seeds = list(seeds)
+    if len(seeds) >= MIN_SEEDS_FOR_BOOTSTRAP:
+        return bootstrap(statistic, seeds, n_boot=n_boot, level=level, seed=seed)
+    if len(seeds) >= 2:
+        return t_interval({s: statistic([s]) for s in seeds}, level)
+    if not seeds:
+        return NO_INTERVAL
+    estimate = statistic(seeds)
+    return Interval(math.nan if estimate is None else float(estimate), math.nan, math.nan, "none", 1, 0,
+                    "one seed: NOT ENOUGH DATA", level)
 
 
 Pairs = list[tuple[float, float]]
-"""(x, y) points to fit; x may repeat (a point drawn twice by the point bootstrap counts twice)"""
-
-
-def _bootstrap_over_seeds_or_points(fit: Callable[[Pairs], Optional[float]],
-                                    means_for: Callable[[Sequence[Hashable]], dict[float, float]],
-                                    seeds: Sequence[Hashable], **kwargs) -> Interval:
-    """Resample seeds when there are ≥ 2 of them; otherwise resample the points of the single seed."""
-    if len(seeds) >= 2:
-        return bootstrap(lambda sample: fit(sorted(means_for(sample).items())), seeds, resampled="seeds",
-                         **kwargs)
-    pairs = sorted(means_for(list(seeds)).items())
-    usable = getattr(fit, "usable", lambda x, y: True)
-    if sum(1 for x, y in pairs if usable(x, y)) < MIN_POINTS_FOR_POINT_BOOTSTRAP:
-        # resampling 2 points gives back the same line (or none): an interval of width 0 would be a lie
-        estimate = fit(pairs)
-        return Interval(math.nan if estimate is None else estimate, math.nan, math.nan, "none", len(pairs), 0)
-    return bootstrap(fit, pairs, resampled="points (one seed)", **kwargs)
+"""(x, y) points to fit"""
 
 
 def _fitter(transform: Callable[[float, float], Optional[tuple[float, float]]]) -> Callable[[Pairs], Optional[float]]:
-    """A line fit after mapping each (x, y) by `transform` (None drops the point, e.g. log of y ≤ 0)."""
+    """A line fit after mapping each (x, y) by `transform`; no fit at all when any point cannot be mapped
+    (dropping it would change which points the slope is fitted on from draw to draw)."""
     def fit(pairs: Pairs) -> Optional[float]:
-        mapped = [m for m in (transform(x, y) for x, y in pairs) if m is not None]
+        mapped = [transform(x, y) for x, y in pairs]
+        if any(m is None for m in mapped):
+            return None
         result = line_slope([m[0] for m in mapped], [m[1] for m in mapped])
         return None if result is None else result[0]
 
-    fit.usable = lambda x, y: transform(x, y) is not None  # type: ignore[attr-defined]
     return fit
 
 
@@ -160,41 +211,80 @@ def _squared_x_log_y(x: float, y: float) -> Optional[tuple[float, float]]:
     return (x * x, math.log(y)) if y > 0 and math.isfinite(y) else None
 
 
+def _interval_of_fit(fit: Callable[[Pairs], Optional[float]], values: Values, **kwargs) -> Interval:
+    return seed_interval(lambda sample: fit(sorted(seed_means(values, sample).items())), all_seeds(values), **kwargs)
+
+
 def power_law_interval(values: Values, **kwargs) -> Interval:
-    """Slope b of log y = a + b·log x with its bootstrap interval (points with y ≤ 0 dropped per draw)."""
-    seeds = all_seeds(values)
-    return _bootstrap_over_seeds_or_points(_fitter(_log_log), lambda s: seed_means(values, s), seeds, **kwargs)
+    """Slope b of log y = a + b·log x with its interval over seeds (no fit when some y ≤ 0)."""
+    return _interval_of_fit(_fitter(_log_log), values, **kwargs)
 
 
-def excess_power_law_interval(values: Values, reference: Mapping[Hashable, float], **kwargs) -> Interval:
-    """Slope b of log(y_x − y_ref) against log x, where y_ref (e.g. the N = ∞ loss) has its own seeds.
+def excess_means(values: Values, reference: Mapping[Hashable, float],
+                 sample: Sequence[Hashable]) -> dict[float, float]:
+    """Seed means of y_x − y_ref over `sample`; the reference averaged over the same drawn seeds (paired)."""
+    ref = [reference[s] for s in sample if s in reference]
+    if not ref:
+        return {}
+    base = sum(ref) / len(ref)
+    return {x: y - base for x, y in seed_means(values, sample).items()}
 
-    Each draw of seeds averages both the points and the reference over the same drawn seeds, so the
-    reference's own seed noise is inside the interval. Points whose excess is ≤ 0 in a draw drop out of
-    that draw's fit (their logarithm does not exist)."""
+
+def excess_power_law_interval(values: Values, reference: Mapping[Hashable, float], *, xs: Optional[Sequence[float]] = None,
+                              **kwargs) -> Interval:
+    """Slope b of log(y_x − y_ref) against log x over the points `xs` (default all), where y_ref (e.g. the
+    N = ∞ loss) has its own seeds. Each draw averages both over the same drawn seeds, so the reference's own
+    seed noise is inside the interval. A draw with an excess ≤ 0 at any of `xs` has no fit."""
+    keep = set(values) if xs is None else set(xs)
+    fit = _fitter(_log_log)
     seeds = all_seeds(values, {0.0: reference})
+    return seed_interval(lambda sample: fit(sorted((x, y) for x, y in excess_means(values, reference, sample).items()
+                                                   if x in keep)), seeds, **kwargs)
 
-    def excess_means(sample: Sequence[Hashable]) -> dict[float, float]:
-        ref = [reference[s] for s in sample if s in reference]
-        if not ref:
-            return {}
-        base = sum(ref) / len(ref)
-        return {x: y - base for x, y in seed_means(values, sample).items()}
 
-    return _bootstrap_over_seeds_or_points(_fitter(_log_log), excess_means, seeds, **kwargs)
+ASYMPTOTE_EXPONENTS = np.linspace(-3.0, -0.0025, 1200)
+"""the grid of b for `asymptote_fit` (steps of 0.0025: finer than any interval the report prints)"""
+
+
+def asymptote_fit(xs: Sequence[float], ys: Sequence[float]) -> Optional[tuple[float, float, float]]:
+    """Least-squares (L_∞, a, b) of y = L_∞ + a·x^b with L_∞ free; None with < 3 points or no decay (a ≤ 0).
+
+    For fixed b the model is linear in (L_∞, a), so the residual is profiled over b on a grid (vectorised:
+    the bootstrap refits thousands of times) and the best grid value is the fit."""
+    x, y = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
+    if len(x) < 3 or len(set(x.tolist())) < 3 or not np.all(np.isfinite(y)) or np.any(x <= 0):
+        return None
+    scale = x.min()  # x / min(x) keeps x^b within [small, 1] for every b of the grid
+    z = (x[None, :] / scale) ** ASYMPTOTE_EXPONENTS[:, None]
+    zm, ym = z.mean(1, keepdims=True), y.mean()
+    a = ((z - zm) * (y - ym)).sum(1) / np.maximum(((z - zm) ** 2).sum(1), 1e-300)
+    c = ym - a * zm[:, 0]
+    rss = ((y[None, :] - c[:, None] - a[:, None] * z) ** 2).sum(1)
+    i = int(np.argmin(rss))
+    if not a[i] > 0:
+        return None
+    b = float(ASYMPTOTE_EXPONENTS[i])
+    return float(c[i]), float(a[i] * scale ** -b), b
+
+
+def asymptote_interval(values: Values, **kwargs) -> Interval:
+    """Exponent b of y = L_∞ + a·x^b (L_∞ fitted) with its interval over seeds."""
+    def statistic(sample: Sequence[Hashable]) -> Optional[float]:
+        pairs = sorted(seed_means(values, sample).items())
+        fit = asymptote_fit([p[0] for p in pairs], [p[1] for p in pairs])
+        return None if fit is None else fit[2]
+
+    return seed_interval(statistic, all_seeds(values), **kwargs)
 
 
 def per_doubling_interval(values: Values, **kwargs) -> Interval:
-    """Slope of y against log2 x (the change of y per doubling of x) with its bootstrap interval."""
-    seeds = all_seeds(values)
-    return _bootstrap_over_seeds_or_points(_fitter(_log2_x), lambda s: seed_means(values, s), seeds, **kwargs)
+    """Slope of y against log2 x (the change of y per doubling of x) with its interval over seeds."""
+    return _interval_of_fit(_fitter(_log2_x), values, **kwargs)
 
 
 def squared_rate_interval(values: Values, **kwargs) -> Interval:
-    """Slope of log y against x² (for err against Δ: theory −1/8) with its bootstrap interval."""
-    seeds = all_seeds(values)
-    return _bootstrap_over_seeds_or_points(_fitter(_squared_x_log_y), lambda s: seed_means(values, s), seeds,
-                                           **kwargs)
+    """Slope of log y against x² (for err against Δ: theory −1/8) with its interval over seeds."""
+    return _interval_of_fit(_fitter(_squared_x_log_y), values, **kwargs)
 
 
 def verdict(interval: Interval, threshold: float, strict: bool = False) -> str:

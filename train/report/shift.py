@@ -1,8 +1,8 @@
 """Test-time shifts for the report: a trained run evaluated on a task it was not trained on (other k, n, Δ ...).
 
 The training loop evaluates each run on its own task only. `emformer report SWEEP --test-shift task.n=128`
-loads each complete run's best checkpoint (last if there is none), draws the run's eval set (same eval seed
-and size) from the run's task with the shift applied, and scores the model, EM (eval.em_iters iterations,
+loads each complete run's best checkpoint (last if there is none), draws the run's test set (eval.test_seed,
+eval.episodes; the checkpoint was selected on the eval set) from the run's task with the shift applied, and scores the model, EM (eval.em_iters iterations,
 same init), Lloyd and the oracle on it. The model has no positional encoding and reads the initial centroids
 as tokens, so n and (with an init) k may change freely; d may not (the input embedding is d wide), nor k
 without an init (the learned centroid slots are k_max of them).
@@ -18,6 +18,7 @@ from emformer.data.tasks import TaskSpec
 from emformer.errors import ConfigError, EmformerError
 from emformer.train import rundir
 from emformer.train.config import to_run_config
+from emformer.train.scoring import held_out_test_seed, score_model
 
 SHIFTABLE = ("k", "k_max", "n", "n_max", "separation", "separation_max", "weights", "weights_alpha", "weights_lo",
              "weights_hi", "noise", "noise_df", "diag_ratio", "init_noise")
@@ -69,15 +70,9 @@ def _checkpoint(run_dir: Path) -> Path:
 
 
 def evaluate_shift(run_dir: Path, shift: Shift, config: dict[str, Any]) -> ShiftResult:
-    """The run's model and the baselines on its eval set drawn from the shifted task."""
+    """The run's model and the baselines on its test set (eval.test_seed) drawn from the shifted task: what is
+    reported after selection is never scored on the episodes the checkpoint was selected on."""
     # torch and the models (~2 s of CPU to import): only `report --test-shift` evaluates models.
-    import torch
-
-    from emformer.data.episodes import batch_chunks
-    from emformer.data.stream import eval_set
-    from emformer.models.baselines import evaluate_baselines
-    from emformer.models.losses import per_episode_cross_entropy, per_episode_permutation_cross_entropy
-    from emformer.models.metrics import misclustering_rate
     from emformer.models.transformer import ClusterTransformer, TransformerConfig
     from emformer.train.checkpoints import load_checkpoint
 
@@ -92,35 +87,14 @@ def evaluate_shift(run_dir: Path, shift: Shift, config: dict[str, Any]) -> Shift
         if not spec.anchored and spec.k_pad != trained.k_pad:
             raise ConfigError(f"{shift.label}: without an init the model has {trained.k_pad} learned centroid slots; "
                               f"the shifted task needs {spec.k_pad}")
-        architecture = TransformerConfig.from_task_and_model(run.task, run.model)
-        model = ClusterTransformer(architecture)
+        model = ClusterTransformer(TransformerConfig.from_task_and_model(run.task, run.model))
         model.load_state_dict(loaded.state_dict)
         model.eval()
-        ev = run.eval  # keys an old checkpoint lacks take the schema's defaults
-        batch = eval_set(spec, ev.seed, ev.episodes)
-        size = ev.batch_size
-        sums = {"err": 0.0, "loss": 0.0}
-        with torch.no_grad():
-            for part in batch_chunks(batch, size):
-                kmask = part["kmask"]
-                if not spec.anchored:  # learned slots: the mask has the training width
-                    kmask = torch.nn.functional.pad(kmask, (0, architecture.k_max - kmask.shape[1]))
-                logits = model(part["points"].float(), part["mask"], part["init"].float(), kmask).float()
-                logits = logits[..., :part["kmask"].shape[1]]
-                labels, mask = part["labels"], part["mask"]
-                sums["err"] += float(misclustering_rate(logits.argmax(-1), labels, mask, spec.k_pad).double().sum())
-                loss = (per_episode_permutation_cross_entropy(logits, labels, mask, part["kmask"])
-                        if not spec.anchored else per_episode_cross_entropy(logits, labels, mask))
-                sums["loss"] += float(loss.double().sum())
-            episodes = batch["points"].shape[0]
-            result.metrics = {key: value / episodes for key, value in sums.items()}
-            baselines = evaluate_baselines(batch, spec, em_iters=ev.em_iters)
-        for key in ("err_em", "err_lloyd", "err_oracle", "loss_em", "loss_oracle"):
-            result.metrics[key] = float(baselines[key].double().mean())
+        result.metrics = score_model(model, spec, run.eval, held_out_test_seed(run))
     except (EmformerError, RuntimeError, ValueError, KeyError) as exc:  # one bad run must not sink the report
         result.problem = f"{run_dir}: {shift.label}: {type(exc).__name__}: {exc}"
         result.metrics = {}
-    if any(not math.isfinite(v) for v in result.metrics.values()):
+    if any(not math.isfinite(v) for k, v in result.metrics.items() if k != "err_minus_em_se"):
         result.problem = f"{run_dir}: {shift.label}: non-finite metric {result.metrics}"
     return result
 

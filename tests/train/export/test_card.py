@@ -1,5 +1,6 @@
 """train/export/card.py: the model card rendered from its jinja2 template, byte for byte the card that
-`emformer export` wrote before the template (golden files made by the former markdown builder)."""
+`emformer export` wrote before the template (golden files made by the former markdown builder, as of main's
+test-set card: figures on eval.test_seed, Model − EM with its paired standard error)."""
 from __future__ import annotations
 
 import copy
@@ -19,8 +20,9 @@ CONFIG = {
     "parameters": 123456, "input_scale": 1.23456,
     "training": {"run_name": "debug-abc", "step": 200, "checkpoint_format": "deepspeed", "zero_stage": 2,
                  "commit": "0123abc", "run_config": {"eval": {"episodes": 256, "em_iters": 10}}},
-    "eval": {"step": 200, "err": 0.07, "err_em": 0.08, "err_oracle": 0.064, "err_anchored": 0.1, "loss": 0.3,
-             "ari": 0.8, "err_lloyd": 0.0005},
+    "eval": {"split": "test", "seed": 1000003, "episodes": 256, "step": 200, "err": 0.07, "err_em": 0.08,
+             "err_minus_em_se": 0.004, "err_oracle": 0.064, "err_anchored": 0.1, "loss": 0.3, "ari": 0.8,
+             "err_lloyd": 0.0005},
     "onnx": {"opset": 18, "inputs": ["points [B,n,d_in] float32", "mask [B,n] bool"],
              "outputs": ["logits [B,n,k_max] float32 (padded clusters -inf)"], "checked_sizes": [[1, 17], [3, 64]],
              "max_abs_diff": 1.234e-6},

@@ -16,6 +16,7 @@ import torch
 from emformer.errors import CheckpointError, ConfigError
 from emformer.models.clusterer import Clusterer, sha256_file
 from emformer.models.transformer import ClusterTransformer, TransformerConfig
+from emformer.train.export import card as export_card
 from emformer.train.export import onnx as export_onnx
 from emformer.train.cli import main
 from emformer.train.checkpoints import load_checkpoint
@@ -54,12 +55,16 @@ def test_export_writes_the_documented_files(fake_run: Path, fake_export: Path) -
     assert config["supported"]["d"]["max"] == config["architecture"]["d_in"] == task["d"]
     assert config["supported"]["n"]["trained"] == [task["n"], task["n"]]
     assert config["training"]["commit"] == "0123abcd" and config["training"]["step"] == FAKE_STEP
-    assert config["eval"]["err_em"] == FAKE_VAL_ROW["err_em"]
+    # the card reports the test set (eval.test_seed); the eval-set row the checkpoint was selected on is kept apart
+    assert config["selection"]["err_em"] == FAKE_VAL_ROW["err_em"]
+    assert config["eval"]["split"] == "test" and config["eval"]["seed"] == run_config["eval"]["test_seed"]
+    assert config["eval"]["seed"] != run_config["eval"]["seed"]
     assert config["files"]["model.safetensors"]["sha256"] == sha256_file(fake_export / "model.safetensors")
     assert 0.5 < config["input_scale"] < 3
     card = (fake_export / "README.md").read_text()
-    for figure in ("0.1010", "0.0810", "0.0710", "Model error / oracle error: 1.42"):
-        assert figure in card
+    for key in ("err", "err_em", "err_oracle", "loss"):
+        assert export_card._fmt(config["eval"][key]) in card
+    assert f"eval.test_seed = {run_config['eval']['test_seed']}" in card and "0.1010" not in card
     mode = stat.S_IMODE(os.stat(fake_export / "model.safetensors").st_mode)
     assert mode & stat.S_IRGRP  # shareable, not mkstemp's 0600
 
@@ -78,7 +83,7 @@ def test_cli_export_last_from_checkpoint_file_and_flags(fake_run: Path, tmp_path
     assert "last.ckpt" in json.loads((tmp_path / "a/config.json").read_text())["training"]["checkpoint"]
     assert main(["export", str(fake_run / "checkpoints/best.ckpt"), "--out", str(tmp_path / "b")]) == 0
     config = json.loads((tmp_path / "b/config.json").read_text())
-    assert config["eval"]["step"] == FAKE_STEP  # the run dir was found from the checkpoint's path
+    assert config["selection"]["step"] == FAKE_STEP  # the run dir was found from the checkpoint's path
     assert main(["export", str(fake_run / "checkpoints/best.ckpt"), "--out", str(tmp_path / "c"), "--best"]) == 2
     assert "--best: only applies to a run directory" in capsys.readouterr().err
 
@@ -88,8 +93,8 @@ def test_export_checkpoint_without_run_dir(fake_run: Path, tmp_path: Path) -> No
     lone.write_bytes((fake_run / "checkpoints/best.ckpt").read_bytes())
     out = export_run(lone, tmp_path / "out")  # export_run takes a checkpoint as well as a run directory
     config = json.loads((out / "config.json").read_text())
-    assert config["eval"] is None and config["training"]["commit"] is None
-    assert "No val row" in (out / "README.md").read_text()
+    assert config["selection"] is None and config["training"]["commit"] is None
+    assert config["eval"]["split"] == "test"  # the test set needs only the checkpoint
     Clusterer.from_pretrained(out)
 
 
@@ -161,11 +166,11 @@ def test_trained_run_export_matches_checkpoint_in_torch_and_onnx(tiny_run: Path,
     assert config["onnx"]["max_abs_diff"] < 1e-4 and config["onnx"]["dynamic"] == ["B", "n"]
     assert config["files"]["model.onnx"]["sha256"] == sha256_file(tiny_export / "model.onnx")
     done = json.loads((tiny_run / "DONE").read_text())
-    assert config["eval"]["err"] == done["val"]["err"] and config["eval"]["step"] == done["val"]["step"]
+    assert config["selection"]["err"] == done["val"]["err"] and config["selection"]["step"] == done["val"]["step"]
     meta = json.loads((tiny_run / "meta.json").read_text())
     assert config["training"]["commit"] == meta["git_commit"]
     card = (tiny_export / "README.md").read_text()
-    assert f"{done['val']['err_em']:.4f}" in card and f"{done['val']['err_oracle']:.4f}" in card
+    assert export_card._fmt(config["eval"]["err_em"]) in card and export_card._fmt(config["eval"]["err_oracle"]) in card
 
 
 @pytest.mark.slow

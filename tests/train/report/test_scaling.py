@@ -5,8 +5,9 @@ import math
 
 import numpy as np
 import pytest
+from scipy import stats
 
-from emformer.train.report import scaling
+from emformer.train.report import checks, scaling
 
 
 def _synthetic_excess(exponent: float, seeds: int, noise: float, rng_seed: int = 0):
@@ -32,60 +33,132 @@ def test_power_law_slope_is_exact_on_a_clean_power_law():
 def test_excess_slope_recovers_a_known_exponent_and_the_interval_covers_it(exponent):
     values, reference = _synthetic_excess(exponent, seeds=5, noise=0.1)
     interval = scaling.excess_power_law_interval(values, reference, n_boot=500)
-    assert interval.resampled == "seeds" and interval.n_units == 5
+    assert interval.method == "seed bootstrap" and interval.n_seeds == 5
+    assert interval.label == "95% seed bootstrap (5 seeds, 500 draws)"
     assert interval.estimate == pytest.approx(exponent, abs=0.08)
     assert interval.low <= exponent <= interval.high
     assert interval.high - interval.low < 0.3
 
 
+def test_the_interval_method_follows_the_number_of_seeds():
+    for seeds, method, label in ((2, "t", "95% t (2 seeds)"), (4, "t", "95% t (4 seeds)"),
+                                 (5, "seed bootstrap", "95% seed bootstrap (5 seeds, 200 draws)")):
+        values, reference = _synthetic_excess(-1.0, seeds=seeds, noise=0.1)
+        interval = scaling.excess_power_law_interval(values, reference, n_boot=200)
+        assert (interval.method, interval.label) == (method, label) and interval.ok
+    values, reference = _synthetic_excess(-1.0, seeds=1, noise=0.1)
+    single = scaling.excess_power_law_interval(values, reference)
+    assert single.method == "none" and not single.ok and math.isfinite(single.estimate)
+    assert scaling.verdict(single, -0.5) == scaling.NO_DATA and "NOT ENOUGH DATA" in single.label
+
+
+def test_two_seeds_never_give_a_seed_bootstrap_interval():
+    """A bootstrap over 2 seeds has 3 distinct draws: its interval would be the range of the 2 slopes."""
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        values = {float(n): {s: n ** -0.8 * math.exp(0.2 * rng.standard_normal()) for s in range(2)}
+                  for n in (256, 1024, 4096)}
+        interval = scaling.power_law_interval(values)
+        per_seed = [scaling.power_law_slope(list(values), [values[n][s] for n in values])[0] for s in range(2)]
+        assert interval.method == "t" and "bootstrap" not in interval.label
+        assert interval.low < min(per_seed) and interval.high > max(per_seed)  # t with 1 dof: far wider
+
+
+def test_t_interval_matches_scipy():
+    interval = scaling.t_interval({0: -1.0, 1: -0.8, 2: -0.9})
+    half = stats.t.ppf(0.975, 2) * np.std([-1.0, -0.8, -0.9], ddof=1) / math.sqrt(3)
+    assert interval.estimate == pytest.approx(-0.9) and interval.high == pytest.approx(-0.9 + half)
+
+
 def test_verdicts_follow_the_interval_against_the_threshold():
     steep, ref = _synthetic_excess(-1.0, seeds=4, noise=0.05)
     shallow, ref2 = _synthetic_excess(-0.2, seeds=4, noise=0.05)
-    assert scaling.verdict(scaling.excess_power_law_interval(steep, ref, n_boot=300), -0.5) == scaling.PASS
-    assert scaling.verdict(scaling.excess_power_law_interval(shallow, ref2, n_boot=300), -0.5) == scaling.FAIL
+    assert scaling.verdict(scaling.excess_power_law_interval(steep, ref), -0.5) == scaling.PASS
+    assert scaling.verdict(scaling.excess_power_law_interval(shallow, ref2), -0.5) == scaling.FAIL
     pure = {float(n): {s: n ** -0.9 * (1 + 0.01 * s) for s in range(3)} for n in (256, 1024, 4096)}
-    assert scaling.verdict(scaling.power_law_interval(pure, n_boot=300), -0.5) == scaling.PASS
-    straddle = scaling.Interval(-0.5, -0.7, -0.3, "seeds", 3, 100)
+    assert scaling.verdict(scaling.power_law_interval(pure), -0.5) == scaling.PASS
+    straddle = scaling.Interval(-0.5, -0.7, -0.3, "t", 3)
     assert scaling.verdict(straddle, -0.5) == scaling.INCONCLUSIVE
     assert scaling.verdict(scaling.NO_INTERVAL, -0.5) == scaling.NO_DATA
 
 
-def test_a_single_seed_resamples_points_instead():
-    values, reference = _synthetic_excess(-1.0, seeds=1, noise=0.05)
-    interval = scaling.excess_power_law_interval(values, reference, n_boot=300)
-    assert interval.resampled == "points (one seed)"
-    assert interval.low <= interval.estimate <= interval.high
-
-
-def test_non_positive_excess_points_drop_out_and_too_few_points_give_no_interval():
-    values = {512.0: {0: 1.0}, 1024.0: {0: 0.1}}
-    interval = scaling.excess_power_law_interval(values, {0: 0.5}, n_boot=50)  # only N=512 has excess > 0
-    assert not interval.ok
+def test_a_non_positive_excess_never_drops_out_silently():
+    """A point whose excess is ≤ 0 has no logarithm: the fit does not exist (it is not refitted without it)."""
+    values = {512.0: {0: 1.0, 1: 1.1}, 1024.0: {0: 0.8, 1: 0.7}, 2048.0: {0: 0.1, 1: 0.2}}
+    interval = scaling.excess_power_law_interval(values, {0: 0.5, 1: 0.5})
+    assert not interval.ok and "no fit for seed(s) 0, 1" in interval.note
     assert scaling.verdict(interval, -0.5) == scaling.NO_DATA
+    # with the bootstrap: too many draws without a fit leave no interval, instead of a steeper one
+    wobbly = {512.0: {s: 1.0 for s in range(5)}, 1024.0: {s: 0.6 + 0.2 * (s % 2) for s in range(5)},
+              2048.0: {s: 0.5 + (0.5 if s == 0 else -0.05) for s in range(5)}}
+    boot = scaling.excess_power_law_interval(wobbly, {s: 0.5 for s in range(5)}, n_boot=200)
+    assert not boot.ok and "draws had no fit" in boot.note
 
 
 def test_per_doubling_and_squared_rate_slopes():
     depth = {float(L): {s: 0.3 - 0.05 * math.log2(L) + 0.001 * s for s in range(3)} for L in (1, 2, 4, 8)}
-    per_doubling = scaling.per_doubling_interval(depth, n_boot=200)
+    per_doubling = scaling.per_doubling_interval(depth)
     assert per_doubling.estimate == pytest.approx(-0.05, abs=1e-9)
     assert scaling.verdict(per_doubling, 0.0, strict=True) == scaling.PASS
 
     sep = {delta: {s: 0.7 * math.exp(-delta ** 2 / 8) * (1 + 0.01 * s) for s in range(3)} for delta in (3.0, 4.0, 5.0, 6.0)}
-    rate = scaling.squared_rate_interval(sep, n_boot=200)
+    rate = scaling.squared_rate_interval(sep)
     assert rate.estimate == pytest.approx(-1 / 8, abs=1e-6)
     assert rate.low <= -1 / 8 + 1e-6 and rate.high >= -1 / 8 - 1e-6
 
 
 def test_the_bootstrap_is_deterministic():
-    values, reference = _synthetic_excess(-0.8, seeds=3, noise=0.2)
+    values, reference = _synthetic_excess(-0.8, seeds=5, noise=0.2)
     a = scaling.excess_power_law_interval(values, reference, n_boot=200)
     b = scaling.excess_power_law_interval(values, reference, n_boot=200)
     assert a == b
 
 
-def test_one_seed_with_only_two_usable_points_gives_no_zero_width_interval():
-    """A point whose y ≤ 0 cannot be logged: with one seed, 2 usable points would give a [b, b] interval."""
-    values = {2048.0: {0: 0.008}, 4096.0: {0: 0.0025}, 8192.0: {0: -0.0016}}
-    interval = scaling.power_law_interval(values, n_boot=100)
-    assert interval.estimate == pytest.approx(math.log(0.0025 / 0.008) / math.log(2))
-    assert not interval.ok and scaling.verdict(interval, -0.5) == scaling.NO_DATA
+def test_the_free_asymptote_fit_recovers_l_inf_and_b():
+    xs = [2.0 ** i for i in range(9, 15)]
+    l_inf, a, b = scaling.asymptote_fit(xs, [0.2 + 3.0 * x ** -0.7 for x in xs])
+    assert l_inf == pytest.approx(0.2, abs=1e-3) and b == pytest.approx(-0.7, abs=0.005)
+    assert scaling.asymptote_fit(xs[:2], [1.0, 0.5]) is None
+    assert scaling.asymptote_fit(xs, [0.2 + 1e-3 * x ** 0.5 for x in xs]) is None  # rising: no decay
+
+
+# --------------------------------------------------------------------------- simulated studies
+SIZES = [2.0 ** i for i in range(9, 15)]
+
+
+def _simulated_study(rng, tail_slope: float, cliff: bool = False, seeds: int = 5, noise: float = 0.001):
+    """Test losses of a study: L_∞ + a per-seed offset shared with that seed's fresh run (same eval set),
+    + 0.08·(N/512)^b, + eval noise. With `cliff`, the first two N (outside the memorisation region) sit
+    far above the tail's power law: a steep drop followed by a flat tail."""
+    offset = {s: 0.01 * rng.standard_normal() for s in range(seeds)}
+    law = {n: 0.08 * (n / 512) ** tail_slope for n in SIZES}
+    if cliff:
+        law = {n: (0.6 if i == 0 else 0.25 if i == 1 else 0.08 * (n / 2048) ** tail_slope)
+               for i, n in enumerate(SIZES)}
+    loss = {n: {s: 0.2 + offset[s] + law[n] + noise * rng.standard_normal() for s in range(seeds)} for n in SIZES}
+    fresh = {s: 0.2 + offset[s] + noise * rng.standard_normal() for s in range(seeds)}
+    return loss, fresh
+
+
+def _verdict(loss, fresh, n_boot: int = 300) -> str:
+    fitted, _, fits = checks.excess_estimates(loss, fresh, SIZES, n_boot=n_boot)
+    return checks.combined_verdict(fits, fitted)[0]
+
+
+def test_a_cliff_followed_by_a_flat_tail_never_passes():
+    rng = np.random.default_rng(7)
+    verdicts = [_verdict(*_simulated_study(rng, -0.2, cliff=True), n_boot=200) for _ in range(20)]
+    assert scaling.PASS not in verdicts, verdicts
+
+
+@pytest.mark.slow
+def test_simulated_studies_pass_rarely_at_b_minus_0_3_and_mostly_at_b_minus_1(capsys):
+    rng = np.random.default_rng(0)
+    rates = {}
+    for slope in (-0.3, -1.0):
+        verdicts = [_verdict(*_simulated_study(rng, slope)) for _ in range(200)]
+        rates[slope] = verdicts.count(scaling.PASS) / len(verdicts)
+    with capsys.disabled():
+        print(f"\nPASS rate over 200 simulated 5-seed studies: true b = -0.3: {rates[-0.3]:.3f}, "
+              f"true b = -1.0: {rates[-1.0]:.3f}")
+    assert rates[-0.3] < 0.05 and rates[-1.0] > 0.80

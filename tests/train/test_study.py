@@ -1,0 +1,101 @@
+"""`emformer study`: the shipped spec has what issue 11 asks of the study, and the command runs end to end at a
+microscopic size, resumes (skips finished runs from their small files alone) and rebuilds the same report
+from committed-style run directories (no checkpoints)."""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from emformer.train.report import command as report
+from emformer.train.sweep.spec import expand_points, load_spec
+
+REPO = Path(__file__).resolve().parents[2]
+STUDY = REPO / "configs" / "sweeps" / "study.yaml"
+
+
+def _n(point) -> float:
+    return math.inf if point.config.data.source == "fresh" else point.config.data.pool_size
+
+
+def test_the_study_spec_covers_the_four_checks_from_five_seeds():
+    spec = load_spec(STUDY)
+    seeds, spec.seeds = spec.seeds, spec.seeds[:1]  # every seed expands the same points
+    points = expand_points(spec)
+    assert len(seeds) >= 5 and spec.local.parallel == 2 and spec.local.threads_per_run == 1
+    cfg = points[0].config
+    assert (cfg.task.k, cfg.task.d, cfg.task.n) == (2, 4, 64) and cfg.model.width == 32
+    base = [p for p in points if (p.config.model.depth, p.config.model.heads, p.config.task.separation,
+                                  p.config.task.init_noise) == (2, 2, 3.0, 0.3)]
+    sizes = sorted(_n(p) for p in base)
+    assert sizes[-1] == math.inf and len(sizes) - 1 >= 7  # ≥ 6 above a memorisation probe, plus fresh
+    fresh = [p.config for p in points if _n(p) == math.inf]
+    depth = {c.model.depth for c in fresh if c.task.init_noise == 1.0}
+    heads = {c.model.heads for c in fresh if c.task.init_noise == 0.3 and c.task.separation == 3.0 and c.model.depth == 2}
+    deltas = {c.task.separation for c in fresh if c.model.heads == 2 and c.model.depth == 2 and c.task.init_noise == 0.3}
+    assert depth == {1, 2, 4, 8} and heads == {1, 2, 4, 8} and deltas == {float(d) for d in range(1, 7)}
+
+
+TINY = """\
+name: tiny_study
+base: {base}
+overrides:
+  name: tiny_study
+  task.n: 16
+  data.batch_size: 8
+  optim.warmup_steps: 2
+  trainer.max_steps: 8
+  trainer.val_every: 4
+  trainer.log_every: 2
+  trainer.ckpt_every: 8
+  trainer.progress: false
+  eval.episodes: 32
+  eval.batch_size: 32
+  wandb.mode: disabled
+points:
+  - {{data.source: pool, data.pool_size: 32}}
+  - {{data.source: pool, data.pool_size: 64}}
+  - {{data.source: fresh}}
+  - {{data.source: fresh, model.depth: 1}}
+seeds: [0, 1]
+local: {{parallel: 2, threads_per_run: 1}}
+"""
+
+
+def _study(spec: Path, out: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "emformer", "study", "--spec", str(spec), "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, env=env)
+
+
+@pytest.mark.slow
+def test_study_runs_resumes_and_rebuilds_its_report_from_small_files(tmp_path):
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(TINY.format(base=REPO / "configs" / "debug.yaml"))
+    out = tmp_path / "study"
+    first = _study(spec, out)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "8 runs" in first.stdout and "8 to run" in first.stdout
+    report_md = out / "report" / "report.md"
+    assert "95% t (2 seeds)" in report_md.read_text() and "interval method" in report_md.read_text()
+
+    # the committed copy: small files only (what docs/study/ holds), in a fresh place
+    committed = tmp_path / "committed"
+    shutil.copytree(out / "sweep", committed / "sweep",
+                    ignore=shutil.ignore_patterns("checkpoints", "console.log", "local", "*.png"))
+    assert not list(committed.rglob("*.ckpt"))
+    metrics = sorted(committed.rglob("metrics.jsonl"))
+    before = {p: p.read_bytes() for p in metrics}
+    again = _study(spec, committed)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "0 to run, skipped: 8 done" in again.stdout  # finished runs are known by config.yaml + DONE alone
+    assert {p: p.read_bytes() for p in metrics} == before
+
+    rebuilt = report.build_report(committed / "sweep", tmp_path / "rebuilt", wandb_mode="disabled")
+    original = report.build_report(out / "sweep", tmp_path / "original", wandb_mode="disabled")
+    assert report.format_summary(rebuilt) == report.format_summary(original)
