@@ -34,6 +34,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from common import fmt, markdown_table, progress  # noqa: E402
+from emformer.train import rundir  # noqa: E402
 
 QUALITY_SEED = 3_000_017
 EM_ITERS = 10
@@ -219,7 +220,7 @@ def run(export_dir: Path, quick: bool = False) -> tuple[dict[str, Any], str]:
         remarks.append(
             f"Quality: on its own training task (Δ={base.separation:g}, n={base.n}) the model's error "
             f"{cell['model']:.4f} is above EM's {cell['em']:.4f} beyond noise: the model is under-trained for "
-            "this task (compare the run's val err with err_em in its metrics.jsonl), not out of its range.")
+            f"this task (compare the run's val err with err_em in its {rundir.METRICS}), not out of its range.")
     elsewhere = [key for key in losses if key != training_key]
     if elsewhere:
         remarks.append(

@@ -2,7 +2,7 @@
 
 Each measurement is a real `emformer train` run in a subprocess (a temporary run directory, wandb off):
 `warmup + steps` steps with a train row every `warmup` steps, evaluation and checkpoints only at the start
-and the end. The run's own metrics.jsonl rows time each window of steps excluding evaluation and
+and the end. The run's own metrics rows time each window of steps excluding evaluation and
 checkpointing, so the figure is what a user's run reports; the first window (start-up, allocator warm-up,
 first DataLoader batch) is dropped. Rows:
 
@@ -28,6 +28,7 @@ from typing import Any, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from emformer.train import rundir  # noqa: E402
 from common import (NO_GPU, emformer_command, fmt, gpu_description, markdown_table, progress,  # noqa: E402
                     run_checked, subprocess_env, usable_cpus)
 
@@ -56,9 +57,9 @@ def measure(config: str, warmup: int, steps: int, threads: int, devices: int = 1
         start = time.perf_counter()
         run_checked(command, f"training benchmark ({config})", timeout, env=subprocess_env(threads))
         wall = time.perf_counter() - start
-        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        config_used = (run_dir / "config.yaml").read_text()
-        params = json.loads((run_dir / "meta.json").read_text()).get("param_count")
+        rows = rundir.read_metrics(run_dir)
+        config_used = rundir.config_path(run_dir).read_text()
+        params = rundir.read_meta(run_dir).get("param_count")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     windows = [r for r in rows if r.get("split") == "train" and r["step"] > warmup]

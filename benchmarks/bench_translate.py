@@ -18,17 +18,18 @@ import torch
 from emformer.data.episodes import sample_episodes
 from emformer.models.metrics import misclustering_rate
 from emformer.models.transformer import ClusterTransformer, TransformerConfig
-from emformer.train.checkpoints import load_checkpoint_file
+from emformer.train import rundir
+from emformer.train.checkpoints import load_checkpoint
 from emformer.train.config import RunConfig, to_run_config
 
 EVAL_SEED = 987_654  # apart from training (seed 0..) and the runs' own eval seeds
 
 
 def _model(run_dir: Path) -> tuple[ClusterTransformer, RunConfig]:
-    checkpoint = load_checkpoint_file(run_dir / "checkpoints" / "last.ckpt")
-    config = to_run_config(checkpoint["hyper_parameters"]["config"], f"{run_dir}: checkpoint config")
+    loaded = load_checkpoint(rundir.checkpoint_path(run_dir, "last"))
+    config = to_run_config(loaded.run_config, f"{run_dir}: checkpoint config")
     model = ClusterTransformer(TransformerConfig.from_task_and_model(config.task, config.model))
-    model.load_state_dict({k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()})
+    model.load_state_dict(loaded.state_dict)
     return model.eval(), config
 
 

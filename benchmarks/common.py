@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
+from emformer.train import rundir
+
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / "benchmarks" / ".cache"
 NO_GPU = "no GPU lent to this task"
@@ -261,9 +263,9 @@ def trained_model(config_path: str, overrides: Sequence[str] = (), cache: Path =
     slot = Path(cache) / f"{cfg.name}-{digest}"
     run_dir, export_dir = slot / "run", slot / "export"
     trained_now, seconds = False, None
-    if reuse is not None and not (run_dir / "DONE").is_file():
+    if reuse is not None and not rundir.is_done(run_dir):
         _copy_run(Path(reuse), run_dir, digest)
-    if not (run_dir / "DONE").is_file():
+    if not rundir.is_done(run_dir):
         progress(f"training {config_path} {' '.join(overrides)} into {_rel(run_dir)} (cached for later runs)")
         start = time.perf_counter()
         command = emformer_command("train", str(REPO / config_path), *overrides, "wandb.mode=disabled",
@@ -274,8 +276,8 @@ def trained_model(config_path: str, overrides: Sequence[str] = (), cache: Path =
     if not (export_dir / "config.json").is_file():
         from emformer.train.export.command import export_run
 
-        export_run(run_dir, export_dir, which="best" if (run_dir / "checkpoints" / "best.ckpt").exists() else "last")
-    done = json.loads((run_dir / "DONE").read_text())
+        export_run(run_dir, export_dir, which="best" if rundir.checkpoint_path(run_dir, "best").exists() else "last")
+    done = rundir.read_done(run_dir)
     return TrainedModel(config_path=config_path, overrides=list(overrides), config_hash=digest, run_dir=run_dir,
                         export_dir=export_dir, trained_now=trained_now, train_seconds=seconds,
                         val=done.get("val") or {}, eval_episodes=int(cfg.eval.episodes))
@@ -286,9 +288,9 @@ def _copy_run(source: Path, run_dir: Path, digest: str) -> None:
 
     from emformer.train.config import config_hash
 
-    if not (source / "DONE").is_file():
+    if not rundir.is_done(source):
         raise RuntimeError(f"--reuse-run {source}: not a finished run directory (no DONE file)")
-    theirs = config_hash(OmegaConf.to_container(OmegaConf.load(source / "config.yaml"), resolve=True))
+    theirs = config_hash(OmegaConf.to_container(OmegaConf.load(rundir.config_path(source)), resolve=True))
     if theirs != digest:
         raise RuntimeError(f"--reuse-run {source}: config hash {theirs}, but the benchmark needs {digest}; "
                            f"train the reference config instead (or let the benchmark do it)")

@@ -28,6 +28,7 @@ from typing import Any, Callable, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from emformer.train import rundir  # noqa: E402
 from common import (CACHE, REPO, TrainedModel, gpu_section, machine_info, machine_markdown,  # noqa: E402
                     progress, replace_gpu_section, resolved_hash, save_json, trained_model, usable_cpus,
                     write_report)
@@ -67,8 +68,8 @@ def pick_model(quick: bool, cache: Path, reuse: Optional[Path], full_reference: 
     asked for (--full-reference), else the 1000-step budget run (cached too)."""
     if quick:
         return trained_model(REFERENCE, QUICK_OVERRIDES, cache=cache)
-    full_slot = cache / f"reference-{resolved_hash(REFERENCE, [])}" / "run" / "DONE"
-    if full_slot.is_file() or reuse is not None or full_reference:
+    full_slot = cache / f"reference-{resolved_hash(REFERENCE, [])}" / "run"
+    if rundir.is_done(full_slot) or reuse is not None or full_reference:
         return trained_model(REFERENCE, [], cache=cache, reuse=reuse)
     progress("no cached full reference run: training the 1000-step budget run (--full-reference or "
              "--reuse-run RUN for the full one)")

@@ -49,13 +49,9 @@ from emformer.atomic import sha256_file
 from emformer.data import inits
 from emformer.errors import CheckpointError, ConfigError, DataError
 from emformer.models import baselines
+from emformer.models.export_format import CONFIG_FILE, WEIGHTS_FILE, read_export_config
 from emformer.models.transformer import ClusterTransformer, TransformerConfig
 
-EXPORT_FORMAT = "emformer-export"
-EXPORT_FORMAT_VERSION = 1
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-ONNX_FILE = "model.onnx"
 INIT_MODES = inits.POINT_INITS
 STANDARDIZE_MODES = (True, False, "isotropic", "features")
 DEFAULT_INIT_ITERS = 10
@@ -116,30 +112,6 @@ def resolve_model_dir(model: str | Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------- loading exports
-def read_export_config(model_dir: str | Path) -> dict[str, Any]:
-    """config.json of an export directory, checked for format and version."""
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise CheckpointError(f"{model_dir}: no such export directory (make one with `emformer export RUN_DIR --out DIR`)")
-    path = model_dir / CONFIG_FILE
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing; {model_dir} is not an emformer export (`emformer export` writes it)")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(config, dict) or config.get("format") != EXPORT_FORMAT:
-        raise CheckpointError(f"{path}: expected 'format': '{EXPORT_FORMAT}', got {config.get('format') if isinstance(config, dict) else config!r}")
-    version = config.get("format_version")
-    if not isinstance(version, int) or version > EXPORT_FORMAT_VERSION:
-        raise CheckpointError(f"{path}: format_version {version!r} is not supported by this emformer "
-                              f"(reads up to {EXPORT_FORMAT_VERSION}); upgrade emformer")
-    for key in ("architecture", "task", "supported"):
-        if not isinstance(config.get(key), dict):
-            raise CheckpointError(f"{path}: missing the '{key}' section")
-    return config
-
-
 def load_exported_model(model_dir: str | Path, device: str | torch.device = "cpu",
                         config: Optional[dict[str, Any]] = None) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Rebuild the ClusterTransformer of an export and load its weights, checking every file against config.json."""

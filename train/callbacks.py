@@ -34,8 +34,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from emformer.errors import EmformerError
-from emformer.train.checkpoints import BEST, LAST, checkpoint_dir, save_atomic
+from emformer.train.checkpoints import save_atomic
 from emformer.train.config import RunConfig
+from emformer.train.rundir import BEST, LAST, checkpoint_dir
 from emformer.train.tracking import Tracker
 
 CRASH_ENV = "EMFORMER_CRASH_AT_STEP"

@@ -1,13 +1,19 @@
-"""Checkpoint files of a run: where they live, atomic saving, and checks before resuming.
+"""Checkpoint files of a run: the one reader of Lightning and DeepSpeed checkpoints (for resume and export),
+atomic saving, and the check before resuming.
 
-`checkpoints/last.ckpt` and `checkpoints/best.ckpt` are Lightning checkpoints (a file; a directory under
-DeepSpeed). Saving goes to a temporary name first and is renamed into place, so a crash mid-save leaves the
-previous checkpoint intact. Before resuming, `check_resumable` loads the file with weights_only=True and
-compares every tensor shape with the model about to be trained, so a mismatch fails with the file and the
-tensor named instead of deep inside Lightning.
+`checkpoints/last.ckpt` and `checkpoints/best.ckpt` (paths: train/rundir.py) are Lightning checkpoints (a
+file; a directory under DeepSpeed). Saving goes to a temporary name first and is renamed into place, so a
+crash mid-save leaves the previous checkpoint intact. Before resuming, `check_resumable` reads the checkpoint
+and compares every tensor shape with the model about to be trained, so a mismatch fails with the file and the
+tensor named instead of deep inside Lightning. `load_checkpoint` gives export (and the report's shift check)
+the model's fp32 weights and run config, consolidating DeepSpeed ZeRO shards with DeepSpeed's zero_to_fp32.
+Lightning and DeepSpeed are never imported for a Lightning checkpoint, and DeepSpeed only for a ZeRO one.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import io
 import os
 import pickle
 import shutil
@@ -15,16 +21,23 @@ import zipfile
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
 
 from emformer.errors import CheckpointError
-
-LAST = "last.ckpt"
-BEST = "best.ckpt"
+from emformer.train.rundir import LAST, checkpoint_dir
 
 
-def checkpoint_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
+@dataclasses.dataclass
+class LoadedCheckpoint:
+    """What an export needs from a training checkpoint, whatever its format."""
+
+    path: Path
+    kind: str  # "lightning" | "deepspeed"
+    state_dict: dict[str, torch.Tensor]  # ClusterTransformer keys ("model." stripped), fp32
+    run_config: dict[str, Any]
+    step: Optional[int]
+    zero_stage: Optional[int] = None
 
 
 def resume_path(run_dir: Path) -> Optional[Path]:
@@ -43,43 +56,20 @@ def resume_path(run_dir: Path) -> Optional[Path]:
     return None
 
 
-def load_checkpoint_file(path: Path) -> dict[str, Any]:
-    """torch.load(weights_only=True) with clear errors for missing / corrupt / foreign files."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: checkpoint not found") from None
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: corrupt or unreadable checkpoint ({first}); "
-                              "delete it to start over, or restore it from a copy") from None
-    if not isinstance(checkpoint, dict):
-        raise CheckpointError(f"{path}: not a Lightning checkpoint (top level is {type(checkpoint).__name__})")
-    return checkpoint
-
-
-def _deepspeed_client_state(path: Path) -> dict[str, Any]:
-    """The Lightning part of a DeepSpeed checkpoint directory (module states file of model-parallel rank 0)."""
-    tag_file = path / "latest"
-    tag = tag_file.read_text().strip() if tag_file.is_file() else "checkpoint"
-    states = path / tag / "mp_rank_00_model_states.pt"
-    if not states.is_file():
-        raise CheckpointError(f"{path}: not a complete DeepSpeed checkpoint (missing {states.relative_to(path)})")
-    try:
-        # DeepSpeed pickles its own objects in here; weights_only cannot read them.
-        return torch.load(states, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - any failure means the same thing to the user
-        raise CheckpointError(f"{states}: corrupt or unreadable DeepSpeed checkpoint ({exc})") from None
-
-
 def check_resumable(path: Path, model: torch.nn.Module, prefix: str = "model.") -> int:
     """Raise CheckpointError unless `path` can resume `model`; return the checkpoint's global step."""
     path = Path(path)
-    if path.is_dir():
-        state = _deepspeed_client_state(path)
-        weights = state.get("module") or {}
-    else:
-        state = load_checkpoint_file(path)
+    try:
+        if path.is_dir():
+            state = _deepspeed_states(path)[2]
+            weights = state.get("module") or {}
+        else:
+            state = _torch_load(path)
+            if not isinstance(state, dict):
+                raise CheckpointError(f"{path}: not a Lightning checkpoint (top level is {type(state).__name__})")
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc}; delete it to start over, or restore it from a copy") from None
+    if not path.is_dir():
         if "state_dict" not in state:
             raise CheckpointError(f"{path}: no 'state_dict' in checkpoint (keys: {sorted(state)[:8]})")
         weights = state["state_dict"]
@@ -134,3 +124,122 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
     elif path.exists() or path.is_symlink():
         path.unlink()
+
+
+def load_checkpoint(path: str | Path) -> LoadedCheckpoint:
+    """Read a Lightning checkpoint file or a DeepSpeed checkpoint directory."""
+    path = Path(path)
+    if path.is_dir():
+        return _load_deepspeed(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file or directory")
+    checkpoint = _torch_load(path)
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise CheckpointError(f"{path}: not a Lightning checkpoint (no 'state_dict')")
+    return LoadedCheckpoint(path=path, kind="lightning", state_dict=_model_weights(checkpoint["state_dict"], path),
+                            run_config=_run_config(checkpoint, path), step=_step(checkpoint))
+
+
+def _torch_load(path: Path, trusted: bool = False) -> Any:
+    """torch.load of a checkpoint file, tensors and plain containers only unless `trusted`."""
+    if not zipfile.is_zipfile(path):  # every torch.save since 1.6 is a zip archive
+        raise CheckpointError(f"{path}: corrupt or unreadable checkpoint (not a torch.save zip archive)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if trusted:
+            # DeepSpeed pickles its own config objects into its files (its zero_to_fp32 loads them with
+            # weights_only=False too); only used for the model-states file of a DeepSpeed checkpoint.
+            return torch.load(path, map_location="cpu", weights_only=False)
+        lines = str(exc).splitlines()
+        reason = next((line.strip() for line in lines if "Unsupported global" in line), lines[0] if lines else "")
+        raise CheckpointError(f"{path}: holds objects other than tensors and plain containers, refused for safety "
+                              f"({reason})") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as exc:
+        raise CheckpointError(f"{path}: corrupt or unreadable checkpoint ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+
+
+def _model_weights(state_dict: dict[str, Any], where: Path) -> dict[str, torch.Tensor]:
+    """The ClusterTransformer's tensors: keys under `model.` (wrapper prefixes removed), as fp32."""
+    out = {}
+    for key, value in state_dict.items():
+        for prefix in ("_forward_module.", "module."):
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        if key.startswith("model.") and isinstance(value, torch.Tensor):
+            out[key[len("model."):]] = value.detach().to("cpu", torch.float32)
+    if not out:
+        raise CheckpointError(f"{where}: no weights under the 'model.' prefix (keys: {sorted(state_dict)[:5]} ...)")
+    return out
+
+
+def _run_config(checkpoint: dict[str, Any], where: Path) -> dict[str, Any]:
+    config = (checkpoint.get("hyper_parameters") or {}).get("config")
+    if not isinstance(config, dict) or "task" not in config or "model" not in config:
+        raise CheckpointError(f"{where}: hyper_parameters['config'] is missing or has no task/model sections; "
+                              f"was it written by `emformer train`?")
+    return config
+
+
+def _step(checkpoint: dict[str, Any]) -> Optional[int]:
+    step = checkpoint.get("global_step")
+    return int(step) if isinstance(step, (int, np.integer)) or (isinstance(step, torch.Tensor) and step.numel() == 1) else None
+
+
+def _deepspeed_states(path: Path) -> tuple[str, Path, dict[str, Any]]:
+    """A DeepSpeed checkpoint directory as Lightning's DeepSpeedStrategy writes it: `latest` names the tag
+    folder (Lightning uses "checkpoint"), which holds the client state in mp_rank_00_model_states.pt
+    (ZeRO-3: zero_pp_rank_0_mp_rank_00_model_states.pt) and the fp32 partitions in *_optim_states.pt.
+    Returns (tag, model-states file, client state)."""
+    latest = path / "latest"
+    if latest.is_file():
+        tag = latest.read_text().strip()
+    else:
+        tags = sorted(p.name for p in path.iterdir() if p.is_dir() and any(p.glob("*model_states.pt")))
+        if len(tags) != 1:
+            raise CheckpointError(f"{path}: a directory but not a DeepSpeed checkpoint (no 'latest' file and "
+                                  f"{len(tags)} folders holding *model_states.pt)")
+        tag = tags[0]
+    tag_dir = path / tag
+    candidates = [tag_dir / "mp_rank_00_model_states.pt", tag_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt"]
+    states_file = next((c for c in candidates if c.is_file()), None)
+    if states_file is None:
+        raise CheckpointError(f"{tag_dir}: no model-states file ({', '.join(c.name for c in candidates)})")
+    return tag, states_file, _torch_load(states_file, trusted=True)
+
+
+def _load_deepspeed(path: Path) -> LoadedCheckpoint:
+    """A DeepSpeed checkpoint directory, consolidated to fp32 weights (zero_to_fp32) when it holds ZeRO shards."""
+    tag, states_file, client = _deepspeed_states(path)
+    tag_dir = states_file.parent
+    run_config = _run_config(client, states_file)
+    zero_stage = None
+    if any(tag_dir.glob("*_optim_states.pt")):
+        try:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        except ImportError as exc:
+            raise CheckpointError(f"{path}: a DeepSpeed ZeRO checkpoint; exporting it needs deepspeed "
+                                  f"(`pip install emformer[deepspeed]`): {exc}") from None
+        # zero_to_fp32 prints a line per step and two progress bars; keep them for the error message only.
+        chatter = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+                state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=tag)
+        except (FileNotFoundError, ValueError, KeyError, RuntimeError, AssertionError) as exc:
+            raise CheckpointError(f"{path}: DeepSpeed could not consolidate the ZeRO shards ({exc}); "
+                                  f"its output: {' | '.join(chatter.getvalue().split(chr(10))[-3:])}") from None
+        zero_stage = _zero_stage(client)
+    elif isinstance(client.get("module"), dict):
+        state = client["module"]  # no ZeRO partitions: the full weights are in the model states
+    else:
+        raise CheckpointError(f"{states_file}: no weights ('module') and no *_optim_states.pt shards beside it")
+    return LoadedCheckpoint(path=path, kind="deepspeed", state_dict=_model_weights(state, path), run_config=run_config,
+                            step=_step(client), zero_stage=zero_stage)
+
+
+def _zero_stage(client: dict[str, Any]) -> Optional[int]:
+    ds_config = client.get("ds_config")
+    try:
+        return int(ds_config["zero_optimization"]["stage"])  # type: ignore[index]
+    except (TypeError, KeyError, ValueError):
+        return None

@@ -1,7 +1,7 @@
 """The `emformer` console script: one subcommand per module, imported only when it runs.
 
 Each command module exposes `add_arguments(parser)` and `run(args) -> int`. Importing lazily keeps light
-commands (`generate`, `cluster`, `status`) free of lightning's ~3 s import.
+commands (`generate`, `cluster`, `status`) free of lightning's slow import.
 """
 from __future__ import annotations
 

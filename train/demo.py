@@ -2,24 +2,26 @@
 
 Runs the repository's configs/sweeps/demo.yaml through the local sweep backend: the sample-complexity check
 of DESIGN §3 (N = 512..8192 pool episodes plus fresh episodes) and a depth trend (L = 1, 2, 4 at N = ∞), 2 seeds,
-18 CPU runs of 1000 steps, 2 at a time with one thread each, about 10 minutes on 2 cores. Then it runs
+18 CPU runs of 1000 steps, 2 at a time with one thread each (README gives the time it took). Then it runs
 `emformer report` on the sweep and prints where report.md is, its summary table, and every verdict tagged with
 the seeds it rests on (2: indicative only, below the study's bar of 5; `emformer study` makes the real figures).
-The best run (selected on the eval set) is exported and its figures printed on the test set (eval.test_seed). The spec is found next to
-the installed package (an editable install of a checkout), so the demo runs from any working directory; its
-output goes to ./demo (gitignored in the repository). Re-running it skips finished runs and resumes unfinished
-ones (the sweep's own behaviour), so an interrupted demo continues where it stopped. `--quick` runs
+The best run (selected on the eval set) is exported and its figures printed on the test set (eval.test_seed).
+The spec is found next to the installed package (an editable install of a checkout), so the demo runs from any
+working directory; its output goes to ./demo (gitignored in the repository). Re-running it skips finished runs
+and resumes unfinished ones (the sweep's own behaviour), so an interrupted demo continues where it stopped. `--quick` runs
 configs/sweeps/demo_quick.yaml instead: 4 tiny runs that check the whole path (what the tests use); its
 numbers mean nothing.
 """
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any, Optional
 
 from emformer.errors import ConfigError
+from emformer.models.export_format import read_export_config
+from emformer.train import rundir
+from emformer.train.export.command import export_run
 from emformer.train.report import command as report
 from emformer.train.report import scaling
 from emformer.train.study import configs_dir, train_and_report
@@ -40,15 +42,12 @@ def spec_path(quick: bool) -> Path:
 def export_best(sweep: Any, out: Path) -> Optional[Path]:
     """Export the finished run with the lowest final val err (selection on the eval set; the export then
     reports its figures on the test set)."""
-    from emformer.train.export.command import export_run  # torch (~2 s): only once the sweep has run
-
     best: Optional[tuple[float, Path]] = None
     for point in sweep.points:
         run_dir = sweep.run_dir(point)
-        done = run_dir / "DONE"
-        if not done.is_file():
+        if not rundir.is_done(run_dir):
             continue
-        err = json.loads(done.read_text()).get("val", {}).get("err")
+        err = (rundir.read_done(run_dir).get("val") or {}).get("err")
         if err is not None and (best is None or err < best[0]):
             best = (float(err), run_dir)
     if best is None:
@@ -74,7 +73,7 @@ def verdict_lines(result: Any, seeds: int) -> list[str]:
 
 def test_summary(model_dir: Path) -> str:
     """The exported model's figures on its test set (eval.test_seed), from the export's config.json."""
-    row = json.loads((model_dir / "config.json").read_text()).get("eval") or {}
+    row = read_export_config(model_dir).get("eval") or {}
     if row.get("split") != "test":
         return "no test-set figures in the export"
     return (f"on its test set (eval.test_seed = {row['seed']}, {row['episodes']} episodes; selected on the eval set): "

@@ -1,6 +1,7 @@
 """`emformer train CONFIG [key=value ...] [--run-dir DIR]`: pre-train one transformer (DESIGN §4).
 
-setup (config, run dir, resume checks, meta) -> the Lightning fit -> finish (DONE, curves). A run directory
+setup (checks: the run dir's config, DONE, hardware, shards) -> build (model, resume check, config + meta,
+tracker, trainer) -> fit (Lightning) -> finish (curves, DONE). A run directory
 that has DONE is left alone; one that has checkpoints/last.ckpt resumes from it (same optimizer, scheduler,
 data-stream position and RNG state). Under DDP Lightning re-executes this command for the other local ranks,
 so everything before `trainer.fit` must be safe to run on every rank (only rank 0 writes).
@@ -8,7 +9,8 @@ so everything before `trainer.fit` must be safe to run on every rank (only rank 
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
+import logging
 import os
 import platform
 import socket
@@ -16,22 +18,22 @@ import subprocess
 import sys
 import time
 import warnings
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Optional
 
-from emformer.version import __version__
-from emformer.atomic import atomic_write_json
+import torch
+from omegaconf import OmegaConf
+
 from emformer.data.shards import verify_shards
 from emformer.errors import ConfigError
-from emformer.train import strategies
+from emformer.train import rundir, strategies
 from emformer.train.checkpoints import check_resumable, resume_path
 from emformer.train.cli import add_config_arguments
-from emformer.train.config import RunConfig, config_hash, load_run_config, run_name, save_yaml, schema_help, to_dict
+from emformer.train.config import RunConfig, config_hash, load_run_config, run_name, schema_help, to_dict
 from emformer.train.tracking import Tracker, plot_curves
+from emformer.version import __version__
 
-DONE_FILE = "DONE"
-META_FILE = "meta.json"
-CURVES_FILE = "curves.png"
 SLURM_KEYS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_NAME", "SLURM_NODELIST",
               "SLURM_NTASKS", "SLURM_NNODES", "SLURM_RESTART_COUNT", "SLURM_CLUSTER_NAME")
 
@@ -62,30 +64,76 @@ def is_global_zero() -> bool:
     return int(os.environ.get("NODE_RANK", 0)) == 0 and int(os.environ.get("LOCAL_RANK", 0)) == 0
 
 
+@dataclasses.dataclass
+class Hardware:
+    """What setup resolved from trainer.* and the machine."""
+
+    accelerator: str
+    precision: str
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything build made, for fit and finish."""
+
+    cfg: RunConfig
+    run_dir: Path
+    is_zero: bool
+    module: Any  # ClusterModule
+    trainer: Any  # lightning.Trainer
+    datamodule: Any  # EpisodeDataModule
+    checkpoint: Optional[Path]  # last.ckpt to resume from
+    tracker: Tracker
+    control: Any  # RunControl
+
+
 def train(cfg: RunConfig, run_dir: Path) -> int:
     """Train (or resume, or skip a finished) run of `cfg` in `run_dir`; 0 when done or preempted."""
     run_dir = Path(run_dir)
     is_zero = is_global_zero()
+    hardware = setup(cfg, run_dir, is_zero)
+    if hardware is None:
+        return 0
+    run = build(cfg, run_dir, hardware, is_zero)
+    exit_code = 1
+    try:
+        fit(run)
+        exit_code = 0
+    finally:
+        finish(run, exit_code)
+    if run.control.preempted:
+        if run.trainer.is_global_zero:
+            requeue()
+        return 0
+    if run.trainer.is_global_zero and run.control.last_val:
+        _say_done(run)
+    return 0
+
+
+def setup(cfg: RunConfig, run_dir: Path, is_zero: bool) -> Optional[Hardware]:
+    """Checks before anything is built or written: the run dir's config, DONE, the hardware, the shards.
+    None when the run is already finished."""
     # First: a run dir belongs to one config, finished or not (a finished one must not pass for another's).
     _check_same_config(run_dir, cfg)
-    done = run_dir / DONE_FILE
-    if done.is_file():
+    if rundir.is_done(run_dir):
         if is_zero:
             print(f"emformer train: {run_dir} is finished (DONE); nothing to do")
-        return 0
-
+        return None
     accelerator = strategies.resolve_accelerator(str(cfg.trainer.accelerator))
     precision = strategies.resolve_precision(str(cfg.trainer.precision), accelerator)
     strategies.check_devices(int(cfg.trainer.devices), accelerator)
     _check_data(cfg)
     if int(cfg.trainer.threads) > 0:
-        import torch
-
         torch.set_num_threads(int(cfg.trainer.threads))
+    return Hardware(accelerator, precision)
 
+
+def build(cfg: RunConfig, run_dir: Path, hardware: Hardware, is_zero: bool) -> Run:
+    """The model (checked against a checkpoint to resume), the run dir's config and meta, the tracker and
+    the Lightning trainer with its callbacks."""
     _quiet_lightning()
-    # Heavy (lightning, ~3 s), so imported once the run is known to train: a finished run and --help-config
-    # answer at once. The three modules below import lightning.
+    # Heavy (lightning), so imported once the run is known to train: a finished run and --help-config answer
+    # at once. The three modules below import lightning.
     import lightning as L
 
     from emformer.data.datamodule import EpisodeDataModule
@@ -96,18 +144,17 @@ def train(cfg: RunConfig, run_dir: Path) -> int:
     L.seed_everything(int(cfg.trainer.seed), workers=True, verbose=False)
     module = ClusterModule(config)
     params = module.model.num_parameters()
-
-    ckpt = resume_path(run_dir)
-    resumed_from = check_resumable(ckpt, module.model) if ckpt is not None else None
-    meta = _meta(run_dir, params, resumed_from, accelerator, precision, cfg)
+    checkpoint = resume_path(run_dir)
+    resumed_from = check_resumable(checkpoint, module.model) if checkpoint is not None else None
+    meta = _meta(run_dir, params, resumed_from, hardware, cfg)
     if is_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_yaml(cfg, run_dir / "config.yaml")
-        atomic_write_json(run_dir / META_FILE, meta)
+        rundir.write_config(run_dir, cfg)
+        rundir.write_meta(run_dir, meta)
         where = f"resuming from step {resumed_from}" if resumed_from is not None else "from scratch"
-        print(f"emformer train: {run_dir} ({where}): {params:,} parameters, {accelerator} x "
+        print(f"emformer train: {run_dir} ({where}): {params:,} parameters, {hardware.accelerator} x "
               f"{int(cfg.trainer.devices) * int(cfg.trainer.num_nodes)}, strategy {cfg.strategy.name}, "
-              f"precision {precision}", file=sys.stderr, flush=True)
+              f"precision {hardware.precision}", file=sys.stderr, flush=True)
 
     tracker = Tracker(run_dir, dict(config["wandb"]), config, name=run_dir.name, meta=meta) if is_zero \
         else Tracker.null()
@@ -116,8 +163,8 @@ def train(cfg: RunConfig, run_dir: Path) -> int:
     control = RunControl(run_dir, cfg, tracker, preemption)
     progress = StepProgress(int(cfg.trainer.max_steps), enabled=bool(cfg.trainer.progress) and is_zero)
     trainer = L.Trainer(
-        accelerator=accelerator, devices=int(cfg.trainer.devices), num_nodes=int(cfg.trainer.num_nodes),
-        strategy=strategies.build_strategy(cfg, accelerator), precision=precision,
+        accelerator=hardware.accelerator, devices=int(cfg.trainer.devices), num_nodes=int(cfg.trainer.num_nodes),
+        strategy=strategies.build_strategy(cfg, hardware.accelerator), precision=hardware.precision,
         max_steps=int(cfg.trainer.max_steps), max_epochs=-1,
         gradient_clip_val=float(cfg.optim.grad_clip) or None, gradient_clip_algorithm="norm",
         callbacks=[progress, control], plugins=_slurm_plugins(),
@@ -125,30 +172,37 @@ def train(cfg: RunConfig, run_dir: Path) -> int:
         num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False,
         deterministic=False, default_root_dir=str(run_dir),
     )
-    exit_code = 1
-    try:
-        trainer.fit(module, datamodule=EpisodeDataModule(cfg.task, cfg.data), ckpt_path=str(ckpt) if ckpt else None,
-                    weights_only=False if ckpt is not None and ckpt.is_dir() else True)
-        exit_code = 0
-    finally:
-        if trainer.is_global_zero:
-            curves = plot_curves(run_dir / "metrics.jsonl", run_dir / CURVES_FILE) if exit_code == 0 else None
-            finished = exit_code == 0 and not control.preempted and trainer.global_step >= int(cfg.trainer.max_steps)
-            if finished:
-                atomic_write_json(done, {"step": trainer.global_step, "val": control.last_val,
-                                         "finished_at": _now(), "run_dir": str(run_dir)})
-            tracker.finish(control.last_val if finished else None, curves, exit_code=exit_code)
-    if control.preempted:
-        if trainer.is_global_zero:
-            requeue()
-        return 0
-    if trainer.is_global_zero and control.last_val:
-        val = control.last_val
-        print(f"emformer train: done at step {trainer.global_step}: val loss {val['loss']:.4f}, err "
-              f"{val['err']:.4f} (anchored {val['err_anchored']:.4f}); EM {val.get('err_em', float('nan')):.4f} "
-              f"(anchored {val.get('err_em_anchored', float('nan')):.4f}), oracle "
-              f"{val.get('err_oracle', float('nan')):.4f} -> {run_dir}", file=sys.stderr)
-    return 0
+    return Run(cfg, run_dir, is_zero, module, trainer, EpisodeDataModule(cfg.task, cfg.data), checkpoint, tracker, control)
+
+
+def fit(run: Run) -> None:
+    """Lightning's fit, from last.ckpt when there is one (a DeepSpeed checkpoint directory holds pickled
+    DeepSpeed objects, so it cannot be read weights-only)."""
+    checkpoint = run.checkpoint
+    run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=str(checkpoint) if checkpoint else None,
+                    weights_only=False if checkpoint is not None and checkpoint.is_dir() else True)
+
+
+def finish(run: Run, exit_code: int) -> None:
+    """On rank 0: the curves plot, DONE when the run reached max_steps (not when preempted or failed), and
+    the tracker's summary."""
+    trainer, control, run_dir = run.trainer, run.control, run.run_dir
+    if not trainer.is_global_zero:
+        return
+    curves = plot_curves(run_dir, rundir.curves_path(run_dir)) if exit_code == 0 else None
+    finished = exit_code == 0 and not control.preempted and trainer.global_step >= int(run.cfg.trainer.max_steps)
+    if finished:
+        rundir.write_done(run_dir, {"step": trainer.global_step, "val": control.last_val,
+                                    "finished_at": _now(), "run_dir": str(run_dir)})
+    run.tracker.finish(control.last_val if finished else None, curves, exit_code=exit_code)
+
+
+def _say_done(run: Run) -> None:
+    val = run.control.last_val
+    print(f"emformer train: done at step {run.trainer.global_step}: val loss {val['loss']:.4f}, err "
+          f"{val['err']:.4f} (anchored {val['err_anchored']:.4f}); EM {val.get('err_em', float('nan')):.4f} "
+          f"(anchored {val.get('err_em_anchored', float('nan')):.4f}), oracle "
+          f"{val.get('err_oracle', float('nan')):.4f} -> {run.run_dir}", file=sys.stderr)
 
 
 def requeue() -> None:
@@ -167,7 +221,7 @@ def requeue() -> None:
 
 def _slurm_plugins() -> Optional[list[Any]]:
     """Under SLURM, Lightning's environment without its own auto-requeue: our SIGUSR1 handler owns it."""
-    from lightning.pytorch.plugins.environments import SLURMEnvironment
+    from lightning.pytorch.plugins.environments import SLURMEnvironment  # lightning loads in build (see there)
 
     if SLURMEnvironment.detect():
         return [SLURMEnvironment(auto_requeue=False)]
@@ -190,11 +244,9 @@ def _check_data(cfg: RunConfig) -> None:
 
 def _check_same_config(run_dir: Path, cfg: RunConfig) -> None:
     """A run dir belongs to one config: refuse to continue it with a different one (nothing overwritten)."""
-    saved = run_dir / "config.yaml"
+    saved = rundir.config_path(run_dir)
     if not saved.is_file():
         return
-    from omegaconf import OmegaConf
-
     try:
         old = OmegaConf.to_container(OmegaConf.load(saved), resolve=True)
     except Exception as exc:  # noqa: BLE001
@@ -204,18 +256,11 @@ def _check_same_config(run_dir: Path, cfg: RunConfig) -> None:
                           f"{config_hash(cfg)}); use another --run-dir, or the same config to resume")
 
 
-def _meta(run_dir: Path, params: int, resumed_from: Optional[int], accelerator: str, precision: str,
+def _meta(run_dir: Path, params: int, resumed_from: Optional[int], hardware: Hardware,
           cfg: RunConfig) -> dict[str, Any]:
-    import lightning  # heavy: only a run that trains gets here
-    import torch
+    import lightning  # heavy: loaded by build already, only for a run that trains (see there)
 
-    previous: dict[str, Any] = {}
-    path = run_dir / META_FILE
-    if path.is_file():
-        try:
-            previous = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            previous = {}
+    previous = rundir.read_meta(run_dir)
     starts = list(previous.get("starts", []))
     starts.append({"time": _now(), "step": resumed_from or 0, "host": socket.gethostname(),
                    "slurm_job_id": os.environ.get("SLURM_JOB_ID")})
@@ -226,16 +271,15 @@ def _meta(run_dir: Path, params: int, resumed_from: Optional[int], accelerator: 
     return {
         "run_name": run_dir.name, "config_hash": config_hash(cfg), "git_commit": _git_commit(),
         "param_count": params, "host": socket.gethostname(), "platform": platform.platform(),
-        "accelerator": accelerator, "devices": int(cfg.trainer.devices), "num_nodes": int(cfg.trainer.num_nodes),
-        "strategy": str(cfg.strategy.name), "precision": precision, "versions": versions,
+        "accelerator": hardware.accelerator, "devices": int(cfg.trainer.devices),
+        "num_nodes": int(cfg.trainer.num_nodes),
+        "strategy": str(cfg.strategy.name), "precision": hardware.precision, "versions": versions,
         "slurm": {key: os.environ[key] for key in SLURM_KEYS if key in os.environ},
         "created_at": previous.get("created_at", _now()), "starts": starts, "argv": sys.argv,
     }
 
 
 def _dist_version(name: str) -> Optional[str]:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version(name)
     except PackageNotFoundError:
@@ -258,8 +302,6 @@ def _now() -> str:
 
 def _quiet_lightning() -> None:
     """Lightning's advice about workers, iterable datasets and tips does not apply to this stream."""
-    import logging
-
     for pattern in (".*does not have many workers.*", ".*IterableDataset.*", ".*LeafSpec.*",
                     ".*train_dataloader.*", ".*Total length of.*", ".*torch.cuda.amp.*", ".*treespec.*",
                     ".*could not determine.*", ".*srun.*", ".*Checkpoint directory.*", ".*_pytree.*",

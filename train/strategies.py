@@ -4,7 +4,7 @@
 - `ddp`: gloo on CPU, NCCL on GPU, any devices/nodes (one process too with `strategy.single_process_ddp`,
   which checks NCCL and the DDP wrapper on a single GPU);
 - `deepspeed_zero{1,2,3}`: Lightning's DeepSpeedStrategy. Lightning refuses it on CPU; `CPUDeepSpeedStrategy`
-  lifts that check (and skips compiling DeepSpeed's shared-memory comm op on CPU, ~20 s), so ZeRO runs on
+  lifts that check (and skips DeepSpeed's slow compile of its shared-memory comm op on CPU), so ZeRO runs on
   CPU ranks over gloo, which is how the tests cover this path. The optimizer stays a plain torch AdamW.
 """
 from __future__ import annotations
@@ -145,7 +145,7 @@ def _cpu_deepspeed_class() -> Any:
 
 
 def _skip_shm_comm_op() -> None:
-    """DeepSpeed's CPU backend compiles a shared-memory allreduce op at init (~20 s); gloo does without it."""
+    """DeepSpeed's CPU backend compiles a shared-memory allreduce op at init (slow); gloo does without it."""
     import importlib
 
     try:

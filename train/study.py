@@ -5,7 +5,7 @@ heads M and separation Δ; its header states the sizing) through the local sweep
 writes the report to OUT/report (report.md and the PNGs). Resumable: a re-run skips every run with DONE and
 resumes unfinished ones from checkpoints/last.ckpt, so an interrupted study loses at most one checkpoint
 interval per run. A finished run is recognised by its config.yaml and DONE alone (no checkpoint needed), so
-the committed copy in docs/study/ (small files only: config.yaml, meta.json, metrics.jsonl, DONE) is skipped
+the committed copy in docs/study/ (the run dirs' small files only: config, meta, metrics log, DONE) is skipped
 by `emformer study --out docs/study`, and `emformer report docs/study/sweep --out docs/study/report` rebuilds
 the same report from a fresh clone without training.
 """

@@ -1,81 +1,20 @@
-"""Where a run's numbers go: `metrics.jsonl` always, wandb when asked, and a curves plot at the end.
+"""Where a run's numbers go: the run's metrics log always, wandb when asked, and a curves plot at the end.
 
-Only global rank 0 writes (the callers check). `metrics.jsonl` is append-only, one JSON object per line,
-flushed per row so a killed run loses nothing it had logged; on resume rows after the restored step are
-dropped (the file is rewritten atomically), so a step never appears twice. wandb runs offline by default
-(no network here), keeps its files under `<run_dir>/wandb/` and reuses the id stored in `<run_dir>/wandb_id`,
-so a requeued job continues the same wandb run.
+Only global rank 0 writes (the callers check). The metrics log (rundir.MetricsLog) is append-only, one JSON
+object per line, flushed per row so a killed run loses nothing it had logged; on resume rows after the
+restored step are dropped (the file is rewritten atomically), so a step never appears twice. wandb runs
+offline by default (no network here), keeps its files under `<run_dir>/wandb/` and reuses the id stored in
+`<run_dir>/wandb_id`, so a requeued job continues the same wandb run.
 """
 from __future__ import annotations
 
-import json
-import math
 import os
 import secrets
 from pathlib import Path
 from typing import Any, Optional
 
 from emformer.atomic import atomic_write_text
-
-METRICS_FILE = "metrics.jsonl"
-WANDB_ID_FILE = "wandb_id"
-
-
-def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Rows of a metrics.jsonl; a torn last line (a crash mid-write) is skipped."""
-    rows = []
-    path = Path(path)
-    if not path.is_file():
-        return rows
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
-
-
-def _clean(value: Any) -> Any:
-    """JSON has no NaN/inf: write them as null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-class MetricsLog:
-    """metrics.jsonl: append rows, flush each; `truncate_after(step)` on resume."""
-
-    def __init__(self, run_dir: Path) -> None:
-        self.path = Path(run_dir) / METRICS_FILE
-        self._handle: Any = None
-
-    def truncate_after(self, step: int) -> int:
-        """Drop rows with step > `step` (rewritten atomically); return how many were dropped."""
-        if not self.path.is_file():
-            return 0
-        rows = read_metrics(self.path)
-        kept = [row for row in rows if int(row.get("step", 0)) <= step]
-        dropped = len(rows) - len(kept)
-        text = "".join(json.dumps(row) + "\n" for row in kept)
-        if dropped or text != self.path.read_text():  # also repairs a torn last line
-            self.close()
-            atomic_write_text(self.path, text)
-        return dropped
-
-    def append(self, row: dict[str, Any]) -> None:
-        if self._handle is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._handle = open(self.path, "a")
-        self._handle.write(json.dumps({key: _clean(value) for key, value in row.items()}) + "\n")
-        self._handle.flush()
-
-    def close(self) -> None:
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
+from emformer.train.rundir import WANDB_ID, MetricsLog, read_metrics
 
 
 class WandbRun:
@@ -91,7 +30,7 @@ class WandbRun:
         os.environ.setdefault("WANDB_SILENT", "true")
         import wandb
 
-        id_file = Path(run_dir) / WANDB_ID_FILE
+        id_file = Path(run_dir) / WANDB_ID
         run_id = id_file.read_text().strip() if id_file.is_file() else ""
         if not run_id:
             run_id = secrets.token_hex(4)
@@ -136,7 +75,7 @@ class WandbRun:
 
 
 class Tracker:
-    """metrics.jsonl + wandb behind one `log(row)`; rank 0 creates it, other ranks use `Tracker.null()`."""
+    """The metrics log + wandb behind one `log(row)`; rank 0 creates it, other ranks use `Tracker.null()`."""
 
     def __init__(self, run_dir: Path, wandb_cfg: Optional[dict[str, Any]] = None,
                  config: Optional[dict[str, Any]] = None, name: str = "run",
@@ -182,9 +121,9 @@ class Tracker:
             self.wandb.finish(exit_code)
 
 
-def plot_curves(metrics_path: str | os.PathLike, out_path: str | os.PathLike) -> Optional[Path]:
-    """Loss (train, val, train-set eval) and error (model vs EM / Lloyd / oracle) against step, as a PNG."""
-    rows = read_metrics(metrics_path)
+def plot_curves(run_dir: str | os.PathLike, out_path: str | os.PathLike) -> Optional[Path]:
+    """From the run's metrics: loss (train, val, train-set eval) and error (model vs EM / Lloyd / oracle) against step, as a PNG."""
+    rows = read_metrics(run_dir)
     train = [r for r in rows if r.get("split") == "train" and r.get("loss") is not None]
     val = [r for r in rows if r.get("split") == "val" and r.get("loss") is not None]
     if not train and not val:

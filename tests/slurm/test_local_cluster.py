@@ -20,8 +20,8 @@ import pytest
 
 from emformer.slurm import launcher
 from emformer.train.cli import main
-from emformer.train.sweep.status import point_statuses
 from emformer.train.sweep.spec import load_sweep
+from emformer.train.sweep.status import point_statuses
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 

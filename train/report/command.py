@@ -1,6 +1,6 @@
 """`emformer report SWEEP_DIR [SWEEP_DIR ...] [--out DIR]`: check a sweep against the theory (DESIGN §3).
 
-Reads every run's config.yaml and metrics.jsonl (no wandb needed) and writes `report.md` with PNG figures:
+Reads every run's config and metrics log through train/rundir.py (no wandb needed) and writes `report.md` with PNG figures:
 training curves, the sample-complexity check (excess test loss and train/test gap against N, slope with a
 bootstrap interval over seeds, against b ≤ −1/2), err against depth and heads at the largest N, err against
 the separation Δ (slope of log err against Δ², theory −1/8), and model-vs-EM per setting outside the theory.
@@ -25,6 +25,7 @@ from typing import Any, Optional, Sequence
 
 from emformer.atomic import atomic_write_text
 from emformer.errors import ConfigError
+from emformer.train import rundir
 from emformer.train.report import checks
 from emformer.train.report import records, scaling
 from emformer.train.report import shift as report_shift
@@ -400,7 +401,7 @@ def _beyond_section(rows: Optional[list[checks.SettingRow]]) -> list[str]:
 
 def _rules_section() -> list[str]:
     return ["## Rules (exactly what is computed)", "",
-            "- Values are from each run's last val row (highest step) in metrics.jsonl; a point is the set of runs "
+            f"- Values are from each run's last val row (highest step) in {rundir.METRICS}; a point is the set of runs "
             "with equal configs up to trainer.seed / data.seed, and its value is the mean over those seeds.",
             "- N = data.pool_size for data.source=pool, ∞ for data.source=fresh.",
             "- Slopes are least-squares fits on seed means. 95% intervals, named next to each: with ≥ "

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 from emformer.data.tasks import TaskSpec
 from emformer.errors import ConfigError, EmformerError
+from emformer.train import rundir
 from emformer.train.config import to_run_config
 from emformer.train.scoring import held_out_test_seed, score_model
 
@@ -62,9 +63,9 @@ class ShiftResult:
 
 
 def _checkpoint(run_dir: Path) -> Path:
-    for name in ("best.ckpt", "last.ckpt"):
-        if (run_dir / "checkpoints" / name).exists():
-            return run_dir / "checkpoints" / name
+    path = rundir.best_or_last_checkpoint(run_dir)
+    if path is not None:
+        return path
     raise ConfigError(f"{run_dir}: no checkpoints/best.ckpt or last.ckpt to evaluate at test time")
 
 
@@ -73,7 +74,7 @@ def evaluate_shift(run_dir: Path, shift: Shift, config: dict[str, Any]) -> Shift
     reported after selection is never scored on the episodes the checkpoint was selected on."""
     # torch and the models (~2 s of CPU to import): only `report --test-shift` evaluates models.
     from emformer.models.transformer import ClusterTransformer, TransformerConfig
-    from emformer.train.export.command import load_checkpoint
+    from emformer.train.checkpoints import load_checkpoint
 
     result = ShiftResult(run_dir, shift)
     try:

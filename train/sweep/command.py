@@ -1,4 +1,5 @@
-"""`emformer sweep SPEC [key=value ...] [--backend local|slurm]`: run a sweep spec's points (spec.py)."""
+"""`emformer sweep SPEC [key=value ...] [--backend local|slurm]`: make the sweep dir (spec.py), then run the
+points that are neither done nor active, locally (local.py) or as a SLURM job array (slurm_backend.py)."""
 from __future__ import annotations
 
 import argparse

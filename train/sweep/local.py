@@ -9,7 +9,6 @@ the trainer checkpoints and exits, and the next `emformer sweep` resumes it.
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -17,9 +16,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Sequence
 
-from emformer.atomic import atomic_write_json
+from emformer.train import rundir
 from emformer.train.sweep.spec import Point, Sweep
 
 STOP_GRACE_S = 60.0
@@ -37,18 +36,6 @@ def child_environment(threads: int) -> dict[str, str]:
     return env
 
 
-def launch_record_path(sweep: Sweep, point: Point) -> Path:
-    return sweep.dir / "local" / f"{point.id}.json"
-
-
-def read_launch_record(sweep: Sweep, point: Point) -> Optional[dict[str, Any]]:
-    path = launch_record_path(sweep, point)
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def run_local(
     sweep: Sweep,
     points: Sequence[Point],
@@ -59,7 +46,7 @@ def run_local(
     say: Callable[[str], None] = print,
 ) -> list[int]:
     """Run `points` (skipping any with DONE), at most `parallel` at once; the ids that failed."""
-    queue = [p for p in points if not (sweep.run_dir(p) / "DONE").exists()]
+    queue = [p for p in points if not rundir.is_done(sweep.run_dir(p))]
     if len(queue) < len(points):
         say(f"skipping {len(points) - len(queue)} point(s) with DONE")
     running: dict[int, tuple[Point, subprocess.Popen, float, Any]] = {}
@@ -82,7 +69,7 @@ def run_local(
                 del running[point_id]
                 finished += 1
                 _finish_record(sweep, point, code)
-                done = (sweep.run_dir(point) / "DONE").exists()
+                done = rundir.is_done(sweep.run_dir(point))
                 if code != 0 or not done:
                     failed.append(point.id)
                 what = "done" if code == 0 and done else (f"FAILED (exit {code})" if code else "stopped before DONE")
@@ -97,17 +84,17 @@ def run_local(
 
 
 def _has_checkpoint(sweep: Sweep, point: Point) -> bool:
-    return (sweep.run_dir(point) / "checkpoints" / "last.ckpt").exists()
+    return rundir.checkpoint_path(sweep.run_dir(point), "last").exists()
 
 
 def _start(sweep: Sweep, point: Point, threads: int, command: Callable[[Path, Path], list[str]]):
     run_dir = sweep.run_dir(point).resolve()
-    log = open(run_dir / "console.log", "a", buffering=1)
+    log = open(run_dir / rundir.CONSOLE_LOG, "a", buffering=1)
     log.write(f"[emformer sweep] {time.strftime('%Y-%m-%dT%H:%M:%S%z')} local launch on {socket.gethostname()}\n")
-    argv = command(run_dir / "config.yaml", run_dir)
+    argv = command(rundir.config_path(run_dir), run_dir)
     process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                env=child_environment(threads), start_new_session=True)
-    atomic_write_json(launch_record_path(sweep, point), {
+    rundir.write_launch_record(sweep.dir, point.id, {
         "backend": "local", "pid": process.pid, "host": socket.gethostname(), "command": argv,
         "started_at": time.time(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "exit_code": None, "ended_at": None,
@@ -116,9 +103,9 @@ def _start(sweep: Sweep, point: Point, threads: int, command: Callable[[Path, Pa
 
 
 def _finish_record(sweep: Sweep, point: Point, code: int) -> None:
-    record = read_launch_record(sweep, point) or {"backend": "local"}
+    record = rundir.read_launch_record(sweep.dir, point.id) or {"backend": "local"}
     record.update(exit_code=code, ended_at=time.time())
-    atomic_write_json(launch_record_path(sweep, point), record)
+    rundir.write_launch_record(sweep.dir, point.id, record)
 
 
 def _stop(sweep: Sweep, running: dict, say: Callable[[str], None]) -> None:

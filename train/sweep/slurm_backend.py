@@ -1,16 +1,20 @@
-"""The SLURM backend of `emformer sweep`: one job array per submission (slurm/launcher.py renders it)."""
+"""The SLURM backend of `emformer sweep`: one job array per submission, rendered by emformer.slurm.launcher.
+
+Every point of one array must have the same world shape (devices x nodes) as the spec's `slurm:` section.
+The scripts, submissions.json and the job logs live under <sweep dir>/slurm/ (written by the launcher).
+"""
 from __future__ import annotations
 
 import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-import yaml
 from omegaconf import OmegaConf
 
 from emformer.atomic import atomic_write_text
 from emformer.errors import ConfigError
 from emformer.slurm import launcher
+from emformer.train import rundir
 from emformer.train.sweep.spec import Point, Sweep
 
 
@@ -56,7 +60,7 @@ def world_shape(sweep: Sweep) -> int:
         if point.config is not None:
             trainer = OmegaConf.to_container(point.config.trainer)
         else:
-            trainer = (yaml.safe_load((sweep.run_dir(point) / "config.yaml").read_text()) or {}).get("trainer", {})
+            trainer = rundir.read_config(sweep.run_dir(point)).get("trainer", {})
         shapes.add((int(trainer.get("devices", 1)), int(trainer.get("num_nodes", 1))))
     if len(shapes) != 1:
         raise ConfigError(f"{sweep.spec.source}: points differ in (trainer.devices, trainer.num_nodes) "

@@ -1,6 +1,7 @@
-"""`emformer sweep`: a grid of training runs over any config keys, times seeds, locally or on SLURM.
+"""The sweep spec and the sweep directory: a grid of training runs over any config keys, times seeds.
 
-A sweep spec (configs/sweeps/*.yaml) names a base run config and what to vary:
+The bottom of the sweep code: the backends (local.py, slurm.py), status.py and the `emformer sweep` command
+(command.py) build on it. A sweep spec (configs/sweeps/*.yaml) names a base run config and what to vary:
 
     name: debug_grid                 # the sweep dir defaults to sweeps/<name>
     base: ../debug.yaml              # relative to the spec file
@@ -22,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -30,10 +30,11 @@ from typing import Any, Optional, Sequence
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from emformer.atomic import atomic_write_json, atomic_write_text
+from emformer.atomic import atomic_write_text
 from emformer.errors import ConfigError
 from emformer.slurm.launcher import SlurmOptions
-from emformer.train.config import GROUPS, config_hash, load_config, read_yaml_mapping, run_name, save_yaml, validate
+from emformer.train import rundir
+from emformer.train.config import GROUPS, config_hash, load_config, read_yaml_mapping, run_name, validate
 
 SPEC_KEYS = ("name", "base", "overrides", "grid", "points", "seeds", "local", "slurm", "wandb")
 SEED_KEYS = ("trainer.seed", "data.seed")
@@ -270,7 +271,7 @@ def _check_keys(spec: SweepSpec, base: DictConfig) -> None:
 
 class _PointLoader:
     """`load_config(base, items)` for many points, fast: building a config from its schema, group files and
-    base file dominates (~0.1 s, 10x more under load; a 200-point sweep took minutes), and most points share
+    base file dominates the cost of a point (a large sweep spent minutes on it), and most points share
     their group choices. So the config of each distinct list of group choices is built once, and a point's
     dotted items are merged onto it and validated, which is what load_config does after the groups. Any
     failure is redone by load_config itself, for its exact error message."""
@@ -346,9 +347,8 @@ def prepare_sweep(spec: SweepSpec, out: str | Path | None = None) -> Sweep:
     """Create (or re-open) the sweep dir; refuse one that a different spec made."""
     points = expand_points(spec)
     sweep_dir = Path(out) if out is not None else Path("sweeps") / spec.name
-    index_path = sweep_dir / "index.json"
-    if index_path.is_file():
-        old = _read_index(sweep_dir)
+    if rundir.index_path(sweep_dir).is_file():
+        old = rundir.read_index(sweep_dir)
         if _identity(old) != _identity(points):
             old_names = {p["name"] for p in old}
             new_names = {p.name for p in points}
@@ -360,36 +360,27 @@ def prepare_sweep(spec: SweepSpec, out: str | Path | None = None) -> Sweep:
         raise ConfigError(f"{sweep_dir} exists, is not empty and holds no sweep (no index.json): choose another --out")
     for point in points:
         run_dir = sweep_dir / point.run_dir
-        config_path = run_dir / "config.yaml"
-        if config_path.is_file():
-            existing = yaml.safe_load(config_path.read_text()) or {}
+        if rundir.has_config(run_dir):
+            existing = rundir.read_config(run_dir)
             if config_hash(existing) != config_hash(point.config):
-                raise ConfigError(f"{config_path} holds a different config than point {point.id}: refusing to mix")
+                raise ConfigError(f"{rundir.config_path(run_dir)} holds a different config than point {point.id}: refusing to mix")
         else:
             run_dir.mkdir(parents=True, exist_ok=True)
-            save_yaml(point.config, config_path)
-    atomic_write_text(sweep_dir / "sweep.yaml", yaml.safe_dump(spec.to_dict(), sort_keys=False))
-    atomic_write_json(index_path, {"name": spec.name, "points": [p.index_entry() for p in points]})
+            rundir.write_config(run_dir, point.config)
+    atomic_write_text(rundir.spec_path(sweep_dir), yaml.safe_dump(spec.to_dict(), sort_keys=False))
+    rundir.write_index(sweep_dir, spec.name, [p.index_entry() for p in points])
     return Sweep(sweep_dir, spec, points)
-
-
-def _read_index(sweep_dir: Path) -> list[dict[str, Any]]:
-    try:
-        data = json.loads((sweep_dir / "index.json").read_text())
-        return list(data["points"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"{sweep_dir / 'index.json'}: not a sweep index: {exc}") from None
 
 
 def load_sweep(sweep_dir: str | Path) -> Sweep:
     """Open an existing sweep dir from its sweep.yaml and index.json (no base config needed)."""
     sweep_dir = Path(sweep_dir)
-    if not (sweep_dir / "sweep.yaml").is_file() or not (sweep_dir / "index.json").is_file():
+    if not rundir.spec_path(sweep_dir).is_file() or not rundir.index_path(sweep_dir).is_file():
         raise ConfigError(f"{sweep_dir}: not a sweep directory (expected sweep.yaml and index.json; "
                           "`emformer sweep SPEC --out DIR` makes one)")
-    data = yaml.safe_load((sweep_dir / "sweep.yaml").read_text()) or {}
+    data = yaml.safe_load(rundir.spec_path(sweep_dir).read_text()) or {}
     # The base config may have moved since: every run dir already holds its resolved config.yaml.
-    spec = spec_from_dict(data, relative_to=sweep_dir, source=str(sweep_dir / "sweep.yaml"), check_base=False)
+    spec = spec_from_dict(data, relative_to=sweep_dir, source=str(rundir.spec_path(sweep_dir)), check_base=False)
     points = [Point(int(p["id"]), str(p["name"]), str(p["run_dir"]), dict(p.get("overrides") or {}), int(p["seed"]))
-              for p in _read_index(sweep_dir)]
+              for p in rundir.read_index(sweep_dir)]
     return Sweep(sweep_dir, spec, points)

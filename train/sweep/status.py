@@ -18,10 +18,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import yaml
-
+from emformer.errors import ConfigError
 from emformer.slurm import launcher
-from emformer.train.sweep.local import read_launch_record, run_local
+from emformer.train import rundir
+from emformer.train.sweep.local import run_local
 from emformer.train.sweep.slurm_backend import submit_slurm
 from emformer.train.sweep.spec import Point, Sweep, load_sweep
 
@@ -37,7 +37,7 @@ class PointStatus:
     overrides: dict[str, Any]
     seed: int
     step: Optional[int] = None
-    """the last step in metrics.jsonl"""
+    """the last step in the run's metrics log"""
     max_steps: Optional[int] = None
     err: Optional[float] = None
     """misclustering rate of the latest val row"""
@@ -52,19 +52,10 @@ class PointStatus:
 
 
 def read_progress(run_dir: Path) -> tuple[Optional[int], Optional[float]]:
-    """(last step, err of the last val row) from metrics.jsonl; a half-written last line is ignored."""
-    path = run_dir / "metrics.jsonl"
+    """(last step, err of the last val row) from the run's metrics log; a half-written last line is ignored."""
     step = err = None
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return None, None
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+    for row in rundir.read_metrics(run_dir):
+        if not isinstance(row.get("step"), int):
             continue
         step = row["step"] if step is None else max(step, row["step"])
         if row.get("split") == "val" and isinstance(row.get("err"), (int, float)):
@@ -88,9 +79,8 @@ def tail(path: Path, lines: int) -> list[str]:
 
 def _max_steps(run_dir: Path) -> Optional[int]:
     try:
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-        return int(cfg["trainer"]["max_steps"])
-    except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):
+        return int(rundir.read_config(run_dir)["trainer"]["max_steps"])
+    except (ConfigError, KeyError, TypeError, ValueError):
         return None
 
 
@@ -122,15 +112,15 @@ def point_statuses(sweep: Any, query_slurm: bool = True, tail_lines: int = 10) -
         step, err = read_progress(run_dir)
         status = PointStatus(point.id, point.name, point.run_dir, "pending", point.overrides, point.seed,
                              step=step, max_steps=_max_steps(run_dir), err=err)
-        local = read_launch_record(sweep, point)
+        local = rundir.read_launch_record(sweep.dir, point.id)
         slurm = latest_slurm.get(point.id)
         if slurm is not None and (local is None or slurm[0] >= float(local.get("started_at", 0))):
             status.backend, status.job_id = "slurm", slurm[1]
         elif local is not None:
             status.backend = "local"
-        log = run_dir / "console.log"
+        log = run_dir / rundir.CONSOLE_LOG
 
-        if (run_dir / "DONE").exists():
+        if rundir.is_done(run_dir):
             status.state = "done"
         elif status.backend == "slurm":
             task = None if tasks is None else tasks.get(status.job_id or "")
@@ -178,6 +168,22 @@ def _short_keys(keys: Sequence[str]) -> dict[str, str]:
     return {k: (s if last.count(s) == 1 else k) for k, s in zip(keys, last)}
 
 
+def points_to_run(sweep: Sweep, ids: Sequence[int] | None = None) -> tuple[list[Point], dict[str, list[int]]]:
+    """Points (of `ids`, default all) that are neither done nor active; and the skipped ids by reason."""
+    wanted = set(ids) if ids is not None else None
+    todo: list[Point] = []
+    skipped: dict[str, list[int]] = {}
+    for point, status in zip(sweep.points, point_statuses(sweep)):
+        if wanted is not None and point.id not in wanted:
+            continue
+        # "unknown": submitted to SLURM, which cannot be asked from here: running it again could double it.
+        if status.state in ("done", "running", "requeued", "unknown") or (status.state == "pending" and status.job_id):
+            skipped.setdefault(status.state, []).append(point.id)
+        else:
+            todo.append(point)
+    return todo, skipped
+
+
 def format_table(statuses: Sequence[PointStatus]) -> str:
     keys = list(dict.fromkeys(k for s in statuses for k in s.overrides))
     short = _short_keys(keys)
@@ -198,22 +204,6 @@ def format_table(statuses: Sequence[PointStatus]) -> str:
             lines.append(f"\npoint {s.id} ({s.name}) failed: {s.detail}" + (f"; last lines of {s.log}:" if s.log else ""))
             lines.extend(f"    {line}" for line in s.log_tail)
     return "\n".join(lines)
-
-
-def points_to_run(sweep: Sweep, ids: Sequence[int] | None = None) -> tuple[list[Point], dict[str, list[int]]]:
-    """Points (of `ids`, default all) that are neither done nor active; and the skipped ids by reason."""
-    wanted = set(ids) if ids is not None else None
-    todo: list[Point] = []
-    skipped: dict[str, list[int]] = {}
-    for point, status in zip(sweep.points, point_statuses(sweep)):
-        if wanted is not None and point.id not in wanted:
-            continue
-        # "unknown": submitted to SLURM, which cannot be asked from here: running it again could double it.
-        if status.state in ("done", "running", "requeued", "unknown") or (status.state == "pending" and status.job_id):
-            skipped.setdefault(status.state, []).append(point.id)
-        else:
-            todo.append(point)
-    return todo, skipped
 
 
 # ---------------------------------------------------------------------------------------------------- CLI

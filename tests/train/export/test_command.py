@@ -16,9 +16,11 @@ import torch
 from emformer.errors import CheckpointError, ConfigError
 from emformer.models.clusterer import Clusterer, sha256_file
 from emformer.models.transformer import ClusterTransformer, TransformerConfig
-from emformer.train.export import command as export_mod
+from emformer.train.export import card as export_card
+from emformer.train.export import onnx as export_onnx
 from emformer.train.cli import main
-from emformer.train.export.command import export_checkpoint, export_run, load_checkpoint
+from emformer.train.checkpoints import load_checkpoint
+from emformer.train.export.command import export_checkpoint, export_run
 from export_fixtures import FAKE_STEP, FAKE_VAL_ROW, architecture_of, make_fake_run, subprocess_env
 
 
@@ -61,7 +63,7 @@ def test_export_writes_the_documented_files(fake_run: Path, fake_export: Path) -
     assert 0.5 < config["input_scale"] < 3
     card = (fake_export / "README.md").read_text()
     for key in ("err", "err_em", "err_oracle", "loss"):
-        assert export_mod._fmt(config["eval"][key]) in card
+        assert export_card._fmt(config["eval"][key]) in card
     assert f"eval.test_seed = {run_config['eval']['test_seed']}" in card and "0.1010" not in card
     mode = stat.S_IMODE(os.stat(fake_export / "model.safetensors").st_mode)
     assert mode & stat.S_IRGRP  # shareable, not mkstemp's 0600
@@ -113,7 +115,7 @@ def test_missing_run_dir_and_checkpoint(tmp_path: Path) -> None:
 def test_corrupt_and_foreign_checkpoints(tmp_path: Path, fake_run: Path) -> None:
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_bytes(b"not a checkpoint at all")
-    with pytest.raises(CheckpointError, match="garbage.ckpt: not a readable torch checkpoint"):
+    with pytest.raises(CheckpointError, match="garbage.ckpt: corrupt or unreadable checkpoint"):
         load_checkpoint(garbage)
     no_config = tmp_path / "no_config.ckpt"
     checkpoint = torch.load(fake_run / "checkpoints/best.ckpt", weights_only=True)
@@ -168,7 +170,7 @@ def test_trained_run_export_matches_checkpoint_in_torch_and_onnx(tiny_run: Path,
     meta = json.loads((tiny_run / "meta.json").read_text())
     assert config["training"]["commit"] == meta["git_commit"]
     card = (tiny_export / "README.md").read_text()
-    assert export_mod._fmt(config["eval"]["err_em"]) in card and export_mod._fmt(config["eval"]["err_oracle"]) in card
+    assert export_card._fmt(config["eval"]["err_em"]) in card and export_card._fmt(config["eval"]["err_oracle"]) in card
 
 
 @pytest.mark.slow
@@ -177,9 +179,9 @@ def test_onnx_mismatch_is_an_error_and_writes_nothing(tiny_export: Path, tmp_pat
     config = json.loads((tiny_export / "config.json").read_text())
     architecture = TransformerConfig.from_dict(config["architecture"])
     torch.manual_seed(123)
-    other = export_mod._LogitsOnly(ClusterTransformer(architecture)).eval()
+    other = export_onnx._LogitsOnly(ClusterTransformer(architecture)).eval()
     with pytest.raises(CheckpointError, match="ONNX logits differ from torch"):
-        export_mod._check_onnx(other, architecture, (tiny_export / "model.onnx").read_bytes(), tmp_path / "model.onnx")
+        export_onnx._check_onnx(other, architecture, (tiny_export / "model.onnx").read_bytes(), tmp_path / "model.onnx")
     assert not (tmp_path / "model.onnx").exists()
 
 

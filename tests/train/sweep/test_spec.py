@@ -9,9 +9,8 @@ import yaml
 
 from emformer.errors import ConfigError
 from emformer.train.cli import main
-from emformer.train.sweep.status import point_statuses
 from emformer.train.sweep.spec import expand_points, load_spec, load_sweep, prepare_sweep
-from emformer.train.sweep.status import points_to_run
+from emformer.train.sweep.status import point_statuses, points_to_run
 
 REPO = Path(__file__).resolve().parents[3]
 SWEEPS = REPO / "configs" / "sweeps"

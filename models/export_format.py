@@ -1,0 +1,74 @@
+"""The export directory format (DESIGN §4): file names, config.json's format tag and version, and its one
+reader and writer, shared by `emformer export` (train/export/) and the `Clusterer` (models/clusterer.py).
+
+    model.safetensors   weights (fp32)
+    config.json         architecture, task, supported k / d / n, input_scale, training, eval, sha256 of every
+                        file, format + format_version; written last, so it vouches for the files beside it
+    README.md           the model card
+    model.onnx          optional
+
+Files are published atomically and readable by others (an export is meant to be shared).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from emformer.atomic import atomic_write, sha256_file
+from emformer.errors import CheckpointError
+
+EXPORT_FORMAT = "emformer-export"
+EXPORT_FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+ONNX_FILE = "model.onnx"
+CARD_FILE = "README.md"
+
+
+def read_export_config(model_dir: str | Path) -> dict[str, Any]:
+    """config.json of an export directory, checked for format and version."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise CheckpointError(f"{model_dir}: no such export directory (make one with `emformer export RUN_DIR --out DIR`)")
+    path = model_dir / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; {model_dir} is not an emformer export (`emformer export` writes it)")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict) or config.get("format") != EXPORT_FORMAT:
+        raise CheckpointError(f"{path}: expected 'format': '{EXPORT_FORMAT}', got {config.get('format') if isinstance(config, dict) else config!r}")
+    version = config.get("format_version")
+    if not isinstance(version, int) or version > EXPORT_FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format_version {version!r} is not supported by this emformer "
+                              f"(reads up to {EXPORT_FORMAT_VERSION}); upgrade emformer")
+    for key in ("architecture", "task", "supported"):
+        if not isinstance(config.get(key), dict):
+            raise CheckpointError(f"{path}: missing the '{key}' section")
+    return config
+
+
+def write_export_config(model_dir: str | Path, config: dict[str, Any]) -> None:
+    """config.json, sorted keys; call it last (it vouches for the files written before it)."""
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    publish(Path(model_dir) / CONFIG_FILE, lambda tmp: tmp.write_text(text))
+
+
+def file_entry(path: Path) -> dict[str, Any]:
+    """config.json's record of one file of the export."""
+    return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+
+
+def publish(path: Path, write: Callable[[Path], Any]) -> None:
+    """Atomic write, readable by others (mkstemp creates files 0600; an export is meant to be shared)."""
+    umask = os.umask(0)
+    os.umask(umask)
+
+    def write_public(tmp: Path) -> None:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~umask)
+
+    atomic_write(path, write_public)

@@ -1,0 +1,44 @@
+"""train/export/card.py: the model card rendered from its jinja2 template, byte for byte the card that
+`emformer export` wrote before the template (golden files made by the former markdown builder, as of main's
+test-set card: figures on eval.test_seed, Model − EM with its paired standard error; and the pretrained
+model's d range, per-d input scale, raw k-means++ seeds and count head)."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+
+from emformer.train.export.card import model_card
+
+GOLDEN = Path(__file__).parent / "golden"
+
+CONFIG = {
+    "task": {"k": 3, "k_max": 5, "d": 4, "d_max": 8, "n": 32, "n_max": 64, "separation": 3.0, "separation_max": None,
+             "sigma": 1.0, "weights": "uniform", "noise": "gaussian", "init": "noisy_truth", "init_noise": 0.5},
+    "architecture": {"depth": 2, "heads": 2, "width": 64, "d_in": 8, "k_max": 5},
+    "supported": {"k": {"max": 5}, "d": {"max": 8}, "n": {"max": None}},
+    "parameters": 123456, "input_scale": 1.23456,
+    "training": {"run_name": "debug-abc", "step": 200, "checkpoint_format": "deepspeed", "zero_stage": 2,
+                 "commit": "0123abc", "run_config": {"eval": {"episodes": 256, "em_iters": 10}}},
+    "eval": {"split": "test", "seed": 1000003, "episodes": 256, "step": 200, "err": 0.07, "err_em": 0.08,
+             "err_minus_em_se": 0.004, "err_oracle": 0.064, "err_anchored": 0.1, "loss": 0.3, "ari": 0.8,
+             "err_lloyd": 0.0005},
+    "onnx": {"opset": 18, "inputs": ["points [B,n,d_in] float32", "mask [B,n] bool"],
+             "outputs": ["logits [B,n,k_max] float32 (padded clusters -inf)"], "checked_sizes": [[1, 17], [3, 64]],
+             "max_abs_diff": 1.234e-6},
+}
+
+
+def _without_eval_and_onnx() -> dict:
+    config = copy.deepcopy(CONFIG)
+    config["eval"] = None
+    del config["onnx"]
+    config["training"].update(run_name=None, zero_stage=None, commit=None, checkpoint_format="lightning")
+    config["task"].update(init="kmeans++", d_max=None)
+    return config
+
+
+@pytest.mark.parametrize("name, config", [("full", CONFIG), ("bare", _without_eval_and_onnx())])
+def test_card_matches_the_golden_file(name, config):
+    assert model_card(config, "exports/it's") == (GOLDEN / f"model_card_{name}.md").read_text()

@@ -1,0 +1,327 @@
+"""The run directory and the sweep directory (DESIGN §4): every file name, and the one reader/writer of each.
+
+A run directory (`emformer train --run-dir`):
+
+    config.yaml        the resolved config (written at start; one run dir belongs to one config)
+    meta.json          versions, host, parameter count, commit, one entry per start
+    metrics.jsonl      one JSON object per line ({"step", "split": train|val, ...}), append-only
+    DONE               JSON {"step", "val": final val row, "finished_at", "run_dir"}: the run is finished
+    checkpoints/       last.ckpt and best.ckpt (Lightning files, or DeepSpeed directories)
+    curves.png, wandb_id, wandb/, console.log
+
+A sweep directory (`emformer sweep SPEC --out DIR`): sweep.yaml (the resolved spec), index.json
+({"name", "points": [{"id", "name", "run_dir", "overrides", "seed"}]}), runs/<name>/ per point, local/<id>.json
+(one record per local launch) and slurm/ (the SLURM backend's scripts, submissions.json and logs, written by
+emformer.slurm.launcher).
+
+metrics.jsonl has two readers: `read_metrics_checked` for the report (every bad line becomes a problem naming
+the file and line; an unterminated last line of an unfinished run is a write in progress, not corruption)
+and `read_metrics` for a job that may be running right now (lines that do not parse are skipped).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import yaml
+
+from emformer.atomic import atomic_write_json, atomic_write_text
+from emformer.errors import ConfigError
+from emformer.train.config import save_yaml
+
+CONFIG = "config.yaml"
+META = "meta.json"
+METRICS = "metrics.jsonl"
+DONE = "DONE"
+CHECKPOINTS = "checkpoints"
+LAST = "last.ckpt"
+BEST = "best.ckpt"
+CURVES = "curves.png"
+WANDB_ID = "wandb_id"
+CONSOLE_LOG = "console.log"
+
+SWEEP_SPEC = "sweep.yaml"
+INDEX = "index.json"
+LOCAL_LAUNCHES = "local"
+
+
+# ------------------------------------------------------------------------------------------- config.yaml
+def config_path(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / CONFIG
+
+
+def has_config(run_dir: str | os.PathLike) -> bool:
+    return config_path(run_dir).is_file()
+
+
+def read_config(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """The run's config.yaml as plain nested dicts; ConfigError naming the file when missing or not a mapping."""
+    path = config_path(run_dir)
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: unreadable config: {exc}") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: unreadable config: expected a mapping, got {type(config).__name__}")
+    return config
+
+
+def write_config(run_dir: str | os.PathLike, config: Any) -> None:
+    """config.yaml, resolved (an OmegaConf config or a plain dict)."""
+    save_yaml(config, config_path(run_dir))
+
+
+# ------------------------------------------------------------------------------------------- meta.json
+def read_meta(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """meta.json as a dict; {} when absent or unreadable (it describes the run, it decides nothing)."""
+    return _read_json_object(Path(run_dir) / META)
+
+
+def write_meta(run_dir: str | os.PathLike, meta: dict[str, Any]) -> None:
+    atomic_write_json(Path(run_dir) / META, meta)
+
+
+# ------------------------------------------------------------------------------------------- metrics.jsonl
+def metrics_path(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / METRICS
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Rows of a run's metrics.jsonl, for a run that may be writing it now: lines that do not parse (a torn
+    last line after a crash mid-write) are skipped; no file is no rows."""
+    path = metrics_path(run_dir)
+    try:
+        text = path.read_text()
+    except OSError:
+        return []
+    rows = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def read_metrics_checked(run_dir: str | os.PathLike, finished: bool) -> tuple[list[dict], list[dict], list[str]]:
+    """(train rows, val rows, problems), each list ordered by step. Every line that is not a JSON object with a
+    numeric "step" and "split" train|val becomes a problem "FILE:LINE: ..." and the rest is still used. A
+    resumed run never repeats a step, but if one does the later row wins. An unterminated last line of an
+    unfinished run is a write in progress, not corruption."""
+    path = metrics_path(run_dir)
+    train: dict[int, dict] = {}
+    val: dict[int, dict] = {}
+    problems: list[str] = []
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        return [], [], [f"{path}: cannot read: {exc}"]
+    lines = text.split("\n")
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        in_progress = number == len(lines) and not finished  # no trailing newline yet
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if not in_progress:
+                problems.append(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})")
+            continue
+        if not isinstance(row, dict) or "step" not in row or row.get("split") not in ("train", "val"):
+            problems.append(f"{path}:{number}: expected an object with \"step\" and \"split\" train|val, "
+                            f"got {line[:80]!r}")
+            continue
+        if not isinstance(row["step"], (int, float)):
+            problems.append(f"{path}:{number}: \"step\" is not a number: {row['step']!r}")
+            continue
+        (val if row["split"] == "val" else train)[int(row["step"])] = row
+    return [train[s] for s in sorted(train)], [val[s] for s in sorted(val)], problems
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN/inf: write them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class MetricsLog:
+    """The writer of metrics.jsonl: append rows, flush each; `truncate_after(step)` on resume."""
+
+    def __init__(self, run_dir: str | os.PathLike) -> None:
+        self.run_dir = Path(run_dir)
+        self.path = metrics_path(run_dir)
+        self._handle: Any = None
+
+    def truncate_after(self, step: int) -> int:
+        """Drop rows with step > `step` (rewritten atomically); return how many were dropped."""
+        if not self.path.is_file():
+            return 0
+        rows = read_metrics(self.run_dir)
+        kept = [row for row in rows if int(row.get("step", 0)) <= step]
+        dropped = len(rows) - len(kept)
+        text = "".join(json.dumps(row) + "\n" for row in kept)
+        if dropped or text != self.path.read_text():  # also repairs a torn last line
+            self.close()
+            atomic_write_text(self.path, text)
+        return dropped
+
+    def append(self, row: dict[str, Any]) -> None:
+        if self._handle is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._handle = open(self.path, "a")
+        self._handle.write(json.dumps({key: _clean(value) for key, value in row.items()}) + "\n")
+        self._handle.flush()
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+
+# ------------------------------------------------------------------------------------------- DONE
+def done_path(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / DONE
+
+
+def is_done(run_dir: str | os.PathLike) -> bool:
+    return done_path(run_dir).is_file()
+
+
+def read_done(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """DONE's record ({"step", "val", ...}); {} when the run is not finished or the file is unreadable."""
+    return _read_json_object(done_path(run_dir))
+
+
+def write_done(run_dir: str | os.PathLike, record: dict[str, Any]) -> None:
+    atomic_write_json(done_path(run_dir), record)
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / CHECKPOINTS
+
+
+def checkpoint_path(run_dir: str | os.PathLike, which: str) -> Path:
+    """checkpoints/last.ckpt or checkpoints/best.ckpt (which: "last" | "best")."""
+    if which not in ("best", "last"):
+        raise ConfigError(f"which: expected 'best' or 'last', got {which!r}")
+    return checkpoint_dir(run_dir) / (BEST if which == "best" else LAST)
+
+
+def best_or_last_checkpoint(run_dir: str | os.PathLike) -> Optional[Path]:
+    """best.ckpt when there is one, else last.ckpt, else None."""
+    for which in ("best", "last"):
+        path = checkpoint_path(run_dir, which)
+        if path.exists():
+            return path
+    return None
+
+
+def checkpoints_present(run_dir: str | os.PathLike) -> list[str]:
+    folder = checkpoint_dir(run_dir)
+    return sorted(p.name for p in folder.glob("*.ckpt")) if folder.is_dir() else []
+
+
+def looks_like_run_dir(path: str | os.PathLike) -> bool:
+    """A run directory (checkpoints/ or config.yaml), not a DeepSpeed checkpoint directory (`latest`)."""
+    path = Path(path)
+    return path.is_dir() and (checkpoint_dir(path).is_dir() or config_path(path).is_file()) \
+        and not (path / "latest").is_file()
+
+
+def curves_path(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / CURVES
+
+
+# ------------------------------------------------------------------------------------------- sweep dir
+def index_path(sweep_dir: str | os.PathLike) -> Path:
+    return Path(sweep_dir) / INDEX
+
+
+def spec_path(sweep_dir: str | os.PathLike) -> Path:
+    return Path(sweep_dir) / SWEEP_SPEC
+
+
+def write_index(sweep_dir: str | os.PathLike, name: str, points: list[dict[str, Any]]) -> None:
+    atomic_write_json(index_path(sweep_dir), {"name": name, "points": points})
+
+
+def read_index(sweep_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The points of index.json as the sweep command wrote them; ConfigError naming the file otherwise."""
+    path = index_path(sweep_dir)
+    try:
+        return list(json.loads(path.read_text())["points"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path}: not a sweep index: {exc}") from None
+
+
+def index_run_dirs(sweep_dir: str | os.PathLike) -> tuple[list[Path], list[str]]:
+    """Run dirs named by index.json, accepting any of the shapes a sweep index may take (a list of paths, or
+    {"points"|"runs": [...]} of entries with run_dir/dir/path/name); ([], problems) when unreadable."""
+    sweep_dir = Path(sweep_dir)
+    index = index_path(sweep_dir)
+    if not index.is_file():
+        return [], []
+    try:
+        data = json.loads(index.read_text())
+    except (json.JSONDecodeError, OSError) as exc:
+        return [], [f"{index}: unreadable index: {exc}"]
+    entries: Iterable[Any]
+    if isinstance(data, dict):
+        entries = data.get("points") or data.get("runs") or []
+        if isinstance(entries, dict):
+            entries = [dict(v, name=k) if isinstance(v, dict) else v for k, v in entries.items()]
+    else:
+        entries = data
+    dirs = []
+    for entry in entries:
+        where = None
+        if isinstance(entry, str):
+            where = entry
+        elif isinstance(entry, dict):
+            where = next((entry[k] for k in ("run_dir", "dir", "path") if isinstance(entry.get(k), str)), None)
+            if where is None and isinstance(entry.get("name"), str):
+                where = f"runs/{entry['name']}"
+        if where:
+            path = Path(where)
+            dirs.append(path if path.is_absolute() else sweep_dir / path)
+    return dirs, []
+
+
+def run_dirs_on_disk(sweep_dir: str | os.PathLike) -> list[Path]:
+    """Every directory below the sweep dir holding a config.yaml (wandb's and hidden folders left out)."""
+    sweep_dir = Path(sweep_dir)
+    return sorted({p.parent for p in sweep_dir.rglob(CONFIG) if "wandb" not in p.parts
+                   and p.parent != sweep_dir and not p.parent.name.startswith(".")})
+
+
+def launch_record_path(sweep_dir: str | os.PathLike, point_id: int) -> Path:
+    return Path(sweep_dir) / LOCAL_LAUNCHES / f"{point_id}.json"
+
+
+def read_launch_record(sweep_dir: str | os.PathLike, point_id: int) -> Optional[dict[str, Any]]:
+    """The record of a point's latest local launch (pid, host, exit code), None when never launched here."""
+    try:
+        return json.loads(launch_record_path(sweep_dir, point_id).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_launch_record(sweep_dir: str | os.PathLike, point_id: int, record: dict[str, Any]) -> None:
+    atomic_write_json(launch_record_path(sweep_dir, point_id), record)
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
