@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -367,7 +368,9 @@ def prepare_sweep(spec: SweepSpec, out: str | Path | None = None) -> Sweep:
         else:
             run_dir.mkdir(parents=True, exist_ok=True)
             rundir.write_config(run_dir, point.config)
-    atomic_write_text(rundir.spec_path(sweep_dir), yaml.safe_dump(spec.to_dict(), sort_keys=False))
+    # base relative to the sweep dir, so a committed or copied sweep (docs/study) names no machine's path
+    resolved = {**spec.to_dict(), "base": os.path.relpath(spec.base, Path(sweep_dir).resolve())}
+    atomic_write_text(rundir.spec_path(sweep_dir), yaml.safe_dump(resolved, sort_keys=False))
     rundir.write_index(sweep_dir, spec.name, [p.index_entry() for p in points])
     return Sweep(sweep_dir, spec, points)
 

@@ -94,6 +94,10 @@ def test_sweep_dir_holds_spec_index_and_run_configs(tmp_path: Path) -> None:
     assert reopened.spec.group == "debug"
     # Re-opening with the same spec is fine (that is how a sweep is resumed).
     prepare_sweep(load_spec(DEBUG_SPEC), tmp_path / "s")
+    # The base is written relative to the sweep dir: a committed or copied sweep names no machine's path.
+    base = yaml.safe_load((tmp_path / "s" / "sweep.yaml").read_text())["base"]
+    assert not Path(base).is_absolute() and (tmp_path / "s" / base).resolve() == DEBUG_SPEC.parent.joinpath(
+        yaml.safe_load(DEBUG_SPEC.read_text())["base"]).resolve()
 
 
 def test_a_sweep_dir_of_another_spec_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
