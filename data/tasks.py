@@ -87,6 +87,12 @@ class TaskSpec:
         return self.d_max if self.d_max is not None else self.d
 
     @property
+    def padded(self) -> bool:
+        """Whether episodes can carry padded points or clusters (n or k drawn from a range): with neither,
+        every mask is all-true and attention can run unmasked."""
+        return self.n_pad != self.n or self.k_pad != self.k
+
+    @property
     def anchored(self) -> bool:
         """Whether episodes come with initial centroids that the labels are anchored to (init != none)."""
         return anchored(self.init)

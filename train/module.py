@@ -20,7 +20,6 @@ import torch
 
 from emformer.data.episodes import Batch, batch_chunks
 from emformer.data.stream import eval_set, pool_eval_set
-from emformer.data.tasks import TaskSpec
 from emformer.models import baselines
 from emformer.models.losses import (clustering_loss, per_episode_cross_entropy,
                                     per_episode_permutation_cross_entropy)
@@ -55,11 +54,6 @@ def model_inputs(batch: Batch, padded: bool = True
     return batch["points"], batch["mask"], batch["init"], batch["kmask"]
 
 
-def task_is_padded(task: TaskSpec) -> bool:
-    """Whether episodes of this task can carry padded points or clusters (n or k drawn from a range)."""
-    return task.n_pad != task.n or task.k_pad != task.k
-
-
 class ClusterModule(L.LightningModule):
     """Trains a ClusterTransformer on episodes; `config` is the resolved run config as a plain dict (what the
     checkpoint's hyper-parameters hold), typed once here as `self.run_config`."""
@@ -72,7 +66,7 @@ class ClusterModule(L.LightningModule):
         self.model_config = TransformerConfig.from_task_and_model(self.run_config.task, self.run_config.model)
         self.model = ClusterTransformer(self.model_config)
         self.anchored = self.run_config.task.anchored
-        self.padded = task_is_padded(self.run_config.task)
+        self.padded = self.run_config.task.padded
         # torch.compile of the training forward only (a bound method, so state_dict keys stay "model.*").
         self._train_forward = (torch.compile(self.model.forward_with_centroids) if self.run_config.trainer.compile
                                else self.model.forward_with_centroids)

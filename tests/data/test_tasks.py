@@ -68,3 +68,10 @@ def test_dict_round_trip_and_unknown_key():
     assert TaskSpec.from_dict(spec.to_dict()) == spec
     with pytest.raises(ConfigError, match="bogus"):
         TaskSpec.from_dict({**spec.to_dict(), "bogus": 1}, where="manifest.json")
+
+
+def test_padded_only_when_n_or_k_is_drawn_from_a_range() -> None:
+    assert not TaskSpec(k=3, n=64).padded
+    assert not TaskSpec(k=3, k_max=3, n=64, n_max=64, d=4, d_max=8).padded  # d padding masks nothing
+    assert TaskSpec(k=3, n=64, n_max=128).padded
+    assert TaskSpec(k=2, k_max=4, n=64).padded
