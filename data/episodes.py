@@ -17,6 +17,7 @@ distances), so `labels` are the anchored cross-entropy targets.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -61,8 +62,8 @@ class Layout:
     very same episode.
     """
 
-    def __init__(self, spec: TaskSpec) -> None:
-        k, n, d = spec.k_pad, spec.n_pad, spec.d
+    def __init__(self, k: int, n: int, d: int) -> None:
+        """k, n, d: the spec's padded cluster and point counts and its dimension (`Layout.of`)."""
         uniforms = {"choices": 3, "weights": k, "axis": d, "label_u": n, "init_u": 2 * k}
         normals = {"means": k * d, "noise": n * d, "init_noise": k * d, "offset": d}
         self.uniform_words = -(-sum(uniforms.values()) // 2)  # 64-bit words: two uniforms each
@@ -71,6 +72,16 @@ class Layout:
         self.words = self.uniform_words + self.normal_words
         self.uniforms = self._runs(uniforms)
         self.normals = self._runs(normals)
+
+    @staticmethod
+    @functools.lru_cache(maxsize=64)
+    def _of(k: int, n: int, d: int) -> "Layout":
+        return Layout(k, n, d)
+
+    @staticmethod
+    def of(spec: TaskSpec) -> "Layout":
+        """The layout of `spec` (it depends on its padded sizes only), built once per process."""
+        return Layout._of(spec.k_pad, spec.n_pad, spec.d)
 
     @staticmethod
     def _runs(sizes: dict[str, int]) -> dict[str, slice]:
@@ -94,7 +105,6 @@ def draw_words(seed: int, indices: Sequence[int], words: int, counter: int = 0) 
     costs one or two), where one rekey per episode cost ~2 µs each; random indices cost one rekey each.
     """
     stride = -(-words // 4)
-    out = np.empty((len(indices), stride * 4), dtype=np.uint64)
     idx = np.asarray(indices, dtype=np.int64)
     _check_key(seed, int(idx.min()))
     _check_key(seed, int(idx.max()))
@@ -105,13 +115,21 @@ def draw_words(seed: int, indices: Sequence[int], words: int, counter: int = 0) 
     state = bitgen.state
     key, ctr = state["state"]["key"], state["state"]["counter"]
     key[0] = seed
-    flat = out.reshape(-1)
-    for start, stop in zip([0, *ends.tolist()], [*ends.tolist(), len(idx)]):
+
+    def run(start: int, stop: int) -> np.ndarray:
         first = int(idx[start])
         key[1] = first >> BLOCK_BITS
         ctr[0] = (first & ((1 << BLOCK_BITS) - 1)) * stride
         bitgen.state = state  # buffer is the fresh generator's: the dict is never read back
-        flat[start * stride * 4:stop * stride * 4] = bitgen.random_raw((stop - start) * stride * 4)
+        return bitgen.random_raw((stop - start) * stride * 4)
+
+    if len(ends) == 0:  # one run (a batch of consecutive indices): its words are the batch, no copy
+        out = run(0, len(idx)).reshape(len(idx), stride * 4)
+    else:
+        out = np.empty((len(idx), stride * 4), dtype=np.uint64)
+        flat = out.reshape(-1)
+        for start, stop in zip([0, *ends.tolist()], [*ends.tolist(), len(idx)]):
+            flat[start * stride * 4:stop * stride * 4] = run(start, stop)
     return out if stride * 4 == words else np.ascontiguousarray(out[:, :words])
 
 
@@ -147,7 +165,7 @@ def _box_muller_(ones_to_twos: torch.Tensor) -> torch.Tensor:
 
 def _draws(spec: TaskSpec, seed: int, indices: Sequence[int]) -> dict[str, torch.Tensor]:
     """Every random number a batch needs, by name: float32 uniforms and normals of `Layout`, plus the extras."""
-    layout = Layout(spec)
+    layout = Layout.of(spec)
     floats = _unit_floats(draw_words(seed, indices, layout.words))
     uniforms = floats[:, :2 * layout.uniform_words] - 1.0
     normals = _box_muller_(floats[:, 2 * layout.uniform_words:])

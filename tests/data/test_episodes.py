@@ -189,7 +189,7 @@ def test_box_muller_normals_and_uniforms_have_their_laws():
     assert abs(normals.mean()) < 0.02 and abs(normals.std() - 1) < 0.01
     uniforms = raw["label_u"].double().flatten().numpy()
     assert uniforms.min() >= 0 and uniforms.max() < 1 and stats.kstest(uniforms, "uniform").pvalue > 1e-3
-    layout = Layout(spec)  # every run lies inside the words drawn
+    layout = Layout.of(spec)  # every run lies inside the words drawn
     assert max(r.stop for r in layout.uniforms.values()) <= 2 * layout.uniform_words
     assert max(r.stop for r in layout.normals.values()) <= 2 * layout.normal_words
 
