@@ -24,8 +24,10 @@ Written and read through webdataset (no lightning here):
   (`IndexedTarSamples`: one header scan and an mmap per shard and process). Not wids' `ShardListDataset`:
   it opens each shard through its download cache, which copies a shard that is not at its cache name and
   creates `<shard>.lock` beside it (a read-only shared directory fails), and keeps only `lru_size` shards open;
-- the finite sequential stream: webdataset's pipeline (`WebDataset`, shards split by rank then by worker,
-  `shardshuffle=False`, `batched`).
+- the finite sequential stream: the same indexed reader, shard by shard (shards split by rank then by worker, as
+  webdataset's split_by_node / split_by_worker). Not webdataset's `WebDataset` pipeline: its per-member
+  Python (tarfile iteration, a dict per sample) read ~8k episodes per CPU-second where the indexed reader
+  reads ~20k, below the 20x of a training step on a loaded core (BENCHMARKS.md, data table).
 
 Hand-built on purpose, and only this: `EpisodeCodec`, the batched safetensors encoding of a whole batch
 (safetensors' own per-episode save/load costs about 0.5 ms of Python per episode, which caps random reads
@@ -34,23 +36,19 @@ below 20x what a training step consumes per core; the figures are in BENCHMARKS.
 from __future__ import annotations
 
 import bisect
-import functools
 import hashlib
 import io
-import itertools
 import json
 import math
 import os
 import struct
-import tarfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
-import webdataset as wds
 from webdataset.writer import TarWriter
 from wids.wids import IndexedTarSamples  # wids' indexed tar reader (ShardListDataset: see the module doc)
 
@@ -358,15 +356,9 @@ def _stack(path: Path, episodes: list[dict[str, torch.Tensor]]) -> Batch:
         raise DataError(f"{path}: episode records lack or mis-shape a tensor ({exc})") from None
 
 
-def _split_by_rank(urls: Iterable[str], rank: int, world: int) -> Iterator[str]:
-    """webdataset's split_by_node with an explicit rank: the stream's rank, not the one read from RANK or
-    torch.distributed (a stream may be built for any rank, e.g. by the DataModule from trainer.global_rank)."""
-    yield from itertools.islice(urls, rank, None, world)
-
-
 class ShardReader:
-    """The episodes of a verified shard directory: random access through wids' indexed tar reader, and the finite
-    sequential stream through webdataset's pipeline.
+    """The episodes of a verified shard directory through wids' indexed tar reader: random access, and the finite
+    sequential stream.
 
     Each process indexes a shard on first use (wids scans the member headers and mmaps the file); the index is
     per process (dropped when pickled, rebuilt after a fork), so DataLoader workers never share one.
@@ -434,34 +426,25 @@ class ShardReader:
             return batch
         return _stack(records[0][0], [_decode(path, data) for path, data in records])
 
-    def _collate(self, samples: list[dict[str, Any]]) -> Batch:
-        """A batch of the pipeline's samples, whose keys must be the episodes' own indices."""
-        records = [(Path(s["__url__"]), s[SAMPLE_EXT]) for s in samples if SAMPLE_EXT in s]
-        if len(records) != len(samples):
-            bad = next(s for s in samples if SAMPLE_EXT not in s)
-            raise DataError(f"{bad['__url__']}: sample {bad['__key__']!r} has no .{SAMPLE_EXT} member (corrupt shard)")
-        batch = self._batch(records)
-        for sample, index in zip(samples, batch["index"].tolist()):
-            if sample["__key__"] != episode_key(index):
-                raise DataError(f"{sample['__url__']}: sample {sample['__key__']!r} holds episode {index} "
-                                f"(corrupt shard)")
-        return batch
-
-    def iter_finite(self, rank: int, world: int, workers: int, batch_size: int) -> Iterator[Batch]:
+    def iter_finite(self, rank: int, world: int, worker: int, workers: int, batch_size: int) -> Iterator[Batch]:
         """Each episode of this (rank, DataLoader worker)'s shards, once, in shard order, as batches of batch_size
-        (the last one may be smaller): webdataset's pipeline splits the shards by rank, then by worker. Shards
-        are not shuffled (shardshuffle=False): the set is fixed."""
+        (a batch may span two shards; the last one may be smaller). Shards are split by rank, then by worker, as
+        webdataset's split_by_node / split_by_worker do; the set is fixed (no shuffling)."""
         if len(self.records) < world * workers:
             raise DataError(f"{self.directory}: {len(self.records)} shard(s) for {world * workers} readers "
                             f"(ranks x dataloader workers): each reader needs at least one shard; write more, "
                             f"smaller shards (--shard-size) or use fewer workers")
-        urls = [str(self.path(j)) for j in range(len(self.records))]
-        pipeline = wds.WebDataset(urls, shardshuffle=False, nodesplitter=functools.partial(_split_by_rank, rank=rank, world=world),
-                                  workersplitter=wds.split_by_worker, empty_check=False)
-        try:
-            yield from pipeline.batched(batch_size, collation_fn=self._collate, partial=True)
-        except (tarfile.TarError, ValueError, OSError) as exc:
-            raise DataError(f"{self.directory}: not a readable shard set ({exc})") from None
+        mine = list(range(len(self.records)))[rank::world][worker::workers]
+        pending: list[tuple[Path, bytes]] = []
+        for shard in mine:
+            path, tar = self.path(shard), self._tar(shard)
+            for j in range(len(tar)):
+                pending.append((path, tar[j][f".{SAMPLE_EXT}"].getvalue()))
+                if len(pending) == batch_size:
+                    yield self._batch(pending)
+                    pending = []
+        if pending:
+            yield self._batch(pending)
 
     def close(self) -> None:
         for tar in self._tars.values():

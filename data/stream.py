@@ -14,7 +14,7 @@
   (`WebDataset(..., resampled=True)`): it draws shards with replacement per worker, so an epoch would not
   visit each episode once, batch g would depend on the worker count, and resuming would need the pipeline's
   state in the checkpoint; here batch g is a pure function of g, so the global step is the whole stream
-  position. `finite=True` yields each episode exactly once through webdataset's pipeline, shards split by
+  position. `finite=True` yields each episode exactly once through the indexed shard reader, shards split by
   rank, then by worker (shard j goes to rank j % world, then worker (j // world) % W), then stops.
 
 Batches are yielded whole: use `DataLoader(stream, batch_size=None, num_workers=W)`. Worker w of W produces
@@ -179,7 +179,7 @@ class EpisodeStream(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         hand_over = pack_batch if info is not None else (lambda batch: batch)
         if self.finite:
-            for batch in self._reader.iter_finite(self.rank, self.world_size, workers, self.batch_size):
+            for batch in self._reader.iter_finite(self.rank, self.world_size, worker, workers, self.batch_size):
                 yield hand_over(batch)
             return
         step = self.start_step + worker

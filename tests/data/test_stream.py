@@ -121,6 +121,14 @@ def test_shards_finite_two_ranks_two_workers_each_episode_once(shard_dir, small_
     assert sorted(seen) == list(range(96))
 
 
+def test_shards_finite_one_reader_reads_in_order_with_batches_across_shards(shard_dir, small_spec):
+    stream = EpisodeStream(small_spec, source="shards", shards_dir=shard_dir, seed=0, batch_size=5, finite=True)
+    batches = take(stream, 1000)
+    assert [len(b["index"]) for b in batches] == [5] * 19 + [1]  # 96 episodes in shards of 12: batches span shards
+    assert [i for b in indices(batches) for i in b] == list(range(96))
+    assert_batches_equal([batches[2]], [sample_episodes(small_spec, 7, range(10, 15))])  # shard seed is 7
+
+
 def test_fewer_shards_than_readers_is_a_clear_error(shard_dir, small_spec):
     stream = EpisodeStream(small_spec, source="shards", shards_dir=shard_dir, seed=0, batch_size=5,
                            rank=3, world_size=5, finite=True)
