@@ -7,6 +7,7 @@ the training subprocesses, never here.
 from __future__ import annotations
 
 import json
+import re
 import os
 import platform
 import shutil
@@ -310,23 +311,29 @@ def write_report(path: Path, text: str) -> None:
     atomic_write_text(path, text if text.endswith("\n") else text + "\n")
 
 
-# The GPU section of BENCHMARKS.md belongs to benchmarks/gpu_check.py; run_all.py carries it over unchanged.
-GPU_BEGIN = "<!-- gpu_check:begin -->"
-GPU_END = "<!-- gpu_check:end -->"
+# Blocks of BENCHMARKS.md that run_all.py does not measure sit between `<!-- NAME:begin -->` and
+# `<!-- NAME:end -->`: the GPU proof (NAME gpu_check, written by benchmarks/gpu_check.py) and figures measured
+# by hand against an older commit, which no later run can measure again. run_all.py carries every such block
+# over unchanged, so `make bench` never drops them.
+GPU_SECTION = "gpu_check"
+_BLOCK = re.compile(r"<!-- ([\w-]+):begin -->.*?<!-- \1:end -->", re.S)
 
 
-def gpu_section(text: str) -> Optional[str]:
-    """The GPU_BEGIN..GPU_END block of a BENCHMARKS.md text, markers included (None when there is none)."""
-    start, end = text.find(GPU_BEGIN), text.find(GPU_END)
-    return text[start:end + len(GPU_END)] if 0 <= start < end else None
+def kept_sections(text: str) -> dict[str, str]:
+    """Every NAME:begin..NAME:end block of a BENCHMARKS.md text by NAME, markers included, in file order."""
+    return {match.group(1): match.group(0) for match in _BLOCK.finditer(text)}
 
 
-def replace_gpu_section(text: str, section: str) -> str:
-    """`text` with its GPU block replaced by `section` (appended when there is none)."""
-    old = gpu_section(text)
+def replace_section(text: str, name: str, section: str) -> str:
+    """`text` with its block NAME replaced by `section` (appended when there is none)."""
+    old = kept_sections(text).get(name)
     if old is not None:
         return text.replace(old, section, 1)
     return text.rstrip("\n") + "\n\n" + section + "\n"
+
+
+def section_markers(name: str) -> tuple[str, str]:
+    return f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
 
 
 def save_json(path: Path, obj: Any) -> None:

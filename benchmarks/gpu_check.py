@@ -12,7 +12,7 @@ then the fp32 run is exported and `Clusterer.predict_proba_batch` labels a batch
 Each row gives ms/step, episodes/s, tokens/s, peak device memory (torch.cuda.max_memory_allocated) and the
 model FLOPs utilisation: tokens/s x training FLOPs per token (3 x forward, counted from the architecture by
 `forward_flops_per_episode`) over the GPU's dense peak for the precision (PEAK_TFLOPS, by device name).
-The table goes to stdout and, between the GPU_BEGIN / GPU_END markers, into BENCHMARKS.md (atomically).
+The table goes to stdout and, between its gpu_check markers (common.kept_sections), into BENCHMARKS.md (atomically).
 
 `--cpu` runs the same path on CPU at tiny sizes (fp32 only: mixed precision is refused on CPU; DDP over
 gloo; ZeRO-2 on a CPU rank): it checks the script, it measures nothing, and writes BENCHMARKS.md only when
@@ -37,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_inference import episodes, model_method, task_for  # noqa: E402
 from bench_train import measure  # noqa: E402
-from common import (GPU_BEGIN, GPU_END, REPO, emformer_command, markdown_table, progress,  # noqa: E402
-                    replace_gpu_section, run_checked, time_call, usable_cpus, write_report)
+from common import (GPU_SECTION, REPO, emformer_command, markdown_table, progress,  # noqa: E402
+                    replace_section, run_checked, section_markers, time_call, usable_cpus, write_report)
 
 from emformer.models.transformer import TransformerConfig  # noqa: E402
 
@@ -201,7 +201,8 @@ def markdown(figures: dict[str, Any], seconds: float, command: str) -> str:
     flops = figures["flops"]
     name = figures["device"]
     peaks = next(((bf16, fp32) for key, bf16, fp32 in PEAK_TFLOPS if key.lower() in name.lower()), None)
-    lines = [GPU_BEGIN, "## GPU proof", "",
+    begin, end = section_markers(GPU_SECTION)
+    lines = [begin, "## GPU proof", "",
              f"Command: `{command}` ({seconds / 60:.1f} min, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}).", ""]
     if figures["cpu"]:
         lines += ["> **--cpu path check**: tiny sizes on CPU; these figures check the script, they measure nothing.", ""]
@@ -216,7 +217,7 @@ def markdown(figures: dict[str, Any], seconds: float, command: str) -> str:
               "not timed; MFU = model FLOP/s over the peak for the run's precision.", "",
               WHY_SMALL_STEPS, "",
               markdown_table(["run", "ms/step", "episodes/s", "tokens/s", "peak memory (GiB)", "model TFLOP/s", "MFU"],
-                             rows), GPU_END]
+                             rows), end]
     return "\n".join(lines)
 
 
@@ -243,7 +244,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.json:
         print(json.dumps(figures, indent=2, default=str))
     if out is not None:
-        write_report(out, replace_gpu_section(out.read_text() if out.exists() else "# Benchmarks\n", section))
+        write_report(out, replace_section(out.read_text() if out.exists() else "# Benchmarks\n", GPU_SECTION, section))
         progress(f"gpu_check: wrote the GPU section of {out} in {seconds / 60:.1f} min")
     return 0
 

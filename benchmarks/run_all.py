@@ -29,8 +29,8 @@ from typing import Any, Callable, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from emformer.train import rundir  # noqa: E402
-from common import (CACHE, REPO, TrainedModel, gpu_section, machine_info, machine_markdown,  # noqa: E402
-                    progress, replace_gpu_section, resolved_hash, save_json, trained_model, usable_cpus,
+from common import (CACHE, REPO, TrainedModel, kept_sections, machine_info, machine_markdown,  # noqa: E402
+                    progress, replace_section, resolved_hash, save_json, trained_model, usable_cpus,
                     write_report)
 
 SECTIONS = ("data", "train", "inference", "quality", "pretrained")
@@ -241,8 +241,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                                                   memory=not args.skip_memory, threads=args.threads,
                                                   full_reference=args.full_reference)
     text = report(figures, tables, seconds, info, model, figures.get("export"), args.quick, command)
-    kept = gpu_section(out.read_text()) if out.exists() else None
-    write_report(out, replace_gpu_section(text, kept) if kept else text)
+    # the GPU proof and the hand-measured blocks are not measured here: carried over as they are
+    for name, block in (kept_sections(out.read_text()) if out.exists() else {}).items():
+        text = replace_section(text, name, block)
+    write_report(out, text)
     results = out.with_name(out.stem + ".json") if out.parent != REPO else args.cache / "results.json"
     save_json(results, {"machine": info, "seconds": seconds, "quick": args.quick, "figures": figures})
     progress(f"wrote {_rel(out)} and {_rel(results)} in {sum(seconds.values()) / 60:.1f} min")

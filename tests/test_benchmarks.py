@@ -162,14 +162,35 @@ def test_peak_flops_by_device_name():
     assert gpu_check.peak_flops("Some Future GPU", "32") is None
 
 
-def test_gpu_section_is_replaced_or_appended_and_kept_by_run_all():
-    section = f"{common.GPU_BEGIN}\n## GPU proof\nnew\n{common.GPU_END}"
-    text = f"# Benchmarks\n\nCPU tables\n\n{common.GPU_BEGIN}\nold\n{common.GPU_END}\n\n## After\n"
-    replaced = common.replace_gpu_section(text, section)
-    assert replaced == text.replace(f"{common.GPU_BEGIN}\nold\n{common.GPU_END}", section)
-    assert common.gpu_section(replaced) == section
-    appended = common.replace_gpu_section("# Benchmarks\n", section)
-    assert appended == f"# Benchmarks\n\n{section}\n" and common.gpu_section("# Benchmarks\n") is None
+def test_kept_sections_are_replaced_or_appended():
+    begin, end = common.section_markers(common.GPU_SECTION)
+    section = f"{begin}\n## GPU proof\nnew\n{end}"
+    text = f"# Benchmarks\n\nCPU tables\n\n{begin}\nold\n{end}\n\n## After\n"
+    replaced = common.replace_section(text, common.GPU_SECTION, section)
+    assert replaced == text.replace(f"{begin}\nold\n{end}", section)
+    assert common.kept_sections(replaced) == {common.GPU_SECTION: section}
+    appended = common.replace_section("# Benchmarks\n", common.GPU_SECTION, section)
+    assert appended == f"# Benchmarks\n\n{section}\n" and common.kept_sections("# Benchmarks\n") == {}
+    # a block's end marker must carry its own name: another block's end does not close it
+    hand = "<!-- by-hand:begin -->\nmeasured once\n<!-- by-hand:end -->"
+    assert list(common.kept_sections(f"{hand}\n{section}")) == ["by-hand", common.GPU_SECTION]
+    assert common.kept_sections("<!-- a:begin -->\nx\n<!-- b:end -->") == {}
+
+
+def test_run_all_carries_every_kept_section_over(tmp_path, monkeypatch):
+    """`make bench` rewrites BENCHMARKS.md from what it measures and keeps the blocks it cannot measure."""
+    import run_all
+
+    hand = "<!-- by-hand:begin -->\n## Measured by hand\nagainst an old commit\n<!-- by-hand:end -->"
+    begin, end = common.section_markers(common.GPU_SECTION)
+    gpu = f"{begin}\n## GPU proof\nrows\n{end}"
+    out = tmp_path / "BENCHMARKS.md"
+    out.write_text(f"# Benchmarks\n\nold tables\n\n{hand}\n\n{gpu}\n")
+    monkeypatch.setattr(run_all, "run_sections", lambda *a, **k: ({}, {}, {"data": 0.0}, None))
+    monkeypatch.setattr(run_all, "save_json", lambda *a, **k: None)
+    assert run_all.main(["--sections", "data", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "old tables" not in text and hand in text and gpu in text
 
 
 def test_gpu_check_without_a_gpu_says_so(tmp_path):
@@ -193,7 +214,7 @@ def test_gpu_check_cpu_path_writes_its_section(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     text = out.read_text()
     assert text.startswith("# Benchmarks\n\nCPU tables stay.\n")
-    section = common.gpu_section(text)
+    section = common.kept_sections(text).get(common.GPU_SECTION)
     assert section and "--cpu path check" in section
     rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith(("| run", "| :"))]
     labels = [row.split(" | ")[0][2:] for row in rows]
