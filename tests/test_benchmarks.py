@@ -255,3 +255,15 @@ def test_pretrained_bench_runs_at_tiny_sizes():
     assert 0 <= figures["unknown_k"]["emformer count head"]["k_accuracy"] <= 1
     assert figures["table"]["digits (PCA 16) k=10"]["ari"]["emformer"] is None  # k above the model's slots
     assert all(row["ari"]["KMeans n_init=10"] is not None for row in figures["table"].values())
+
+
+def test_bench_data_quick_measures_every_row_and_the_sampling_windows():
+    import bench_data
+
+    result = bench_data.run(quick=True)
+    figures, names = result["figures"], [r["name"] for r in result["rows"]]
+    assert "generate, in-process (1 core)" in names and "read shards, finite sequential, in-process" in names
+    assert figures["sampling_windows"] == 3
+    assert 0 < figures["sampling_eps_per_cpu_s_median"] <= figures["sampling_eps_per_cpu_s_best"]
+    assert f"best {figures['sampling_eps_per_cpu_s_best']:,.0f} episodes per CPU-second" in result["markdown"]
+    assert figures["index_per_batch_N1024_us"] > 0 and figures["index_per_batch_N1048576_us"] > 0
