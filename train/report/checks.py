@@ -136,6 +136,8 @@ def _unless_unfinished(verdict: str, incomplete: Sequence[str]) -> str:
 # --------------------------------------------------------------------------- sample complexity (§3)
 MEMORISED_TRAIN_FRACTION = 0.5
 """N is memorised when its pool's train loss is below this fraction of the fresh run's train loss"""
+TRAIN_CRITERION, INIT_CRITERION, SMALLER = "train loss", "worse than the init", "smaller"
+"""the memorisation criteria, as `memorisation_region` names them"""
 FLOOR_SES = 2.0
 """an N enters the excess fits only when its seed-mean excess exceeds this many paired standard errors"""
 MIN_FITTED_SIZES = 3
@@ -161,6 +163,8 @@ class SampleComplexity:
     init_loss: float
     init_loss_rule: str
     memorised: list[float]
+    memorised_by: dict[float, str]
+    """memorised N -> which criterion flagged it, in words (see `memorisation_region`)"""
     fitted: list[float]
     """N outside the memorisation region whose excess clears the paired-SE floor"""
     not_positive: list[float]
@@ -244,6 +248,39 @@ def init_only_loss(config: dict[str, Any]) -> tuple[float, str]:
     return value, "init-only loss (posterior of the initial centroids with the true σ, same eval set)"
 
 
+def memorisation_region(train_loss: dict[float, float], test_loss: dict[float, float], fresh_train_loss: float,
+                        init_loss: float) -> dict[float, str]:
+    """N -> why it is in the memorisation region (no entry: outside it), from seed means.
+
+    Two criteria, either suffices, and every N below a flagged one is in the region too:
+    - train loss: the pool's train loss is below MEMORISED_TRAIN_FRACTION × the fresh run's train loss (the
+      model fits its own pool far better than any model fits fresh episodes); reads train losses only.
+    - worse than the init: the test loss is above the init-only loss (the posterior of the initial
+      centroids, on the same eval set). A model that predicts new episodes worse than its own
+      initialisation has learned its pool, not the task. This reads the test loss, but only against a fixed
+      reference that no fit uses, never against the other N or a slope, so it cannot tune the cutoff to
+      the fit; what it removes are the N with the largest test loss, the cliff whose drop would otherwise
+      steepen the fitted slopes.
+    The train criterion alone missed the committed study's N = 256 (train loss 0.088 against a cutoff of
+    0.087, test loss 0.33 against 0.236 for the init alone)."""
+    flagged: dict[float, str] = {}
+    for n in sorted(train_loss.keys() | test_loss.keys()):
+        train, test = train_loss.get(n, math.nan), test_loss.get(n, math.nan)
+        reasons = []
+        if math.isfinite(fresh_train_loss) and train < MEMORISED_TRAIN_FRACTION * fresh_train_loss:
+            reasons.append(f"{TRAIN_CRITERION} {train:.4g} < {MEMORISED_TRAIN_FRACTION:g} × the fresh run's "
+                           f"{fresh_train_loss:.4g}")
+        if math.isfinite(init_loss) and test > init_loss:
+            reasons.append(f"{INIT_CRITERION}: test loss {test:.4g} > init-only loss {init_loss:.4g}")
+        if reasons:
+            flagged[n] = "; ".join(reasons)
+    if not flagged:
+        return {}
+    largest = max(flagged)
+    return {n: flagged.get(n, f"{SMALLER} than the memorised N = {int(largest)}")
+            for n in sorted(train_loss.keys() | test_loss.keys()) if n <= largest}
+
+
 def _seed_mean(by_seed: dict[Hashable, float]) -> float:
     return float(np.mean(list(by_seed.values()))) if by_seed else math.nan
 
@@ -280,13 +317,14 @@ def combined_verdict(fits: Sequence[scaling.Interval], fitted: Sequence[float]) 
         return scaling.NO_DATA, (f"only {len(fitted)} N outside the memorisation region clear the "
                                  f"{FLOOR_SES:g}-SE floor; the fit needs ≥ {MIN_FITTED_SIZES}")
     names = ("all fitted N", "upper half of fitted N", "free asymptote L_∞ + a·N^b")
-    verdicts = [(name, scaling.verdict(fit, SAMPLE_COMPLEXITY_BOUND)) for name, fit in zip(names, fits)]
-    values = {v for _, v in verdicts}
+    verdicts = [(name, scaling.verdict(fit, SAMPLE_COMPLEXITY_BOUND), fit) for name, fit in zip(names, fits)]
+    values = {v for _, v, _ in verdicts}
     if values == {scaling.PASS}:
         return scaling.PASS, "all three estimates pass"
     if values == {scaling.FAIL}:
         return scaling.FAIL, "all three estimates fail"
-    return scaling.INCONCLUSIVE, "the estimates disagree: " + "; ".join(f"{n} {v}" for n, v in verdicts)
+    return scaling.INCONCLUSIVE, "the estimates disagree: " + "; ".join(
+        f"{n} {v}" + (f" ({fit.unidentified})" if fit.unidentified else "") for n, v, fit in verdicts)
 
 
 def sample_complexity(points: Sequence[Point], runs: Sequence[RunRecord] = ()) -> Optional[SampleComplexity]:
@@ -308,12 +346,9 @@ def sample_complexity(points: Sequence[Point], runs: Sequence[RunRecord] = ()) -
     init_loss, init_rule = init_only_loss(fresh.config)
     loss = {float(p.values["N"]): p.final("loss") for p in finite}
 
-    # Memorisation is read off the train losses, never off the test losses the fits use: a model that fits
-    # its own pool far better than any model fits fresh episodes has memorised the pool (and so has every
-    # smaller N).
-    below = [float(p.values["N"]) for p in finite
-             if math.isfinite(fresh_train) and p.mean("train_loss") < MEMORISED_TRAIN_FRACTION * fresh_train]
-    memorised = [n for n in sizes if below and n <= max(below)]
+    memorised_by = memorisation_region({float(p.values["N"]): p.mean("train_loss") for p in finite},
+                                       {n: _seed_mean(v) for n, v in loss.items()}, fresh_train, init_loss)
+    memorised = sorted(memorised_by)
     excess = {n: {s: v - fresh_loss.get(s, fresh_mean) for s, v in by_seed.items()} for n, by_seed in loss.items()}
     gap = {}
     for p in finite:
@@ -344,7 +379,7 @@ def sample_complexity(points: Sequence[Point], runs: Sequence[RunRecord] = ()) -
         fresh_gap=float(np.mean(fresh_gaps)) if fresh_gaps else math.nan, fresh_train_loss=fresh_train,
         loss_minus_oracle={float(p.values["N"]): p.mean("loss") - p.mean("loss_oracle") for p in every},
         err_minus_oracle={float(p.values["N"]): p.mean("err") - p.mean("err_oracle") for p in every},
-        init_loss=init_loss, init_loss_rule=init_rule, memorised=memorised, fitted=fitted,
+        init_loss=init_loss, init_loss_rule=init_rule, memorised=memorised, memorised_by=memorised_by, fitted=fitted,
         not_positive=not_positive, floor=floor, excess_fit=excess_fit, upper_fit=upper_fit, asymptote_fit=asymptote,
         gap_fit=gap_fit, upper_fitted=upper if enough else [], asymptote_sizes=sorted(outside_loss),
         asymptote_params=params, gap_fitted=sorted(gap_fit_values),

@@ -137,6 +137,10 @@ def _unfinished_note(incomplete: Sequence[str]) -> str:
         if incomplete else ""
 
 
+def _unidentified_note(fit: scaling.Interval) -> str:
+    return f" ({fit.unidentified})" if fit.unidentified else ""
+
+
 def _sizes(sizes: Sequence[float]) -> str:
     return "{" + ", ".join(str(int(n)) for n in sizes) + "}"
 
@@ -153,8 +157,9 @@ def _summary_rows(sample, depth, heads, separation, beyond) -> list[Check]:
         estimates = sample.estimates()
         rows.append(Check(name + " (all three estimates)", fig,
                           " / ".join(_fmt(fit.estimate, 3) for _, fit in estimates), "see below", "b ≤ −0.5", verdict,
-                          f"Sample complexity over N ∈ {_sizes(sample.fitted)} (outside the memorisation region, "
-                          f"excess above {checks.FLOOR_SES:g} paired SE): {verdict} — {reason}.",
+                          f"Sample complexity over N ∈ {_sizes(sample.fitted)} (outside the memorisation region "
+                          f"{_sizes(sample.memorised) if sample.memorised else '(none)'}, excess above "
+                          f"{checks.FLOOR_SES:g} paired SE): {verdict} — {reason}.",
                           method=estimates[0][1].label))
         spans = (sample.fitted, sample.upper_fitted, sample.asymptote_sizes)
         for (what, fit), over in zip(estimates, spans):
@@ -162,7 +167,7 @@ def _summary_rows(sample, depth, heads, separation, beyond) -> list[Check]:
                 else scaling.NO_DATA
             rows.append(Check(f"  b from {what}", fig, _fmt(fit.estimate, 3), fit.describe(), "b ≤ −0.5", part,
                               f"b from {what} over N ∈ {_sizes(over)}: {_fmt(fit.estimate, 3)} ({fit.label} "
-                              f"{fit.describe()}): {part}.", method=fit.label))
+                              f"{fit.describe()}): {part}{_unidentified_note(fit)}.", method=fit.label))
         gap = sample.gap_fit
         rows.append(Check("sample complexity: train/test gap ∝ N^b", fig, _fmt(gap.estimate, 3), gap.describe(),
                           "b ≤ −0.5", sample.gap_verdict,
@@ -236,7 +241,8 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 def _markdown(result: ReportResult, sweep_dirs: Sequence[Path], names: Sequence[str]) -> str:
     s = result.sections
     out: list[str] = [f"# Report: {', '.join(names)}", ""]
-    out.append(f"Made by `emformer report {' '.join(str(d) for d in sweep_dirs)}` from {len(result.runs)} runs "
+    out_flag = "" if result.out_dir == sweep_dirs[0] / "report" else f" --out {result.out_dir}"
+    out.append(f"Made by `emformer report {' '.join(str(d) for d in sweep_dirs)}{out_flag}` from {len(result.runs)} runs "
                f"({sum(r.complete for r in result.runs)} complete, in {len(s['points'])} distinct configurations). "
                "Each check states its figure, its 95% interval and its verdict; the rules are at the end.")
     out += ["", "## Summary", ""]
@@ -285,15 +291,18 @@ def _sample_section(sc: Optional[checks.SampleComplexity]) -> list[str]:
     out.append(f"Family: {sc.family}; {sc.seeds} seed(s)." + (f" ({sc.other_families} other N families in the sweep "
                "are not analysed: the one with the most pool sizes is.)" if sc.other_families else ""))
     out += ["", f"![sample complexity]({FIGURES['sample_complexity']})", ""]
-    out.append(f"Memorisation rule (reads train losses only, never the test losses that are fitted): N is in the "
-               f"memorisation region when its pool's seed-mean train loss is below {checks.MEMORISED_TRAIN_FRACTION:g} × "
-               f"the fresh run's train loss ({_fmt(sc.fresh_train_loss, 4)}): the model fits its own pool far better "
-               "than any model fits fresh episodes. Every smaller N is memorised too. Memorised (shaded, out of every "
-               f"fit): {', '.join(str(int(n)) for n in sc.memorised) or 'none'}. Floor: an N enters the two log-log "
+    flagged = "; ".join(f"N = {int(n)}: {why}" for n, why in sorted(sc.memorised_by.items())) or "none"
+    out.append(f"Memorisation rule (seed means; either criterion suffices, and every smaller N is memorised too): "
+               f"(1) {checks.TRAIN_CRITERION}: the pool's train loss is below {checks.MEMORISED_TRAIN_FRACTION:g} × "
+               f"the fresh run's train loss ({_fmt(sc.fresh_train_loss, 4)}), i.e. the model fits its own pool far "
+               f"better than any model fits fresh episodes; (2) {checks.INIT_CRITERION}: the test loss is above the "
+               f"reference {_fmt(sc.init_loss, 4)} = {sc.init_loss_rule}, i.e. the model predicts new "
+               "episodes worse than its own initialisation. Neither looks at the other N or at a fitted slope: (1) "
+               "reads train losses only, (2) compares each N's test loss with a fixed reference no fit uses. "
+               f"Memorised (shaded, out of every fit): {flagged}. Floor: an N enters the two log-log "
                f"fits only when its seed-mean excess (paired with the same seed's fresh run) exceeds "
                f"{checks.FLOOR_SES:g} paired standard errors over seeds; below the floor: "
-               f"{', '.join(str(int(n)) for n in sc.not_positive) or 'none'}. The init-only loss "
-               f"({sc.init_loss_rule}) is {_fmt(sc.init_loss, 4)}."
+               f"{', '.join(str(int(n)) for n in sc.not_positive) or 'none'}."
                + (f" **The fresh run's own test loss ({_fmt(float(sum(sc.fresh_loss.values()) / len(sc.fresh_loss)), 4)}) is "
                   "no better than the init alone: the runs are too short to have learned.**"
                   if sum(sc.fresh_loss.values()) / len(sc.fresh_loss) >= sc.init_loss else ""))
@@ -317,7 +326,8 @@ def _sample_section(sc: Optional[checks.SampleComplexity]) -> list[str]:
                  (f"free asymptote over N ∈ {_sizes(sc.asymptote_sizes)}", sc.asymptote_fit)]
     out += ["", _md_table(["estimate of b", "value", "interval", "method", "verdict (b ≤ −1/2)"],
                           [(what, _fmt(fit.estimate), fit.describe(), fit.label,
-                            scaling.verdict(fit, checks.SAMPLE_COMPLEXITY_BOUND)) for what, fit in estimates])]
+                            scaling.verdict(fit, checks.SAMPLE_COMPLEXITY_BOUND) + _unidentified_note(fit))
+                           for what, fit in estimates])]
     if sc.asymptote_params:
         l_inf, a, b = sc.asymptote_params
         fresh = sum(sc.fresh_loss.values()) / len(sc.fresh_loss)
@@ -414,6 +424,13 @@ def _rules_section() -> list[str]:
             "is metrics `loss` − `train_loss` in the final val row.",
             "- Verdicts: PASS when the whole interval meets the target, FAIL when the whole interval misses it, "
             "INCONCLUSIVE when it straddles the threshold, NOT ENOUGH DATA without a fit.",
+            f"- Memorisation region (sample complexity): N whose seed-mean train loss is below "
+            f"{checks.MEMORISED_TRAIN_FRACTION:g} × the fresh run's, or whose seed-mean test loss is above the init-only "
+            "loss, and every smaller N; it is left out of every fit, and the section names the criterion that "
+            "flagged each N.",
+            f"- The free-asymptote exponent is the best b on a grid over [{scaling.ASYMPTOTE_EXPONENTS[0]:g}, "
+            f"{scaling.ASYMPTOTE_EXPONENTS[-1]:g}]; a best fit on an end of the grid is not identified by the data and "
+            "that estimate is INCONCLUSIVE (at the bound of the search grid).",
             "- Depth / heads: points at the largest N in the sweep, one family per value of the other keys."]
 
 

@@ -22,7 +22,7 @@ drop out of a draw silently. A bootstrap with too many such draws has no interva
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Hashable, Mapping, Optional, Sequence
 
 import numpy as np
@@ -53,6 +53,9 @@ class Interval:
     note: str = ""
     """why there is no interval, when there is none"""
     level: float = LEVEL
+    unidentified: str = ""
+    """why the estimate is not identified by the data (e.g. at the bound of a search grid): its verdict is
+    INCONCLUSIVE whatever the interval says"""
 
     @property
     def ok(self) -> bool:
@@ -242,8 +245,15 @@ def excess_power_law_interval(values: Values, reference: Mapping[Hashable, float
                                                    if x in keep)), seeds, **kwargs)
 
 
-ASYMPTOTE_EXPONENTS = np.linspace(-3.0, -0.0025, 1200)
-"""the grid of b for `asymptote_fit` (steps of 0.0025: finer than any interval the report prints)"""
+ASYMPTOTE_EXPONENTS = np.linspace(-8.0, -0.0025, 3200)
+"""the grid of b for `asymptote_fit` (steps of 0.0025: finer than any interval the report prints).
+
+Why these ends: at b = −8 the term a·N^b falls 256-fold per doubling of N, so every N past the smallest sits
+on L_∞ within any noise a study has: steeper exponents describe the same data (one point above a flat line)
+and cannot be told apart. At b → 0 there is no decay (L_∞ and a trade off without limit). A best fit at
+either end is therefore not an estimate of b (`asymptote_interval` marks it unidentified). The grid was
+[−3, 0) before, and the committed study's interval ended on it ([−3.00, −2.82] with N = 256 fitted; −3.07
+for that end on this grid): an end of the interval on the grid is censored, not measured."""
 
 
 def asymptote_fit(xs: Sequence[float], ys: Sequence[float]) -> Optional[tuple[float, float, float]]:
@@ -267,14 +277,33 @@ def asymptote_fit(xs: Sequence[float], ys: Sequence[float]) -> Optional[tuple[fl
     return float(c[i]), float(a[i] * scale ** -b), b
 
 
+def at_grid_bound(b: float) -> bool:
+    """Whether an exponent from `asymptote_fit` lies on an end of its grid (not identified)."""
+    return b in (float(ASYMPTOTE_EXPONENTS[0]), float(ASYMPTOTE_EXPONENTS[-1]))
+
+
 def asymptote_interval(values: Values, **kwargs) -> Interval:
-    """Exponent b of y = L_∞ + a·x^b (L_∞ fitted) with its interval over seeds."""
+    """Exponent b of y = L_∞ + a·x^b (L_∞ fitted) with its interval over seeds.
+
+    When the fit the estimate rests on (all seeds' means; each seed's own with a t interval) is at an end of
+    the grid, the residual still falls beyond it: the data do not identify b, and a PASS on "b ≤ −1/2" would
+    rest on the grid's end, not on the data. The interval is kept (with its method) and marked unidentified,
+    which makes its verdict INCONCLUSIVE. Bootstrap draws at an end only censor that tail of the interval:
+    a percentile inside the grid is the same whatever lies beyond the end, and the end facing the threshold
+    (−1/2, far inside the grid) decides the verdict, so draws at an end need no other rule."""
     def statistic(sample: Sequence[Hashable]) -> Optional[float]:
         pairs = sorted(seed_means(values, sample).items())
         fit = asymptote_fit([p[0] for p in pairs], [p[1] for p in pairs])
         return None if fit is None else fit[2]
 
-    return seed_interval(statistic, all_seeds(values), **kwargs)
+    seeds = all_seeds(values)
+    interval = seed_interval(statistic, seeds, **kwargs)
+    bases = [[s] for s in seeds] if interval.method == "t" else [seeds]
+    hits = [b for b in (statistic(base) for base in bases) if b is not None and at_grid_bound(b)]
+    if hits:
+        return replace(interval, unidentified=f"at the bound of the search grid (b = {hits[0]:g}): b is not "
+                                              "identified by these points")
+    return interval
 
 
 def per_doubling_interval(values: Values, **kwargs) -> Interval:
@@ -289,9 +318,12 @@ def squared_rate_interval(values: Values, **kwargs) -> Interval:
 
 def verdict(interval: Interval, threshold: float, strict: bool = False) -> str:
     """PASS if the whole interval is ≤ threshold (< with strict), FAIL if the whole interval is above it
-    (≥ with strict), INCONCLUSIVE if it straddles, NOT ENOUGH DATA if there is no interval."""
+    (≥ with strict), INCONCLUSIVE if it straddles or the estimate is not identified (`Interval.unidentified`),
+    NOT ENOUGH DATA if there is no interval."""
     if not interval.ok:
         return NO_DATA
+    if interval.unidentified:
+        return INCONCLUSIVE
     if interval.high < threshold or (not strict and interval.high == threshold):
         return PASS
     if interval.low > threshold or (strict and interval.low == threshold):

@@ -162,3 +162,30 @@ def test_simulated_studies_pass_rarely_at_b_minus_0_3_and_mostly_at_b_minus_1(ca
         print(f"\nPASS rate over 200 simulated 5-seed studies: true b = -0.3: {rates[-0.3]:.3f}, "
               f"true b = -1.0: {rates[-1.0]:.3f}")
     assert rates[-0.3] < 0.05 and rates[-1.0] > 0.80
+
+
+# --------------------------------------------------------------------------- the free asymptote at its grid's end
+def _step(seeds: int) -> dict[float, dict[int, float]]:
+    """The smallest N above a flat line, the rest exactly on it: every steeper b fits better, to the grid's end."""
+    return {float(n): {s: 0.2 + (0.5 * (1 + 0.01 * s) if n == 512 else 0.0) for s in range(seeds)}
+            for n in (512, 1024, 2048, 4096)}
+
+
+def test_a_free_asymptote_at_the_bound_of_its_grid_is_inconclusive():
+    boot = scaling.asymptote_interval(_step(5), n_boot=200)
+    assert boot.ok and boot.estimate == scaling.ASYMPTOTE_EXPONENTS[0] and boot.high <= -0.5
+    assert "at the bound of the search grid" in boot.unidentified
+    assert scaling.verdict(boot, -0.5) == scaling.INCONCLUSIVE  # the interval alone would say PASS
+    t = scaling.asymptote_interval(_step(3))
+    assert t.method == "t" and scaling.verdict(t, -0.5) == scaling.INCONCLUSIVE
+    clean = scaling.asymptote_interval({n: {s: 0.2 + 3.0 * n ** -0.7 * (1 + 0.01 * s) for s in range(5)}
+                                        for n in SIZES}, n_boot=200)
+    assert not clean.unidentified and scaling.verdict(clean, -0.5) == scaling.PASS
+
+
+def test_an_unidentified_asymptote_makes_the_sample_complexity_verdict_inconclusive_and_says_why():
+    steep = {n: {s: 0.2 + 3.0 * n ** -1.0 * (1 + 0.01 * s) for s in range(5)} for n in (512.0, 1024.0, 2048.0, 4096.0)}
+    fits = (scaling.power_law_interval(steep, n_boot=200), scaling.power_law_interval(steep, n_boot=200),
+            scaling.asymptote_interval(_step(5), n_boot=200))
+    verdict, reason = checks.combined_verdict(fits, list(steep))
+    assert verdict == scaling.INCONCLUSIVE and "free asymptote L_∞ + a·N^b INCONCLUSIVE (at the bound" in reason
