@@ -19,7 +19,8 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(VENV)/bin/emformer demo
 
-# the committed CPU study (configs/sweeps/study.yaml): resumes and skips the runs committed in docs/study
+# the committed CPU study (configs/sweeps/study.yaml): resumes, skips the runs committed in docs/study/sweep and
+# writes docs/study/report.md; `emformer report docs/study/sweep --out docs/study` rebuilds it without training
 study: setup
 	$(VENV)/bin/emformer study --out docs/study
 

@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     result, sweep = outcome.result, outcome.sweep
     print()
     report.print_summary(result)
-    print("\nemformer demo: verdicts (the real figures, from ≥ 5 seeds, are in docs/study/report/report.md):")
+    print("\nemformer demo: verdicts (the real figures, from ≥ 5 seeds, are in docs/study/report.md):")
     for line in verdict_lines(result, len(sweep.spec.seeds)):
         print(f"  {line}")
     model_dir = export_best(sweep, out / "model")

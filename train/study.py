@@ -2,12 +2,13 @@
 
 Runs configs/sweeps/study.yaml (the four checks of DESIGN §3 from ≥ 5 seeds: sample complexity, depth L,
 heads M and separation Δ; its header states the sizing) through the local sweep backend into OUT/sweep, then
-writes the report to OUT/report (report.md and the PNGs). Resumable: a re-run skips every run with DONE and
+writes the report beside it: OUT/report.md and its PNGs (OUT is the study's one directory, so the report
+is where the study is: docs/study/report.md for the committed one). Resumable: a re-run skips every run with DONE and
 resumes unfinished ones from checkpoints/last.ckpt, so an interrupted study loses at most one checkpoint
 interval per run. A finished run is recognised by its config.yaml and DONE alone (no checkpoint needed), so
 the committed copy in docs/study/ (the run dirs' small files only: config, meta, metrics log, DONE) is skipped
-by `emformer study --out docs/study`, and `emformer report docs/study/sweep --out docs/study/report` rebuilds
-the same report from a fresh clone without training.
+by `emformer study --out docs/study`, and `emformer report docs/study/sweep --out docs/study` rebuilds the same
+report from a fresh clone without training.
 """
 from __future__ import annotations
 
@@ -39,9 +40,10 @@ class Outcome:
     trained_s: float
 
 
-def train_and_report(spec_path: Path, out: Path, parallel: Optional[int] = None) -> Outcome:
+def train_and_report(spec_path: Path, out: Path, parallel: Optional[int] = None,
+                     report_dir: Optional[Path] = None) -> Outcome:
     """Prepare OUT/sweep from the spec, train what is not done yet (K at a time, the spec's threads each),
-    and write the report to OUT/report. Shared by `emformer study` and `emformer demo`."""
+    and write the report to `report_dir` (default OUT/report). Shared by `emformer study` and `emformer demo`."""
     spec = load_spec(spec_path)
     local = LocalOptions.from_dict({"parallel": parallel if parallel is not None else spec.local.parallel,
                                     "threads_per_run": spec.local.threads_per_run}, "--parallel")
@@ -55,13 +57,14 @@ def train_and_report(spec_path: Path, out: Path, parallel: Optional[int] = None)
     failed = run_local(sweep, todo, parallel=local.parallel, threads=local.threads_per_run) if todo else []
     trained = time.monotonic() - started
     print(f"emformer {spec.name}: training took {trained:.0f} s; building the report", flush=True)
-    result = report.build_report(sweep.dir, out / "report", wandb_mode="disabled")
+    result = report.build_report(sweep.dir, report_dir if report_dir is not None else out / "report",
+                                 wandb_mode="disabled")
     return Outcome(sweep, result, failed, trained)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("study"),
-                        help="study directory: sweep/ (the runs) and report/ go there (default ./study)")
+                        help="study directory: sweep/ (the runs), report.md and its PNGs go there (default ./study)")
     parser.add_argument("--spec", type=Path, default=None,
                         help=f"sweep spec (default: the repository's configs/sweeps/{SPEC})")
     parser.add_argument("--parallel", type=int, default=None, help="runs at once (default: the spec's, 2)")
@@ -69,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     spec_path = args.spec if args.spec is not None else configs_dir() / "sweeps" / SPEC
-    outcome = train_and_report(spec_path, args.out, args.parallel)
+    outcome = train_and_report(spec_path, args.out, args.parallel, report_dir=args.out)
     print()
     report.print_summary(outcome.result)
     if outcome.failed:

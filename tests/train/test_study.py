@@ -12,11 +12,14 @@ from pathlib import Path
 
 import pytest
 
+from emformer.train import rundir
 from emformer.train.report import command as report
-from emformer.train.sweep.spec import expand_points, load_spec
+from emformer.train.sweep.spec import expand_points, load_spec, prepare_sweep
+from emformer.train.sweep.status import points_to_run
 
 REPO = Path(__file__).resolve().parents[2]
 STUDY = REPO / "configs" / "sweeps" / "study.yaml"
+COMMITTED = REPO / "docs" / "study"
 
 
 def _n(point) -> float:
@@ -81,7 +84,7 @@ def test_study_runs_resumes_and_rebuilds_its_report_from_small_files(tmp_path):
     first = _study(spec, out)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "8 runs" in first.stdout and "8 to run" in first.stdout
-    report_md = out / "report" / "report.md"
+    report_md = out / "report.md"  # beside sweep/, as docs/study/report.md
     assert "95% t (2 seeds)" in report_md.read_text() and "interval method" in report_md.read_text()
 
     # the committed copy: small files only (what docs/study/ holds), in a fresh place
@@ -99,3 +102,26 @@ def test_study_runs_resumes_and_rebuilds_its_report_from_small_files(tmp_path):
     rebuilt = report.build_report(committed / "sweep", tmp_path / "rebuilt", wandb_mode="disabled")
     original = report.build_report(out / "sweep", tmp_path / "original", wandb_mode="disabled")
     assert report.format_summary(rebuilt) == report.format_summary(original)
+
+
+def test_a_rerun_of_the_study_skips_every_committed_run(tmp_path):
+    """What `make study` does first, on a copy of docs/study/sweep: the spec re-expands to the committed runs
+    (same config hashes, or prepare_sweep refuses) and every one is done from its small files alone."""
+    committed = tmp_path / "sweep"
+    shutil.copytree(COMMITTED / "sweep", committed)
+    sweep = prepare_sweep(load_spec(STUDY), committed)
+    todo, skipped = points_to_run(sweep)
+    assert todo == [] and {state: len(ids) for state, ids in skipped.items()} == {"done": 105}
+    assert rundir.read_index(committed) == rundir.read_index(COMMITTED / "sweep")
+    assert (COMMITTED / "report.md").is_file() and not (COMMITTED / "report").exists()
+
+
+@pytest.mark.slow
+def test_the_committed_study_report_is_what_emformer_report_rebuilds(tmp_path):
+    """docs/study/report.md is in step with the code: rebuilt from the committed run files, it is the same
+    text (but the out directory named in its first line) and the same figures are written."""
+    result = report.build_report(COMMITTED / "sweep", tmp_path, wandb_mode="disabled")
+    committed = (COMMITTED / "report.md").read_text().splitlines()
+    rebuilt = result.report_path.read_text().splitlines()
+    assert committed[3:] == rebuilt[3:]
+    assert sorted(p.name for p in result.figures.values()) == sorted(p.name for p in COMMITTED.glob("*.png"))
