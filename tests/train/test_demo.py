@@ -35,7 +35,7 @@ def _n(point) -> float:
 
 
 def test_the_demo_sweep_is_the_design_s_small_check():
-    """DESIGN §3: k=2, d=4, n=64, Δ=3, L=2, M=2, D=32; N = 512..8192 plus fresh; depth 1, 2, 4 at N = ∞."""
+    """DESIGN §3: k=2, d=4, n=64, Δ=3, L=2, M=2, D=32; N = 512..4096 (half octaves) plus fresh; depth 1, 2, 4 at N = ∞."""
     spec = load_spec(SWEEPS / "demo.yaml")
     points = expand_points(spec)
     assert len(spec.seeds) >= 2 and spec.local.parallel == 2 and spec.local.threads_per_run == 1
@@ -44,7 +44,7 @@ def test_the_demo_sweep_is_the_design_s_small_check():
     assert (cfg.task.k, cfg.task.d, cfg.task.n, cfg.task.separation) == (2, 4, 64, 3.0)
     assert len({p.config.trainer.max_steps for p in points}) == 1
     at_l2 = sorted(_n(p) for p in first if p.config.model.depth == 2 and p.config.task.init_noise == 0.3)
-    assert at_l2 == [512, 1024, 2048, 4096, 8192, math.inf]
+    assert at_l2 == [512, 1024, 1448, 2048, 2896, 4096, math.inf]
     depth = [p.config for p in first if _n(p) == math.inf and p.config.task.init_noise == 1.0]
     assert sorted(c.model.depth for c in depth) == [1, 2, 4]
 
