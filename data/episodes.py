@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from emformer.data import inits
+from emformer.data.standardize import standardization
 from emformer.data.tasks import TaskSpec
 from emformer.matching import best_assignment
 
@@ -299,6 +300,7 @@ def _transform(spec: TaskSpec, raw: dict[str, torch.Tensor]) -> Batch:
         "scales": scales, "init": init, "kmask": kmask, "k": k, "n": n, "separation": delta.float(),
     }
     out["sigma"] = torch.full((batch_size,), float(spec.sigma))
+    out = _standardize(spec, out, dmask)
     if spec.d_pad > d:
         pad = spec.d_pad - d
         for key in ("points", "means", "init"):
@@ -332,6 +334,22 @@ def _move(spec: TaskSpec, raw: dict[str, torch.Tensor], delta: torch.Tensor, poi
     if spec.n_max is not None:
         points = points * mask[..., None]
     return points, means * kmask[..., None], init * kmask[..., None]
+
+
+def _standardize(spec: TaskSpec, out: Batch, dmask: torch.Tensor | None) -> Batch:
+    """task.standardize: each episode centred and scaled by `standardization` over its real points and own
+    coordinates, as the Clusterer standardizes its input; means and init move with the points, the noise
+    scales shrink with them (the oracle stays the true posterior), labels stay."""
+    if not spec.standardize:
+        return out
+    dims = None if dmask is None else dmask.sum(1)
+    rule = standardization(out["points"], out["mask"], dims=dims)
+    mask, kmask = out["mask"][..., None], out["kmask"][..., None]
+    moved = {key: ((out[key] - rule.mean) / rule.scale * keep).to(out[key].dtype)
+             for key, keep in (("points", mask), ("means", kmask), ("init", kmask))}
+    scale = rule.scale[:, 0, 0]  # one common scale per episode
+    return {**out, **moved, "scales": (out["scales"] / scale[:, None]).to(out["scales"].dtype),
+            "sigma": (out["sigma"] / scale).to(out["sigma"].dtype)}
 
 
 def _initial_centroids(spec: TaskSpec, points: torch.Tensor, mask: torch.Tensor, kmask: torch.Tensor,

@@ -72,6 +72,11 @@ class TaskSpec:
     rotate: bool = False
     """augmentation: each episode (points, means, init) is turned by a random orthogonal matrix (Haar) within
     its first d coordinates; isotropic noise only (the oracle models per-axis noise)"""
+    standardize: bool = False
+    """each episode (points, means, init, noise scales; after any augmentation) is centred and divided by one
+    common scale so that its mean per-coordinate variance over its own coordinates is 1: the rule the
+    Clusterer applies to its input (data/standardize.py), so a model trained so sees user data as it saw its
+    training data, noise scale included. Labels, Δ and the anchoring are unchanged"""
 
     # ------------------------------------------------------------------ derived sizes (padded shapes)
     @property
@@ -149,6 +154,8 @@ class TaskSpec:
             raise bad("translate", "a finite number >= 0 (0 = off)")
         if not isinstance(self.rotate, bool):
             raise bad("rotate", "true or false")
+        if not isinstance(self.standardize, bool):
+            raise bad("standardize", "true or false")
         if self.rotate and self.noise != "isotropic":
             raise bad("rotate", f"false with task.noise={self.noise} (rotating per-axis noise leaves the true "
                                 "model that the oracle and EM use; rotate needs task.noise=isotropic)")

@@ -18,7 +18,9 @@ Input conventions, each a choice the model's training forces on us (figures: the
 - **standardize=True** ("isotropic", default): centre each episode and divide all features by one common
   scale, so that their mean variance is `config.json`'s `input_scale` (the training episodes' per-feature
   spread, measured at export). The model was trained on mixtures with noise σ = 1, so it is not
-  scale-invariant; one common scale keeps the clusters' shape. "features" z-scores each feature instead
+  scale-invariant; one common scale keeps the clusters' shape. A model trained with task.standardize saw
+  every episode standardized by this very rule (emformer.data.standardize) to a spread of 1, so X is
+  standardized to 1 for it: the model, count head included, sees X as it saw its training episodes. "features" z-scores each feature instead
   (sklearn's StandardScaler), for features in unrelated units: it stretches the axes the clusters are
   separated along less than the others, so it costs accuracy on isotropic clusters (0.11–0.14 against
   0.08). False feeds X as it is, for data already on the training scale (e.g. `emformer.data` episodes:
@@ -47,6 +49,7 @@ import torch
 
 from emformer.atomic import sha256_file
 from emformer.data import inits
+from emformer.data.standardize import STANDARD_SCALE, standardization
 from emformer.errors import CheckpointError, ConfigError, DataError
 from emformer.models import baselines
 from emformer.models.export_format import CONFIG_FILE, WEIGHTS_FILE, read_export_config
@@ -494,8 +497,12 @@ class Clusterer:
         return centroids
 
     def input_scale(self, d: int) -> float:
-        """The per-feature spread standardized data gets at dimension d: the training episodes' at that d
-        (config.json's input_scale_by_d), so the noise reaches the model at the scale it was trained on."""
+        """The per-feature spread standardized data gets at dimension d: for a model trained on standardized
+        episodes (task.standardize), the very target they were standardized to; for one trained on raw
+        episodes, their spread at that d (config.json's input_scale_by_d), so the noise reaches the model at
+        the scale it was trained on."""
+        if self.config["task"].get("standardize"):
+            return STANDARD_SCALE
         by_d = self.config.get("input_scale_by_d") or {}
         return float(by_d.get(str(d), self.config.get("input_scale", 1.0)))
 
@@ -605,34 +612,22 @@ def _model_input(x: torch.Tensor, name: str) -> torch.Tensor:
 
 def _standardize_batch(x: torch.Tensor, mask: torch.Tensor, mode: Union[bool, str], input_scale: float,
                        name: str = "points", first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-episode (mean [B,1,d], scale [B,1,d]) over the real points of x [B,n,d], in float64.
-
-    isotropic (True): one scale for all features, so the mean per-feature variance becomes input_scale²
-    (the training episodes'); the clusters keep their shape. features: each feature to variance
-    input_scale². A feature without spread gets scale 1 instead of a division by 0. An episode without
-    any spread, or whose spread overflows float64, is an InputError naming it (`first`: the index of x[0]).
-    """
-    dtype = x.dtype
-    x = x.double()
-    m = mask[..., None].double()
-    count = m.sum(1, keepdim=True).clamp(min=1)
-    mean = (x * m).sum(1, keepdim=True) / count
-    var = (((x - mean) * m) ** 2).sum(1, keepdim=True) / count
+    """Per-episode (mean [B,1,d], scale [B,1,d]) over the real points of x [B,n,d], in float64, by the rule of
+    `emformer.data.standardize` (the one training episodes follow under task.standardize): isotropic (True)
+    pools the variance over the features, so the mean per-feature variance becomes input_scale²; features
+    scales each feature to it. An episode without any spread, or whose spread overflows float64, is an
+    InputError naming it (`first`: the index of x[0])."""
+    rule = standardization(x, mask, per_feature=mode == "features", target=input_scale)
     where = (lambda b: name) if name == "X" else (lambda b: f"{name}: episode {first + b}")
-    overflow = ~torch.isfinite(var).all(-1).flatten()
+    overflow = ~torch.isfinite(rule.var).all(-1).flatten()
     if overflow.any():
         b = int(overflow.nonzero()[0, 0])
         raise InputError(f"{where(b)}: the spread of the points overflows float64 (values up to "
                          f"{float(x[b].abs().max()):.3g}); rescale the data first (e.g. divide it by its largest value)")
-    tiny = 1e-24 * (1 + (mean ** 2).amax(-1, keepdim=True))
-    flat = ~(var > tiny).any(-1).flatten()
-    if flat.any():
-        b = int(flat.nonzero()[0, 0])
+    if rule.flat.any():
+        b = int(rule.flat.nonzero()[0, 0])
         raise InputError(f"{where(b)}: all its points are identical (no spread); nothing to cluster")
-    if mode != "features":
-        var = var.mean(-1, keepdim=True).expand_as(var)
-    std = torch.where(var > tiny, var.sqrt(), torch.ones_like(var))
-    return mean.to(dtype), (std / input_scale).to(dtype)
+    return rule.mean.to(x.dtype), rule.scale.to(x.dtype)
 
 
 def _soft_centroids(points: np.ndarray, proba: np.ndarray, fallback: np.ndarray) -> np.ndarray:

@@ -10,6 +10,7 @@ import torch
 
 from emformer.data.episodes import EPISODE_KEYS, sample_episodes
 from emformer.data.tasks import TaskSpec
+from emformer.models import baselines
 
 VARIABLE = TaskSpec(k=2, k_max=4, d=3, d_max=6, n=16, n_max=32, separation=3.0, separation_max=6.0,
                     weights="dirichlet", noise="diagonal")
@@ -264,6 +265,37 @@ def test_augmented_episode_alone_equals_episode_in_batch(extra):
     batch = sample_episodes(spec, 4, range(10, 26))
     for row in (0, 9):
         assert_same_episode(batch, row, sample_episodes(spec, 4, [10 + row]))
+
+
+@pytest.mark.parametrize("extra", [{"d_min": 2}, {"translate": 1.0, "rotate": True}])
+def test_standardized_episodes_have_the_target_statistics(extra):
+    """task.standardize: the same episodes, centred and scaled per episode over their real points and own
+    coordinates to a mean per-coordinate variance of 1 (what the Clusterer does to X); means, init and the
+    noise scales move with the points, so labels, Δ, the anchoring and the oracle's posterior stay."""
+    spec = TaskSpec(k=2, k_max=5, d=6, d_max=8, n=30, n_max=60, separation=3.0, separation_max=6.0,
+                    weights="range", init="kmeans++", **extra).validate()
+    raw = sample_episodes(spec, 3, range(40))
+    std = sample_episodes(dataclasses.replace(spec, standardize=True), 3, range(40))
+    for key in ("labels", "mask", "kmask", "weights", "separation", "k", "n"):
+        assert torch.equal(raw[key], std[key]), key
+    dims = (raw["points"] != 0).any(1).sum(1)  # each episode's own d
+    assert set(dims.tolist()) == ({2, 3, 4, 5, 6} if "d_min" in extra else {6})
+    for b in range(40):
+        n, d = int(std["n"][b]), int(dims[b])
+        x = std["points"][b, :n].double()
+        torch.testing.assert_close(x.mean(0), torch.zeros(8, dtype=torch.float64), atol=1e-5, rtol=0)
+        assert abs(float(x.var(0, unbiased=False).sum()) / d - 1.0) < 1e-5  # own coordinates only
+        # one affine map per episode carries points, means and init: z = (x - c) / s
+        scale = float(raw["sigma"][b] / std["sigma"][b])
+        centre = raw["points"][b, :n].double().mean(0)
+        for key, real in (("points", std["mask"][b]), ("means", std["kmask"][b]), ("init", std["kmask"][b])):
+            expect = (raw[key][b].double() - centre) / scale
+            torch.testing.assert_close(std[key][b][real].double(), expect[real], atol=1e-4, rtol=1e-4)
+            assert (std[key][b][~real] == 0).all() and (std[key][b][:, d:] == 0).all(), key  # padding stays 0
+        torch.testing.assert_close(std["scales"][b, :6], raw["scales"][b, :6] / scale)
+    assert float(std["sigma"].max()) < 1.0  # Δ ≥ 3: the spread is mostly between clusters
+    posterior = [baselines.oracle_log_posterior(b, spec).exp()[raw["mask"]] for b in (raw, std)]
+    torch.testing.assert_close(posterior[0], posterior[1], atol=1e-5, rtol=0)
 
 
 def test_episode_dimension_range_zeroes_the_coordinates_beyond_it():

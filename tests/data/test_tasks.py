@@ -36,6 +36,7 @@ BAD = [
     ({"translate": float("nan")}, "task.translate"),
     ({"translate": float("inf")}, "task.translate"),
     ({"rotate": "yes"}, "task.rotate"),
+    ({"standardize": "yes"}, "task.standardize"),
     ({"rotate": True, "noise": "diagonal"}, "task.rotate"),
     ({"rotate": True, "noise": "student_t"}, "task.rotate"),
 ]
@@ -52,6 +53,7 @@ def test_bad_spec_names_key(fields, key):
     ("task.separation=0", "task.separation"), ("task.separation=-3", "task.separation"),
     ("task.weights_lo=-1", "task.weights_lo"), ("task.kk=3", "task.kk"), ("task.sepration=4", "task.sepration"),
     ("task.k=three", "task.k"), ("task.translate=-1", "task.translate"), ("task.rotate=maybe", "task.rotate"),
+    ("task.standardize=maybe", "task.standardize"),
 ])
 def test_bad_override_names_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

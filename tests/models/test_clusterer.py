@@ -337,6 +337,55 @@ def test_standardization_keeps_the_noise_scale_at_every_d(fake_export: Path) -> 
     assert old_off[1] > 0.1 and old_off[2] > 0.1, old_off  # one scale for every d missed the noise scale
 
 
+def test_model_trained_on_standardized_episodes_sees_them_again(tmp_path: Path) -> None:
+    """task.standardize: the Clusterer standardizes X to the very target the training episodes were
+    standardized to, so raw episodes through the Clusterer reach the model as the sampler's standardized
+    ones (points and init); one rule for both, including an episode's own d below the model's."""
+    import dataclasses
+
+    from emformer.data.episodes import sample_episodes
+    from emformer.data.tasks import TaskSpec
+    from emformer.train.export.command import export_run
+
+    export = export_run(make_fake_run(tmp_path / "run", ("task.standardize=true",)), tmp_path / "export")
+    config = json.loads((export / "config.json").read_text())
+    clusterer = Clusterer.from_pretrained(export)
+    assert config["task"]["standardize"] is True
+    assert [clusterer.input_scale(d) for d in range(1, 5)] == [1.0] * 4
+    spec = dataclasses.replace(TaskSpec.from_dict(config["task"]), standardize=False, d_min=1, n_max=48)
+    raw = sample_episodes(spec, 5, range(12))
+    std = sample_episodes(dataclasses.replace(spec, standardize=True), 5, range(12))
+    dims = (raw["points"] != 0).any(1).sum(1)
+    assert len(set(dims.tolist())) > 1
+    for b in range(12):
+        n, d = int(raw["n"][b]), int(dims[b])
+        points = raw["points"][b, :n, :d].double().numpy()
+        mean, scale = clusterer._standardization(points)
+        np.testing.assert_allclose((points - mean) / scale, std["points"][b, :n, :d].numpy(), atol=1e-5)
+    # the model's own output agrees too: raw episodes standardized by the Clusterer, standardized ones as they are
+    fixed = dataclasses.replace(spec, d_min=None, n_max=None)
+    raw, std = (sample_episodes(dataclasses.replace(fixed, standardize=on), 5, range(12)) for on in (False, True))
+    ours = clusterer.predict_proba_batch(raw["points"], raw["mask"], init=raw["init"])
+    theirs = Clusterer.from_pretrained(export, standardize=False).predict_proba_batch(std["points"], std["mask"],
+                                                                                     init=std["init"])
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_exports_from_before_task_standardize_keep_their_standardization(fake_export: Path, tmp_path: Path) -> None:
+    """An export whose config.json predates task.standardize (no such key) standardizes as before: to the
+    training episodes' spread at X's d (input_scale_by_d), not to 1."""
+    old = tmp_path / "old"
+    shutil.copytree(fake_export, old)
+    config = json.loads((old / "config.json").read_text())
+    assert config["task"].pop("standardize") is False
+    (old / "config.json").write_text(json.dumps(config))
+    before, now = Clusterer.from_pretrained(old, random_state=0), Clusterer.from_pretrained(fake_export, random_state=0)
+    assert [before.input_scale(d) for d in range(1, 5)] == [config["input_scale_by_d"][str(d)] for d in range(1, 5)]
+    assert before.input_scale(4) != pytest.approx(1.0, abs=0.05)
+    X, _ = _blobs(32, 4, 2, 4.0, seed=3)
+    np.testing.assert_array_equal(before.fit(X).probabilities_, now.fit(X).probabilities_)
+
+
 def test_n_init_keeps_the_best_start_and_is_reproducible(fake_export: Path) -> None:
     X, _ = _blobs(32, 4, 2, 2.0, seed=8)
     one = Clusterer.from_pretrained(fake_export, random_state=3).fit(X)

@@ -1,0 +1,53 @@
+"""The one standardisation rule of episodes: training episodes under `task.standardize` and the `Clusterer`'s
+input both go through `standardization`, so a model trained on standardised episodes sees user data exactly
+as it saw its training data (issue 14: a count head trained on raw episodes learnt the absolute noise scale,
+which the Clusterer's standardisation removes).
+
+The rule, per episode over its real points and its own coordinates: centre on the mean point; divide by one
+common scale (isotropic, the clusters keep their shape) so that the mean per-coordinate variance over the
+episode's own coordinates is target² — or, per_feature, each coordinate to variance target² (scikit-learn's
+StandardScaler). Coordinates beyond an episode's own d (zero padding) have variance 0 and do not count.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+STANDARD_SCALE = 1.0
+"""the per-coordinate spread standardised training episodes get (task.standardize), and so the target of
+the Clusterer's standardisation for a model trained on them"""
+
+
+class Standardization(NamedTuple):
+    """Per episode, float64: z = (x - mean) / scale. var is the per-coordinate variance (before any pooling);
+    flat [B] marks episodes without any spread (scale 1 there, so nothing is divided by 0)."""
+
+    mean: torch.Tensor  # [B, 1, d]
+    scale: torch.Tensor  # [B, 1, d]
+    var: torch.Tensor  # [B, 1, d]
+    flat: torch.Tensor  # [B] bool
+
+
+def standardization(x: torch.Tensor, mask: torch.Tensor, per_feature: bool = False,
+                    target: float = STANDARD_SCALE, dims: Optional[torch.Tensor] = None) -> Standardization:
+    """The standardisation of episodes x [B, n, d] over their real points (mask [B, n]), in float64.
+
+    dims [B]: each episode's own number of coordinates (the first dims[b]; the rest are zero padding),
+    default all d. A coordinate's variance counts as spread when it exceeds 1e-24 · (1 + max mean²): below
+    that it is rounding (a feature without spread gets scale 1).
+    """
+    x = x.double()
+    m = mask[..., None].double()
+    count = m.sum(1, keepdim=True).clamp(min=1)
+    mean = (x * m).sum(1, keepdim=True) / count
+    var = (((x - mean) * m) ** 2).sum(1, keepdim=True) / count
+    tiny = 1e-24 * (1 + (mean ** 2).amax(-1, keepdim=True))
+    flat = ~(var > tiny).any(-1).flatten()
+    pooled = var
+    if not per_feature:
+        own = torch.full(var.shape[:1], var.shape[-1], dtype=var.dtype, device=var.device) if dims is None \
+            else dims.to(device=var.device, dtype=var.dtype)
+        pooled = (var.sum(-1, keepdim=True) / own[:, None, None]).expand_as(var)
+    std = torch.where(pooled > tiny, pooled.sqrt(), torch.ones_like(pooled))
+    return Standardization(mean, std / target, var, flat)
