@@ -28,6 +28,10 @@ class ModelConfig:
     count_head: bool = False
     """also predict P(k | X) from the point tokens (trained with cross-entropy on the episode's k; for
     n_clusters='auto')"""
+    count_spectrum: bool = False
+    """with count_head: the head also reads the episode's covariance spectrum (sorted eigenvalues over their
+    mean, and log n): on standardized episodes that is where k shows, as k - 1 eigenvalues above the noise
+    floor, and what a head over mean-pooled point tokens did not find (it stayed at the uniform prior)"""
 
     def validate(self, prefix: str = "model") -> "ModelConfig":
         """Raise ConfigError naming the first bad key; return self so calls chain."""
@@ -42,4 +46,5 @@ class ModelConfig:
              f"a positive multiple of {prefix}.heads ({self.heads})")
         need(self.mlp_ratio >= 1, "mlp_ratio", "an integer >= 1")
         need(0 <= self.dropout < 1, "dropout", "a number in [0, 1)")
+        need(not self.count_spectrum or self.count_head, "count_spectrum", f"false unless {prefix}.count_head is true")
         return self

@@ -20,7 +20,11 @@ Unknown k: an optional count head predicts P(k | X) for k in [k_min, k_max] from
 The same blocks run over the n point tokens with no centroid tokens (so nothing says how many clusters the
 init had), the final states are mean-pooled over the real points, and an MLP reads k's logits:
 
-    count_logits = MLP(mean_i LN(h_i))                       (h: the blocks over point tokens only) There is no positional encoding, so permuting the points permutes the
+    count_logits = MLP(mean_i LN(h_i))                       (h: the blocks over point tokens only)
+
+With count_spectrum the MLP also reads the episode's covariance spectrum (`covariance_spectrum`): once X is
+standardized, k shows as k - 1 eigenvalues above the noise floor, which mean-pooled tokens did not learn to see.
+ There is no positional encoding, so permuting the points permutes the
 output rows and nothing else. This file imports torch only (no lightning): export and `cluster` use it.
 """
 from __future__ import annotations
@@ -143,7 +147,8 @@ class ClusterTransformer(nn.Module):
             nn.init.zeros_(self.centroid_head.bias)
         self.count_head = None
         if cfg.count_head:
-            self.count_head = nn.Sequential(nn.Linear(cfg.width, cfg.width), nn.GELU(),
+            inputs = cfg.width + (cfg.d_in + 1 if cfg.count_spectrum else 0)
+            self.count_head = nn.Sequential(nn.Linear(inputs, cfg.width), nn.GELU(),
                                             nn.Linear(cfg.width, cfg.k_max - cfg.k_min + 1))
 
     def num_parameters(self) -> int:
@@ -193,6 +198,28 @@ class ClusterTransformer(nn.Module):
             x = block(x, keep)
         h = self.ln_final(x)
         if keep is None:
-            return self.count_head(h.mean(1))
-        m = keep[..., None].to(h.dtype)
-        return self.count_head((h * m).sum(1) / m.sum(1).clamp(min=1))
+            pooled = h.mean(1)
+        else:
+            m = keep[..., None].to(h.dtype)
+            pooled = (h * m).sum(1) / m.sum(1).clamp(min=1)
+        if self.cfg.count_spectrum:
+            pooled = torch.cat([pooled, covariance_spectrum(points, keep).to(pooled.dtype)], -1)
+        return self.count_head(pooled)
+
+
+def covariance_spectrum(points: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """[B,n,d] points (mask [B,n], None: all real) -> [B, d + 1]: the square roots of their covariance's
+    eigenvalues, largest first, over the mean eigenvalue of the coordinates with spread (so scale-free;
+    zero-padded coordinates give zeros), then log n. A spherical k-mixture has k - 1 eigenvalues above the
+    noise floor; sampling spreads the floor by ~sqrt(d / n), hence log n. No gradient: a function of the input."""
+    with torch.no_grad():
+        x = points.double()
+        m = torch.ones(x.shape[:2], dtype=x.dtype, device=x.device) if mask is None else mask.to(x.dtype)
+        count = m.sum(1).clamp(min=1)
+        centred = (x - (x * m[..., None]).sum(1, keepdim=True) / count[:, None, None]) * m[..., None]
+        cov = centred.transpose(1, 2) @ centred / count[:, None, None]
+        eig = torch.linalg.eigvalsh(cov).flip(-1).clamp(min=0)
+        variance = torch.diagonal(cov, dim1=1, dim2=2)
+        dims = (variance > 1e-12 * variance.amax(-1, keepdim=True)).sum(-1).clamp(min=1)
+        mean = (eig.sum(-1) / dims).clamp(min=torch.finfo(x.dtype).tiny)
+        return torch.cat([(eig / mean[:, None]).sqrt(), count.log()[:, None]], -1).to(points.dtype)

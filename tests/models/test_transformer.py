@@ -8,7 +8,8 @@ from emformer.data.episodes import sample_episodes
 from emformer.data.tasks import TaskSpec
 from emformer.models.losses import clustering_loss
 from emformer.models.config import ModelConfig
-from emformer.models.transformer import ClusterTransformer, TransformerConfig
+from emformer.errors import ConfigError
+from emformer.models.transformer import ClusterTransformer, TransformerConfig, covariance_spectrum
 
 ATOL = 1e-5
 
@@ -177,10 +178,11 @@ def test_no_mask_equals_an_all_true_mask(centroid_head):
             torch.testing.assert_close(got[1], masked[1], atol=ATOL, rtol=0)
 
 
-def test_count_head_reads_the_points_alone():
+@pytest.mark.parametrize("count_spectrum", [False, True])
+def test_count_head_reads_the_points_alone(count_spectrum):
     """P(k | X) over [k_min, k_max]: invariant to the points' order and to padded points, and it never sees
     the init (so it cannot read k off the number of centroid tokens)."""
-    model = make_model(count_head=True, k_min=2)
+    model = make_model(count_head=True, k_min=2, count_spectrum=count_spectrum)
     batch = episodes(TaskSpec(k=2, k_max=3, d=4, n=20, n_max=24, separation=3.0))
     points, mask = batch["points"], batch["mask"]
     with torch.no_grad():
@@ -192,3 +194,25 @@ def test_count_head_reads_the_points_alone():
         torch.testing.assert_close(model.count_logits(garbage, mask), logits, atol=ATOL, rtol=0)
     with pytest.raises(ValueError, match="no count head"):
         make_model().count_logits(points, mask)
+
+
+def test_covariance_spectrum_counts_clusters_and_ignores_scale_shift_rotation_and_padding():
+    """k well-separated spherical clusters: k - 1 eigenvalues stand above the noise floor; the features do
+    not change when the points are scaled, shifted or rotated, or zero-padded to more coordinates (zeros
+    appended), and padded points are ignored; the last feature is log n."""
+    spec = TaskSpec(k=3, d=6, n=200, n_max=240, separation=12.0)
+    batch = episodes(spec, count=4)
+    points, mask = batch["points"].double(), batch["mask"]
+    spectrum = covariance_spectrum(points, mask)
+    assert spectrum.shape == (4, 7)
+    torch.testing.assert_close(spectrum[:, -1], batch["n"].double().log())
+    floor = spectrum[:, 2:6]  # the noise: four about equal values, well below the two of the means
+    assert (spectrum[:, 1] > 2 * floor[:, 0]).all() and (floor.amax(1) < 1.5 * floor.amin(1)).all()
+    q, _ = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1)))
+    moved = (points @ q * 37.0 + 5.0) * mask[..., None] + (~mask[..., None]) * 123.0  # padded points: garbage
+    torch.testing.assert_close(covariance_spectrum(moved, mask), spectrum)
+    padded = covariance_spectrum(torch.nn.functional.pad(points, (0, 3)), mask)
+    torch.testing.assert_close(padded[:, :6], spectrum[:, :6])
+    assert (padded[:, 6:9] == 0).all()
+    with pytest.raises(ConfigError, match="model.count_spectrum: expected false unless model.count_head"):
+        ModelConfig(count_spectrum=True).validate()
