@@ -68,6 +68,14 @@ def task_episodes(count: int, seed: int, **task: Any) -> list:
             for p, l, m, k in zip(batch["points"], batch["labels"], batch["mask"], batch["k"])]
 
 
+def own_task(info: dict[str, Any]) -> dict[str, Any]:
+    """The model's training task as a user's data: raw episodes (not standardized, whatever the model was
+    trained on: the Clusterer standardizes them itself); the init is the Clusterer's, so none is drawn."""
+    from emformer.data.tasks import TaskSpec
+
+    return {**TaskSpec(**info["task"]).to_dict(), "init": "noisy_truth", "standardize": False}
+
+
 def real(name: str, d: int, classes: Optional[int] = None) -> list:
     from sklearn import datasets
     from sklearn.decomposition import PCA
@@ -217,10 +225,8 @@ def _marked(method: str, ari: dict[str, Optional[float]], table: dict[str, Any])
 def unknown_k_table(model: str, count: int, info: dict[str, Any]) -> tuple[dict[str, Any], str]:
     """k-accuracy and ECE of P(k | X) on fresh episodes of the model's own task, against GMM + BIC."""
     from emformer import Clusterer
-    from emformer.data.tasks import TaskSpec
 
-    task = {key: value for key, value in info["task"].items()}
-    items = task_episodes(count, SEED, **{**TaskSpec(**task).to_dict(), "init": "noisy_truth"})
+    items = task_episodes(count, SEED, **own_task(info))
     ks = list(range(info["k_min"], info["k_max"] + 1))
     clusterer = Clusterer.from_pretrained(model)
     results: dict[str, dict[str, list]] = {m: {"conf": [], "correct": [], "cpu": []} for m in
@@ -258,11 +264,10 @@ def polish_table(model: str, count: int, info: dict[str, Any]) -> tuple[dict[str
     episodes (given k). The log-likelihood is the mean per point of the spherical mixture fitted to each
     final assignment, in the episode's own coordinates."""
     from emformer import Clusterer
-    from emformer.data.tasks import TaskSpec
     from emformer.data import inits
     from emformer.models import baselines, metrics
 
-    items = task_episodes(count, SEED + 1, **{**TaskSpec(**info["task"]).to_dict(), "init": "noisy_truth"})
+    items = task_episodes(count, SEED + 1, **own_task(info))
     rows, figures = [], {}
 
     def score(X: np.ndarray, y: np.ndarray, proba: np.ndarray) -> tuple[float, float]:
