@@ -300,7 +300,7 @@ def _transform(spec: TaskSpec, raw: dict[str, torch.Tensor]) -> Batch:
         "scales": scales, "init": init, "kmask": kmask, "k": k, "n": n, "separation": delta.float(),
     }
     out["sigma"] = torch.full((batch_size,), float(spec.sigma))
-    out = _standardize(spec, out, dmask)
+    out = _standardize(spec, out)
     if spec.d_pad > d:
         pad = spec.d_pad - d
         for key in ("points", "means", "init"):
@@ -336,14 +336,14 @@ def _move(spec: TaskSpec, raw: dict[str, torch.Tensor], delta: torch.Tensor, poi
     return points, means * kmask[..., None], init * kmask[..., None]
 
 
-def _standardize(spec: TaskSpec, out: Batch, dmask: torch.Tensor | None) -> Batch:
-    """task.standardize: each episode centred and scaled by `standardization` over its real points and own
-    coordinates, as the Clusterer standardizes its input; means and init move with the points, the noise
-    scales shrink with them (the oracle stays the true posterior), labels stay."""
+def _standardize(spec: TaskSpec, out: Batch) -> Batch:
+    """task.standardize: each episode centred and scaled by `standardization` over its real points (its
+    coordinates beyond its own d have no spread and do not count), as the Clusterer standardizes its input;
+    means and init move with the points, the noise scales shrink with them (the oracle stays the true
+    posterior), labels stay."""
     if not spec.standardize:
         return out
-    dims = None if dmask is None else dmask.sum(1)
-    rule = standardization(out["points"], out["mask"], dims=dims)
+    rule = standardization(out["points"], out["mask"])
     mask, kmask = out["mask"][..., None], out["kmask"][..., None]
     moved = {key: ((out[key] - rule.mean) / rule.scale * keep).to(out[key].dtype)
              for key, keep in (("points", mask), ("means", kmask), ("init", kmask))}

@@ -3,14 +3,14 @@ input both go through `standardization`, so a model trained on standardised epis
 as it saw its training data (issue 14: a count head trained on raw episodes learnt the absolute noise scale,
 which the Clusterer's standardisation removes).
 
-The rule, per episode over its real points and its own coordinates: centre on the mean point; divide by one
-common scale (isotropic, the clusters keep their shape) so that the mean per-coordinate variance over the
-episode's own coordinates is target² — or, per_feature, each coordinate to variance target² (scikit-learn's
-StandardScaler). Coordinates beyond an episode's own d (zero padding) have variance 0 and do not count.
+The rule, per episode over its real points: centre on the mean point; divide by one common scale (isotropic,
+the clusters keep their shape) so that the mean variance of the coordinates with spread is target² — or,
+per_feature, each coordinate to variance target² (scikit-learn's StandardScaler). Coordinates without spread
+(zero padding beyond an episode's own d, a constant column) do not count.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 
@@ -30,12 +30,14 @@ class Standardization(NamedTuple):
 
 
 def standardization(x: torch.Tensor, mask: torch.Tensor, per_feature: bool = False,
-                    target: float = STANDARD_SCALE, dims: Optional[torch.Tensor] = None) -> Standardization:
+                    target: float = STANDARD_SCALE, own_only: bool = True) -> Standardization:
     """The standardisation of episodes x [B, n, d] over their real points (mask [B, n]), in float64.
 
-    dims [B]: each episode's own number of coordinates (the first dims[b]; the rest are zero padding),
-    default all d. A coordinate's variance counts as spread when it exceeds 1e-24 · (1 + max mean²): below
-    that it is rounding (a feature without spread gets scale 1).
+    own_only: the isotropic scale pools the variance over the coordinates with spread only, so zero padding
+    (an episode's coordinates beyond its own d) or a constant column does not shrink it: an episode reads the
+    same with or without them. False pools over all d (what exports from before task.standardize did). A
+    coordinate's variance counts as spread when it exceeds 1e-24 · (1 + max mean²): below that it is
+    rounding (a feature without spread gets scale 1).
     """
     x = x.double()
     m = mask[..., None].double()
@@ -46,8 +48,7 @@ def standardization(x: torch.Tensor, mask: torch.Tensor, per_feature: bool = Fal
     flat = ~(var > tiny).any(-1).flatten()
     pooled = var
     if not per_feature:
-        own = torch.full(var.shape[:1], var.shape[-1], dtype=var.dtype, device=var.device) if dims is None \
-            else dims.to(device=var.device, dtype=var.dtype)
-        pooled = (var.sum(-1, keepdim=True) / own[:, None, None]).expand_as(var)
+        own = (var > tiny).sum(-1, keepdim=True).clamp(min=1) if own_only else var.shape[-1]
+        pooled = (var.sum(-1, keepdim=True) / own).expand_as(var)
     std = torch.where(pooled > tiny, pooled.sqrt(), torch.ones_like(pooled))
     return Standardization(mean, std / target, var, flat)

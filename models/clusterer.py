@@ -496,12 +496,18 @@ class Clusterer:
             raise InputError(f"init: expected {k} centroids of dimension {d} (shape {(k, d)}), got {centroids.shape}")
         return centroids
 
+    @property
+    def _trained_standardized(self) -> bool:
+        """Whether the model was trained on episodes standardized by emformer.data.standardize (its rule and
+        target then apply to X as they are); older exports have no such key."""
+        return bool(self.config["task"].get("standardize"))
+
     def input_scale(self, d: int) -> float:
         """The per-feature spread standardized data gets at dimension d: for a model trained on standardized
         episodes (task.standardize), the very target they were standardized to; for one trained on raw
         episodes, their spread at that d (config.json's input_scale_by_d), so the noise reaches the model at
         the scale it was trained on."""
-        if self.config["task"].get("standardize"):
+        if self._trained_standardized:
             return STANDARD_SCALE
         by_d = self.config.get("input_scale_by_d") or {}
         return float(by_d.get(str(d), self.config.get("input_scale", 1.0)))
@@ -512,7 +518,7 @@ class Clusterer:
             return np.zeros(points.shape[1]), np.ones(points.shape[1])
         x = torch.as_tensor(points)[None]
         mean, scale = _standardize_batch(x, torch.ones(x.shape[:2], dtype=torch.bool), self.standardize,
-                                         self.input_scale(points.shape[1]), "X")
+                                         self.input_scale(points.shape[1]), self._trained_standardized, "X")
         return mean[0, 0].numpy(), scale[0, 0].numpy()
 
     def _standardize_input(self, x: torch.Tensor, mask: torch.Tensor, init: Optional[torch.Tensor],
@@ -521,8 +527,8 @@ class Clusterer:
         episode in float64 (so an offset far above the spread costs no precision)."""
         x = x * mask[..., None]
         if self.standardize:
-            mean, scale = _standardize_batch(x, mask, self.standardize, self.input_scale(x.shape[-1]), "points",
-                                             first)
+            mean, scale = _standardize_batch(x, mask, self.standardize, self.input_scale(x.shape[-1]),
+                                             self._trained_standardized, "points", first)
             x = (x - mean) / scale * mask[..., None]
             init = None if init is None else (init - mean) / scale
         return _model_input(x, "points"), None if init is None else _model_input(init, "init")
@@ -611,13 +617,14 @@ def _model_input(x: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def _standardize_batch(x: torch.Tensor, mask: torch.Tensor, mode: Union[bool, str], input_scale: float,
-                       name: str = "points", first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                       own_only: bool, name: str = "points", first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-episode (mean [B,1,d], scale [B,1,d]) over the real points of x [B,n,d], in float64, by the rule of
     `emformer.data.standardize` (the one training episodes follow under task.standardize): isotropic (True)
-    pools the variance over the features, so the mean per-feature variance becomes input_scale²; features
+    pools the variance over the features (those with spread when own_only, as for a model trained so; all
+    of them for older exports), so their mean variance becomes input_scale²; features
     scales each feature to it. An episode without any spread, or whose spread overflows float64, is an
     InputError naming it (`first`: the index of x[0])."""
-    rule = standardization(x, mask, per_feature=mode == "features", target=input_scale)
+    rule = standardization(x, mask, per_feature=mode == "features", target=input_scale, own_only=own_only)
     where = (lambda b: name) if name == "X" else (lambda b: f"{name}: episode {first + b}")
     overflow = ~torch.isfinite(rule.var).all(-1).flatten()
     if overflow.any():

@@ -24,14 +24,14 @@ def test_isotropic_pools_the_variance_over_the_own_coordinates() -> None:
         assert float(real.var(0, unbiased=False).mean()) == pytest.approx(4.0, rel=1e-9)
         assert torch.all(rule.scale[b] == rule.scale[b, 0, 0])  # one common scale: the shape is kept
     assert not rule.flat.any()
-    # zero padding beyond an episode's own d: dims says how many coordinates are its own
-    padded = torch.nn.functional.pad(x, (0, 3))
-    own = standardization(padded, mask, dims=torch.tensor([4, 4, 4]), target=2.0)
+    # zero padding beyond an episode's own d (or a constant column) does not count: the same scale
+    padded = torch.cat([x, torch.zeros(3, 50, 2, dtype=torch.float64), torch.full((3, 50, 1), 5.0,
+                                                                             dtype=torch.float64)], -1)
+    own = standardization(padded, mask, target=2.0)
     torch.testing.assert_close(own.scale[..., :4], rule.scale)
     torch.testing.assert_close(own.mean[..., :4], rule.mean)
-    assert (own.mean[..., 4:] == 0).all()
-    wrong = standardization(padded, mask, target=2.0)  # counting the padding would shrink the spread
-    assert (wrong.scale < own.scale).all()
+    everything = standardization(padded, mask, target=2.0, own_only=False)  # exports before task.standardize
+    torch.testing.assert_close(everything.scale, own.scale * (4 / 7) ** 0.5)
 
 
 def test_per_feature_and_flat_episodes() -> None:

@@ -362,6 +362,9 @@ def test_model_trained_on_standardized_episodes_sees_them_again(tmp_path: Path) 
         points = raw["points"][b, :n, :d].double().numpy()
         mean, scale = clusterer._standardization(points)
         np.testing.assert_allclose((points - mean) / scale, std["points"][b, :n, :d].numpy(), atol=1e-5)
+        padded = raw["points"][b, :n].double().numpy()  # with the zero coordinates beyond its own d: the same
+        mean, scale = clusterer._standardization(padded)
+        np.testing.assert_allclose((padded - mean) / scale, std["points"][b, :n].numpy(), atol=1e-5)
     # the model's own output agrees too: raw episodes standardized by the Clusterer, standardized ones as they are
     fixed = dataclasses.replace(spec, d_min=None, n_max=None)
     raw, std = (sample_episodes(dataclasses.replace(fixed, standardize=on), 5, range(12)) for on in (False, True))
