@@ -159,6 +159,11 @@ class TaskSpec:
         if self.rotate and self.noise != "isotropic":
             raise bad("rotate", f"false with task.noise={self.noise} (rotating per-axis noise leaves the true "
                                 "model that the oracle and EM use; rotate needs task.noise=isotropic)")
+        if self.d_min is not None and (self.translate or self.rotate):
+            key = "translate" if self.translate else "rotate"
+            raise bad(key, f"{'0' if key == 'translate' else 'false'} with task.d_min set (the augmentation "
+                           "acts on all task.d coordinates, so it would move the ones beyond an episode's own d, "
+                           "which must stay exactly 0; centring by task.standardize makes translation moot)")
         return self
 
     def to_dict(self) -> dict[str, Any]:

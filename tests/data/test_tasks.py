@@ -39,6 +39,8 @@ BAD = [
     ({"standardize": "yes"}, "task.standardize"),
     ({"rotate": True, "noise": "diagonal"}, "task.rotate"),
     ({"rotate": True, "noise": "student_t"}, "task.rotate"),
+    ({"d_min": 2, "translate": 1.0}, "task.translate"),
+    ({"d_min": 2, "rotate": True}, "task.rotate"),
 ]
 
 

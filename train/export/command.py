@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from emformer.data.episodes import sample_episodes
+from emformer.data.standardize import STANDARD_SCALE
 from emformer.data.tasks import TaskSpec
 from emformer.errors import CheckpointError, ConfigError
 from emformer.models.clusterer import check_state_dict
@@ -179,7 +180,10 @@ def _find_commit(meta: dict[str, Any]) -> Optional[str]:
 def input_scale(task: TaskSpec, episodes: int = 256, d: Optional[int] = None) -> float:
     """RMS within-episode standard deviation of one real coordinate of the training points (of the task's
     episodes at dimension d, default the task's own): what a standardized feature is scaled to so user data
-    looks like the training episodes (see Clusterer)."""
+    looks like the training episodes (see Clusterer). Episodes standardized in training (task.standardize)
+    have the target spread by construction, whatever their d."""
+    if task.standardize:
+        return STANDARD_SCALE
     # Points do not depend on the init mode; noisy_truth skips k-means++/spectral work.
     spec = dataclasses.replace(task, init="noisy_truth")
     if d is not None:

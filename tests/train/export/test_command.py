@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+from emformer.data.standardize import STANDARD_SCALE
+from emformer.data.tasks import TaskSpec
 from emformer.errors import CheckpointError, ConfigError
 from emformer.models.clusterer import Clusterer, sha256_file
 from emformer.models.transformer import ClusterTransformer, TransformerConfig
@@ -20,7 +22,7 @@ from emformer.train.export import card as export_card
 from emformer.train.export import onnx as export_onnx
 from emformer.train.cli import main
 from emformer.train.checkpoints import load_checkpoint
-from emformer.train.export.command import export_checkpoint, export_run
+from emformer.train.export.command import export_checkpoint, export_run, input_scale
 from export_fixtures import FAKE_STEP, FAKE_VAL_ROW, architecture_of, make_fake_run, subprocess_env
 
 
@@ -286,3 +288,12 @@ def test_deepspeed_directory_errors(tmp_path: Path) -> None:
     (tmp_path / "ds/latest").write_text("checkpoint")
     with pytest.raises(CheckpointError, match="no model-states file"):
         load_checkpoint(tmp_path / "ds")
+
+
+def test_input_scale_of_a_standardized_task_is_the_standardization_target() -> None:
+    """Episodes standardized in training have the target spread at every d: config.json says so, not the
+    spread pooled over zero-padded coordinates (0.75 for the shipped model before)."""
+    spec = TaskSpec(k=2, k_max=4, d=8, d_min=2, n=32, standardize=True)
+    assert input_scale(spec) == STANDARD_SCALE and input_scale(spec, d=3) == STANDARD_SCALE
+    raw = input_scale(TaskSpec(k=2, k_max=4, d=8, d_min=2, n=32))
+    assert raw != pytest.approx(STANDARD_SCALE, abs=0.05)
