@@ -558,7 +558,7 @@ class Clusterer:
         z = _model_input(torch.as_tensor((points - mean) / scale, device=self.device), "X")[None]
         z = torch.nn.functional.pad(z, (0, self.d_max - z.shape[-1]))
         with torch.inference_mode():
-            logits = self.model.count_logits(z, torch.ones(z.shape[:2], dtype=torch.bool, device=self.device))
+            logits = self.model.count_logits(z, None)  # one whole episode: no point is padded
         proba = torch.softmax(logits.double(), -1)[0].cpu().numpy()
         return {self.k_min + j: float(p) for j, p in enumerate(proba)}
 
@@ -578,9 +578,13 @@ class Clusterer:
         else:
             init = torch.nn.functional.pad(init, (0, 0, 0, self.k_max - k)) * kmask[..., None]
         centroids = init
+        # No mask reaches attention when nothing is padded (all points real, k = the model's k_max), so that a
+        # GPU may pick its fused SDPA kernels; one host sync per call, not per pass.
+        point_mask = None if bool(mask.all()) else mask
+        cluster_mask = None if k == self.k_max else kmask
         with torch.inference_mode():
             for _ in range(self.n_passes):
-                logits = self.model(x, mask, centroids, kmask)
+                logits = self.model(x, point_mask, centroids, cluster_mask)
                 proba = torch.softmax(logits.float(), dim=-1).nan_to_num(0.0) * mask[..., None]
                 # The next pass starts from this one's soft centroids (an empty cluster keeps its centroid).
                 mass = proba.sum(1)

@@ -126,6 +126,24 @@ def test_batched_api_matches_one_episode_at_a_time(fake_export: Path) -> None:
                                    atol=1e-4)
 
 
+def test_no_attention_mask_reaches_the_model_when_nothing_is_padded(fake_export: Path) -> None:
+    """Unpadded episodes at the model's k run attention unmasked (a GPU's fused SDPA kernels need no mask);
+    a padded batch keeps its masks. The two paths agree on the real points (the test above)."""
+    clusterer = Clusterer.from_pretrained(fake_export, random_state=0)
+    seen: list[tuple[bool, bool]] = []
+    forward = clusterer.model.forward
+    clusterer.model.forward = lambda x, mask, init, kmask: (seen.append((mask is None, kmask is None)),
+                                                            forward(x, mask, init, kmask))[1]
+    X = _blobs(40, 4, 2, 4.0, seed=1)[0]
+    clusterer.predict_proba(X)
+    assert seen and all(entry == (True, True) for entry in seen)
+    seen.clear()
+    points, mask = np.zeros((2, 40, 4)), np.ones((2, 40), dtype=bool)
+    points[0], points[1, :30], mask[1, 30:] = X, X[:30], False
+    clusterer.predict_proba_batch(points, mask=mask)
+    assert seen and all(entry == (False, True) for entry in seen)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_batched_api_on_gpu_matches_cpu(fake_export: Path) -> None:
     points = torch.randn(64, 50, 4)
