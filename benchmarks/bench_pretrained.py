@@ -142,7 +142,7 @@ def methods(model: str, ks: list[int], k_max: int) -> dict[str, tuple[str, Calla
         def fit(X: np.ndarray, k: int, seed: int) -> Any:
             if params.get("n_clusters") != "auto" and k > k_max:
                 return None  # more clusters than the model's slots
-            chosen = {"n_clusters": k, **params}
+            chosen = {"n_clusters": k, "n_init": 1, "em_steps": 0, **params}  # one pass unless asked
             return Clusterer.from_pretrained(model, random_state=seed, **chosen).fit_predict(X)
         return fit
 
@@ -281,7 +281,7 @@ def polish_table(model: str, count: int, info: dict[str, Any]) -> tuple[dict[str
     variants: dict[str, Callable[[np.ndarray, int, int], np.ndarray]] = {}
     for m in (0, 1, 3):
         variants[f"emformer em_steps={m}"] = (lambda m: lambda X, k, s: Clusterer.from_pretrained(
-            model, n_clusters=k, em_steps=m, random_state=s).fit(X).probabilities_)(m)
+            model, n_clusters=k, em_steps=m, n_init=1, random_state=s).fit(X).probabilities_)(m)
     variants["emformer n_init=10 em_steps=3"] = lambda X, k, s: Clusterer.from_pretrained(
         model, n_clusters=k, em_steps=3, n_init=10, random_state=s).fit(X).probabilities_
 

@@ -52,7 +52,7 @@ from emformer.data import inits
 from emformer.data.standardize import STANDARD_SCALE, standardization
 from emformer.errors import CheckpointError, ConfigError, DataError
 from emformer.models import baselines
-from emformer.models.export_format import CONFIG_FILE, WEIGHTS_FILE, read_export_config
+from emformer.models.export_format import CONFIG_FILE, WEIGHTS_FILE, clusterer_defaults, read_export_config
 from emformer.models.transformer import ClusterTransformer, TransformerConfig
 
 INIT_MODES = inits.POINT_INITS
@@ -256,9 +256,12 @@ class Clusterer:
     def from_pretrained(cls, model_dir: str | Path, device: Union[str, torch.device] = "cpu",
                         **params: Any) -> "Clusterer":
         """Load an export directory written by `emformer export` (model.safetensors + config.json), or a
-        shipped model by name ("emformer-gmm-small"). `params` are the constructor's."""
+        shipped model by name ("emformer-gmm-small"). `params` are the constructor's; those the export's
+        config.json sets in clusterer_defaults (e.g. the shipped model's n_init and em_steps) default to its
+        values, and what is passed here wins."""
         model_dir = resolve_model_dir(model_dir)
         model, config = load_exported_model(model_dir, device=device)
+        params = {**clusterer_defaults(config, str(model_dir / CONFIG_FILE)), **params}
         clusterer = cls(model, config, device=device, **params)
         clusterer.model_dir_ = Path(model_dir)
         return clusterer

@@ -3,7 +3,8 @@ reader and writer, shared by `emformer export` (train/export/) and the `Clustere
 
     model.safetensors   weights (fp32)
     config.json         architecture, task, supported k / d / n, input_scale, training, eval, sha256 of every
-                        file, format + format_version; written last, so it vouches for the files beside it
+                        file, format + format_version; written last, so it vouches for the files beside it;
+                        optionally clusterer_defaults (the Clusterer parameters this model is meant to run with)
     README.md           the model card
     model.onnx          optional
 
@@ -25,6 +26,23 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 ONNX_FILE = "model.onnx"
 CARD_FILE = "README.md"
+CLUSTERER_DEFAULTS = "clusterer_defaults"
+DEFAULTABLE = ("n_init", "em_steps", "n_passes", "init_iters")
+"""the Clusterer parameters an export may set defaults for (integers; what a user passes still wins)"""
+
+
+def clusterer_defaults(config: dict[str, Any], where: str) -> dict[str, int]:
+    """config.json's clusterer_defaults ({} when absent), checked: known keys, integer values."""
+    defaults = config.get(CLUSTERER_DEFAULTS, {})
+    if not isinstance(defaults, dict):
+        raise CheckpointError(f"{where}: '{CLUSTERER_DEFAULTS}' must be an object, got {defaults!r}")
+    for key, value in defaults.items():
+        if key not in DEFAULTABLE:
+            raise CheckpointError(f"{where}: {CLUSTERER_DEFAULTS}.{key}: not a parameter an export may set; "
+                                  f"expected one of {', '.join(DEFAULTABLE)}")
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise CheckpointError(f"{where}: {CLUSTERER_DEFAULTS}.{key}: expected an integer, got {value!r}")
+    return dict(defaults)
 
 
 def read_export_config(model_dir: str | Path) -> dict[str, Any]:
@@ -48,6 +66,7 @@ def read_export_config(model_dir: str | Path) -> dict[str, Any]:
     for key in ("architecture", "task", "supported"):
         if not isinstance(config.get(key), dict):
             raise CheckpointError(f"{path}: missing the '{key}' section")
+    clusterer_defaults(config, str(path))
     return config
 
 

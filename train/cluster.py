@@ -37,10 +37,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init-iters", type=int, default=None,
                         help="Lloyd iterations refining the initial centroids (default: 10, or 0 when the model "
                              "was trained with that init)")
-    parser.add_argument("--passes", type=int, default=1, help="model passes, each from the last's soft centroids")
-    parser.add_argument("--n-init", type=int, default=1, help="starts (k-means++ draws); the best fitted "
-                        "likelihood is kept (default 1)")
-    parser.add_argument("--em-steps", type=int, default=0, help="EM iterations from the model's assignment (default 0)")
+    # Unset (None) leaves these to the model's config.json clusterer_defaults, else the Clusterer's own.
+    parser.add_argument("--passes", type=int, default=None,
+                        help="model passes, each from the last's soft centroids (default 1)")
+    parser.add_argument("--n-init", type=int, default=None, help="starts (k-means++ draws); the best fitted "
+                        "likelihood is kept (default: the model's clusterer_defaults, else 1)")
+    parser.add_argument("--em-steps", type=int, default=None,
+                        help="EM iterations from the model's assignment (default: the model's clusterer_defaults, else 0)")
     parser.add_argument("--skip-header", action="store_true", help="the CSV's first line is a header: skip it")
     parser.add_argument("--device", default="cpu", help="torch device for the model (default cpu)")
 
@@ -49,10 +52,11 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     points = read_points(Path(args.data), skip_header=args.skip_header)
     standardize = False if args.standardize == "none" else args.standardize
+    given = {key: value for key, value in (("n_passes", args.passes), ("n_init", args.n_init),
+                                           ("em_steps", args.em_steps), ("init_iters", args.init_iters))
+             if value is not None}
     clusterer = Clusterer.from_pretrained(args.model_dir, device=args.device, n_clusters=args.k, init=args.init,
-                                          random_state=args.seed, standardize=standardize,
-                                          init_iters=args.init_iters, n_passes=args.passes, n_init=args.n_init,
-                                          em_steps=args.em_steps)
+                                          random_state=args.seed, standardize=standardize, **given)
     labels = clusterer.fit_predict(points)
     text = "".join(f"{int(label)}\n" for label in labels)
     if args.out:

@@ -38,8 +38,8 @@ from emformer.data.tasks import TaskSpec
 from emformer.errors import CheckpointError, ConfigError
 from emformer.models.clusterer import check_state_dict
 from emformer.models.export_format import (
-    CARD_FILE, CONFIG_FILE, EXPORT_FORMAT, EXPORT_FORMAT_VERSION, ONNX_FILE, WEIGHTS_FILE, file_entry, publish,
-    read_export_config, write_export_config,
+    CARD_FILE, CLUSTERER_DEFAULTS, CONFIG_FILE, DEFAULTABLE, EXPORT_FORMAT, EXPORT_FORMAT_VERSION, ONNX_FILE,
+    WEIGHTS_FILE, file_entry, publish, read_export_config, write_export_config,
 )
 from emformer.models.transformer import ClusterTransformer, TransformerConfig
 from emformer.train import rundir
@@ -62,6 +62,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="from a run directory: the checkpoint with the lowest val loss (default)")
     which.add_argument("--last", dest="which", action="store_const", const="last",
                        help="from a run directory: the latest checkpoint")
+    parser.add_argument("--clusterer-defaults", nargs="+", metavar="KEY=INT", default=[],
+                        help=f"Clusterer parameters this model is meant to run with, written to config.json "
+                             f"(from_pretrained uses them unless given others): {', '.join(DEFAULTABLE)}; "
+                             f"e.g. n_init=10 em_steps=3")
+
+
+def parse_clusterer_defaults(items: list[str]) -> dict[str, int]:
+    """['n_init=10', 'em_steps=3'] -> {'n_init': 10, 'em_steps': 3}, or a ConfigError naming the item."""
+    out: dict[str, int] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in DEFAULTABLE:
+            raise ConfigError(f"--clusterer-defaults {item}: expected KEY=INT with KEY one of {', '.join(DEFAULTABLE)}")
+        try:
+            out[key] = int(value)
+        except ValueError:
+            raise ConfigError(f"--clusterer-defaults {item}: {value!r} is not an integer") from None
+        least = 1 if key in ("n_init", "n_passes") else 0
+        if out[key] < least:
+            raise ConfigError(f"--clusterer-defaults {item}: expected an integer >= {least}")
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
     source = Path(args.source)
     if args.which and source.exists() and not rundir.looks_like_run_dir(source):
         raise ConfigError(f"--{args.which}: only applies to a run directory; {source} is a checkpoint")
-    out = export_run(source, args.out, onnx=args.onnx, which=args.which or "best")
+    out = export_run(source, args.out, onnx=args.onnx, which=args.which or "best",
+                     clusterer_defaults=parse_clusterer_defaults(args.clusterer_defaults))
     config = read_export_config(out)
     files = ", ".join(sorted([*config["files"], CARD_FILE, CONFIG_FILE]))
     print(f"exported {config['training']['checkpoint']} (step {config['training']['step']}) to {out}: {files} "
@@ -81,27 +103,29 @@ def run(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------- API
-def export_run(run_dir: str | Path, out_dir: str | Path, onnx: bool = False, which: str = "best") -> Path:
+def export_run(run_dir: str | Path, out_dir: str | Path, onnx: bool = False, which: str = "best",
+               clusterer_defaults: Optional[dict[str, int]] = None) -> Path:
     """Export checkpoints/{which}.ckpt of a run directory into out_dir and return out_dir. `run_dir` may
     also be a checkpoint (a .ckpt file or a DeepSpeed checkpoint directory); `which` then does not apply.
 
     Writes model.safetensors, config.json, README.md and, with onnx=True, model.onnx (verified with
-    onnxruntime first). Raises CheckpointError / ConfigError naming the file and the problem."""
+    onnxruntime first), and clusterer_defaults into config.json when given. Raises CheckpointError /
+    ConfigError naming the file and the problem."""
     run_dir = Path(run_dir)
     checkpoint = rundir.checkpoint_path(run_dir, which)  # checks `which` first
     if run_dir.exists() and not rundir.looks_like_run_dir(run_dir):
-        return export_checkpoint(run_dir, out_dir, onnx=onnx)
+        return export_checkpoint(run_dir, out_dir, onnx=onnx, clusterer_defaults=clusterer_defaults)
     if not run_dir.is_dir():
         raise CheckpointError(f"{run_dir}: no such run directory or checkpoint")
     if not checkpoint.exists():
         present = rundir.checkpoints_present(run_dir)
         raise CheckpointError(f"{checkpoint}: missing (checkpoints present: {present or 'none'}); "
                               f"has the run saved a checkpoint yet?")
-    return export_checkpoint(checkpoint, out_dir, onnx=onnx, run_dir=run_dir)
+    return export_checkpoint(checkpoint, out_dir, onnx=onnx, run_dir=run_dir, clusterer_defaults=clusterer_defaults)
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, onnx: bool = False,
-                      run_dir: Optional[str | Path] = None) -> Path:
+                      run_dir: Optional[str | Path] = None, clusterer_defaults: Optional[dict[str, int]] = None) -> Path:
     """Export one checkpoint (Lightning file or DeepSpeed directory). `run_dir` (default: the checkpoint's
     grandparent when it is a run directory) supplies meta.json and the eval figures."""
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
@@ -137,6 +161,8 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, onnx: bool = 
         (out_dir / ONNX_FILE).unlink()  # a stale model.onnx from an earlier export would not match these weights
 
     config = build_export_config(architecture, task, loaded, meta, eval_row, files, onnx_info, model)
+    if clusterer_defaults:
+        config[CLUSTERER_DEFAULTS] = dict(clusterer_defaults)
     config["selection"] = _eval_row(run_dir, loaded.step) if run_dir else None  # the eval-set row it was chosen on
     card = model_card(config, str(out_dir))
     publish(out_dir / CARD_FILE, lambda tmp: tmp.write_text(card))

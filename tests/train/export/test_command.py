@@ -22,7 +22,7 @@ from emformer.train.export import card as export_card
 from emformer.train.export import onnx as export_onnx
 from emformer.train.cli import main
 from emformer.train.checkpoints import load_checkpoint
-from emformer.train.export.command import export_checkpoint, export_run, input_scale
+from emformer.train.export.command import export_checkpoint, export_run, input_scale, parse_clusterer_defaults
 from export_fixtures import FAKE_STEP, FAKE_VAL_ROW, architecture_of, make_fake_run, subprocess_env
 
 
@@ -297,3 +297,21 @@ def test_input_scale_of_a_standardized_task_is_the_standardization_target() -> N
     assert input_scale(spec) == STANDARD_SCALE and input_scale(spec, d=3) == STANDARD_SCALE
     raw = input_scale(TaskSpec(k=2, k_max=4, d=8, d_min=2, n=32))
     assert raw != pytest.approx(STANDARD_SCALE, abs=0.05)
+
+
+def test_clusterer_defaults_are_written_and_applied_and_given_params_win(fake_run: Path, tmp_path: Path) -> None:
+    out = export_run(fake_run, tmp_path / "out", clusterer_defaults=parse_clusterer_defaults(["n_init=4", "em_steps=2"]))
+    assert json.loads((out / "config.json").read_text())["clusterer_defaults"] == {"n_init": 4, "em_steps": 2}
+    clusterer = Clusterer.from_pretrained(out)
+    assert (clusterer.n_init, clusterer.em_steps) == (4, 2)
+    assert Clusterer.from_pretrained(out, n_init=1).get_params()["n_init"] == 1
+    assert Clusterer.from_pretrained(export_run(fake_run, tmp_path / "plain")).n_init == 1  # none written: as before
+    for bad, match in ((["n_init"], "expected KEY=INT"), (["batch_size=3"], "expected KEY=INT"),
+                       (["n_init=x"], "not an integer"), (["n_init=0"], ">= 1")):
+        with pytest.raises(ConfigError, match=match):
+            parse_clusterer_defaults(bad)
+    config = json.loads((out / "config.json").read_text())
+    config["clusterer_defaults"] = {"device": 1}
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"config.json: clusterer_defaults.device: not a parameter"):
+        Clusterer.from_pretrained(out)
