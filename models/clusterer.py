@@ -20,9 +20,9 @@ Input conventions, each a choice the model's training forces on us (figures: the
   spread, measured at export). The model was trained on mixtures with noise σ = 1, so it is not
   scale-invariant; one common scale keeps the clusters' shape. A model trained with task.standardize saw
   every episode standardized by this very rule (emformer.data.standardize) to a spread of 1, so X is
-  standardized to 1 for it: the model, count head included, sees X as it saw its training episodes. "features" z-scores each feature instead
-  (sklearn's StandardScaler), for features in unrelated units: it stretches the axes the clusters are
-  separated along less than the others, so it costs accuracy on isotropic clusters (0.11–0.14 against
+  standardized to 1 for it: the model, count head included, sees X as it saw its training episodes.
+  "features" z-scores each feature instead (sklearn's StandardScaler), for features in unrelated units: it
+  stretches the axes the clusters are separated along less than the others, so it costs accuracy on isotropic clusters (0.11–0.14 against
   0.08). False feeds X as it is, for data already on the training scale (e.g. `emformer.data` episodes:
   these are centred on the midpoint of the true means, which the model uses: 0.076 raw against 0.084
   standardized).

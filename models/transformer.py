@@ -24,8 +24,9 @@ init had), the final states are mean-pooled over the real points, and an MLP rea
 
 With count_spectrum the MLP also reads the episode's covariance spectrum (`covariance_spectrum`): once X is
 standardized, k shows as k - 1 eigenvalues above the noise floor, which mean-pooled tokens did not learn to see.
- There is no positional encoding, so permuting the points permutes the
-output rows and nothing else. This file imports torch only (no lightning): export and `cluster` use it.
+
+There is no positional encoding, so permuting the points permutes the output rows and nothing else. This file
+imports torch only (no lightning): export and `cluster` use it.
 """
 from __future__ import annotations
 

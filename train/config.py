@@ -125,7 +125,8 @@ _UNHASHED_STRATEGY = ("single_process_ddp",)
 # Keys added after runs were published (the committed study in docs/study) that, at these values, change
 # nothing a run computes: left out of the hash at those values, so the names of runs that do not use them
 # stay what they were and `emformer study` still skips the committed runs.
-_NEUTRAL_AT = {"task": {"d_min": None, "n_log": False, "standardize": False}, "model": {"count_head": False, "count_spectrum": False}}
+_NEUTRAL_AT = {"task": {"d_min": None, "n_log": False, "standardize": False},
+               "model": {"count_head": False, "count_spectrum": False}}
 
 
 def configs_root(config_path: Path) -> Path:
