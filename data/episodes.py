@@ -1,12 +1,12 @@
 """Sampling GMM clustering episodes (DESIGN §1).
 
-Episode `i` of seed `s` is a pure function of (spec, s, i): its random numbers are the first words of a
-Philox counter-based generator keyed by (s, i >> BLOCK_BITS) and read at a counter offset set by i (`draw_words`;
-`Layout` says which word is which), so any episode can be regenerated alone, shards can be written in
-parallel and a resumed stream sees exactly what it would have seen. A run of consecutive indices is one
-`random_raw` call; everything else (words to uniforms and Box-Muller normals, rescaling to Δ, labels, noise,
-init, anchoring, augmentation) is batched torch. Shard format version 3 holds these episodes (version 2 keyed
-Philox by (s, i), one call per episode; version 1 drew with numpy's per-distribution methods).
+Episode `i` of seed `s` is a pure function of (spec, s, i): its random numbers are read from numpy's PCG64
+stream keyed by (s, i >> BLOCK_BITS, purpose), at an offset set by i (`draw_words`; `Layout` says which word is
+which), so any episode can be regenerated alone, shards can be written in parallel and a resumed stream sees
+exactly what it would have seen. A run of consecutive indices is one `random_raw` call; everything else (words
+to uniforms and Box-Muller normals, rescaling to Δ, labels, noise, init, anchoring, augmentation) is batched
+torch. These are episodes version 4 (data/tasks.py:EPISODES_VERSION); version 3 read numpy's Philox, at about
+twice PCG64's CPU cost a word.
 
 Batch layout (all padded to the spec's k_pad / n_pad / d_pad):
   points [B,n,d] f32 · labels [B,n] i64 (-1 = padding) · mask [B,n] bool · means [B,k,d] · weights [B,k]
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from typing import Sequence
 
 import numpy as np
@@ -37,7 +38,7 @@ EPISODE_KEYS = (
 )
 
 
-MAX_KEY = 2**63  # numpy collapses Philox key words >= 2**63 (2**64 - 1 becomes 0): refuse them
+MAX_KEY = 2**63  # seeds and indices travel as int64 tensors
 
 
 def _check_key(seed: int, index: int) -> None:
@@ -45,22 +46,95 @@ def _check_key(seed: int, index: int) -> None:
         raise ValueError(f"seed and index must be in [0, 2**63), got seed={seed}, index={index}")
 
 
-def episode_rng(seed: int, index: int, counter: Sequence[int] = (0, 0, 0, 0)) -> np.random.Generator:
-    """The generator of episode `index` under `seed`: Philox keyed by the pair, no shared state."""
+BLOCK_BITS = 10  # episodes share a stream in blocks of 2**BLOCK_BITS consecutive indices
+# Purposes: separate streams for an episode's main words and its per-mode extras, so that switching
+# task.translate or task.rotate moves or turns the very same episode.
+MAIN, ROTATION, DIRICHLET, STUDENT_T, DIMS = 0, 1, 2, 3, 4
+_TAG = 0x454D4634  # keeps these streams apart from other SeedSequence users of the same seeds
+
+
+@functools.lru_cache(maxsize=4096)
+def _stream_start(seed: int, block: int, purpose: int) -> dict:
+    """The PCG64 state at the start of stream (seed, block, purpose): SeedSequence hashes the key, so
+    neighbouring keys give unrelated streams."""
+    return np.random.PCG64(np.random.SeedSequence([seed, block, purpose, _TAG])).state
+
+
+_local = threading.local()  # one reusable bit generator per thread: constructing one costs ~20 µs
+
+
+def _stream(seed: int, index: int, purpose: int, offset: int) -> np.random.PCG64:
+    """This thread's PCG64 set to word `offset` of episode `index`'s block stream for `purpose`."""
+    bitgen = getattr(_local, "bitgen", None)
+    if bitgen is None:
+        bitgen = _local.bitgen = np.random.PCG64(0)
+    bitgen.state = _stream_start(seed, index >> BLOCK_BITS, purpose)
+    return bitgen.advance(offset)
+
+
+def _runs(indices: Sequence[int]) -> list[tuple[int, int]]:
+    """[start, stop) positions of the maximal runs of consecutive indices within one stream block."""
+    if isinstance(indices, range) and indices.step == 1:  # a run, cut where a block starts
+        cuts = range(-indices.start % (1 << BLOCK_BITS) or 1 << BLOCK_BITS, len(indices), 1 << BLOCK_BITS)
+        bounds = [0, *cuts, len(indices)]
+        return list(zip(bounds[:-1], bounds[1:]))
+    runs, start = [], 0
+    for pos in range(1, len(indices)):
+        if indices[pos] != indices[pos - 1] + 1 or not indices[pos] & ((1 << BLOCK_BITS) - 1):
+            runs.append((start, pos))
+            start = pos
+    runs.append((start, len(indices)))
+    return runs
+
+
+def draw_words(seed: int, indices: Sequence[int], words: int, purpose: int = MAIN) -> np.ndarray:
+    """[B, words] uint64: row b holds episode indices[b]'s `words` raw PCG64 outputs for `purpose`.
+
+    Episode i reads stream (seed, i >> BLOCK_BITS, purpose) from word (i mod 2**BLOCK_BITS) · words on
+    (PCG64 jumps ahead in O(log) steps), so consecutive indices of one block are consecutive stretches of one
+    stream: a batch of 64 consecutive indices is one or two `random_raw` calls, random indices one seek each.
+    """
+    idx = indices if isinstance(indices, range) else list(indices)
+    _check_key(seed, min(idx))
+    _check_key(seed, max(idx))
+    within = (1 << BLOCK_BITS) - 1
+    runs = _runs(idx)
+    if len(runs) == 1:  # a batch of consecutive indices: its words are the batch, no copy
+        return _stream(seed, idx[0], purpose, (idx[0] & within) * words).random_raw(len(idx) * words).reshape(
+            len(idx), words)
+    out = np.empty((len(idx), words), dtype=np.uint64)
+    for start, stop in runs:
+        first = idx[start]
+        out[start:stop] = _stream(seed, first, purpose, (first & within) * words).random_raw(
+            (stop - start) * words).reshape(stop - start, words)
+    return out
+
+
+def episode_rng(seed: int, index: int, purpose: int) -> np.random.Generator:
+    """A generator of episode `index`'s own draws for `purpose` (variable-length ones, such as gammas by
+    rejection): stream (seed, i >> BLOCK_BITS, purpose) from word (i mod 2**BLOCK_BITS) · 2**64, so no
+    episode's draws can run into the next one's."""
     _check_key(seed, index)
-    return np.random.Generator(np.random.Philox(key=[seed, index], counter=list(counter)))
+    return np.random.Generator(_stream(seed, index, purpose, (index & ((1 << BLOCK_BITS) - 1)) << 64))
+
+
+def _extra_gammas(seed: int, indices: Sequence[int], purpose: int, shape: float, size: int) -> torch.Tensor:
+    """[B, size] float64 standard gammas of each episode, from its own `episode_rng` for `purpose`."""
+    out = np.empty((len(indices), size))
+    for row, index in enumerate(indices):
+        episode_rng(seed, index, purpose).standard_gamma(shape, out=out[row])
+    return torch.from_numpy(out)
 
 
 class Layout:
-    """Where each random number of an episode sits among its raw Philox words (a function of the spec only).
+    """Where each random number of an episode sits among its raw words (a function of the spec only).
 
-    An episode's main draws are its `words` 64-bit Philox outputs at counter word 0 (`draw_words`), read as
+    An episode's main draws are its `words` 64-bit PCG64 outputs for purpose MAIN (`draw_words`), read as
     32-bit halves: the first `2 · uniform_words` halves give uniforms in [0, 1) from 23 bits each, in
     the runs of `uniforms`; the rest give standard normals by Box-Muller, half j of the normal block paired
     with half j + normal_words (tails end at sqrt(2·23·ln 2) ≈ 5.6: one normal in 5·10⁷ is cut), in the runs
-    of `normals`. Per-mode extras (the rotation at the same key, Dirichlet and Student-t gammas keyed (seed,
-    index)) come from other counter words, so switching task.translate or task.rotate moves or turns the
-    very same episode.
+    of `normals`. Per-mode extras (the rotation, Dirichlet and Student-t gammas, the episode's own d) come from
+    streams of other purposes.
     """
 
     def __init__(self, k: int, n: int, d: int) -> None:
@@ -69,7 +143,6 @@ class Layout:
         normals = {"means": k * d, "noise": n * d, "init_noise": k * d, "offset": d}
         self.uniform_words = -(-sum(uniforms.values()) // 2)  # 64-bit words: two uniforms each
         self.normal_words = -(-sum(normals.values()) // 2)  # and one Box-Muller pair each
-        self.normal_words += -(self.uniform_words + self.normal_words) % 4  # whole Philox blocks: no copy
         self.words = self.uniform_words + self.normal_words
         self.uniforms = self._runs(uniforms)
         self.normals = self._runs(normals)
@@ -93,59 +166,6 @@ class Layout:
         return runs
 
 
-BLOCK_BITS = 10  # episodes share a Philox key in blocks of 2**BLOCK_BITS consecutive indices
-
-
-def draw_words(seed: int, indices: Sequence[int], words: int, counter: int = 0) -> np.ndarray:
-    """[B, words] uint64: row b holds episode indices[b]'s `words` raw Philox outputs.
-
-    Counter-based, so still a pure function of (seed, index): episode i reads Philox keyed
-    (seed, i >> BLOCK_BITS) from counter ((i mod 2**BLOCK_BITS) · stride, counter, 0, 0), stride = the
-    episode's words in 4-word Philox blocks. Consecutive indices of one key block are thus consecutive stretches
-    of one stream: a run of them is one rekey and one `random_raw` call (a batch of 64 consecutive indices
-    costs one or two), where one rekey per episode cost ~2 µs each; random indices cost one rekey each.
-    """
-    stride = -(-words // 4)
-    idx = np.asarray(indices, dtype=np.int64)
-    _check_key(seed, int(idx.min()))
-    _check_key(seed, int(idx.max()))
-    block = idx >> BLOCK_BITS
-    # a run ends where the next index is not the next one of the same key block
-    ends = np.flatnonzero((np.diff(idx) != 1) | (np.diff(block) != 0)) + 1
-    bitgen = np.random.Philox(key=[0, 0], counter=[0, counter, 0, 0])
-    state = bitgen.state
-    key, ctr = state["state"]["key"], state["state"]["counter"]
-    key[0] = seed
-
-    def run(start: int, stop: int) -> np.ndarray:
-        first = int(idx[start])
-        key[1] = first >> BLOCK_BITS
-        ctr[0] = (first & ((1 << BLOCK_BITS) - 1)) * stride
-        bitgen.state = state  # buffer is the fresh generator's: the dict is never read back
-        return bitgen.random_raw((stop - start) * stride * 4)
-
-    if len(ends) == 0:  # one run (a batch of consecutive indices): its words are the batch, no copy
-        out = run(0, len(idx)).reshape(len(idx), stride * 4)
-    else:
-        out = np.empty((len(idx), stride * 4), dtype=np.uint64)
-        flat = out.reshape(-1)
-        for start, stop in zip([0, *ends.tolist()], [*ends.tolist(), len(idx)]):
-            flat[start * stride * 4:stop * stride * 4] = run(start, stop)
-    return out if stride * 4 == words else np.ascontiguousarray(out[:, :words])
-
-
-# Counters (second word) of the per-mode extras: 2**64 blocks apart from the main words and from each other.
-ROTATION_COUNTER, DIRICHLET_COUNTER, STUDENT_T_COUNTER, DIMS_COUNTER = 1, 2, 3, 4
-
-
-def _extra_gammas(seed: int, indices: Sequence[int], counter: int, shape: float, size: int) -> torch.Tensor:
-    """[B, size] float64 standard gammas of each episode, from its own Philox at counter (0, counter, 0, 0)."""
-    out = np.empty((len(indices), size))
-    for row, index in enumerate(indices):
-        episode_rng(seed, index, (0, counter, 0, 0)).standard_gamma(shape, out=out[row])
-    return torch.from_numpy(out)
-
-
 def _unit_floats(raw: np.ndarray) -> torch.Tensor:
     """uint64 words [B, W] -> float32 [B, 2W] in [1, 2), in place: 23 random mantissa bits of each 32-bit half
     under the exponent of 1 (two integer ops, no conversion, no new memory)."""
@@ -156,11 +176,11 @@ def _unit_floats(raw: np.ndarray) -> torch.Tensor:
 def _box_muller_(ones_to_twos: torch.Tensor) -> torch.Tensor:
     """[B, 2P] floats in [1, 2) -> standard normals, in place: column j pairs with column j + P."""
     pairs = ones_to_twos.shape[1] // 2
-    radius = ones_to_twos[:, :pairs].neg_().add_(2.0).log_().mul_(-2.0).sqrt_()  # 2 - f in (0, 1]: no log 0
-    angle = ones_to_twos[:, pairs:].mul_(2 * math.pi)  # cos(2π f) = cos(2π (f - 1))
-    cos = torch.cos(angle)
+    first, second = ones_to_twos[:, :pairs], ones_to_twos[:, pairs:]
+    radius = torch.rsub(first, 2.0).log_().mul_(-2.0).sqrt_()  # 2 - f in (0, 1]: no log 0
+    angle = second.mul_(2 * math.pi)  # cos(2π f) = cos(2π (f - 1))
+    torch.mul(radius, torch.cos(angle), out=first)
     angle.sin_().mul_(radius)
-    radius.mul_(cos)
     return ones_to_twos
 
 
@@ -174,25 +194,30 @@ def _draws(spec: TaskSpec, seed: int, indices: Sequence[int]) -> dict[str, torch
     out.update({name: normals[:, run] for name, run in layout.normals.items()})
     if spec.rotate:
         d = spec.d
-        words = draw_words(seed, indices, -(-d * d // 2), ROTATION_COUNTER)
+        words = draw_words(seed, indices, -(-d * d // 2), ROTATION)
         out["rotation"] = _box_muller_(_unit_floats(words))[:, :d * d]
     if spec.weights == "dirichlet":
-        out["gamma_weights"] = _extra_gammas(seed, indices, DIRICHLET_COUNTER, spec.weights_alpha, spec.k_pad)
+        out["gamma_weights"] = _extra_gammas(seed, indices, DIRICHLET, spec.weights_alpha, spec.k_pad)
     if spec.d_min is not None:  # the episode's own d
-        out["dims_u"] = _unit_floats(draw_words(seed, indices, 1, DIMS_COUNTER))[:, 0].double() - 1.0
+        out["dims_u"] = _unit_floats(draw_words(seed, indices, 1, DIMS))[:, 0].double() - 1.0
     if spec.noise == "student_t":  # t = z / sqrt(χ²_ν / ν) with χ²_ν = 2·Gamma(ν/2)
-        out["gamma_noise"] = _extra_gammas(seed, indices, STUDENT_T_COUNTER, spec.noise_df / 2, spec.n_pad * spec.d)
+        out["gamma_noise"] = _extra_gammas(seed, indices, STUDENT_T, spec.noise_df / 2, spec.n_pad * spec.d)
     return out
 
 
 def sample_episodes(spec: TaskSpec, seed: int, indices: Sequence[int] | torch.Tensor) -> Batch:
     """Episodes `indices` of `seed` under `spec`, as one padded batch (see module doc)."""
-    idx = [int(i) for i in (indices.tolist() if isinstance(indices, torch.Tensor) else indices)]
+    if isinstance(indices, range) and indices.step == 1:  # the common case: no list of Python ints
+        idx: Sequence[int] = indices
+        index = torch.arange(indices.start, indices.stop)
+    else:
+        idx = [int(i) for i in (indices.tolist() if isinstance(indices, torch.Tensor) else indices)]
+        index = torch.tensor(idx, dtype=torch.long)
     if not idx:
         raise ValueError("sample_episodes needs at least one index")
     batch = _transform(spec, _draws(spec, seed, idx))
     batch["seed"] = torch.full((len(idx),), seed, dtype=torch.long)
-    batch["index"] = torch.tensor(idx, dtype=torch.long)
+    batch["index"] = index
     return batch
 
 
@@ -205,6 +230,7 @@ def batch_chunks(batch: Batch, size: int) -> list[Batch]:
 def _pick_int(lo: int, hi: int | None, u: torch.Tensor, log: bool = False) -> torch.Tensor:
     if hi is None or hi == lo:
         return torch.full(u.shape, lo, dtype=torch.long)
+    u = u.double()
     if log:
         return torch.exp(math.log(lo) + u * (math.log(hi + 1) - math.log(lo))).floor().long().clamp(lo, hi)
     return (lo + torch.floor(u * (hi - lo + 1))).long().clamp(max=hi)
@@ -214,9 +240,10 @@ def _transform(spec: TaskSpec, raw: dict[str, torch.Tensor]) -> Batch:
     f64 = torch.float64
     batch_size = raw["means"].shape[0]
     k_pad, n_pad, d = spec.k_pad, spec.n_pad, spec.d
-    u = raw["choices"].double()
+    u = raw["choices"]
     k = _pick_int(spec.k, spec.k_max, u[:, 0])
     n = _pick_int(spec.n, spec.n_max, u[:, 1], log=spec.n_log)
+    fixed_k, fixed_n = spec.k_max is None, spec.n_max is None
     dmask = None  # [B,d] 1 on the episode's own coordinates (task.d_min): the others stay exactly 0
     if spec.d_min is not None:
         dims = _pick_int(spec.d_min, d, raw["dims_u"])
@@ -228,25 +255,26 @@ def _transform(spec: TaskSpec, raw: dict[str, torch.Tensor]) -> Batch:
     if spec.separation_max is None:
         delta = torch.full((batch_size,), float(spec.separation), dtype=f64)
     else:
-        delta = spec.separation + u[:, 2] * (spec.separation_max - spec.separation)
-    kmask = torch.arange(k_pad)[None, :] < k[:, None]
-    mask = torch.arange(n_pad)[None, :] < n[:, None]
+        delta = spec.separation + u[:, 2].double() * (spec.separation_max - spec.separation)
+    # With one k (or one n) the masks are all true: the fast paths skip them, fewer small ops.
+    kmask = torch.ones(batch_size, k_pad, dtype=torch.bool) if fixed_k else torch.arange(k_pad)[None, :] < k[:, None]
+    mask = torch.ones(batch_size, n_pad, dtype=torch.bool) if fixed_n else torch.arange(n_pad)[None, :] < n[:, None]
 
-    # Means: random directions, centred, rescaled so the closest pair is exactly Δσ apart. With one k (no
-    # padded clusters) the masks are all true: the fast path skips them, same values, fewer small ops.
-    fixed_k = spec.k_max is None
+    # Means: random directions, centred, rescaled so the closest pair is exactly Δσ apart.
     if fixed_k:
         means = raw["means"].reshape(batch_size, k_pad, d).double()
-        means = means - means.sum(1, keepdim=True) / spec.k
-        pair_ok = ~torch.eye(k_pad, dtype=torch.bool)[None]
+        means = means.sub_(means.mean(1, keepdim=True))
+        dist = torch.cdist(means, means)
+        dist.diagonal(dim1=1, dim2=2).fill_(math.inf)
     else:
         means = raw["means"].reshape(batch_size, k_pad, d).double() * kmask[..., None]
         centre = means.sum(1, keepdim=True) / k[:, None, None]
         means = (means - centre) * kmask[..., None]
         pair_ok = kmask[:, :, None] & kmask[:, None, :] & ~torch.eye(k_pad, dtype=torch.bool)[None]
-    dist = torch.cdist(means, means)
-    min_dist = dist.masked_fill_(~pair_ok, math.inf).flatten(1).amin(1)
-    means = means.mul_((delta * spec.sigma / min_dist)[:, None, None])
+        dist = torch.cdist(means, means).masked_fill_(~pair_ok, math.inf)
+    min_dist = dist.flatten(1).amin(1)
+    target = spec.separation * spec.sigma if spec.separation_max is None else delta * spec.sigma
+    means = means.mul_((target / min_dist)[:, None, None])
 
     if spec.weights == "uniform" and fixed_k:
         weights = torch.full((batch_size, k_pad), 1.0 / spec.k, dtype=f64)
@@ -261,7 +289,7 @@ def _transform(spec: TaskSpec, raw: dict[str, torch.Tensor]) -> Batch:
         weights = weights / weights.sum(1, keepdim=True)
 
     # Labels by inverse CDF (the number of cdf entries below u); clamp guards the last bin against rounding.
-    if spec.weights == "uniform" and spec.k_max is None:  # one k, equal bins: a floor by a scalar
+    if spec.weights == "uniform" and fixed_k:  # one k, equal bins: a floor by a scalar
         labels = (raw["label_u"] * spec.k).long().clamp_(max=spec.k - 1)
     else:
         if spec.weights == "uniform":  # equal bins: the CDF search is a floor
@@ -280,19 +308,19 @@ def _transform(spec: TaskSpec, raw: dict[str, torch.Tensor]) -> Batch:
         chi = torch.sqrt(raw["gamma_noise"] * (2 / spec.noise_df)).float().view(batch_size, n_pad, d)
         noise = noise / chi * t_unit
     # centres[b, i] = means[b, labels[b, i]] by a flat index (index_select: several times faster than gather)
-    flat = (labels + (torch.arange(batch_size) * k_pad)[:, None]).view(-1)
+    flat = labels.add(torch.arange(0, batch_size * k_pad, k_pad)[:, None]).view(-1)
     centres = means.float().reshape(batch_size * k_pad, d).index_select(0, flat).view(batch_size, n_pad, d)
     if spec.noise == "diagonal":
         points = centres.addcmul_(noise, scales[:, None, :])
     else:  # one scalar σ: no broadcast over a [B, 1, d] factor, whose inner loop of d is slow
         points = centres.add_(noise, alpha=spec.sigma)
-    if spec.n_max is not None:  # with a fixed n the mask is all true: skip two full-size passes
+    if not fixed_n:  # with a fixed n the mask is all true: skip two full-size passes
         points = points * mask[..., None]
         labels = labels.masked_fill(~mask, -1)
 
     init = _initial_centroids(spec, points, mask, kmask, means, delta, raw, dmask)
     if spec.anchored:
-        means, weights, labels = _anchor(means, weights, labels, init, None if fixed_k else kmask, spec.n_max is None)
+        means, weights, labels = _anchor(means, weights, labels, init, None if fixed_k else kmask, fixed_n)
     points, means, init = _move(spec, raw, delta, points, mask, means, init, kmask)
 
     out: Batch = {
@@ -373,7 +401,8 @@ def _anchor(means: torch.Tensor, weights: torch.Tensor, labels: torch.Tensor, in
         both_pad = ~kmask[:, :, None] & ~kmask[:, None, :]
         cost = torch.where(valid, cost, torch.where(both_pad, torch.zeros_like(cost), torch.full_like(cost, math.inf)))
     perm = best_assignment(cost)  # perm[b, true component] = init slot
-    inverse = torch.argsort(perm, dim=1)  # inverse[b, slot] = true component
+    slots = torch.arange(perm.shape[1]).expand_as(perm)
+    inverse = torch.empty_like(perm).scatter_(1, perm, slots)  # inverse[b, slot] = true component
     means = torch.gather(means, 1, inverse[..., None].expand_as(means))
     weights = torch.gather(weights, 1, inverse)
     relabelled = torch.gather(perm, 1, labels if fixed_n else labels.clamp(min=0))

@@ -186,8 +186,8 @@ def _noisy_truth(inputs: InitInputs) -> torch.Tensor:
     truth = inputs.truth
     if truth is None:
         raise ValueError("init noisy_truth starts from the true means: only the episode sampler can draw it")
-    scale = truth.init_noise * truth.separation * truth.sigma / math.sqrt(inputs.points.shape[-1])
-    return torch.addcmul(truth.means, truth.normals, scale[:, None, None]) * inputs.kmask[..., None]
+    scale = truth.separation * (truth.init_noise * truth.sigma / math.sqrt(inputs.points.shape[-1]))
+    return torch.addcmul(truth.means, truth.normals, scale[:, None, None]).mul_(inputs.kmask[..., None])
 
 
 def _kmeans_plus_plus(inputs: InitInputs) -> torch.Tensor:

@@ -56,9 +56,10 @@ from emformer.atomic import atomic_write, atomic_write_json, sha256_file
 from emformer.data.episodes import EPISODE_KEYS, Batch, sample_episodes
 from emformer.data.tasks import TaskSpec
 from emformer.errors import ConfigError, DataError
+from emformer.memory import keep_freed_memory
 
 FORMAT = "emformer-shards"
-FORMAT_VERSION = 3  # 3: Philox keyed per block of indices (data/episodes.py); 2: keyed per episode
+FORMAT_VERSION = 4  # the record layout and the episodes it holds (3 -> 4: tasks.EPISODES_VERSION 3 -> 4)
 MANIFEST = "manifest.json"
 PARTIAL = "manifest.partial.json"
 SAMPLE_EXT = "safetensors"
@@ -152,6 +153,7 @@ def shard_bytes(spec: TaskSpec, seed: int, start: int, stop: int) -> bytes:
 def write_shard(spec_dict: dict[str, Any], seed: int, out: str, shard: int, start: int, stop: int) -> dict[str, Any]:
     """Write one shard atomically (temp name, then rename); return its manifest record. Runs in a pool worker."""
     torch.set_num_threads(1)  # the pool's processes share the cores; one thread each
+    keep_freed_memory()
     data = shard_bytes(TaskSpec.from_dict(spec_dict), seed, start, stop)
     name = shard_name(shard)
     def write(tmp: Path) -> None:

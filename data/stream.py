@@ -42,6 +42,7 @@ from emformer.data.permutation import KeyedPermutation
 from emformer.data.shards import ShardReader
 from emformer.data.tasks import TaskSpec
 from emformer.errors import ConfigError
+from emformer.memory import keep_freed_memory
 
 SPECTRAL_FRESH_WARNING = (
     "task.init=spectral with data.source=fresh: spectral init eigendecomposes an n x n affinity per episode "
@@ -175,6 +176,7 @@ class EpisodeStream(IterableDataset):
 
     # ------------------------------------------------------------------ iteration
     def __iter__(self) -> Iterator[Batch]:
+        keep_freed_memory()  # this process samples or decodes a batch after another: reuse their buffers
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         hand_over = pack_batch if info is not None else (lambda batch: batch)

@@ -16,8 +16,11 @@ MAX_ENUMERATED_K = 6
 
 
 @functools.lru_cache(maxsize=None)
-def _permutations(k: int) -> torch.Tensor:
-    return torch.tensor(list(itertools.permutations(range(k))), dtype=torch.long)
+def _permutations(k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every permutation of range(k) [P, k], and where each one's entries sit in a flattened k x k cost
+    [P * k]: cached per device, so a step on a GPU copies no table from the host."""
+    perms = torch.tensor(list(itertools.permutations(range(k))), dtype=torch.long)
+    return perms.to(device), (torch.arange(k) * k + perms).flatten().to(device)
 
 
 def best_assignment(cost: torch.Tensor) -> torch.Tensor:
@@ -32,11 +35,10 @@ def best_assignment(cost: torch.Tensor) -> torch.Tensor:
     batch, k, _ = cost.shape
     if k <= MAX_ENUMERATED_K:
         finite = torch.nan_to_num(cost.double(), posinf=1e30, neginf=-1e30)
-        perms = _permutations(k).to(cost.device)  # [P, k]
-        rows = torch.arange(k, device=cost.device)
-        # total[b, p] = sum_i cost[b, i, perms[p, i]]
-        total = finite[:, rows, perms].sum(-1)  # [B, P]
-        return perms[total.argmin(dim=1)]
+        perms, flat = _permutations(k, cost.device)
+        # total[b, p] = sum_i cost[b, i, perms[p, i]]: one index_select of the flattened costs
+        total = finite.reshape(batch, k * k).index_select(1, flat).view(batch, -1, k).sum(-1)  # [B, P]
+        return perms.index_select(0, total.argmin(dim=1))
     if cost.device.type == "cpu":  # no device to leave: scipy's C loop beats k² small torch steps here
         return _scipy_assignment(cost)
     return hungarian(cost)

@@ -28,7 +28,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from emformer.atomic import atomic_write_text
 from emformer.data.config import DataConfig
-from emformer.data.tasks import TaskSpec
+from emformer.data.tasks import EPISODES_VERSION, TaskSpec
 from emformer.errors import ConfigError
 from emformer.models.config import ModelConfig
 
@@ -266,7 +266,8 @@ def to_dict(cfg: DictConfig | RunConfig) -> dict[str, Any]:
 
 
 def config_hash(cfg: DictConfig | RunConfig | dict[str, Any]) -> str:
-    """8 hex digits identifying what a run computes (wandb and console settings excluded)."""
+    """8 hex digits identifying what a run computes (wandb and console settings excluded): its config and
+    the version of the episodes it trains and evaluates on."""
     values = to_dict(cfg) if isinstance(cfg, (DictConfig, RunConfig)) else json.loads(json.dumps(cfg))
     for key in _UNHASHED:
         values.pop(key, None)
@@ -279,6 +280,7 @@ def config_hash(cfg: DictConfig | RunConfig | dict[str, Any]) -> str:
         for key, value in neutral.items():
             if key in values.get(section, {}) and values[section][key] == value:
                 values[section].pop(key)
+    values["episodes_version"] = EPISODES_VERSION  # same config on other episodes: another run
     blob = json.dumps(values, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:8]
 

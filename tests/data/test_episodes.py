@@ -157,25 +157,39 @@ def test_negative_seed_or_index_is_refused():
 
 
 def test_batched_draws_are_the_episode_generators_own():
-    """Episode i's words are those of a fresh Philox keyed (seed, i >> BLOCK_BITS) read from its counter offset,
-    whether drawn alone, at random, or inside a run of consecutive indices (one call) that crosses a key block."""
-    from emformer.data.episodes import BLOCK_BITS, draw_words, episode_rng
+    """Episode i's words are those of a fresh PCG64 seeded by SeedSequence (seed, i >> BLOCK_BITS, purpose)
+    read from word (i mod 2**BLOCK_BITS) x words, whether drawn alone, at random, or inside a run of
+    consecutive indices (one call) that crosses a block; purposes give different streams."""
+    from emformer.data.episodes import _TAG, BLOCK_BITS, MAIN, ROTATION, draw_words
 
-    words, stride = 11, 3  # 11 words take 3 Philox blocks of 4
+    words = 11
     keys = [(0, 0), (9, 2**40 + 5), (2**63 - 1, 5)]
-    for counter in (0, 1):
+    for purpose in (MAIN, ROTATION):
         for seed, index in keys:
-            drawn = draw_words(seed, [7, index, 3], words, counter)
-            offset = (index % 2**BLOCK_BITS) * stride
-            fresh = episode_rng(seed, index >> BLOCK_BITS, (offset, counter, 0, 0)).bit_generator.random_raw(words)
-            assert np.array_equal(drawn[1], fresh)
-            assert np.array_equal(draw_words(seed, [index], words, counter)[0], fresh)
-    run = list(range(2**BLOCK_BITS - 40, 2**BLOCK_BITS + 30))  # crosses a key block
-    together = draw_words(4, run, words)
-    assert np.array_equal(together, np.concatenate([draw_words(4, [i], words) for i in run]))
-    assert len({row.tobytes() for row in together}) == len(run)
-    with pytest.raises(ValueError, match="2\\*\\*63"):  # numpy would fold such a key onto another seed's
-        sample_episodes(SPECS["fixed"], 2**64 - 1, [0])
+            drawn = draw_words(seed, [7, index, 3], words, purpose)
+            fresh = np.random.PCG64(np.random.SeedSequence([seed, index >> BLOCK_BITS, purpose, _TAG]))
+            fresh.advance((index % 2**BLOCK_BITS) * words)
+            assert np.array_equal(drawn[1], fresh.random_raw(words))
+            assert np.array_equal(draw_words(seed, [index], words, purpose)[0], drawn[1])
+            assert np.array_equal(draw_words(seed, range(index, index + 1), words, purpose)[0], drawn[1])
+    assert not np.array_equal(draw_words(1, [3], words, MAIN), draw_words(1, [3], words, ROTATION))
+    for run in (range(2**BLOCK_BITS - 40, 2**BLOCK_BITS + 30), range(2**BLOCK_BITS, 3 * 2**BLOCK_BITS + 2)):
+        together = draw_words(4, run, words)  # crosses one or two blocks
+        assert np.array_equal(together, draw_words(4, list(run), words))
+        assert np.array_equal(together, np.concatenate([draw_words(4, [i], words) for i in run]))
+        assert len({row.tobytes() for row in together}) == len(run)
+    with pytest.raises(ValueError, match="2\\*\\*63"):  # indices travel as int64
+        sample_episodes(SPECS["fixed"], 2**63, [0])
+
+
+def test_variable_length_draws_cannot_overlap():
+    """Gammas by rejection take as many words as they need: each episode's own stream starts 2**64 words
+    after the previous episode's, and the draws of an episode do not depend on its batch."""
+    from emformer.data.episodes import DIRICHLET, _extra_gammas
+
+    alone = torch.cat([_extra_gammas(3, [i], DIRICHLET, 0.5, 4) for i in (1, 2, 1500)])
+    torch.testing.assert_close(_extra_gammas(3, [1, 2, 1500], DIRICHLET, 0.5, 4), alone, rtol=0, atol=0)
+    assert len({tuple(row.tolist()) for row in alone}) == 3
 
 
 def test_box_muller_normals_and_uniforms_have_their_laws():
@@ -325,3 +339,34 @@ def test_log_uniform_n():
     assert 0.45 < below < 0.55, below
     uniform = sample_episodes(TaskSpec(k=2, d=2, n=8, n_max=512).validate(), 0, range(2000))["n"].double()
     assert float((uniform < 64).double().mean()) < 0.15
+
+
+GOLDEN_SPECS = {  # every mode of the sampler at least once
+    "reference": dict(k=3, d=8, n=256),
+    "ranged": dict(k=2, k_max=5, d=4, d_max=6, n=20, n_max=60, separation=2.0, separation_max=5.0),
+    "modes": dict(k=4, d=3, n=50, weights="dirichlet", weights_alpha=0.7, noise="student_t", noise_df=5.0),
+    "moved": dict(k=3, d=5, d_min=2, n=30, noise="diagonal", init="kmeans++", standardize=True),
+    "rotated": dict(k=3, d=3, n=20, translate=2.0, rotate=True, init="none"),
+}
+GOLDEN = {  # sha256 of every key of episodes [5, 1023, 1024, 2**40] of seed 11, recorded at EPISODES_VERSION 4
+    "reference": "cb14ce207b74084a5b9c24379f59f0d9",
+    "ranged": "05f3c6add5ffb0d2c243552c719d4d88",
+    "modes": "a5dff47f8ba951e8d6e525eda7f2f2e2",
+    "moved": "4fe4e1d06e58f9dd7ccadf92e1e4da5e",
+    "rotated": "112f690fabc1adacba534403fb397faf",
+}
+
+
+@pytest.mark.parametrize("name", GOLDEN)
+def test_episodes_are_those_of_their_version(name):
+    """A change to the sampler that changes any episode must bump tasks.EPISODES_VERSION (run names and shard
+    formats follow it) and re-record these fingerprints; one that does not (a faster path) leaves them."""
+    import hashlib
+
+    from emformer.data.tasks import EPISODES_VERSION
+
+    batch = sample_episodes(TaskSpec(**GOLDEN_SPECS[name]), 11, [5, 1023, 1024, 2**40])
+    digest = hashlib.sha256()
+    for key in EPISODE_KEYS:
+        digest.update(batch[key].contiguous().numpy().tobytes())
+    assert EPISODES_VERSION == 4 and digest.hexdigest()[:32] == GOLDEN[name]
