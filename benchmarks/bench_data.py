@@ -1,6 +1,7 @@
 """Data throughput: is the episode stream ever the bottleneck of training? (issue 3, "Benchmark")
 
-Episodes/s of the task k=3, d=8, n=256 (noisy_truth init) in batches of 64, torch on one thread:
+Episodes/s of the task k=3, d=8, n=256 (noisy_truth init) in batches of 64, torch on one thread, glibc keeping
+freed buffers (emformer.memory.keep_freed_memory, as the training stream's processes do):
   - generated on one core (in-process) and on two (two processes side by side, and a DataLoader with 1 and
     2 worker processes, which adds the hand-over of batches to the training process),
   - written to shards (`write_shards`, 1 and 2 writer processes),
@@ -44,6 +45,7 @@ from emformer.data.episodes import sample_episodes  # noqa: E402
 from emformer.data.shards import write_shards  # noqa: E402
 from emformer.data.stream import EpisodeStream, resampled_indices  # noqa: E402
 from emformer.data.tasks import TaskSpec  # noqa: E402
+from emformer.memory import keep_freed_memory  # noqa: E402
 
 BATCH = 64
 STEP_SECONDS = 0.155  # one training step of the reference config (DESIGN §3: k=3, d=8, L=4, M=4, D=64)
@@ -53,7 +55,7 @@ TASK = {"k": 3, "d": 8, "n": 256}
 
 INDEX_SIZES = (2**10, 2**20, 2**26)
 SAMPLING_TARGET = 30_000  # episodes per CPU-second on one core (issue 13)
-WINDOWS = 9  # one window is noisy on a shared machine: the sampling rate is read over several
+WINDOWS = 25  # one window is noisy on a shared machine (its rate moves by up to 2x within seconds): read many
 
 
 def _full_permutation_indices(seed: int, size: int, start: int, count: int) -> np.ndarray:
@@ -184,6 +186,7 @@ class Bench:
 
     # ------------------------------------------------------------------ all
     def run(self) -> dict[str, Any]:
+        keep_freed_memory()  # as every process of the training stream does (data/stream.py)
         torch.set_num_threads(1)
         self.in_process("generate, in-process (1 core)", self.spec, self.batches)
         self.sampling_windows()
@@ -287,7 +290,7 @@ class Bench:
                   "prefetch), shard writing (done once, offline), data-driven inits (shown for scale)."]
         median, best = figures["sampling_eps_per_cpu_s_median"], figures["sampling_eps_per_cpu_s_best"]
         lines += ["", f"Sampling on one core (`sample_episodes`, one thread, {figures['sampling_windows']} windows of "
-                  f"{self.batches} batches, process CPU time): median {median:,.0f}, best {best:,.0f} episodes per "
+                  f"{self.batches} batches, process CPU time, glibc keeping freed buffers): median {median:,.0f}, best {best:,.0f} episodes per "
                   f"CPU-second against the target of {SAMPLING_TARGET:,} (median "
                   f"{'meets' if median >= SAMPLING_TARGET else 'misses'} it, best "
                   f"{'meets' if best >= SAMPLING_TARGET else 'misses'} it). On a shared machine the median carries "
