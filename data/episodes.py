@@ -110,19 +110,20 @@ def draw_words(seed: int, indices: Sequence[int], words: int, purpose: int = MAI
     return out
 
 
-def episode_rng(seed: int, index: int, purpose: int) -> np.random.Generator:
+def _episode_rng(seed: int, index: int, purpose: int) -> np.random.Generator:
     """A generator of episode `index`'s own draws for `purpose` (variable-length ones, such as gammas by
     rejection): stream (seed, i >> BLOCK_BITS, purpose) from word (i mod 2**BLOCK_BITS) · 2**64, so no
-    episode's draws can run into the next one's."""
+    episode's draws can run into the next one's. It wraps this thread's one bit generator: use it before
+    the next draw."""
     _check_key(seed, index)
     return np.random.Generator(_stream(seed, index, purpose, (index & ((1 << BLOCK_BITS) - 1)) << 64))
 
 
 def _extra_gammas(seed: int, indices: Sequence[int], purpose: int, shape: float, size: int) -> torch.Tensor:
-    """[B, size] float64 standard gammas of each episode, from its own `episode_rng` for `purpose`."""
+    """[B, size] float64 standard gammas of each episode, from its own `_episode_rng` for `purpose`."""
     out = np.empty((len(indices), size))
     for row, index in enumerate(indices):
-        episode_rng(seed, index, purpose).standard_gamma(shape, out=out[row])
+        _episode_rng(seed, index, purpose).standard_gamma(shape, out=out[row])
     return torch.from_numpy(out)
 
 
