@@ -86,6 +86,16 @@ def test_hash_and_name_ignore_what_does_not_change_the_computation() -> None:
     assert run_name(base) == f"debug-{config_hash(base)}"
 
 
+def test_run_names_change_with_the_episodes_version(monkeypatch) -> None:
+    """Runs trained on older episodes are other runs: a sweep reruns them instead of resuming or skipping."""
+    import emformer.train.config as config
+
+    base = load_config(DEBUG)
+    current = config_hash(base)
+    monkeypatch.setattr(config, "EPISODES_VERSION", config.EPISODES_VERSION + 1)
+    assert config_hash(base) != current
+
+
 def test_saved_config_reloads_to_the_same_run(tmp_path) -> None:
     cfg = load_config(DEBUG, ["model.depth=3", "task.k=3"])
     save_yaml(cfg, tmp_path / "config.yaml")
