@@ -27,8 +27,9 @@ WEIGHTS_FILE = "model.safetensors"
 ONNX_FILE = "model.onnx"
 CARD_FILE = "README.md"
 CLUSTERER_DEFAULTS = "clusterer_defaults"
-DEFAULTABLE = ("n_init", "em_steps", "n_passes", "init_iters")
-"""the Clusterer parameters an export may set defaults for (integers; what a user passes still wins)"""
+DEFAULTABLE = {"n_init": 1, "em_steps": 0, "n_passes": 1, "init_iters": 0}
+"""the Clusterer parameters an export may set defaults for, with their least value (integers; what a user
+passes still wins)"""
 
 
 def clusterer_defaults(config: dict[str, Any], where: str) -> dict[str, int]:

@@ -79,9 +79,8 @@ def parse_clusterer_defaults(items: list[str]) -> dict[str, int]:
             out[key] = int(value)
         except ValueError:
             raise ConfigError(f"--clusterer-defaults {item}: {value!r} is not an integer") from None
-        least = 1 if key in ("n_init", "n_passes") else 0
-        if out[key] < least:
-            raise ConfigError(f"--clusterer-defaults {item}: expected an integer >= {least}")
+        if out[key] < DEFAULTABLE[key]:
+            raise ConfigError(f"--clusterer-defaults {item}: expected an integer >= {DEFAULTABLE[key]}")
     return out
 
 
