@@ -16,7 +16,6 @@ Task: k=3, d=8, n=256, batches of 64 consecutive indices (bench_data.py's), one 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import importlib.util
 import os
 import statistics
@@ -33,7 +32,7 @@ import torch  # noqa: E402
 
 from emformer.data import episodes  # noqa: E402
 from emformer.data.tasks import TaskSpec  # noqa: E402
-from emformer.memory import KEEP_BYTES, MMAP_BYTES, keep_freed_memory  # noqa: E402
+from emformer.memory import KEEP_BYTES, MMAP_BYTES, keep_freed_memory, set_malloc_thresholds  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TASK = {"k": 3, "d": 8, "n": 256}
@@ -51,12 +50,6 @@ def sampler_at(revision: str) -> Callable:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # type: ignore[union-attr]
     return module.sample_episodes
-
-
-def _mallopt(mmap_bytes: int, trim_bytes: int) -> None:
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallopt(-3, mmap_bytes)
-    libc.mallopt(-1, trim_bytes)
 
 
 def alternate(sides: dict[str, tuple[Callable, Callable[[], None]]], windows: int, batches: int) -> dict:
@@ -88,12 +81,13 @@ def main() -> int:
     parser.add_argument("--batches", type=int, default=20)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    keep = lambda: _mallopt(MMAP_BYTES, KEEP_BYTES)  # noqa: E731
+    keep = lambda: set_malloc_thresholds(MMAP_BYTES, KEEP_BYTES)  # noqa: E731
     if args.against:
         keep_freed_memory()
-        sides = {args.against: (sampler_at(args.against), lambda: None), "now": (episodes.sample_episodes, lambda: None)}
+        sides = {args.against: (sampler_at(args.against), lambda: None),
+                 "now": (episodes.sample_episodes, lambda: None)}
     else:
-        sides = {"glibc start": (episodes.sample_episodes, lambda: _mallopt(GLIBC_START, GLIBC_START)),
+        sides = {"glibc start": (episodes.sample_episodes, lambda: set_malloc_thresholds(GLIBC_START, GLIBC_START)),
                  "keep_freed_memory": (episodes.sample_episodes, keep)}
     rates = alternate(sides, args.windows, args.batches)
     a, b = list(rates)

@@ -21,17 +21,22 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbe
 _applied: bool | None = None
 
 
+def set_malloc_thresholds(mmap_bytes: int, trim_bytes: int) -> bool:
+    """glibc's mmap and trim thresholds for this process (fixed from then on: glibc stops adapting them);
+    False where malloc is not glibc's. benchmarks/bench_sampler_ab.py compares settings with it."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.gnu_get_libc_version  # musl and others: no such symbol, leave their malloc alone
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_bytes)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, trim_bytes))
+    except (OSError, AttributeError):
+        return False
+
+
 def keep_freed_memory() -> bool:
-    """Set glibc's trim and mmap thresholds for this process (once); False where malloc is not glibc's."""
+    """Set glibc's thresholds to keep freed buffers (once per process); False where malloc is not glibc's."""
     global _applied
     if _applied is None:
-        _applied = False
-        if sys.platform.startswith("linux"):
-            try:
-                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-                libc.gnu_get_libc_version  # musl and others: no such symbol, leave their malloc alone
-                _applied = bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_BYTES)) and bool(
-                    libc.mallopt(_M_TRIM_THRESHOLD, KEEP_BYTES))
-            except (OSError, AttributeError):
-                _applied = False
+        _applied = set_malloc_thresholds(MMAP_BYTES, KEEP_BYTES)
     return _applied

@@ -22,10 +22,10 @@ Input conventions, each a choice the model's training forces on us (figures: the
   every episode standardized by this very rule (emformer.data.standardize) to a spread of 1, so X is
   standardized to 1 for it: the model, count head included, sees X as it saw its training episodes.
   "features" z-scores each feature instead (sklearn's StandardScaler), for features in unrelated units: it
-  stretches the axes the clusters are separated along less than the others, so it costs accuracy on isotropic clusters (0.11–0.14 against
-  0.08). False feeds X as it is, for data already on the training scale (e.g. `emformer.data` episodes:
-  these are centred on the midpoint of the true means, which the model uses: 0.076 raw against 0.084
-  standardized).
+  stretches the axes the clusters are separated along less than the others, so it costs accuracy on
+  isotropic clusters (0.11–0.14 against 0.08). False feeds X as it is, for data already on the training
+  scale (e.g. `emformer.data` episodes: these are centred on the midpoint of the true means, which the model
+  uses: 0.076 raw against 0.084 standardized).
 - **d below the model's d_in**: zero-padding, not a projection. The points (and any given centroids) get
   d_in - d zero coordinates, which keeps every distance and inner product, and is what training does for a
   task with `d_max`; d = 2 or 3 on the d = 4 debug model: 0.070 / 0.071 with the training init, as for d = 4.
