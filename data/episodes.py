@@ -47,6 +47,7 @@ def _check_key(seed: int, index: int) -> None:
 
 
 BLOCK_BITS = 10  # episodes share a stream in blocks of 2**BLOCK_BITS consecutive indices
+_IN_BLOCK = (1 << BLOCK_BITS) - 1  # index & _IN_BLOCK: an episode's place in its block
 # Purposes: separate streams for an episode's main words and its per-mode extras, so that switching
 # task.translate or task.rotate moves or turns the very same episode.
 MAIN, ROTATION, DIRICHLET, STUDENT_T, DIMS = 0, 1, 2, 3, 4
@@ -80,7 +81,7 @@ def _runs(indices: Sequence[int]) -> list[tuple[int, int]]:
         return list(zip(bounds[:-1], bounds[1:]))
     runs, start = [], 0
     for pos in range(1, len(indices)):
-        if indices[pos] != indices[pos - 1] + 1 or not indices[pos] & ((1 << BLOCK_BITS) - 1):
+        if indices[pos] != indices[pos - 1] + 1 or not indices[pos] & _IN_BLOCK:
             runs.append((start, pos))
             start = pos
     runs.append((start, len(indices)))
@@ -97,16 +98,18 @@ def draw_words(seed: int, indices: Sequence[int], words: int, purpose: int = MAI
     idx = indices if isinstance(indices, range) else list(indices)
     _check_key(seed, min(idx))
     _check_key(seed, max(idx))
-    within = (1 << BLOCK_BITS) - 1
+
+    def run_words(start: int, stop: int) -> np.ndarray:  # one seek and one call: the words of idx[start:stop]
+        first = idx[start]
+        stream = _stream(seed, first, purpose, (first & _IN_BLOCK) * words)
+        return stream.random_raw((stop - start) * words).reshape(stop - start, words)
+
     runs = _runs(idx)
     if len(runs) == 1:  # a batch of consecutive indices: its words are the batch, no copy
-        return _stream(seed, idx[0], purpose, (idx[0] & within) * words).random_raw(len(idx) * words).reshape(
-            len(idx), words)
+        return run_words(0, len(idx))
     out = np.empty((len(idx), words), dtype=np.uint64)
     for start, stop in runs:
-        first = idx[start]
-        out[start:stop] = _stream(seed, first, purpose, (first & within) * words).random_raw(
-            (stop - start) * words).reshape(stop - start, words)
+        out[start:stop] = run_words(start, stop)
     return out
 
 
@@ -116,7 +119,7 @@ def _episode_rng(seed: int, index: int, purpose: int) -> np.random.Generator:
     episode's draws can run into the next one's. It wraps this thread's one bit generator: use it before
     the next draw."""
     _check_key(seed, index)
-    return np.random.Generator(_stream(seed, index, purpose, (index & ((1 << BLOCK_BITS) - 1)) << 64))
+    return np.random.Generator(_stream(seed, index, purpose, (index & _IN_BLOCK) << 64))
 
 
 def _extra_gammas(seed: int, indices: Sequence[int], purpose: int, shape: float, size: int) -> torch.Tensor:
