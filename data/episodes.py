@@ -5,8 +5,9 @@ stream keyed by (s, i >> BLOCK_BITS, purpose), at an offset set by i (`draw_word
 which), so any episode can be regenerated alone, shards can be written in parallel and a resumed stream sees
 exactly what it would have seen. A run of consecutive indices is one `random_raw` call; everything else (words
 to uniforms and Box-Muller normals, rescaling to Δ, labels, noise, init, anchoring, augmentation) is batched
-torch. These are episodes version 4 (data/tasks.py:EPISODES_VERSION); version 3 read numpy's Philox, at about
-twice PCG64's CPU cost a word.
+torch and numpy arithmetic that IEEE 754 fixes (`emformer.exact`: no vendor log, sqrt, matmul or reduction),
+so the same (spec, seed, index) is the same bits on every x86-64 CPU, thread count and math-library setting
+(tests/data/test_cross_cpu.py).
 
 Batch layout (all padded to the spec's k_pad / n_pad / d_pad):
   points [B,n,d] f32 · labels [B,n] i64 (-1 = padding) · mask [B,n] bool · means [B,k,d] · weights [B,k]
@@ -25,6 +26,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from emformer import exact
 from emformer.data import inits
 from emformer.data.standardize import standardization
 from emformer.data.tasks import TaskSpec
@@ -61,7 +63,8 @@ def _stream_start(seed: int, block: int, purpose: int) -> dict:
     return np.random.PCG64(np.random.SeedSequence([seed, block, purpose, _TAG])).state
 
 
-_local = threading.local()  # one reusable bit generator per thread: constructing one costs ~20 µs
+# one reusable bit generator per thread: constructing one per run of indices costs more than the draw
+_local = threading.local()
 
 
 def _stream(seed: int, index: int, purpose: int, offset: int) -> np.random.PCG64:
@@ -178,13 +181,9 @@ def _unit_floats(raw: np.ndarray) -> torch.Tensor:
 
 
 def _box_muller_(ones_to_twos: torch.Tensor) -> torch.Tensor:
-    """[B, 2P] floats in [1, 2) -> standard normals, in place: column j pairs with column j + P."""
-    pairs = ones_to_twos.shape[1] // 2
-    first, second = ones_to_twos[:, :pairs], ones_to_twos[:, pairs:]
-    radius = torch.rsub(first, 2.0).log_().mul_(-2.0).sqrt_()  # 2 - f in (0, 1]: no log 0
-    angle = second.mul_(2 * math.pi)  # cos(2π f) = cos(2π (f - 1))
-    torch.mul(radius, torch.cos(angle), out=first)
-    angle.sin_().mul_(radius)
+    """[B, 2P] floats in [1, 2) -> standard normals, in place: column j pairs with column j + P
+    (`exact.box_muller_normals`: the same bits on every CPU)."""
+    exact.box_muller_normals(ones_to_twos.numpy())
     return ones_to_twos
 
 
@@ -235,9 +234,16 @@ def _pick_int(lo: int, hi: int | None, u: torch.Tensor, log: bool = False) -> to
     if hi is None or hi == lo:
         return torch.full(u.shape, lo, dtype=torch.long)
     u = u.double()
-    if log:
-        return torch.exp(math.log(lo) + u * (math.log(hi + 1) - math.log(lo))).floor().long().clamp(lo, hi)
+    if log:  # floor(exp(ln lo + u (ln(hi + 1) − ln lo))) >= j exactly when u >= the threshold of j
+        return lo + torch.searchsorted(_log_uniform_thresholds(lo, hi), u, right=True)
     return (lo + torch.floor(u * (hi - lo + 1))).long().clamp(max=hi)
+
+
+@functools.lru_cache(maxsize=64)
+def _log_uniform_thresholds(lo: int, hi: int) -> torch.Tensor:
+    """[hi − lo] float64: u at which a log-uniform integer in [lo, hi] reaches lo + 1, …, hi."""
+    logs = exact.log(torch.arange(lo, hi + 2, dtype=torch.float64))
+    return (logs[1:-1] - logs[0]) / (logs[-1] - logs[0])
 
 
 def _transform(spec: TaskSpec, raw: dict[str, torch.Tensor]) -> Batch:
@@ -267,16 +273,16 @@ def _transform(spec: TaskSpec, raw: dict[str, torch.Tensor]) -> Batch:
     # Means: random directions, centred, rescaled so the closest pair is exactly Δσ apart.
     if fixed_k:
         means = raw["means"].reshape(batch_size, k_pad, d).double()
-        means = means.sub_(means.mean(1, keepdim=True))
-        dist = torch.cdist(means, means)
+        means = means - exact.fsum(means, 1, keepdim=True) / k_pad
+        dist = exact.pairwise_sq_dist(means, means)
         dist.diagonal(dim1=1, dim2=2).fill_(math.inf)
     else:
         means = raw["means"].reshape(batch_size, k_pad, d).double() * kmask[..., None]
-        centre = means.sum(1, keepdim=True) / k[:, None, None]
+        centre = exact.fsum(means, 1, keepdim=True) / k[:, None, None]
         means = (means - centre) * kmask[..., None]
         pair_ok = kmask[:, :, None] & kmask[:, None, :] & ~torch.eye(k_pad, dtype=torch.bool)[None]
-        dist = torch.cdist(means, means).masked_fill_(~pair_ok, math.inf)
-    min_dist = dist.flatten(1).amin(1)
+        dist = exact.pairwise_sq_dist(means, means).masked_fill_(~pair_ok, math.inf)
+    min_dist = exact.sqrt(dist.flatten(1).amin(1))
     target = spec.separation * spec.sigma if spec.separation_max is None else delta * spec.sigma
     means = means.mul_((target / min_dist)[:, None, None])
 
@@ -290,7 +296,7 @@ def _transform(spec: TaskSpec, raw: dict[str, torch.Tensor]) -> Batch:
         else:
             weights = torch.ones(batch_size, k_pad, dtype=f64)
         weights = weights * kmask
-        weights = weights / weights.sum(1, keepdim=True)
+        weights = weights / exact.fsum(weights, 1, keepdim=True)
 
     # Labels by inverse CDF (the number of cdf entries below u); clamp guards the last bin against rounding.
     if spec.weights == "uniform" and fixed_k:  # one k, equal bins: a floor by a scalar
@@ -303,21 +309,23 @@ def _transform(spec: TaskSpec, raw: dict[str, torch.Tensor]) -> Batch:
         labels = torch.minimum(labels, k[:, None] - 1)
 
     if spec.noise == "diagonal":  # log r uniform in ±log diag_ratio
-        scales = spec.sigma * torch.exp((2 * raw["axis"] - 1) * math.log(spec.diag_ratio))  # [B, d]
+        exponent = (2 * raw["axis"] - 1).double() * exact.log_scalar(spec.diag_ratio)
+        scales = (spec.sigma * exact.exp(exponent)).float()  # [B, d]
     else:
         scales = torch.full((batch_size, d), float(spec.sigma))
     noise = raw["noise"].reshape(batch_size, n_pad, d)
     if spec.noise == "student_t":  # per axis, scaled to unit variance
-        t_unit = math.sqrt((spec.noise_df - 2) / spec.noise_df)
-        chi = torch.sqrt(raw["gamma_noise"] * (2 / spec.noise_df)).float().view(batch_size, n_pad, d)
+        t_unit = math.sqrt((spec.noise_df - 2) / spec.noise_df)  # one correctly rounded double
+        chi = exact.sqrt(raw["gamma_noise"] * (2 / spec.noise_df)).float().view(batch_size, n_pad, d)
         noise = noise / chi * t_unit
     # centres[b, i] = means[b, labels[b, i]] by a flat index (index_select: several times faster than gather)
     flat = labels.add(torch.arange(0, batch_size * k_pad, k_pad)[:, None]).view(-1)
     centres = means.float().reshape(batch_size * k_pad, d).index_select(0, flat).view(batch_size, n_pad, d)
+    # a product, then a sum: addcmul and add(alpha=) may fuse the two on one CPU and not on another
     if spec.noise == "diagonal":
-        points = centres.addcmul_(noise, scales[:, None, :])
+        points = centres.add_(noise * scales[:, None, :])
     else:  # one scalar σ: no broadcast over a [B, 1, d] factor, whose inner loop of d is slow
-        points = centres.add_(noise, alpha=spec.sigma)
+        points = centres.add_(noise * spec.sigma)
     if not fixed_n:  # with a fixed n the mask is all true: skip two full-size passes
         points = points * mask[..., None]
         labels = labels.masked_fill(~mask, -1)
@@ -353,10 +361,10 @@ def _move(spec: TaskSpec, raw: dict[str, torch.Tensor], delta: torch.Tensor, poi
         return points, means, init
     batch_size, d = points.shape[0], spec.d
     if spec.rotate:
-        # QR of a Gaussian matrix with R's diagonal made positive is Haar-distributed (Mezzadri 2007).
-        q, r = torch.linalg.qr(raw["rotation"].reshape(batch_size, d, d).double())
-        q = q * torch.sgn(torch.diagonal(r, dim1=1, dim2=2))[:, None, :]
-        points, means, init = points @ q.float(), means @ q, init @ q.to(init.dtype)
+        # Q of a Gaussian matrix's QR with R's diagonal positive (what Gram-Schmidt gives) is Haar (Mezzadri 2007).
+        q = exact.gram_schmidt(raw["rotation"].reshape(batch_size, d, d).double())
+        points = exact.matmul(points, q.float())
+        means, init = exact.matmul(means, q), exact.matmul(init, q.to(init.dtype))
     if spec.translate:
         # Each coordinate of the shift is N(0, (translate·Δ·σ)²): the scale of the means' own spread.
         offset = raw["offset"].double() * (spec.translate * spec.sigma * delta)[:, None]  # [B, d]
@@ -399,7 +407,7 @@ def _anchor(means: torch.Tensor, weights: torch.Tensor, labels: torch.Tensor, in
             kmask: torch.Tensor | None, fixed_n: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Relabel components so that component j is the one Hungarian-matched to init centroid j (kmask None:
     no padded clusters)."""
-    cost = torch.cdist(means, init.to(means.dtype))
+    cost = exact.pairwise_dist(means, init.to(means.dtype))
     if kmask is not None:
         valid = kmask[:, :, None] & kmask[:, None, :]
         both_pad = ~kmask[:, :, None] & ~kmask[:, None, :]

@@ -21,6 +21,8 @@ from typing import Callable, Optional
 
 import torch
 
+from emformer import exact
+
 F64 = torch.float64
 
 
@@ -107,14 +109,14 @@ def _kmeanspp_indices(x: torch.Tensor, m: torch.Tensor, kmask: torch.Tensor, uni
     chosen = torch.empty(batch, k, dtype=torch.long, device=x.device)
     chosen[:, 0] = _d2_sample(m, uniforms[:, 0])
     rows = torch.arange(batch, device=x.device)
-    closest = ((x - x[rows, chosen[:, 0]][:, None, :]) ** 2).sum(-1)  # [B,n]
+    closest = exact.sq_norm(x - x[rows, chosen[:, 0]][:, None, :])  # [B,n]
     for j in range(1, k):
         weight = closest * m
         weight = torch.where(weight.sum(-1, keepdim=True) > 0, weight, m)
         pick = _d2_sample(weight, uniforms[:, j])
         pick = torch.where(kmask[:, j].bool(), pick, chosen[:, 0])
         chosen[:, j] = pick
-        closest = torch.minimum(closest, ((x - x[rows, pick][:, None, :]) ** 2).sum(-1))
+        closest = torch.minimum(closest, exact.sq_norm(x - x[rows, pick][:, None, :]))
     return chosen
 
 
@@ -142,6 +144,10 @@ def spectral_init(points: torch.Tensor, mask: torch.Tensor, kmask: torch.Tensor,
     embedding = top-k eigenvectors of D^{-1/2} W D^{-1/2} (k of that episode), rows normalised; k-means++
     (from `uniforms`) then Lloyd in the embedding; centroids = means of the points of each spectral cluster
     (an empty one falls back to its k-means++ seed point). Cost: one n×n eigendecomposition per episode.
+
+    The affinity, the eigenvectors (LAPACK) and the embedding's Lloyd steps vary with the CPU's math library
+    at rounding level; they only decide the labels, and the centroids are computed from the labels with
+    `emformer.exact` sums, so an episode's init is the same bits wherever the labels agree.
     """
     x, m = prepare_points(points, mask)
     km = kmask.bool()
@@ -174,8 +180,9 @@ def spectral_init(points: torch.Tensor, mask: torch.Tensor, kmask: torch.Tensor,
     seeds = _kmeanspp_indices(embedding, m, km, uniforms)
     _, labels = lloyd(embedding, valid, km, _gather_points(embedding, seeds), SPECTRAL_LLOYD_ITERS)
     assign = torch.nn.functional.one_hot(labels.clamp(min=0), k_pad).to(F64) * m[..., None]
-    count = assign.sum(1)
-    centroids = torch.bmm(assign.transpose(1, 2), x) / count.clamp(min=1)[..., None]
+    count = assign.sum(1)  # counts: exact in any order
+    sums = torch.stack([exact.fsum(x * assign[..., j, None], 1) for j in range(k_pad)], 1)  # no BLAS
+    centroids = sums / count.clamp(min=1)[..., None]
     centroids = torch.where((count > 0)[..., None], centroids, _gather_points(x, seeds))
     out_dtype = points.dtype if points.dtype.is_floating_point else torch.float32
     return (centroids * km.to(F64)[..., None]).to(out_dtype)
@@ -187,7 +194,7 @@ def _noisy_truth(inputs: InitInputs) -> torch.Tensor:
     if truth is None:
         raise ValueError("init noisy_truth starts from the true means: only the episode sampler can draw it")
     scale = truth.separation * (truth.init_noise * truth.sigma / math.sqrt(inputs.points.shape[-1]))
-    return torch.addcmul(truth.means, truth.normals, scale[:, None, None]).mul_(inputs.kmask[..., None])
+    return (truth.means + truth.normals * scale[:, None, None]).mul_(inputs.kmask[..., None])  # no fused addcmul
 
 
 def _kmeans_plus_plus(inputs: InitInputs) -> torch.Tensor:

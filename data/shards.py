@@ -59,7 +59,7 @@ from emformer.errors import ConfigError, DataError
 from emformer.memory import keep_freed_memory
 
 FORMAT = "emformer-shards"
-FORMAT_VERSION = 4  # the record layout and the episodes it holds (3 -> 4: tasks.EPISODES_VERSION 3 -> 4)
+FORMAT_VERSION = 5  # the record layout and the episodes it holds: follows tasks.EPISODES_VERSION
 MANIFEST = "manifest.json"
 PARTIAL = "manifest.partial.json"
 SAMPLE_EXT = "safetensors"

@@ -17,11 +17,11 @@ WEIGHT_MODES = ("uniform", "dirichlet", "range")
 NOISE_MODES = ("isotropic", "diagonal", "student_t")
 NO_INIT = "none"
 """the init mode without initial centroids (the model learns slot vectors; labels are not anchored)"""
-EPISODES_VERSION = 4
+EPISODES_VERSION = 5
 """Which episodes a (spec, seed, index) gives (data/episodes.py): bumped whenever their values change, so
 that run names (train/config.py:config_hash) change with them and no run trained on older episodes is taken
-for a current one (4: PCG64 streams; 3: Philox keyed per block of indices; 2: per episode; 1: numpy's
-per-distribution methods)."""
+for a current one (5: IEEE-exact arithmetic, the same bits on every CPU; 4: PCG64 streams; 3: Philox keyed
+per block of indices; 2: per episode; 1: numpy's per-distribution methods)."""
 
 
 def anchored(init: str) -> bool:

@@ -12,6 +12,8 @@ import itertools
 
 import torch
 
+from emformer import exact
+
 MAX_ENUMERATED_K = 6
 
 
@@ -37,7 +39,7 @@ def best_assignment(cost: torch.Tensor) -> torch.Tensor:
         finite = torch.nan_to_num(cost.double(), posinf=1e30, neginf=-1e30)
         perms, flat = _permutations(k, cost.device)
         # total[b, p] = sum_i cost[b, i, perms[p, i]]: one index_select of the flattened costs
-        total = finite.reshape(batch, k * k).index_select(1, flat).view(batch, -1, k).sum(-1)  # [B, P]
+        total = exact.fsum(finite.reshape(batch, k * k).index_select(1, flat).view(batch, -1, k), -1)  # [B, P]
         return perms.index_select(0, total.argmin(dim=1))
     if cost.device.type == "cpu":  # no device to leave: scipy's C loop beats k² small torch steps here
         return _scipy_assignment(cost)

@@ -348,19 +348,20 @@ GOLDEN_SPECS = {  # every mode of the sampler at least once
     "moved": dict(k=3, d=5, d_min=2, n=30, noise="diagonal", init="kmeans++", standardize=True),
     "rotated": dict(k=3, d=3, n=20, translate=2.0, rotate=True, init="none"),
 }
-GOLDEN = {  # sha256 of every key of episodes [5, 1023, 1024, 2**40] of seed 11, recorded at EPISODES_VERSION 4
-    "reference": "cb14ce207b74084a5b9c24379f59f0d9",
-    "ranged": "05f3c6add5ffb0d2c243552c719d4d88",
-    "modes": "a5dff47f8ba951e8d6e525eda7f2f2e2",
-    "moved": "4fe4e1d06e58f9dd7ccadf92e1e4da5e",
-    "rotated": "112f690fabc1adacba534403fb397faf",
+GOLDEN = {  # sha256 of every key of episodes [5, 1023, 1024, 2**40] of seed 11, recorded at EPISODES_VERSION 5
+    "reference": "0d1abfc6dbe2d4ab4b1b34242b8690e1",
+    "ranged": "ba1ad0819b8ff3a97dd71544f6e128d3",
+    "modes": "dcb06fcda39af1faf571a84005c94fd7",
+    "moved": "4b842422b96455f7871924ed72bf724a",
+    "rotated": "fb87c366951cd1d6732f5b71be54eadc",
 }
 
 
 @pytest.mark.parametrize("name", GOLDEN)
 def test_episodes_are_those_of_their_version(name):
     """A change to the sampler that changes any episode must bump tasks.EPISODES_VERSION (run names and shard
-    formats follow it) and re-record these fingerprints; one that does not (a faster path) leaves them."""
+    formats follow it) and re-record these fingerprints; one that does not (a faster path) leaves them.
+    The values hold on any x86-64 CPU: test_cross_cpu.py checks the sampler under other CPUs' code paths."""
     import hashlib
 
     from emformer.data.tasks import EPISODES_VERSION
@@ -369,4 +370,4 @@ def test_episodes_are_those_of_their_version(name):
     digest = hashlib.sha256()
     for key in EPISODE_KEYS:
         digest.update(batch[key].contiguous().numpy().tobytes())
-    assert EPISODES_VERSION == 4 and digest.hexdigest()[:32] == GOLDEN[name]
+    assert EPISODES_VERSION == 5 and digest.hexdigest()[:32] == GOLDEN[name]

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.train.trainrun import (REPO, assert_same_rows, env, no_duplicate_steps, rows, train, train_command)
+from tests.train.trainrun import (REPO, assert_same_rows, computed, env, no_duplicate_steps, rows, train,
+                                  train_command)
 
 TRAIN_KEYS = {"step", "split", "loss", "lr", "episodes_per_s", "tokens_per_s"}
 VAL_KEYS = {"step", "split", "loss", "err", "err_anchored", "ari", "train_loss", "train_err", "err_em",
@@ -157,6 +158,20 @@ def test_sigusr1_saves_last_and_exits_without_done_then_resumes_exactly(debug_ru
 WANDB_OVERRIDES = ("wandb.mode=offline", "trainer.max_steps=20", "trainer.val_every=10", "trainer.ckpt_every=10",
                    "trainer.log_every=5", "eval.episodes=64", "trainer.progress=false", "wandb.group=tests",
                    "wandb.tags=[ci]")
+
+
+@pytest.mark.slow
+def test_a_run_under_another_cpus_math_paths_trains_on_the_same_episodes(tmp_path):
+    """MKL's AVX2 branch and ATen's AVX2 kernels (what an AMD node or an older Intel one takes): the episodes
+    and the eval set are the same bits (tests/data/test_cross_cpu.py), so a run differs only by the model's
+    own float math (MKL/oneDNN kernels), at rounding level; the same settings give the same bytes."""
+    short = ("trainer.max_steps=40", "trainer.val_every=20", "trainer.ckpt_every=40")
+    here, other, again = (tmp_path / name for name in ("here", "other", "again"))
+    train(here, *short)
+    train(other, *short, extra_env={"MKL_CBWR": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"})
+    train(again, *short)
+    assert_same_rows(rows(other), rows(here), rel=1e-5, abs_=1e-4)  # 1e-4: one point in 32,768 may flip
+    assert [computed(r) for r in rows(again)] == [computed(r) for r in rows(here)]
 
 
 @pytest.mark.slow
