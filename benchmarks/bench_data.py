@@ -1,4 +1,4 @@
-"""Data throughput: is the episode stream ever the bottleneck of training? (issue 3, "Benchmark")
+"""Data throughput: is the episode stream ever the bottleneck of training?
 
 Episodes/s of the task k=3, d=8, n=256 (noisy_truth init) in batches of 64, torch on one thread, glibc keeping
 freed buffers (emformer.memory.keep_freed_memory, as the training stream's processes do):
@@ -54,7 +54,7 @@ TASK = {"k": 3, "d": 8, "n": 256}
 
 
 INDEX_SIZES = (2**10, 2**20, 2**26)
-SAMPLING_TARGET = 30_000  # episodes per CPU-second on one core (issue 13)
+SAMPLING_TARGET = 30_000  # episodes per CPU-second on one core: a GPU step consumes far more than the CPU step
 WINDOWS = 25  # one window is noisy on a shared machine (its rate moves by up to 2x within seconds): read many
 
 

@@ -1,4 +1,4 @@
-"""Does a trained model know where the origin is? (issue 13 item 5)
+"""Does a trained model know where the origin is? (why configs/reference.yaml trains with task.translate)
 
 For each run directory given, the model of its last checkpoint labels the same fresh episodes of its task
 (without augmentation) three ways: as sampled (centred between their true means), centred by the sample mean

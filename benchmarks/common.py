@@ -22,7 +22,7 @@ from emformer.train import rundir
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / "benchmarks" / ".cache"
-NO_GPU = "no GPU lent to this task"
+NO_GPU = "no GPU on this machine"
 
 
 # ------------------------------------------------------------------------------------------ progress

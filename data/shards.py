@@ -18,20 +18,20 @@ missing or half-written one, and refuses a directory holding another spec or see
 
 Written and read through webdataset (no lightning here):
 
-- writing: webdataset's TarWriter (shards are byte-identical to format version 1's, which a hand-built tar
-  writer produced: same TAR_META, same member order);
+- writing: webdataset's TarWriter, with fixed TAR_META and member order, so a shard's bytes are a function of
+  its episodes alone;
 - random access (the training stream's pool of exactly N episodes): wids' indexed tar reader
   (`IndexedTarSamples`: one header scan and an mmap per shard and process). Not wids' `ShardListDataset`:
   it opens each shard through its download cache, which copies a shard that is not at its cache name and
   creates `<shard>.lock` beside it (a read-only shared directory fails), and keeps only `lru_size` shards open;
 - the finite sequential stream: the same indexed reader, shard by shard (shards split by rank then by worker, as
   webdataset's split_by_node / split_by_worker). Not webdataset's `WebDataset` pipeline: its per-member
-  Python (tarfile iteration, a dict per sample) read ~8k episodes per CPU-second where the indexed reader
-  reads ~20k, below the 20x of a training step on a loaded core (BENCHMARKS.md, data table).
+  Python (tarfile iteration, a dict per sample) is several times slower than the indexed reader, too slow to
+  stay 20x ahead of a training step on one core (BENCHMARKS.md, data section).
 
 Hand-built on purpose, and only this: `EpisodeCodec`, the batched safetensors encoding of a whole batch
-(safetensors' own per-episode save/load costs about 0.5 ms of Python per episode, which caps random reads
-below 20x what a training step consumes per core; the figures are in BENCHMARKS.md, data table).
+(safetensors' own save/load runs Python per episode, which caps random reads below 20x what a training step
+consumes per core; BENCHMARKS.md, data section, has the "safetensors decode per episode" row).
 """
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ _NUMPY_DTYPES = {"F32": np.float32, "F64": np.float64, "I64": np.int64, "I32": n
 class EpisodeCodec:
     """Batched safetensors encoding for episodes that share one layout (every episode of a spec does).
 
-    Calling safetensors per episode costs ~0.5 ms of Python; here the header is built once and the bytes of a
+    Calling safetensors per episode runs Python per episode; here the header is built once and the bytes of a
     whole batch are cut from / pasted into one [B, record] byte array per tensor. The bytes are exactly what
     `encode_episode` writes (tested), so any safetensors reader can read a member.
     """

@@ -46,8 +46,8 @@ from emformer.memory import keep_freed_memory
 
 SPECTRAL_FRESH_WARNING = (
     "task.init=spectral with data.source=fresh: spectral init eigendecomposes an n x n affinity per episode "
-    "(n={n}; 15-20 ms per episode at n=256 on one core, while a training step consumes hundreds of episodes "
-    "a second), so fresh episodes will starve training. Generate them once (`emformer generate ... --workers "
+    "(n={n}), far slower than the hundreds of episodes a second a training step consumes, so fresh episodes "
+    "will starve training. Generate them once (`emformer generate ... --workers "
     "W`, then data.source=shards) or train on a finite pool (data.source=pool, generated once per process).")
 # A pool is generated once per process and kept in memory when it fits in this budget; above it, pool
 # episodes are regenerated from (seed, index) on demand (identical values, as episodes are pure functions).
@@ -108,9 +108,10 @@ def pool_episodes(spec: TaskSpec, seed: int, size: int) -> Optional[Batch]:
 def pack_batch(batch: Batch) -> Batch:
     """The same tensors as views into one contiguous buffer (8-byte aligned), for the trip to the main process.
 
-    A DataLoader worker hands each tensor over in its own shared-memory segment: for the 14 tensors of a batch
-    that cost the *training* process ~7 ms a batch to receive (k=3, d=8, n=256, B=64, measured), against
-    ~1.5 ms for one packed buffer, and doubled the loader's throughput.
+    A DataLoader worker hands each tensor over in its own shared-memory segment, and the *training* process
+    pays for receiving every one of them (a batch has over a dozen tensors); one packed buffer is one segment,
+    so the worker-to-trainer hand-over stays off the training step's critical path (BENCHMARKS.md, data
+    section, has the DataLoader rows).
     """
     layout, offset = [], 0
     for name, value in batch.items():

@@ -2,7 +2,7 @@
 
 Runs the repository's configs/sweeps/demo.yaml through the local sweep backend: the sample-complexity check
 of DESIGN §3 (N = 512..4096 pool episodes in half octaves, plus fresh episodes) and a depth trend (L = 1, 2, 4 at N = ∞), 2 seeds,
-20 CPU runs of 550 steps, 2 at a time with one thread each (README gives the time it took). Then it runs
+20 CPU runs of 550 steps, 2 at a time with one thread each (docs/demo/ holds a committed result). Then it runs
 `emformer report` on the sweep and prints where report.md is, its summary table, and every verdict tagged with
 the seeds it rests on (2: indicative only, below the study's bar of 5; `emformer study` makes the real figures).
 The best run (selected on the eval set) is exported and its figures printed on the test set (eval.test_seed).

@@ -1,4 +1,4 @@
-"""`emformer study`: the shipped spec has what issue 11 asks of the study, and the command runs end to end at a
+"""`emformer study`: the shipped spec has what the study needs (five seeds, four checks), and the command runs end to end at a
 microscopic size, resumes (skips finished runs from their small files alone) and rebuilds the same report
 from committed-style run directories (no checkpoints)."""
 from __future__ import annotations

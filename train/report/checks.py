@@ -261,8 +261,8 @@ def memorisation_region(train_loss: dict[float, float], test_loss: dict[float, f
       reference that no fit uses, never against the other N or a slope, so it cannot tune the cutoff to
       the fit; what it removes are the N with the largest test loss, the cliff whose drop would otherwise
       steepen the fitted slopes.
-    The train criterion alone missed the committed study's N = 256 (train loss 0.088 against a cutoff of
-    0.087, test loss 0.33 against 0.236 for the init alone)."""
+    The train criterion alone misses a pool whose train loss lands just above its cutoff while its test loss
+    is already far above the init's; the second criterion catches that N."""
     flagged: dict[float, str] = {}
     for n in sorted(train_loss.keys() | test_loss.keys()):
         train, test = train_loss.get(n, math.nan), test_loss.get(n, math.nan)

@@ -251,9 +251,9 @@ ASYMPTOTE_EXPONENTS = np.linspace(-8.0, -0.0025, 3200)
 Why these ends: at b = −8 the term a·N^b falls 256-fold per doubling of N, so every N past the smallest sits
 on L_∞ within any noise a study has: steeper exponents describe the same data (one point above a flat line)
 and cannot be told apart. At b → 0 there is no decay (L_∞ and a trade off without limit). A best fit at
-either end is therefore not an estimate of b (`asymptote_interval` marks it unidentified). The grid was
-[−3, 0) before, and the committed study's interval ended on it ([−3.00, −2.82] with N = 256 fitted; −3.07
-for that end on this grid): an end of the interval on the grid is censored, not measured."""
+either end is therefore not an estimate of b (`asymptote_interval` marks it unidentified). The lower end is
+far below any slope a study resolves, so an interval that reaches it is censored there, not measured: the
+grid must not be narrowed to where the estimates happen to lie."""
 
 
 def asymptote_fit(xs: Sequence[float], ys: Sequence[float]) -> Optional[tuple[float, float, float]]:
