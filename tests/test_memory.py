@@ -31,5 +31,11 @@ def test_a_freed_block_stays_in_the_process_only_when_kept():
     assert held["keep"] > 12 << 20  # kept: it stays in the heap for the next batch
 
 
-def test_it_is_applied_once_and_answers_the_same():
-    assert keep_freed_memory() == keep_freed_memory()
+def test_the_thresholds_are_set_once_per_process(monkeypatch):
+    from emformer import memory
+
+    calls = []
+    monkeypatch.setattr(memory, "_applied", None)
+    monkeypatch.setattr(memory, "set_malloc_thresholds", lambda *args: calls.append(args) or True)
+    assert memory.keep_freed_memory() and memory.keep_freed_memory()
+    assert calls == [(memory.MMAP_BYTES, memory.KEEP_BYTES)]
