@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Optional
 
 import emformer.train
-from emformer.train.report import command as report
+from emformer.train.report.build import build_report
+from emformer.train.report.result import ReportResult
+from emformer.train.report.summary import print_summary
 from emformer.train.sweep.local import run_local
 from emformer.train.sweep.spec import LocalOptions, Sweep, load_spec, prepare_sweep
 from emformer.train.sweep.status import points_to_run
@@ -35,7 +37,7 @@ def configs_dir() -> Path:
 @dataclass
 class Outcome:
     sweep: Sweep
-    result: report.ReportResult
+    result: ReportResult
     failed: list[int]
     trained_s: float
 
@@ -57,8 +59,7 @@ def train_and_report(spec_path: Path, out: Path, parallel: Optional[int] = None,
     failed = run_local(sweep, todo, parallel=local.parallel, threads=local.threads_per_run) if todo else []
     trained = time.monotonic() - started
     print(f"emformer {spec.name}: training took {trained:.0f} s; building the report", flush=True)
-    result = report.build_report(sweep.dir, report_dir if report_dir is not None else out / "report",
-                                 wandb_mode="disabled")
+    result = build_report(sweep.dir, report_dir if report_dir is not None else out / "report")
     return Outcome(sweep, result, failed, trained)
 
 
@@ -74,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     spec_path = args.spec if args.spec is not None else configs_dir() / "sweeps" / SPEC
     outcome = train_and_report(spec_path, args.out, args.parallel, report_dir=args.out)
     print()
-    report.print_summary(outcome.result)
+    print_summary(outcome.result)
     if outcome.failed:
         print(f"emformer study: {len(outcome.failed)} run(s) failed ({outcome.failed}); see their console.log, "
               f"`emformer status {outcome.sweep.dir}`, and re-run the study to resume them")

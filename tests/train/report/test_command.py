@@ -14,7 +14,9 @@ import pytest
 
 from emformer.errors import ConfigError
 from emformer.train.report import checks
-from emformer.train.report import command as report
+from emformer.train.report import build as report
+from emformer.train.report.result import FIGURES, NOT_IN_SWEEP
+from emformer.train.report.summary import format_summary
 from emformer.train.config import load_config, run_name, save_yaml
 
 CONFIGS = Path(__file__).resolve().parents[3] / "configs"
@@ -117,15 +119,15 @@ def test_report_writes_every_plot_and_the_summary_table(built):
         assert path.is_file() and path.stat().st_size > 10_000 and path.read_bytes()[:4] == b"\x89PNG"
     text = result.report_path.read_text()
     assert text.index("## Summary") < text.index("## Sample complexity")
-    for figure in report.FIGURES.values():
+    for figure in FIGURES.values():
         assert f"]({figure})" in text
     assert "not in this sweep" not in text
-    assert report.NOT_IN_SWEEP not in report.format_summary(result)
+    assert NOT_IN_SWEEP not in format_summary(result)
 
 
 def test_the_checks_come_out_as_the_fabricated_laws_say(built):
     _, _, result = built
-    sc = result.sections["sample_complexity"]
+    sc = result.sections.sample_complexity
     assert sc.memorised == [64.0, 128.0]
     assert sc.memorised_by[64.0].startswith(checks.TRAIN_CRITERION)
     assert sc.memorised_by[128.0].startswith(checks.INIT_CRITERION)
@@ -137,14 +139,14 @@ def test_the_checks_come_out_as_the_fabricated_laws_say(built):
     # the N = 8192 runs of this family never finished: PASS on the survivors would hide them
     assert sc.excess_verdict == "INCONCLUSIVE" and sc.gap_verdict == "INCONCLUSIVE"
     assert any("no DONE" in name for name in sc.incomplete) and "unfinished" in sc.verdict_and_reason[1]
-    finished = checks.sample_complexity(result.sections["points"], [r for r in result.runs if r.complete])
+    finished = checks.sample_complexity(result.sections.points, [r for r in result.runs if r.complete])
     assert finished.excess_verdict == "PASS", finished.verdict_and_reason
     assert finished.gap_fit.estimate == pytest.approx(-0.9, abs=0.05) and finished.gap_verdict == "PASS"
-    assert [t.verdict for t in result.sections["depth"]] == ["PASS"]
-    assert [t.verdict for t in result.sections["heads"]] == ["PASS"]
-    (sep,) = result.sections["separation"]
+    assert [t.verdict for t in result.sections.depth] == ["PASS"]
+    assert [t.verdict for t in result.sections.heads] == ["PASS"]
+    (sep,) = result.sections.separation
     assert 2.0 in sep.excluded and sep.fitted == [3.0, 4.0, 5.0]
-    beyond = {r.setting: r for r in result.sections["beyond"]}
+    beyond = {r.setting: r for r in result.sections.beyond}
     assert any("student_t" in name for name in beyond)
     by_check = {c.name: c for c in result.checks}
     combined = by_check["sample complexity: test loss_N − test loss_∞ ∝ N^b (all three estimates)"]
@@ -196,7 +198,7 @@ def test_a_sweep_without_the_axes_says_not_in_this_sweep(tmp_path):
     result = report.build_report(sweep, tmp_path / "out")
     assert result.exit_code == 0
     assert set(result.figures) == {"curves"}
-    assert [c.verdict for c in result.checks].count(report.NOT_IN_SWEEP) == 5
+    assert [c.verdict for c in result.checks].count(NOT_IN_SWEEP) == 5
     assert "Not in this sweep" in result.report_path.read_text()
 
 
@@ -219,7 +221,7 @@ def test_test_time_shifts_evaluate_each_checkpoint_against_em(tmp_path):
     result = report.build_report(sweep, tmp_path / "out", wandb_mode="disabled",
                                  test_shifts=["task.n=48", "task.k=3,task.n=24", "task.separation=6.0"])
     assert result.problems == []
-    rows = {r.setting.split("; ")[-1]: r for r in result.sections["beyond"]}
+    rows = {r.setting.split("; ")[-1]: r for r in result.sections.beyond}
     assert set(rows) == {"all runs", "test n=48", "test k=3, n=24", "test separation=6.0"}
     for name in ("test n=48", "test k=3, n=24", "test separation=6.0"):
         row = rows[name]
@@ -233,3 +235,40 @@ def test_test_time_shifts_evaluate_each_checkpoint_against_em(tmp_path):
 
     with pytest.raises(ConfigError, match="task.KEY=VALUE"):
         report.build_report(sweep, tmp_path / "bad", test_shifts=["task.d=8"])
+
+
+def test_a_run_directory_is_refused_with_what_report_needs(tmp_path, capsys):
+    """One run's directory (config.yaml, no runs inside) is not a sweep: exit 2 with a one-line reason."""
+    from emformer.train.cli import main
+
+    run = make_run(tmp_path / "runs", ["data.source=fresh"], 0)
+    with pytest.raises(ConfigError, match="one run's directory .* needs a sweep directory"):
+        report.build_report(run, tmp_path / "out")
+    assert main(["report", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "needs a sweep directory" in err
+    assert not (run / "report").exists() and not (run / "wandb").exists()
+
+
+def test_wandb_is_written_only_when_asked(tmp_path, capsys, monkeypatch):
+    """By default nothing of wandb is written and report.md has no wandb line; with --wandb a failed upload
+    is one line on the console (what wandb raised), still not in report.md, and the exit status ignores it."""
+    import wandb
+
+    from emformer.train.cli import main
+
+    sweep = tmp_path / "small"
+    for seed in (0, 1):
+        make_run(sweep / "runs", ["data.source=fresh", "wandb.mode=offline"], seed)
+    assert main(["report", str(sweep), "--out", str(tmp_path / "plain")]) == 0
+    assert "wandb:" not in capsys.readouterr().out
+    assert not list((tmp_path / "plain").rglob("*wandb*"))
+    assert "wandb" not in (tmp_path / "plain" / "report.md").read_text().replace(str(tmp_path), "")
+
+    def refuse(*args, **kwargs):
+        raise wandb.errors.CommError("no network")
+
+    monkeypatch.setattr(wandb, "init", refuse)
+    assert main(["report", str(sweep), "--out", str(tmp_path / "asked"), "--wandb"]) == 0
+    assert "wandb: figures not logged to wandb (CommError: no network)" in capsys.readouterr().out
+    assert "wandb" not in (tmp_path / "asked" / "report.md").read_text().replace(str(tmp_path), "")
