@@ -25,14 +25,15 @@ from emformer.train.export.command import export_run
 from emformer.train.report import scaling
 from emformer.train.report.result import NOT_IN_SWEEP
 from emformer.train.report.summary import print_summary
-from emformer.train.study import configs_dir, train_and_report
+from emformer.train.config import package_configs
+from emformer.train.study import train_and_report
 
 SPECS = {False: "demo.yaml", True: "demo_quick.yaml"}
 
 
 def spec_path(quick: bool) -> Path:
     """The demo's sweep spec in the repository's configs/sweeps/ (never the working directory's)."""
-    path = configs_dir() / "sweeps" / SPECS[quick]
+    path = package_configs() / "sweeps" / SPECS[quick]
     if not path.is_file():
         raise ConfigError(f"the demo's sweep spec {path} is missing: `emformer demo` needs the configs/ folder of "
                           "a repository checkout installed with `pip install -e .` (what `make setup` does); "

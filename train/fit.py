@@ -5,6 +5,12 @@ tracker, trainer) -> fit (Lightning) -> finish (curves, DONE). A run directory
 that has DONE is left alone; one that has checkpoints/last.ckpt resumes from it (same optimizer, scheduler,
 data-stream position and RNG state). Under DDP Lightning re-executes this command for the other local ranks,
 so everything before `trainer.fit` must be safe to run on every rank (only rank 0 writes).
+
+The Lightning Trainer runs the loop, the strategy (DDP, DeepSpeed), precision and the user's callbacks and
+loggers (trainer.callbacks / trainer.loggers, train/extensions.py). Its checkpointing, validation loop,
+sanity steps, distributed sampler and metric logging are off: train/callbacks.py's RunControl does those
+jobs (its module doc says why each one), so that a resume is exact, the step never waits for the device,
+and no checkpoint follows a non-finite loss.
 """
 from __future__ import annotations
 
@@ -27,7 +33,7 @@ from omegaconf import OmegaConf
 
 from emformer.data.shards import verify_shards
 from emformer.errors import ConfigError
-from emformer.train import rundir, strategies
+from emformer.train import extensions, rundir, strategies
 from emformer.train.checkpoints import check_resumable, resume_path
 from emformer.train.cli import add_config_arguments
 from emformer.train.config import RunConfig, config_hash, load_run_config, run_name, schema_help, to_dict
@@ -136,10 +142,16 @@ def build(cfg: RunConfig, run_dir: Path, hardware: Hardware, is_zero: bool) -> R
     # at once. The three modules below import lightning.
     import lightning as L
 
+    from lightning.pytorch.callbacks import Callback
+    from lightning.pytorch.loggers import Logger
+
     from emformer.data.datamodule import EpisodeDataModule
     from emformer.train.callbacks import Preemption, RunControl, StepProgress
     from emformer.train.module import ClusterModule
 
+    # The user's callbacks and loggers first: a bad class path fails before the run dir is touched.
+    callbacks = extensions.instantiate(cfg.trainer.callbacks, "trainer.callbacks", Callback)
+    loggers = extensions.instantiate(cfg.trainer.loggers, "trainer.loggers", Logger, run_dir=run_dir)
     config = to_dict(cfg)
     L.seed_everything(int(cfg.trainer.seed), workers=True, verbose=False)
     module = ClusterModule(config)
@@ -156,8 +168,8 @@ def build(cfg: RunConfig, run_dir: Path, hardware: Hardware, is_zero: bool) -> R
               f"{int(cfg.trainer.devices) * int(cfg.trainer.num_nodes)}, strategy {cfg.strategy.name}, "
               f"precision {hardware.precision}", file=sys.stderr, flush=True)
 
-    tracker = Tracker(run_dir, dict(config["wandb"]), config, name=run_dir.name, meta=meta) if is_zero \
-        else Tracker.null()
+    tracker = Tracker(run_dir, dict(config["wandb"]), config, name=run_dir.name, meta=meta, loggers=loggers) \
+        if is_zero else Tracker.null()
     preemption = Preemption()
     preemption.install()
     control = RunControl(run_dir, cfg, tracker, preemption)
@@ -167,8 +179,8 @@ def build(cfg: RunConfig, run_dir: Path, hardware: Hardware, is_zero: bool) -> R
         strategy=strategies.build_strategy(cfg, hardware.accelerator), precision=hardware.precision,
         max_steps=int(cfg.trainer.max_steps), max_epochs=-1,
         gradient_clip_val=float(cfg.optim.grad_clip) or None, gradient_clip_algorithm="norm",
-        callbacks=[progress, control], plugins=_slurm_plugins(),
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[progress, control, *callbacks], plugins=_slurm_plugins(),
+        logger=loggers or False, log_every_n_steps=int(cfg.trainer.log_every), enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False,
         deterministic=False, default_root_dir=str(run_dir),
     )

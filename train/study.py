@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import emformer.train
+from emformer.train.config import package_configs
 from emformer.train.report.build import build_report
 from emformer.train.report.result import ReportResult
 from emformer.train.report.summary import print_summary
@@ -27,11 +27,6 @@ from emformer.train.sweep.spec import LocalOptions, Sweep, load_spec, prepare_sw
 from emformer.train.sweep.status import points_to_run
 
 SPEC = "study.yaml"
-
-
-def configs_dir() -> Path:
-    """The repository's configs/: beside the code of the editable install (train/ -> ../configs)."""
-    return Path(emformer.train.__file__).resolve().parents[1] / "configs"
 
 
 @dataclass
@@ -72,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    spec_path = args.spec if args.spec is not None else configs_dir() / "sweeps" / SPEC
+    spec_path = args.spec if args.spec is not None else package_configs() / "sweeps" / SPEC
     outcome = train_and_report(spec_path, args.out, args.parallel, report_dir=args.out)
     print()
     print_summary(outcome.result)

@@ -7,6 +7,7 @@ becomes a problem naming its file and line, and the rest of the file is still us
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ SEED_KEYS = ("trainer.seed", "data.seed")
 _IGNORED_PREFIXES = ("wandb.", "strategy.")
 _IGNORED_KEYS = {
     "name", "trainer.progress", "trainer.threads", "trainer.log_every", "trainer.ckpt_every",
-    "trainer.accelerator", "trainer.devices", "trainer.num_nodes", "data.num_workers",
+    "trainer.accelerator", "trainer.devices", "trainer.num_nodes", "trainer.loggers", "data.num_workers",
     # N replaces these two (pool_size means nothing for fresh episodes)
     "data.source", "data.pool_size",
 }
@@ -103,7 +104,9 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         if isinstance(value, dict):
             flat.update(flatten(value, f"{prefix}{key}."))
         else:
-            flat[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
+            # lists of mappings (trainer.callbacks) as text, so a point's values stay hashable
+            flat[f"{prefix}{key}"] = (json.dumps(value, sort_keys=True) if any(isinstance(v, dict) for v in value)
+                                      else tuple(value)) if isinstance(value, list) else value
     return flat
 
 
