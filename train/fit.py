@@ -131,7 +131,29 @@ def setup(cfg: RunConfig, run_dir: Path, is_zero: bool) -> Optional[Hardware]:
     _check_data(cfg)
     if int(cfg.trainer.threads) > 0:
         torch.set_num_threads(int(cfg.trainer.threads))
+    if accelerator == "cpu" and is_zero:
+        hint = oversubscription_hint(torch.get_num_threads(), int(cfg.trainer.devices), _usable_cores(),
+                                     os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0)
+        if hint:
+            print(f"emformer train: {hint}", file=sys.stderr, flush=True)
     return Hardware(accelerator, precision)
+
+
+def _usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def oversubscription_hint(threads: int, processes: int, cores: int, load: float) -> Optional[str]:
+    """One line when the run's CPU threads (threads per process x processes) exceed the cores that other
+    work leaves free (cores minus the 1-minute load average): oversubscribed threads wait on each other,
+    and a step then costs several times what it costs with fewer threads. None otherwise."""
+    free = max(1, int(round(cores - load)))
+    if threads * processes <= free:
+        return None
+    fit = max(1, free // max(1, processes))
+    return (f"{threads} thread(s) x {processes} process(es) exceed the ~{free} free core(s) of this machine "
+            f"({cores} cores, load {load:.1f}); oversubscribed threads slow every step: trainer.threads={fit} "
+            "fits")
 
 
 def build(cfg: RunConfig, run_dir: Path, hardware: Hardware, is_zero: bool) -> Run:

@@ -340,3 +340,32 @@ def test_the_host_looks_at_the_loss_only_at_check_points(tmp_path, monkeypatch):
 
 DIVERGING = ("optim.lr=1e5", "optim.warmup_steps=0", "trainer.max_steps=50", "trainer.log_every=1",
              "trainer.val_every=100", "eval.episodes=16")
+
+
+def test_oversubscribed_threads_get_a_one_line_hint():
+    from emformer.train.fit import oversubscription_hint
+
+    assert oversubscription_hint(1, 1, 2, 0.9) is None
+    assert oversubscription_hint(2, 1, 4, 1.0) is None
+    hint = oversubscription_hint(2, 1, 2, 1.3)  # a busy 2-core laptop with torch's default of 2 threads
+    assert hint is not None and "\n" not in hint
+    assert hint.startswith("2 thread(s) x 1 process(es) exceed the ~1 free core(s)") and "trainer.threads=1" in hint
+    assert "trainer.threads=2 fits" in oversubscription_hint(4, 2, 8, 4.0)
+
+
+def test_the_hint_reaches_stderr_at_run_time(tmp_path, capsys, monkeypatch):
+    """setup prints it once, before anything is built (here a finished-run check is not in the way)."""
+    import emformer.train.fit as fit
+
+    monkeypatch.setattr(fit.os, "getloadavg", lambda: (64.0, 0.0, 0.0))
+    from emformer.train.config import load_run_config
+
+    cfg = load_run_config(DEBUG, ["trainer.threads=2", "trainer.accelerator=cpu"])
+    torch_threads = torch.get_num_threads()
+    try:
+        assert fit.setup(cfg, tmp_path / "run", is_zero=True) is not None
+    finally:
+        torch.set_num_threads(torch_threads)
+    err = capsys.readouterr().err
+    assert err.count("emformer train: 2 thread(s) x 1 process(es) exceed") == 1
+    assert not (tmp_path / "run").exists()
