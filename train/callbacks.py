@@ -145,6 +145,7 @@ class RunControl(Callback):
     # ------------------------------------------------------------------ hooks
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         step = trainer.global_step
+        self._schedule_to_max_steps(trainer)
         if trainer.is_global_zero:
             self.tracker.start(step)
         if self._rank_loss_sums is not None:
@@ -157,6 +158,14 @@ class RunControl(Callback):
             self._validate(trainer, module, step)
         self._window_start = time.perf_counter()
         self._window_steps, self._excluded = 0, 0.0
+
+    def _schedule_to_max_steps(self, trainer: L.Trainer) -> None:
+        """A restored lr schedule keeps the max_steps it was made with (LambdaLR's state holds it); a run
+        continued to a larger trainer.max_steps (`emformer train --extend`) decays to the new end instead."""
+        for config in trainer.lr_scheduler_configs:
+            for schedule in getattr(config.scheduler, "lr_lambdas", ()):
+                if hasattr(schedule, "max_steps"):
+                    schedule.max_steps = int(self.trainer_cfg.max_steps)
 
     def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:

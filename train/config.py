@@ -295,9 +295,8 @@ def to_dict(cfg: DictConfig | RunConfig) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 
 
-def config_hash(cfg: DictConfig | RunConfig | dict[str, Any]) -> str:
-    """8 hex digits identifying what a run computes (wandb and console settings excluded): its config and
-    the version of the episodes it trains and evaluates on."""
+def hashed_values(cfg: DictConfig | RunConfig | dict[str, Any]) -> dict[str, Any]:
+    """What enters a run's config hash: the config without the keys that do not change what it computes."""
     values = to_dict(cfg) if isinstance(cfg, (DictConfig, RunConfig)) else json.loads(json.dumps(cfg))
     for key in _UNHASHED:
         values.pop(key, None)
@@ -315,9 +314,30 @@ def config_hash(cfg: DictConfig | RunConfig | dict[str, Any]) -> str:
         for key, value in neutral.items():
             if key in values.get(section, {}) and values[section][key] == value:
                 values[section].pop(key)
+    return values
+
+
+def config_hash(cfg: DictConfig | RunConfig | dict[str, Any]) -> str:
+    """8 hex digits identifying what a run computes (wandb and console settings excluded): its config and
+    the version of the episodes it trains and evaluates on."""
+    values = hashed_values(cfg)
     values["episodes_version"] = EPISODES_VERSION  # same config on other episodes: another run
     blob = json.dumps(values, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:8]
+
+
+def differing_keys(old: DictConfig | RunConfig | dict[str, Any],
+                   new: DictConfig | RunConfig | dict[str, Any]) -> list[str]:
+    """`key: old -> new` for each hashed key whose value differs (a key one side lacks shows as absent)."""
+    def flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(tree, dict):
+            return {prefix[:-1]: tree}
+        return {k: v for key, value in tree.items() for k, v in flat(value, f"{prefix}{key}.").items()}
+
+    a, b = flat(hashed_values(old)), flat(hashed_values(new))
+    absent = "(absent)"
+    return [f"{key}: {json.dumps(a.get(key, absent))} -> {json.dumps(b.get(key, absent))}"
+            for key in sorted(a.keys() | b.keys()) if a.get(key, absent) != b.get(key, absent)]
 
 
 def run_name(cfg: DictConfig | RunConfig) -> str:

@@ -36,7 +36,8 @@ from emformer.errors import ConfigError
 from emformer.train import extensions, rundir, strategies
 from emformer.train.checkpoints import check_resumable, resume_path
 from emformer.train.cli import add_config_arguments
-from emformer.train.config import RunConfig, config_hash, load_run_config, run_name, schema_help, to_dict
+from emformer.train.config import (RunConfig, config_hash, differing_keys, load_run_config, run_name, schema_help,
+                                   to_dict)
 from emformer.train.tracking import Tracker, plot_curves
 from emformer.version import __version__
 
@@ -48,6 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
     parser.add_argument("--run-dir", default=None, help="run directory (default: runs/<name>-<confighash>)")
     parser.add_argument("--help-config", action="store_true", help="list every config key with its default")
+    parser.add_argument("--extend", action="store_true",
+                        help="continue the run in --run-dir (finished or not) to the larger trainer.max_steps "
+                             "given, from its last checkpoint; CONFIG defaults to the run's config.yaml, and "
+                             "trainer.max_steps is the only key that may differ from it")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -56,6 +61,14 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.config:
         raise ConfigError("missing CONFIG: e.g. `emformer train configs/debug.yaml` (see --help-config)")
+    if args.extend:
+        if not args.run_dir:
+            raise ConfigError("--extend: give the run to continue with --run-dir DIR")
+        config, overrides = args.config, list(args.overrides)
+        if config and "=" in config and not Path(config).is_file():  # `--extend trainer.max_steps=N`: no CONFIG
+            config, overrides = None, [config, *overrides]
+        run_dir = Path(args.run_dir)
+        return train(load_run_config(config or rundir.config_path(run_dir), overrides), run_dir, extend=True)
     cfg = load_run_config(args.config, args.overrides)
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / run_name(cfg)
     return train(cfg, run_dir)
@@ -93,11 +106,12 @@ class Run:
     control: Any  # RunControl
 
 
-def train(cfg: RunConfig, run_dir: Path) -> int:
-    """Train (or resume, or skip a finished) run of `cfg` in `run_dir`; 0 when done or preempted."""
+def train(cfg: RunConfig, run_dir: Path, extend: bool = False) -> int:
+    """Train (or resume, or skip a finished) run of `cfg` in `run_dir`; 0 when done or preempted. With
+    `extend`, a run of the same config but a smaller trainer.max_steps continues to cfg's."""
     run_dir = Path(run_dir)
     is_zero = is_global_zero()
-    hardware = setup(cfg, run_dir, is_zero)
+    hardware = setup(cfg, run_dir, is_zero, extend)
     if hardware is None:
         return 0
     run = build(cfg, run_dir, hardware, is_zero)
@@ -116,11 +130,14 @@ def train(cfg: RunConfig, run_dir: Path) -> int:
     return 0
 
 
-def setup(cfg: RunConfig, run_dir: Path, is_zero: bool) -> Optional[Hardware]:
+def setup(cfg: RunConfig, run_dir: Path, is_zero: bool, extend: bool = False) -> Optional[Hardware]:
     """Checks before anything is built or written: the run dir's config, DONE, the hardware, the shards.
     None when the run is already finished."""
     # First: a run dir belongs to one config, finished or not (a finished one must not pass for another's).
-    _check_same_config(run_dir, cfg)
+    if extend:
+        _extend(run_dir, cfg, is_zero)
+    else:
+        _check_same_config(run_dir, cfg)
     if rundir.is_done(run_dir):
         if is_zero:
             print(f"emformer train: {run_dir} is finished (DONE); nothing to do")
@@ -286,8 +303,33 @@ def _check_same_config(run_dir: Path, cfg: RunConfig) -> None:
     except Exception as exc:  # noqa: BLE001
         raise ConfigError(f"{saved}: unreadable ({exc}); move the run dir away or fix the file") from None
     if config_hash(old) != config_hash(cfg):
+        changed = differing_keys(old, cfg)
+        shown = "; ".join(changed[:6]) + (f"; and {len(changed) - 6} more" if len(changed) > 6 else "")
         raise ConfigError(f"{run_dir} holds a run of a different config (hash {config_hash(old)}, this one "
-                          f"{config_hash(cfg)}); use another --run-dir, or the same config to resume")
+                          f"{config_hash(cfg)}; {shown or 'the episodes version differs'}); use another "
+                          "--run-dir, or the same config to resume")
+
+
+def _extend(run_dir: Path, cfg: RunConfig, is_zero: bool) -> None:
+    """--extend: the run dir holds this config but for a smaller trainer.max_steps and has a checkpoint to
+    continue from; its DONE goes, so the run trains on to cfg's max_steps (exactly the steps a run started
+    with that max_steps would take, as long as the old max_steps is within optim.warmup_steps: the cosine
+    decay after warmup is stretched to the new end from the step it continues at)."""
+    saved = rundir.config_path(run_dir)
+    if not saved.is_file():
+        raise ConfigError(f"--extend: {run_dir} has no {rundir.CONFIG}: no run to extend there")
+    old = rundir.read_config(run_dir)
+    other = [change for change in differing_keys(old, cfg) if not change.startswith("trainer.max_steps:")]
+    if other:
+        raise ConfigError(f"--extend: only trainer.max_steps may change, but these differ from {saved}: "
+                          f"{'; '.join(other)}")
+    before, after = int(old.get("trainer", {}).get("max_steps", 0)), int(cfg.trainer.max_steps)
+    if after < before:
+        raise ConfigError(f"--extend: trainer.max_steps={after} is below the run's {before}: give a larger one")
+    if resume_path(run_dir) is None:
+        raise ConfigError(f"--extend: {run_dir} has no checkpoint to continue from (checkpoints/last.ckpt)")
+    if is_zero and after > int(rundir.read_done(run_dir).get("step", after)):
+        rundir.clear_done(run_dir)
 
 
 def _meta(run_dir: Path, params: int, resumed_from: Optional[int], hardware: Hardware,
