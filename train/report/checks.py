@@ -10,13 +10,16 @@ import json
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Hashable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Hashable, Optional, Sequence
 
 import numpy as np
 
 from emformer.data.tasks import TaskSpec, anchored
 from emformer.train.report import scaling
 from emformer.train.report.records import SHORT_NAMES, RunRecord, point_values
+
+if TYPE_CHECKING:  # shift.py evaluates checkpoints (torch); the checks only read its results
+    from emformer.train.report.shift import ShiftResult
 
 SAMPLE_COMPLEXITY_BOUND = -0.5
 RATE_SLOPE = -1 / 8
@@ -571,9 +574,9 @@ def _setting_row(name: str, outside: list[str], table: dict[str, dict[Hashable, 
                       float(np.mean(diffs)) if diffs else math.nan, se, method)
 
 
-def beyond_theory(points: Sequence[Point], shifted: Sequence[Any] = ()) -> Optional[list[SettingRow]]:
+def beyond_theory(points: Sequence[Point], shifted: Sequence["ShiftResult"] = ()) -> Optional[list[SettingRow]]:
     """Model err against EM err per setting, when some point of the sweep is outside the theory or the
-    report evaluated runs at test time on a shifted task (`shifted`: shift.ShiftResult per run)."""
+    report evaluated runs at test time on a shifted task (`shifted`: one per run and shift)."""
     if not any(outside_theory(p.values) for p in points) and not shifted:
         return None
     keys = varying_keys(points)  # every key that tells the points apart, so no two rows share a name
