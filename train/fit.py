@@ -167,10 +167,11 @@ def oversubscription_hint(threads: int, processes: int, cores: int, load: float)
     free = max(1, int(round(cores - load)))
     if threads * processes <= free:
         return None
-    fit = max(1, free // max(1, processes))
+    fit = free // max(1, processes)
+    advice = f"trainer.threads={fit} fits" if threads > 1 and fit >= 1 else \
+        "fewer processes (trainer.devices) or fewer other jobs would fit"
     return (f"{threads} thread(s) x {processes} process(es) exceed the ~{free} free core(s) of this machine "
-            f"({cores} cores, load {load:.1f}); oversubscribed threads slow every step: trainer.threads={fit} "
-            "fits")
+            f"({cores} cores, load {load:.1f}); oversubscribed threads slow every step: {advice}")
 
 
 def build(cfg: RunConfig, run_dir: Path, hardware: Hardware, is_zero: bool) -> Run:

@@ -362,6 +362,7 @@ def test_oversubscribed_threads_get_a_one_line_hint():
     assert hint is not None and "\n" not in hint
     assert hint.startswith("2 thread(s) x 1 process(es) exceed the ~1 free core(s)") and "trainer.threads=1" in hint
     assert "trainer.threads=2 fits" in oversubscription_hint(4, 2, 8, 4.0)
+    assert "fewer processes (trainer.devices)" in oversubscription_hint(1, 2, 2, 1.5)
 
 
 def test_the_hint_reaches_stderr_at_run_time(tmp_path, capsys, monkeypatch):
