@@ -334,7 +334,8 @@ def curve_table(export_dir: Path, info: dict[str, Any]) -> tuple[dict[str, Any],
 
 
 def model_info(model: str) -> tuple[Path, dict[str, Any]]:
-    from emformer.models.clusterer import read_export_config, resolve_model_dir
+    from emformer.models.export_format import read_export_config
+    from emformer.models.registry import resolve_model_dir
 
     export_dir = resolve_model_dir(model)
     config = read_export_config(export_dir)

@@ -55,7 +55,7 @@ SHIFTS = (
 
 
 def load_model(export_dir: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    from emformer.models.clusterer import load_exported_model
+    from emformer.models.export_loader import load_exported_model
 
     return load_exported_model(export_dir)
 

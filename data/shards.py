@@ -400,10 +400,6 @@ class ShardReader:
             self._tars[shard] = tar
         return self._tars[shard]
 
-    def episode(self, index: int) -> dict[str, torch.Tensor]:
-        """Episode `index` (global, 0 <= index < episodes) as unbatched tensors."""
-        return {key: value[0] for key, value in self.read([index]).items()}
-
     def read(self, indices: torch.Tensor | Sequence[int]) -> Batch:
         """Episodes `indices` as one batch (the layout of sample_episodes)."""
         rows = indices.tolist() if isinstance(indices, torch.Tensor) else list(indices)

@@ -69,11 +69,6 @@ def resolve_rank(rank: Optional[int] = None, world_size: Optional[int] = None) -
     return int(rank), int(world_size)
 
 
-def epoch_permutation(seed: int, epoch: int, size: int) -> torch.Tensor:
-    """perm_e as a whole tensor: a permutation of range(size) that depends only on (seed, epoch) (O(size))."""
-    return torch.from_numpy(KeyedPermutation(seed, epoch, size)(np.arange(size)))
-
-
 def resampled_indices(seed: int, size: int, start: int, count: int) -> torch.Tensor:
     """Episode indices at global positions start .. start+count-1 of the epoch-permuted stream over range(size).
 
@@ -216,5 +211,5 @@ def pool_eval_set(spec: TaskSpec, data: DataConfig, episodes: int) -> Batch:
     return sample_episodes(spec, data.seed, range(wanted))
 
 
-__all__ = ["EpisodeStream", "eval_set", "pool_eval_set", "resolve_rank", "epoch_permutation",
+__all__ = ["EpisodeStream", "eval_set", "pool_eval_set", "resolve_rank",
            "resampled_indices", "pool_episodes", "pack_batch", "EPISODE_KEYS"]

@@ -37,10 +37,6 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
         raise
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    atomic_write(path, lambda tmp: tmp.write_bytes(data))
-
-
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
 

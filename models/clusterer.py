@@ -36,159 +36,27 @@ Input conventions, each a choice the model's training forces on us (figures: the
 """
 from __future__ import annotations
 
-import importlib.resources
-import json
-import math
-import re
 import warnings
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
 
-from emformer.atomic import sha256_file
 from emformer.data import inits
 from emformer.data.standardize import STANDARD_SCALE, standardization
-from emformer.errors import CheckpointError, ConfigError, DataError
 from emformer.models import baselines
-from emformer.models.export_format import CONFIG_FILE, WEIGHTS_FILE, clusterer_defaults, read_export_config
-from emformer.models.transformer import ClusterTransformer, TransformerConfig
+from emformer.models.export_format import CONFIG_FILE, clusterer_defaults
+from emformer.models.export_loader import load_exported_model
+from emformer.models.inputs import (ArrayLike, InputError, OutOfRangeWarning, ParameterError, UnsupportedProblemError,
+                                    as_points, float64_tensor, model_input)
+from emformer.models.registry import resolve_model_dir
 
 INIT_MODES = inits.POINT_INITS
 STANDARDIZE_MODES = (True, False, "isotropic", "features")
 DEFAULT_INIT_ITERS = 10
 AUTO = "auto"
-# Models shipped with emformer, by name: pretrained/<name>/ beside the packages (package data when installed).
-PRETRAINED_PACKAGE = "emformer.pretrained"
-PRETRAINED_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
-ArrayLike = Union[np.ndarray, torch.Tensor, Sequence[Sequence[float]]]
-
-
-class InputError(DataError, ValueError):
-    """X (or a given init) is not a finite (n, d) array the model can take. Both a DataError (the CLI prints
-    it as one line) and a ValueError (what scikit-learn users catch)."""
-
-
-class UnsupportedProblemError(ConfigError, ValueError):
-    """k or d is beyond what the exported model supports."""
-
-
-class ParameterError(ConfigError, ValueError):
-    """A Clusterer parameter (init, n_clusters, n_passes, batch_size) has a value it cannot take."""
-
-
-class OutOfRangeWarning(UserWarning):
-    """k, d or n lies outside the range the model was trained on: it runs, but was never trained there."""
-
-
-# ---------------------------------------------------------------------------------------- shipped models
-def pretrained_root() -> Path:
-    """The folder of the shipped models: package data `emformer.pretrained` when installed, else the
-    repository's pretrained/ (an editable install maps it there too)."""
-    try:
-        root = Path(str(importlib.resources.files(PRETRAINED_PACKAGE)))
-        if root.is_dir():
-            return root
-    except ModuleNotFoundError:
-        pass
-    return Path(__file__).resolve().parents[1] / "pretrained"
-
-
-def shipped_models() -> list[str]:
-    root = pretrained_root()
-    return sorted(p.name for p in root.iterdir() if (p / CONFIG_FILE).is_file()) if root.is_dir() else []
-
-
-def resolve_model_dir(model: str | Path) -> Path:
-    """An export directory, or the name of a shipped model (e.g. "emformer-gmm-small") when no such
-    directory exists; a missing one is a CheckpointError listing the shipped names."""
-    path = Path(model)
-    if path.exists() or not PRETRAINED_NAME.match(str(model)):
-        return path
-    shipped = pretrained_root() / str(model)
-    if (shipped / CONFIG_FILE).is_file():
-        return shipped
-    raise CheckpointError(f"{model}: no such export directory and no shipped model of that name (shipped: "
-                          f"{', '.join(shipped_models()) or 'none'}; make one with `emformer export RUN_DIR --out DIR`)")
-
-
-# ---------------------------------------------------------------------------------------- loading exports
-def load_exported_model(model_dir: str | Path, device: str | torch.device = "cpu",
-                        config: Optional[dict[str, Any]] = None) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Rebuild the ClusterTransformer of an export and load its weights, checking every file against config.json."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    model_dir = resolve_model_dir(model_dir)
-    config = config if config is not None else read_export_config(model_dir)
-    weights_path = model_dir / WEIGHTS_FILE
-    if not weights_path.is_file():
-        raise CheckpointError(f"{weights_path}: missing (an export holds {WEIGHTS_FILE} next to {CONFIG_FILE})")
-    expected = config.get("files", {}).get(WEIGHTS_FILE, {}).get("sha256")
-    if expected is not None and sha256_file(weights_path) != expected:
-        raise CheckpointError(f"{weights_path}: does not match {model_dir / CONFIG_FILE} (sha256 differs from the "
-                              f"one recorded at export): the files come from different exports; re-export")
-    try:
-        architecture = TransformerConfig.from_dict(dict(config["architecture"]))
-    except (TypeError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"{model_dir / CONFIG_FILE}: bad 'architecture' section ({exc})") from None
-    model = ClusterTransformer(architecture)
-    try:
-        state = load_file(str(weights_path))
-    except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"{weights_path}: not a readable safetensors file ({exc})") from None
-    check_state_dict(model, state, where=f"{weights_path} vs {model_dir / CONFIG_FILE}")
-    model.load_state_dict(state, strict=True)
-    model.eval().to(device)
-    return model, config
-
-
-def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
-    """Raise CheckpointError naming missing, unexpected or mis-shaped tensors (before load_state_dict does,
-    less clearly)."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [f"{key}: file {tuple(state[key].shape)}, architecture {tuple(own[key].shape)}"
-              for key in sorted(set(own) & set(state)) if tuple(own[key].shape) != tuple(state[key].shape)]
-    problems = []
-    if missing:
-        problems.append(f"missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    if unexpected:
-        problems.append(f"unexpected tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
-    if shapes:
-        problems.append(f"shape mismatch in {len(shapes)} tensor(s): " + "; ".join(shapes[:3]) + (" ..." if len(shapes) > 3 else ""))
-    if problems:
-        raise CheckpointError(f"{where}: the weights do not fit the architecture: {', '.join(problems)}")
-
-
-# ------------------------------------------------------------------------------------------ input checks
-def as_points(X: ArrayLike, name: str = "X") -> np.ndarray:
-    """X as a float64 (n, d) array, or an InputError saying what is wrong with it."""
-    if isinstance(X, torch.Tensor):
-        X = X.detach().cpu().numpy()
-    try:
-        array = np.asarray(X, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"{name}: expected a numeric array of shape (n, d), could not convert it ({exc})") from None
-    if array.ndim != 2:
-        raise InputError(f"{name}: expected a 2-d array of shape (n_points, n_features), got {array.ndim}-d shape "
-                         f"{array.shape}" + ("; use predict_proba_batch for [B, n, d] batches" if array.ndim == 3 else ""))
-    if array.shape[0] == 0 or array.shape[1] == 0:
-        raise InputError(f"{name}: empty array of shape {array.shape}")
-    _check_finite(array, name)
-    return array
-
-
-def _check_finite(array: np.ndarray, name: str) -> None:
-    bad = ~np.isfinite(array)
-    if bad.any():
-        where = np.argwhere(bad)[0]
-        kind = "NaN" if np.isnan(array[tuple(where)]) else "inf"
-        raise InputError(f"{name}: {int(bad.sum())} non-finite value(s) ({kind} first at index {tuple(int(i) for i in where)}); "
-                         f"drop or impute them first")
 
 
 # -------------------------------------------------------------------------------------------- the clusterer
@@ -435,7 +303,7 @@ class Clusterer:
         inputs; pass tensors already on the device to avoid copies. One start, no EM polish (n_init and
         em_steps are for fit).
         """
-        x = _float64(points, self.device)
+        x = float64_tensor(points, self.device)
         if x.ndim != 3 or 0 in x.shape:
             raise InputError(f"points: expected a non-empty array [B, n, d], got shape {tuple(x.shape)}")
         if not torch.isfinite(x).all():
@@ -445,7 +313,7 @@ class Clusterer:
         m = self._batch_mask(mask, (batch, n), "mask")
         c = None
         if init is not None:
-            c = _float64(init, self.device)
+            c = float64_tensor(init, self.device)
             if c.ndim != 3 or c.shape[0] != batch or c.shape[2] != d:
                 raise InputError(f"init: expected shape [{batch}, k, {d}], got {tuple(c.shape)}")
             if not torch.isfinite(c).all():
@@ -534,7 +402,7 @@ class Clusterer:
                                              self._trained_standardized, "points", first)
             x = (x - mean) / scale * mask[..., None]
             init = None if init is None else (init - mean) / scale
-        return _model_input(x, "points"), None if init is None else _model_input(init, "init")
+        return model_input(x, "points"), None if init is None else model_input(init, "init")
 
     def _episode(self, points: np.ndarray, k: int, init: Optional[np.ndarray], mean: np.ndarray, scale: np.ndarray,
                  n_init: int, em_steps: int) -> tuple[np.ndarray, np.ndarray, float]:
@@ -542,9 +410,9 @@ class Clusterer:
         EM; the start whose fitted mixture has the highest log-likelihood is kept. Returns (proba (n, k), its
         init in X's coordinates, its log-likelihood per point)."""
         starts = 1 if init is not None else n_init
-        z = _model_input(torch.as_tensor((points - mean) / scale, device=self.device), "X")[None].expand(starts, -1, -1)
+        z = model_input(torch.as_tensor((points - mean) / scale, device=self.device), "X")[None].expand(starts, -1, -1)
         m = torch.ones(starts, z.shape[1], dtype=torch.bool, device=self.device)
-        c = None if init is None else _model_input(torch.as_tensor((init - mean) / scale, device=self.device),
+        c = None if init is None else model_input(torch.as_tensor((init - mean) / scale, device=self.device),
                                                    "init")[None]
         rng = np.random.default_rng(self.random_state)
         kmask = torch.ones(starts, k, dtype=torch.bool, device=self.device)
@@ -558,7 +426,7 @@ class Clusterer:
         return proba[best].double().cpu().numpy(), init_x, float(fit.log_likelihood[best])
 
     def _k_proba(self, points: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> dict[int, float]:
-        z = _model_input(torch.as_tensor((points - mean) / scale, device=self.device), "X")[None]
+        z = model_input(torch.as_tensor((points - mean) / scale, device=self.device), "X")[None]
         z = torch.nn.functional.pad(z, (0, self.d_max - z.shape[-1]))
         with torch.inference_mode():
             logits = self.model.count_logits(z, None)  # one whole episode: no point is padded
@@ -605,22 +473,6 @@ class Clusterer:
         if iters:
             centroids = inits.lloyd(x, mask, kmask, centroids, iters)[0].to(x.dtype)
         return centroids * kmask[..., None]
-
-
-def _float64(values: ArrayLike, device: torch.device) -> torch.Tensor:
-    """A tensor in float64 (a list would otherwise become float32 before anything is centred)."""
-    if isinstance(values, torch.Tensor):
-        return values.to(device=device, dtype=torch.float64)
-    return torch.as_tensor(np.asarray(values, dtype=np.float64), device=device)
-
-
-def _model_input(x: torch.Tensor, name: str) -> torch.Tensor:
-    """float32 model input; values beyond float32's range (standardize=False on huge data) are an InputError."""
-    out = x.float()
-    if not torch.isfinite(out).all():
-        raise InputError(f"{name}: values up to {float(x.abs().max()):.3g} overflow the model's float32 input; "
-                         f"rescale the data or use standardize=True")
-    return out
 
 
 def _standardize_batch(x: torch.Tensor, mask: torch.Tensor, mode: Union[bool, str], input_scale: float,

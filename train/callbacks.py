@@ -17,6 +17,19 @@
 5. the EMFORMER_CRASH_AT_STEP test hook (os._exit(1) after step S and its checkpoint).
 
 The callback also carries the RNG states and the best val loss through checkpoints.
+
+Which of Lightning's own features RunControl stands in for, and why they are switched off in train/fit.py:
+- ModelCheckpoint: `last` must never follow a non-finite loss or hold a non-finite parameter, and it is
+  written atomically with the data-stream position, so a resume is exact; ModelCheckpoint saves whatever
+  the step left.
+- Lightning's logging (`self.log`, the logger connector): rows are reduced on the device and reach the host
+  only at check points, and on resume rows after the restored step are trimmed from metrics.jsonl, so no
+  step is logged twice; `self.log` syncs per call and cannot trim. The configured Lightning loggers
+  (trainer.loggers) still receive every row, through the Tracker.
+- The validation loop and sanity steps: evaluation runs on a fixed eval set with the EM / Lloyd / oracle
+  baselines on the same episodes, in the step that the row belongs to.
+- The distributed sampler: the stream splits itself by rank and worker (data/stream.py).
+User callbacks (trainer.callbacks) run beside it with Lightning's usual hooks.
 """
 from __future__ import annotations
 
@@ -132,6 +145,7 @@ class RunControl(Callback):
     # ------------------------------------------------------------------ hooks
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         step = trainer.global_step
+        self._schedule_to_max_steps(trainer)
         if trainer.is_global_zero:
             self.tracker.start(step)
         if self._rank_loss_sums is not None:
@@ -144,6 +158,14 @@ class RunControl(Callback):
             self._validate(trainer, module, step)
         self._window_start = time.perf_counter()
         self._window_steps, self._excluded = 0, 0.0
+
+    def _schedule_to_max_steps(self, trainer: L.Trainer) -> None:
+        """A restored lr schedule keeps the max_steps it was made with (LambdaLR's state holds it); a run
+        continued to a larger trainer.max_steps (`emformer train --extend`) decays to the new end instead."""
+        for config in trainer.lr_scheduler_configs:
+            for schedule in getattr(config.scheduler, "lr_lambdas", ()):
+                if hasattr(schedule, "max_steps"):
+                    schedule.max_steps = int(self.trainer_cfg.max_steps)
 
     def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:

@@ -13,6 +13,7 @@ import csv
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -55,9 +56,15 @@ def run(args: argparse.Namespace) -> int:
     given = {key: value for key, value in (("n_passes", args.passes), ("n_init", args.n_init),
                                            ("em_steps", args.em_steps), ("init_iters", args.init_iters))
              if value is not None}
-    clusterer = Clusterer.from_pretrained(args.model_dir, device=args.device, n_clusters=args.k, init=args.init,
-                                          random_state=args.seed, standardize=standardize, **given)
-    labels = clusterer.fit_predict(points)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        clusterer = Clusterer.from_pretrained(args.model_dir, device=args.device, n_clusters=args.k,
+                                              init=args.init, random_state=args.seed, standardize=standardize,
+                                              **given)
+        labels = clusterer.fit_predict(points)
+    # One line each, as the command's errors are: a user of the command has no use for our source lines.
+    for message in dict.fromkeys(str(w.message) for w in caught):
+        print(f"emformer cluster: warning: {message}", file=sys.stderr)
     text = "".join(f"{int(label)}\n" for label in labels)
     if args.out:
         atomic_write_text(args.out, text)

@@ -7,6 +7,8 @@ A YAML file may start with a `defaults:` mapping that selects files from config 
 
 and a command-line `group=name` override (no dot, value a file in `configs/<group>/`) does the same, so
 `strategy=deepspeed_zero2` merges `configs/strategy/deepspeed_zero2.yaml` into the `strategy` section.
+Group files are looked up beside the config file (its nearest ancestor folder with a `task/` or `model/`
+folder) and then in the package's configs/ (`group_roots`), so a config copied elsewhere keeps working.
 Precedence, lowest first: dataclass defaults < group files < the YAML body < command-line overrides.
 This module must stay light (no torch, no lightning): `generate` and `cluster` import it.
 """
@@ -31,6 +33,7 @@ from emformer.data.config import DataConfig
 from emformer.data.tasks import EPISODES_VERSION, TaskSpec
 from emformer.errors import ConfigError
 from emformer.models.config import ModelConfig
+from emformer.train import extensions
 
 GROUPS = ("task", "model", "data", "optim", "trainer", "strategy", "wandb", "eval")
 STRATEGIES = ("auto", "ddp", "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3")
@@ -68,6 +71,10 @@ class TrainerConfig:
     progress: bool = True
     compile: bool = False
     """torch.compile the model's training forward (see BENCHMARKS.md for what it gains)"""
+    callbacks: list[dict[str, Any]] = field(default_factory=list)
+    """Lightning callbacks: [{class_path: ..., init_args: {...}}] (train/extensions.py)"""
+    loggers: list[dict[str, Any]] = field(default_factory=list)
+    """Lightning loggers fed every row of the run: [{class_path: ..., init_args: {...}}] (train/extensions.py)"""
 
 
 @dataclass
@@ -130,11 +137,26 @@ _NEUTRAL_AT = {"task": {"d_min": None, "n_log": False, "standardize": False},
 
 
 def configs_root(config_path: Path) -> Path:
-    """The folder holding config groups: the nearest ancestor of the file with a `task/` or `model/` dir."""
+    """The folder holding config groups beside a file: the nearest ancestor with a `task/` or `model/` dir."""
     for folder in [config_path.parent, *config_path.parent.parents]:
         if (folder / "task").is_dir() or (folder / "model").is_dir():
             return folder
     return config_path.parent
+
+
+def package_configs() -> Path:
+    """The repository's configs/, beside the code (an editable install; a wheel carries none)."""
+    return Path(__file__).resolve().parents[1] / "configs"
+
+
+def group_roots(config_path: Optional[Path]) -> list[tuple[Path, str]]:
+    """Where `group=name` and `defaults:` look, in order, each with why: the groups beside the config file
+    (./configs without one), then the package's configs/, so a config copied out of configs/ still works."""
+    roots = [(configs_root(config_path), "beside the config file") if config_path is not None
+             else (Path("configs"), "the working directory's configs")]
+    if package_configs().is_dir() and package_configs().resolve() != roots[0][0].resolve():
+        roots.append((package_configs(), "the package's configs"))
+    return roots
 
 
 def read_yaml_mapping(path: Path, what: str = "config file") -> dict[str, Any]:
@@ -152,12 +174,17 @@ def read_yaml_mapping(path: Path, what: str = "config file") -> dict[str, Any]:
     return data
 
 
-def _group_file(root: Path, group: str, choice: str, where: str) -> dict[str, Any]:
-    path = root / group / f"{choice}.yaml"
-    if not path.is_file():
-        options = sorted(p.stem for p in (root / group).glob("*.yaml")) if (root / group).is_dir() else []
-        raise ConfigError(f"{where}: no config '{choice}' in group '{group}' ({root / group}); options: {options}")
-    return read_yaml_mapping(path)
+def _group_file(roots: Sequence[tuple[Path, str]], group: str, choice: str, where: str) -> Path:
+    """The first `<root>/<group>/<choice>.yaml` of `roots`; a ConfigError saying where it looked if none."""
+    for root, _ in roots:
+        if (root / group / f"{choice}.yaml").is_file():
+            return root / group / f"{choice}.yaml"
+    looked = []
+    for root, why in roots:
+        folder = root / group
+        found = sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+        looked.append(f"{folder} ({why}: " + (f"options {found})" if folder.is_dir() else "no such folder)"))
+    raise ConfigError(f"{where}: no config '{choice}' in group '{group}'; looked in {'; '.join(looked)}")
 
 
 def _merge(base: DictConfig, update: Any, where: str) -> DictConfig:
@@ -179,19 +206,19 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     """Schema defaults < `defaults:` groups < YAML body < overrides; validated; struct mode."""
     cfg = OmegaConf.structured(RunConfig)
     OmegaConf.set_struct(cfg, True)
-    root = Path("configs")
+    path = Path(path) if path is not None else None
+    roots = group_roots(path)
     body: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
         body = read_yaml_mapping(path)
-        root = configs_root(path)
         defaults = body.pop("defaults", {}) or {}
         if not isinstance(defaults, dict):
             raise ConfigError(f"{path}: 'defaults' must be a mapping like {{task: k3_d8, model: small}}")
         for group, choice in defaults.items():
             if group not in GROUPS:
                 raise ConfigError(f"{path}: defaults names unknown group '{group}'; groups are {list(GROUPS)}")
-            cfg = _merge(cfg, {group: _group_file(root, group, str(choice), str(path))}, str(root / group / f"{choice}.yaml"))
+            found = _group_file(roots, group, str(choice), str(path))
+            cfg = _merge(cfg, {group: read_yaml_mapping(found)}, str(found))
         cfg = _merge(cfg, body, str(path))
     dotted = []
     for item in overrides:
@@ -199,7 +226,8 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             raise ConfigError(f"override '{item}': expected key=value, e.g. model.depth=4")
         key, value = item.split("=", 1)
         if "." not in key and key in GROUPS and not isinstance(OmegaConf.select(cfg, key), (int, float, str)):
-            cfg = _merge(cfg, {key: _group_file(root, key, value, f"override '{item}'")}, f"override '{item}'")
+            found = _group_file(roots, key, value, f"override '{item}'")
+            cfg = _merge(cfg, {key: read_yaml_mapping(found)}, f"override '{item}'")
         else:
             dotted.append(item)
     if dotted:
@@ -235,6 +263,8 @@ def validate(cfg: DictConfig) -> RunConfig:
     need(t.devices >= 1, "trainer.devices", "an integer >= 1")
     need(t.num_nodes >= 1, "trainer.num_nodes", "an integer >= 1")
     need(t.precision in ("auto", "32", "bf16-mixed", "16-mixed"), "trainer.precision", "auto, 32, bf16-mixed or 16-mixed")
+    extensions.check_specs(t.callbacks, "trainer.callbacks")
+    extensions.check_specs(t.loggers, "trainer.loggers")
     need(run.strategy.name in STRATEGIES, "strategy.name", f"one of {', '.join(STRATEGIES)}")
     need(run.wandb.mode in ("offline", "online", "disabled"), "wandb.mode", "offline, online or disabled")
     need(e.episodes >= 1, "eval.episodes", "an integer >= 1")
@@ -265,24 +295,49 @@ def to_dict(cfg: DictConfig | RunConfig) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 
 
-def config_hash(cfg: DictConfig | RunConfig | dict[str, Any]) -> str:
-    """8 hex digits identifying what a run computes (wandb and console settings excluded): its config and
-    the version of the episodes it trains and evaluates on."""
+def hashed_values(cfg: DictConfig | RunConfig | dict[str, Any]) -> dict[str, Any]:
+    """What enters a run's config hash: the config without the keys that do not change what it computes."""
     values = to_dict(cfg) if isinstance(cfg, (DictConfig, RunConfig)) else json.loads(json.dumps(cfg))
     for key in _UNHASHED:
         values.pop(key, None)
     values.pop("name", None)
     for key in _UNHASHED_TRAINER:
         values.get("trainer", {}).pop(key, None)
+    trainer = values.get("trainer", {})
+    trainer.pop("loggers", None)  # they record a run, they do not change it
+    callbacks = extensions.hashed_callbacks(trainer.pop("callbacks", None) or [])
+    if callbacks:  # absent when none could change training, so runs without any keep their names
+        trainer["callbacks"] = callbacks
     for key in _UNHASHED_STRATEGY:
         values.get("strategy", {}).pop(key, None)
     for section, neutral in _NEUTRAL_AT.items():
         for key, value in neutral.items():
             if key in values.get(section, {}) and values[section][key] == value:
                 values[section].pop(key)
+    return values
+
+
+def config_hash(cfg: DictConfig | RunConfig | dict[str, Any]) -> str:
+    """8 hex digits identifying what a run computes (wandb and console settings excluded): its config and
+    the version of the episodes it trains and evaluates on."""
+    values = hashed_values(cfg)
     values["episodes_version"] = EPISODES_VERSION  # same config on other episodes: another run
     blob = json.dumps(values, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:8]
+
+
+def differing_keys(old: DictConfig | RunConfig | dict[str, Any],
+                   new: DictConfig | RunConfig | dict[str, Any]) -> list[str]:
+    """`key: old -> new` for each hashed key whose value differs (a key one side lacks shows as absent)."""
+    def flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(tree, dict):
+            return {prefix[:-1]: tree}
+        return {k: v for key, value in tree.items() for k, v in flat(value, f"{prefix}{key}.").items()}
+
+    a, b = flat(hashed_values(old)), flat(hashed_values(new))
+    absent = "(absent)"
+    return [f"{key}: {json.dumps(a.get(key, absent))} -> {json.dumps(b.get(key, absent))}"
+            for key in sorted(a.keys() | b.keys()) if a.get(key, absent) != b.get(key, absent)]
 
 
 def run_name(cfg: DictConfig | RunConfig) -> str:

@@ -22,16 +22,18 @@ from emformer.errors import ConfigError
 from emformer.models.export_format import read_export_config
 from emformer.train import rundir
 from emformer.train.export.command import export_run
-from emformer.train.report import command as report
 from emformer.train.report import scaling
-from emformer.train.study import configs_dir, train_and_report
+from emformer.train.report.result import NOT_IN_SWEEP
+from emformer.train.report.summary import print_summary
+from emformer.train.config import package_configs
+from emformer.train.study import train_and_report
 
 SPECS = {False: "demo.yaml", True: "demo_quick.yaml"}
 
 
 def spec_path(quick: bool) -> Path:
     """The demo's sweep spec in the repository's configs/sweeps/ (never the working directory's)."""
-    path = configs_dir() / "sweeps" / SPECS[quick]
+    path = package_configs() / "sweeps" / SPECS[quick]
     if not path.is_file():
         raise ConfigError(f"the demo's sweep spec {path} is missing: `emformer demo` needs the configs/ folder of "
                           "a repository checkout installed with `pip install -e .` (what `make setup` does); "
@@ -68,7 +70,7 @@ def verdict_lines(result: Any, seeds: int) -> list[str]:
     bar = scaling.MIN_SEEDS_FOR_BOOTSTRAP
     tag = (f"{seeds} seed{'s' if seeds != 1 else ''}" + (f"; indicative only, below the study's bar of ≥ {bar} seeds"
                                                           if seeds < bar else ""))
-    return [f"{c.name.strip()}: {c.verdict} [{tag}]" for c in result.checks if c.verdict != report.NOT_IN_SWEEP]
+    return [f"{c.name.strip()}: {c.verdict} [{tag}]" for c in result.checks if c.verdict != NOT_IN_SWEEP]
 
 
 def test_summary(model_dir: Path) -> str:
@@ -87,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     outcome = train_and_report(path, out, args.parallel)
     result, sweep = outcome.result, outcome.sweep
     print()
-    report.print_summary(result)
+    print_summary(result)
     print("\nemformer demo: verdicts (the real figures, from ≥ 5 seeds, are in docs/study/report.md):")
     for line in verdict_lines(result, len(sweep.spec.seeds)):
         print(f"  {line}")

@@ -5,6 +5,12 @@ tracker, trainer) -> fit (Lightning) -> finish (curves, DONE). A run directory
 that has DONE is left alone; one that has checkpoints/last.ckpt resumes from it (same optimizer, scheduler,
 data-stream position and RNG state). Under DDP Lightning re-executes this command for the other local ranks,
 so everything before `trainer.fit` must be safe to run on every rank (only rank 0 writes).
+
+The Lightning Trainer runs the loop, the strategy (DDP, DeepSpeed), precision and the user's callbacks and
+loggers (trainer.callbacks / trainer.loggers, train/extensions.py). Its checkpointing, validation loop,
+sanity steps, distributed sampler and metric logging are off: train/callbacks.py's RunControl does those
+jobs (its module doc says why each one), so that a resume is exact, the step never waits for the device,
+and no checkpoint follows a non-finite loss.
 """
 from __future__ import annotations
 
@@ -27,10 +33,11 @@ from omegaconf import OmegaConf
 
 from emformer.data.shards import verify_shards
 from emformer.errors import ConfigError
-from emformer.train import rundir, strategies
+from emformer.train import extensions, rundir, strategies
 from emformer.train.checkpoints import check_resumable, resume_path
 from emformer.train.cli import add_config_arguments
-from emformer.train.config import RunConfig, config_hash, load_run_config, run_name, schema_help, to_dict
+from emformer.train.config import (RunConfig, config_hash, differing_keys, load_run_config, run_name, schema_help,
+                                   to_dict)
 from emformer.train.tracking import Tracker, plot_curves
 from emformer.version import __version__
 
@@ -42,6 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
     parser.add_argument("--run-dir", default=None, help="run directory (default: runs/<name>-<confighash>)")
     parser.add_argument("--help-config", action="store_true", help="list every config key with its default")
+    parser.add_argument("--extend", action="store_true",
+                        help="continue the run in --run-dir (finished or not) to the larger trainer.max_steps "
+                             "given, from its last checkpoint; CONFIG defaults to the run's config.yaml, and "
+                             "trainer.max_steps is the only key that may differ from it")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,6 +61,14 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.config:
         raise ConfigError("missing CONFIG: e.g. `emformer train configs/debug.yaml` (see --help-config)")
+    if args.extend:
+        if not args.run_dir:
+            raise ConfigError("--extend: give the run to continue with --run-dir DIR")
+        config, overrides = args.config, list(args.overrides)
+        if config and "=" in config and not Path(config).is_file():  # `--extend trainer.max_steps=N`: no CONFIG
+            config, overrides = None, [config, *overrides]
+        run_dir = Path(args.run_dir)
+        return train(load_run_config(config or rundir.config_path(run_dir), overrides), run_dir, extend=True)
     cfg = load_run_config(args.config, args.overrides)
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / run_name(cfg)
     return train(cfg, run_dir)
@@ -87,11 +106,12 @@ class Run:
     control: Any  # RunControl
 
 
-def train(cfg: RunConfig, run_dir: Path) -> int:
-    """Train (or resume, or skip a finished) run of `cfg` in `run_dir`; 0 when done or preempted."""
+def train(cfg: RunConfig, run_dir: Path, extend: bool = False) -> int:
+    """Train (or resume, or skip a finished) run of `cfg` in `run_dir`; 0 when done or preempted. With
+    `extend`, a run of the same config but a smaller trainer.max_steps continues to cfg's."""
     run_dir = Path(run_dir)
     is_zero = is_global_zero()
-    hardware = setup(cfg, run_dir, is_zero)
+    hardware = setup(cfg, run_dir, is_zero, extend)
     if hardware is None:
         return 0
     run = build(cfg, run_dir, hardware, is_zero)
@@ -110,11 +130,14 @@ def train(cfg: RunConfig, run_dir: Path) -> int:
     return 0
 
 
-def setup(cfg: RunConfig, run_dir: Path, is_zero: bool) -> Optional[Hardware]:
+def setup(cfg: RunConfig, run_dir: Path, is_zero: bool, extend: bool = False) -> Optional[Hardware]:
     """Checks before anything is built or written: the run dir's config, DONE, the hardware, the shards.
     None when the run is already finished."""
     # First: a run dir belongs to one config, finished or not (a finished one must not pass for another's).
-    _check_same_config(run_dir, cfg)
+    if extend:
+        _extend(run_dir, cfg, is_zero)
+    else:
+        _check_same_config(run_dir, cfg)
     if rundir.is_done(run_dir):
         if is_zero:
             print(f"emformer train: {run_dir} is finished (DONE); nothing to do")
@@ -125,7 +148,30 @@ def setup(cfg: RunConfig, run_dir: Path, is_zero: bool) -> Optional[Hardware]:
     _check_data(cfg)
     if int(cfg.trainer.threads) > 0:
         torch.set_num_threads(int(cfg.trainer.threads))
+    if accelerator == "cpu" and is_zero:
+        hint = oversubscription_hint(torch.get_num_threads(), int(cfg.trainer.devices), _usable_cores(),
+                                     os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0)
+        if hint:
+            print(f"emformer train: {hint}", file=sys.stderr, flush=True)
     return Hardware(accelerator, precision)
+
+
+def _usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def oversubscription_hint(threads: int, processes: int, cores: int, load: float) -> Optional[str]:
+    """One line when the run's CPU threads (threads per process x processes) exceed the cores that other
+    work leaves free (cores minus the 1-minute load average): oversubscribed threads wait on each other,
+    and a step then costs several times what it costs with fewer threads. None otherwise."""
+    free = max(1, int(round(cores - load)))
+    if threads * processes <= free:
+        return None
+    fit = free // max(1, processes)
+    advice = f"trainer.threads={fit} fits" if threads > 1 and fit >= 1 else \
+        "fewer processes (trainer.devices) or fewer other jobs would fit"
+    return (f"{threads} thread(s) x {processes} process(es) exceed the ~{free} free core(s) of this machine "
+            f"({cores} cores, load {load:.1f}); oversubscribed threads slow every step: {advice}")
 
 
 def build(cfg: RunConfig, run_dir: Path, hardware: Hardware, is_zero: bool) -> Run:
@@ -136,10 +182,16 @@ def build(cfg: RunConfig, run_dir: Path, hardware: Hardware, is_zero: bool) -> R
     # at once. The three modules below import lightning.
     import lightning as L
 
+    from lightning.pytorch.callbacks import Callback
+    from lightning.pytorch.loggers import Logger
+
     from emformer.data.datamodule import EpisodeDataModule
     from emformer.train.callbacks import Preemption, RunControl, StepProgress
     from emformer.train.module import ClusterModule
 
+    # The user's callbacks and loggers first: a bad class path fails before the run dir is touched.
+    callbacks = extensions.instantiate(cfg.trainer.callbacks, "trainer.callbacks", Callback)
+    loggers = extensions.instantiate(cfg.trainer.loggers, "trainer.loggers", Logger, run_dir=run_dir)
     config = to_dict(cfg)
     L.seed_everything(int(cfg.trainer.seed), workers=True, verbose=False)
     module = ClusterModule(config)
@@ -156,8 +208,8 @@ def build(cfg: RunConfig, run_dir: Path, hardware: Hardware, is_zero: bool) -> R
               f"{int(cfg.trainer.devices) * int(cfg.trainer.num_nodes)}, strategy {cfg.strategy.name}, "
               f"precision {hardware.precision}", file=sys.stderr, flush=True)
 
-    tracker = Tracker(run_dir, dict(config["wandb"]), config, name=run_dir.name, meta=meta) if is_zero \
-        else Tracker.null()
+    tracker = Tracker(run_dir, dict(config["wandb"]), config, name=run_dir.name, meta=meta, loggers=loggers) \
+        if is_zero else Tracker.null()
     preemption = Preemption()
     preemption.install()
     control = RunControl(run_dir, cfg, tracker, preemption)
@@ -167,8 +219,8 @@ def build(cfg: RunConfig, run_dir: Path, hardware: Hardware, is_zero: bool) -> R
         strategy=strategies.build_strategy(cfg, hardware.accelerator), precision=hardware.precision,
         max_steps=int(cfg.trainer.max_steps), max_epochs=-1,
         gradient_clip_val=float(cfg.optim.grad_clip) or None, gradient_clip_algorithm="norm",
-        callbacks=[progress, control], plugins=_slurm_plugins(),
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[progress, control, *callbacks], plugins=_slurm_plugins(),
+        logger=loggers or False, log_every_n_steps=int(cfg.trainer.log_every), enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False,
         deterministic=False, default_root_dir=str(run_dir),
     )
@@ -252,8 +304,33 @@ def _check_same_config(run_dir: Path, cfg: RunConfig) -> None:
     except Exception as exc:  # noqa: BLE001
         raise ConfigError(f"{saved}: unreadable ({exc}); move the run dir away or fix the file") from None
     if config_hash(old) != config_hash(cfg):
+        changed = differing_keys(old, cfg)
+        shown = "; ".join(changed[:6]) + (f"; and {len(changed) - 6} more" if len(changed) > 6 else "")
         raise ConfigError(f"{run_dir} holds a run of a different config (hash {config_hash(old)}, this one "
-                          f"{config_hash(cfg)}); use another --run-dir, or the same config to resume")
+                          f"{config_hash(cfg)}; {shown or 'the episodes version differs'}); use another "
+                          "--run-dir, or the same config to resume")
+
+
+def _extend(run_dir: Path, cfg: RunConfig, is_zero: bool) -> None:
+    """--extend: the run dir holds this config but for a smaller trainer.max_steps and has a checkpoint to
+    continue from; its DONE goes, so the run trains on to cfg's max_steps (exactly the steps a run started
+    with that max_steps would take, as long as the old max_steps is within optim.warmup_steps: the cosine
+    decay after warmup is stretched to the new end from the step it continues at)."""
+    saved = rundir.config_path(run_dir)
+    if not saved.is_file():
+        raise ConfigError(f"--extend: {run_dir} has no {rundir.CONFIG}: no run to extend there")
+    old = rundir.read_config(run_dir)
+    other = [change for change in differing_keys(old, cfg) if not change.startswith("trainer.max_steps:")]
+    if other:
+        raise ConfigError(f"--extend: only trainer.max_steps may change, but these differ from {saved}: "
+                          f"{'; '.join(other)}")
+    before, after = int(old.get("trainer", {}).get("max_steps", 0)), int(cfg.trainer.max_steps)
+    if after < before:
+        raise ConfigError(f"--extend: trainer.max_steps={after} is below the run's {before}: give a larger one")
+    if resume_path(run_dir) is None:
+        raise ConfigError(f"--extend: {run_dir} has no checkpoint to continue from (checkpoints/last.ckpt)")
+    if is_zero and after > int(rundir.read_done(run_dir).get("step", after)):
+        rundir.clear_done(run_dir)
 
 
 def _meta(run_dir: Path, params: int, resumed_from: Optional[int], hardware: Hardware,

@@ -204,6 +204,11 @@ def write_done(run_dir: str | os.PathLike, record: dict[str, Any]) -> None:
     atomic_write_json(done_path(run_dir), record)
 
 
+def clear_done(run_dir: str | os.PathLike) -> None:
+    """The run is no longer finished (`emformer train --extend` continues it)."""
+    done_path(run_dir).unlink(missing_ok=True)
+
+
 # ------------------------------------------------------------------------------------------- checkpoints
 def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir) / CHECKPOINTS

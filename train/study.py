@@ -18,8 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import emformer.train
-from emformer.train.report import command as report
+from emformer.train.config import package_configs
+from emformer.train.report.build import build_report
+from emformer.train.report.result import ReportResult
+from emformer.train.report.summary import print_summary
 from emformer.train.sweep.local import run_local
 from emformer.train.sweep.spec import LocalOptions, Sweep, load_spec, prepare_sweep
 from emformer.train.sweep.status import points_to_run
@@ -27,15 +29,10 @@ from emformer.train.sweep.status import points_to_run
 SPEC = "study.yaml"
 
 
-def configs_dir() -> Path:
-    """The repository's configs/: beside the code of the editable install (train/ -> ../configs)."""
-    return Path(emformer.train.__file__).resolve().parents[1] / "configs"
-
-
 @dataclass
 class Outcome:
     sweep: Sweep
-    result: report.ReportResult
+    result: ReportResult
     failed: list[int]
     trained_s: float
 
@@ -57,8 +54,7 @@ def train_and_report(spec_path: Path, out: Path, parallel: Optional[int] = None,
     failed = run_local(sweep, todo, parallel=local.parallel, threads=local.threads_per_run) if todo else []
     trained = time.monotonic() - started
     print(f"emformer {spec.name}: training took {trained:.0f} s; building the report", flush=True)
-    result = report.build_report(sweep.dir, report_dir if report_dir is not None else out / "report",
-                                 wandb_mode="disabled")
+    result = build_report(sweep.dir, report_dir if report_dir is not None else out / "report")
     return Outcome(sweep, result, failed, trained)
 
 
@@ -71,10 +67,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    spec_path = args.spec if args.spec is not None else configs_dir() / "sweeps" / SPEC
+    spec_path = args.spec if args.spec is not None else package_configs() / "sweeps" / SPEC
     outcome = train_and_report(spec_path, args.out, args.parallel, report_dir=args.out)
     print()
-    report.print_summary(outcome.result)
+    print_summary(outcome.result)
     if outcome.failed:
         print(f"emformer study: {len(outcome.failed)} run(s) failed ({outcome.failed}); see their console.log, "
               f"`emformer status {outcome.sweep.dir}`, and re-run the study to resume them")

@@ -1,4 +1,5 @@
-"""Where a run's numbers go: the run's metrics log always, wandb when asked, and a curves plot at the end.
+"""Where a run's numbers go: the run's metrics log always, wandb when asked, every Lightning logger of
+trainer.loggers (each row at its step), and a curves plot at the end.
 
 Only global rank 0 writes (the callers check). The metrics log (rundir.MetricsLog) is append-only, one JSON
 object per line, flushed per row so a killed run loses nothing it had logged; on resume rows after the
@@ -11,7 +12,7 @@ from __future__ import annotations
 import os
 import secrets
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from emformer.atomic import atomic_write_text
 from emformer.train.rundir import WANDB_ID, MetricsLog, read_metrics
@@ -51,10 +52,7 @@ class WandbRun:
     def log(self, row: dict[str, Any]) -> None:
         if self.run is None:
             return
-        split = row.get("split", "train")
-        payload = {f"{split}/{key}": value for key, value in row.items()
-                   if key not in ("step", "split") and isinstance(value, (int, float)) and value is not None}
-        payload["step"] = row["step"]
+        payload: dict[str, Any] = {**numeric_fields(row), "step": row["step"]}
         self.run.log(payload)
 
     def summary(self, values: dict[str, Any]) -> None:
@@ -74,13 +72,23 @@ class WandbRun:
             self.run = None
 
 
+def numeric_fields(row: dict[str, Any]) -> dict[str, float]:
+    """A row's numbers as `split/key` (what wandb and Lightning's loggers receive)."""
+    split = row.get("split", "train")
+    return {f"{split}/{key}": value for key, value in row.items()
+            if key not in ("step", "split") and isinstance(value, (int, float)) and value is not None}
+
+
 class Tracker:
-    """The metrics log + wandb behind one `log(row)`; rank 0 creates it, other ranks use `Tracker.null()`."""
+    """The metrics log + wandb + the configured Lightning loggers (trainer.loggers) behind one `log(row)`;
+    rank 0 creates it, other ranks use `Tracker.null()`."""
 
     def __init__(self, run_dir: Path, wandb_cfg: Optional[dict[str, Any]] = None,
                  config: Optional[dict[str, Any]] = None, name: str = "run",
-                 meta: Optional[dict[str, Any]] = None, enabled: bool = True) -> None:
+                 meta: Optional[dict[str, Any]] = None, enabled: bool = True,
+                 loggers: Sequence[Any] = ()) -> None:
         self.enabled = enabled
+        self.loggers = list(loggers)
         self.run_dir = Path(run_dir)
         self.metrics = MetricsLog(self.run_dir)
         self._wandb_args = (wandb_cfg or {"mode": "disabled"}, config or {}, name, meta)
@@ -107,12 +115,16 @@ class Tracker:
         self.metrics.append(row)
         if self.wandb is not None:
             self.wandb.log(row)
+        for logger in self.loggers:
+            logger.log_metrics(numeric_fields(row), step=int(row["step"]))
 
     def finish(self, final_row: Optional[dict[str, Any]] = None, curves: Optional[Path] = None,
                exit_code: int = 0) -> None:
         if not self.enabled:
             return
         self.metrics.close()
+        for logger in self.loggers:
+            logger.save()
         if self.wandb is not None:
             if final_row:
                 self.wandb.summary({f"final/{k}": v for k, v in final_row.items() if isinstance(v, (int, float))})

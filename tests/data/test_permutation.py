@@ -7,7 +7,12 @@ import pytest
 import torch
 
 from emformer.data.permutation import KeyedPermutation
-from emformer.data.stream import epoch_permutation, resampled_indices
+from emformer.data.stream import resampled_indices
+
+
+def epoch_permutation(seed: int, epoch: int, size: int) -> torch.Tensor:
+    """perm_e as a whole tensor: a permutation of range(size) fixed by (seed, epoch)."""
+    return torch.from_numpy(KeyedPermutation(seed, epoch, size)(np.arange(size)))
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 5, 7, 8, 100, 1000, 1024, 1025, 4099, 65536])

@@ -15,8 +15,7 @@ import torch
 
 from emformer import Clusterer
 from emformer.errors import CheckpointError, EmformerError
-from emformer.models.clusterer import (InputError, OutOfRangeWarning, ParameterError, UnsupportedProblemError,
-                                       resolve_model_dir)
+from emformer.models.inputs import InputError, OutOfRangeWarning, ParameterError, UnsupportedProblemError
 from export_fixtures import REPO, make_fake_run, subprocess_env
 
 
@@ -457,12 +456,6 @@ def test_auto_k_from_the_count_head(tmp_path: Path, fake_export: Path) -> None:
         Clusterer.from_pretrained(fake_export).predict_k_proba(X)
 
 
-def test_unknown_model_name_lists_the_shipped_ones() -> None:
-    with pytest.raises(CheckpointError, match="no-such-model: no such export directory and no shipped model"):
-        Clusterer.from_pretrained("no-such-model")
-    assert resolve_model_dir("some/dir/that/is/not/a/name") == Path("some/dir/that/is/not/a/name")
-
-
 # ------------------------------------------------------------------------------------------- light import
 def test_clusterer_loads_without_lightning_or_deepspeed(fake_export: Path) -> None:
     code = (
@@ -484,10 +477,6 @@ def test_clusterer_loads_without_lightning_or_deepspeed(fake_export: Path) -> No
 def test_shipped_model_by_name() -> None:
     """pretrained/emformer-gmm-small loads by name with no training, picks k itself, and with k given and an
     EM polish clusters well-separated blobs it never saw."""
-    from emformer.models.clusterer import pretrained_root, shipped_models
-
-    assert "emformer-gmm-small" in shipped_models()
-    assert resolve_model_dir("emformer-gmm-small") == pretrained_root() / "emformer-gmm-small"
     X, truth = _blobs(120, 5, 3, 12.0, seed=11)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # k = 3, d = 5, n = 120: inside the trained ranges

@@ -136,3 +136,15 @@ def test_cli_k_must_be_an_integer_or_auto(tmp_path: Path) -> None:
     np.savetxt(data, _two_blobs(n=20)[0], delimiter=",")
     with pytest.raises(SystemExit):
         main(["cluster", "emformer-gmm-small", str(data), "--k", "three"])
+
+
+def test_warnings_are_one_line_without_source(fake_export: Path, tmp_path: Path, capsys) -> None:
+    """n = 40 is outside the fake export's trained n = 32: one warning line, no file:line nor source dump."""
+    X, _ = _two_blobs(n=40, d=4)
+    np.save(tmp_path / "points.npy", X)
+    assert main(["cluster", str(fake_export), str(tmp_path / "points.npy")]) == 0
+    err = capsys.readouterr().err.splitlines()
+    warned = [line for line in err if "warning" in line.lower()]
+    assert warned == ["emformer cluster: warning: X: n=40 (trained on n in [32, 32]) is outside the range this "
+                      "model was trained on; it runs, but was never trained there"]
+    assert len(err) == 2 and err[1].startswith("clustered 40 points")

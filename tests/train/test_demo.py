@@ -25,7 +25,7 @@ def test_the_demo_specs_come_from_the_repository_not_the_working_directory(tmp_p
 
 
 def test_a_missing_spec_is_a_clear_config_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(demo, "configs_dir", lambda: tmp_path / "configs")
+    monkeypatch.setattr(demo, "package_configs", lambda: tmp_path / "configs")
     with pytest.raises(ConfigError, match=r"demo\.yaml is missing: .*pip install -e"):
         demo.spec_path(False)
 

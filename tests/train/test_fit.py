@@ -276,8 +276,19 @@ def test_a_run_dir_of_another_config_is_refused_even_when_finished(tmp_path, cap
     (run_dir / "DONE").write_text("{}")
     before = snapshot(run_dir)
     assert run_cli(run_dir, "model.depth=3") == 2
-    assert "holds a run of a different config" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "holds a run of a different config" in err and len(err.strip().splitlines()) == 1
     assert snapshot(run_dir) == before
+
+
+def test_a_changed_config_names_the_keys_that_differ():
+    from emformer.train.config import differing_keys, load_config
+
+    old = load_config(DEBUG)
+    assert differing_keys(old, load_config(DEBUG)) == []
+    assert differing_keys(old, load_config(DEBUG, ["model.depth=3", "optim.lr=0.01", "wandb.mode=disabled",
+                                                   "trainer.threads=1"])) == [
+        "model.depth: 2 -> 3", "optim.lr: 0.003 -> 0.01"]  # wandb and threads do not change what a run computes
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
@@ -355,3 +366,74 @@ def test_the_host_looks_at_the_loss_only_at_check_points(tmp_path, monkeypatch):
 
 DIVERGING = ("optim.lr=1e5", "optim.warmup_steps=0", "trainer.max_steps=50", "trainer.log_every=1",
              "trainer.val_every=100", "eval.episodes=16")
+
+
+def test_oversubscribed_threads_get_a_one_line_hint():
+    from emformer.train.fit import oversubscription_hint
+
+    assert oversubscription_hint(1, 1, 2, 0.9) is None
+    assert oversubscription_hint(2, 1, 4, 1.0) is None
+    hint = oversubscription_hint(2, 1, 2, 1.3)  # a busy 2-core laptop with torch's default of 2 threads
+    assert hint is not None and "\n" not in hint
+    assert hint.startswith("2 thread(s) x 1 process(es) exceed the ~1 free core(s)") and "trainer.threads=1" in hint
+    assert "trainer.threads=2 fits" in oversubscription_hint(4, 2, 8, 4.0)
+    assert "fewer processes (trainer.devices)" in oversubscription_hint(1, 2, 2, 1.5)
+
+
+def test_the_hint_reaches_stderr_at_run_time(tmp_path, capsys, monkeypatch):
+    """setup prints it once, before anything is built (here a finished-run check is not in the way)."""
+    import emformer.train.fit as fit
+
+    monkeypatch.setattr(fit.os, "getloadavg", lambda: (64.0, 0.0, 0.0))
+    from emformer.train.config import load_run_config
+
+    cfg = load_run_config(DEBUG, ["trainer.threads=2", "trainer.accelerator=cpu"])
+    torch_threads = torch.get_num_threads()
+    try:
+        assert fit.setup(cfg, tmp_path / "run", is_zero=True) is not None
+    finally:
+        torch.set_num_threads(torch_threads)
+    err = capsys.readouterr().err
+    assert err.count("emformer train: 2 thread(s) x 1 process(es) exceed") == 1
+    assert not (tmp_path / "run").exists()
+
+
+SHORT = ("trainer.val_every=10", "trainer.log_every=5", "trainer.ckpt_every=10", "eval.episodes=32",
+         "trainer.progress=false")
+
+
+@pytest.mark.slow
+def test_extend_continues_a_finished_run_exactly_as_a_longer_run(tmp_path):
+    """20 steps, then --extend to 40, gives the rows of a straight 40-step run: the debug config warms up
+    over 20 steps, so the first 20 steps follow the same schedule either way, and the restored schedule
+    decays to the new end."""
+    extended, straight = tmp_path / "extended", tmp_path / "straight"
+    train(extended, *SHORT, "trainer.max_steps=20")
+    assert json.loads((extended / "DONE").read_text())["step"] == 20
+    result = subprocess.run([sys.executable, "-m", "emformer", "train", "--extend", "trainer.max_steps=40",
+                             "trainer.threads=1", "--run-dir", str(extended)], cwd=REPO, env=env(),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming from step 20" in result.stderr
+    train(straight, *SHORT, "trainer.max_steps=40")
+    assert json.loads((extended / "DONE").read_text())["step"] == 40
+    assert_same_rows(rows(extended), rows(straight))
+    no_duplicate_steps(extended)
+
+
+def test_extend_refuses_other_changes_and_smaller_max_steps(tmp_path, capsys):
+    from export_fixtures import make_fake_run
+
+    run_dir = make_fake_run(tmp_path / "run")
+    (run_dir / "DONE").write_text('{"step": 10}')
+    before = snapshot(run_dir)
+    from emformer.train.cli import main
+
+    assert main(["train", "--extend", "model.depth=3", "trainer.max_steps=400", "--run-dir", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "--extend: only trainer.max_steps may change" in err and "model.depth:" in err
+    assert main(["train", "--extend", "trainer.max_steps=1", "--run-dir", str(run_dir)]) == 2
+    assert "is below the run's" in capsys.readouterr().err
+    assert main(["train", "--extend", "trainer.max_steps=400"]) == 2
+    assert "--extend: give the run to continue with --run-dir DIR" in capsys.readouterr().err
+    assert snapshot(run_dir) == before

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from emformer.train import rundir
-from emformer.train.report import command as report
+from emformer.train.report import build as report
+from emformer.train.report.summary import format_summary
 from emformer.train.sweep.spec import expand_points, load_spec, prepare_sweep
 from emformer.train.sweep.status import points_to_run
 
@@ -101,7 +102,7 @@ def test_study_runs_resumes_and_rebuilds_its_report_from_small_files(tmp_path):
 
     rebuilt = report.build_report(committed / "sweep", tmp_path / "rebuilt", wandb_mode="disabled")
     original = report.build_report(out / "sweep", tmp_path / "original", wandb_mode="disabled")
-    assert report.format_summary(rebuilt) == report.format_summary(original)
+    assert format_summary(rebuilt) == format_summary(original)
 
 
 def test_a_rerun_of_the_study_skips_every_committed_run(tmp_path):

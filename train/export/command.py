@@ -36,7 +36,7 @@ from emformer.data.episodes import sample_episodes
 from emformer.data.standardize import STANDARD_SCALE
 from emformer.data.tasks import TaskSpec
 from emformer.errors import CheckpointError, ConfigError
-from emformer.models.clusterer import check_state_dict
+from emformer.models.export_loader import check_state_dict
 from emformer.models.export_format import (
     CARD_FILE, CLUSTERER_DEFAULTS, CONFIG_FILE, DEFAULTABLE, EXPORT_FORMAT, EXPORT_FORMAT_VERSION, ONNX_FILE,
     WEIGHTS_FILE, file_entry, publish, read_export_config, write_export_config,

@@ -10,7 +10,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Hashable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Hashable, Optional, Sequence
 
 import numpy as np
 
@@ -18,12 +18,20 @@ from emformer.data.tasks import TaskSpec, anchored
 from emformer.train.report import scaling
 from emformer.train.report.records import SHORT_NAMES, RunRecord, point_values
 
+if TYPE_CHECKING:  # shift.py evaluates checkpoints (torch); the checks only read its results
+    from emformer.train.report.shift import ShiftResult
+
 SAMPLE_COMPLEXITY_BOUND = -0.5
 RATE_SLOPE = -1 / 8
 ORACLE_FIT_MAX_ERR = 0.1
 """separation fit: only Δ where the oracle's error is below this (the well-separated regime)"""
 MIN_RESOLVED_ERRORS = 10
 """separation fit: only Δ where the model makes at least this many errors on the whole eval set"""
+
+
+def seed_mean(by_seed: dict[Hashable, float]) -> float:
+    """The mean over seeds of one value (nan without any): what every seed-mean figure of the report is."""
+    return float(np.mean(list(by_seed.values()))) if by_seed else math.nan
 
 
 @dataclass
@@ -43,8 +51,7 @@ class Point:
         return out
 
     def mean(self, key: str) -> float:
-        values = list(self.final(key).values())
-        return float(np.mean(values)) if values else math.nan
+        return seed_mean(self.final(key))
 
     @property
     def config(self) -> dict[str, Any]:
@@ -281,10 +288,6 @@ def memorisation_region(train_loss: dict[float, float], test_loss: dict[float, f
             for n in sorted(train_loss.keys() | test_loss.keys()) if n <= largest}
 
 
-def _seed_mean(by_seed: dict[Hashable, float]) -> float:
-    return float(np.mean(list(by_seed.values()))) if by_seed else math.nan
-
-
 def _paired_se(by_seed: dict[Hashable, float]) -> float:
     values = list(by_seed.values())
     return float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) >= 2 else 0.0
@@ -298,10 +301,10 @@ def excess_estimates(loss: dict[float, dict[Hashable, float]], fresh_loss: dict[
     `outside`: N outside the memorisation region. An N is fitted when its seed-mean excess over the same
     seeds' fresh runs clears FLOOR_SES paired standard errors; the log fits need ≥ MIN_FITTED_SIZES of them.
     The asymptote fit uses every N outside the region (no logarithm, so no floor needed)."""
-    fresh_mean = _seed_mean(fresh_loss)
+    fresh_mean = seed_mean(fresh_loss)
     excess = {n: {s: v - fresh_loss.get(s, fresh_mean) for s, v in loss[n].items()} for n in outside}
     floor = {n: FLOOR_SES * _paired_se(excess[n]) for n in outside}
-    fitted = [n for n in outside if excess[n] and _seed_mean(excess[n]) > max(floor[n], 0.0)]
+    fitted = [n for n in outside if excess[n] and seed_mean(excess[n]) > max(floor[n], 0.0)]
     none = scaling.NO_INTERVAL
     if len(fitted) < MIN_FITTED_SIZES:
         return fitted, floor, (none, none, none)
@@ -341,13 +344,13 @@ def sample_complexity(points: Sequence[Point], runs: Sequence[RunRecord] = ()) -
     finite.sort(key=lambda p: p.values["N"])
     sizes = [float(p.values["N"]) for p in finite]
     fresh_loss = fresh.final("loss")
-    fresh_mean = _seed_mean(fresh_loss)
+    fresh_mean = seed_mean(fresh_loss)
     fresh_train = fresh.mean("train_loss")
     init_loss, init_rule = init_only_loss(fresh.config)
     loss = {float(p.values["N"]): p.final("loss") for p in finite}
 
     memorised_by = memorisation_region({float(p.values["N"]): p.mean("train_loss") for p in finite},
-                                       {n: _seed_mean(v) for n, v in loss.items()}, fresh_train, init_loss)
+                                       {n: seed_mean(v) for n, v in loss.items()}, fresh_train, init_loss)
     memorised = sorted(memorised_by)
     excess = {n: {s: v - fresh_loss.get(s, fresh_mean) for s, v in by_seed.items()} for n, by_seed in loss.items()}
     gap = {}
@@ -363,12 +366,12 @@ def sample_complexity(points: Sequence[Point], runs: Sequence[RunRecord] = ()) -
     enough = len(fitted) >= MIN_FITTED_SIZES
     upper = fitted[len(fitted) // 2:]
     outside_loss = {n: loss[n] for n in outside if loss[n]}
-    means = sorted((n, _seed_mean(v)) for n, v in outside_loss.items())
+    means = sorted((n, seed_mean(v)) for n, v in outside_loss.items())
     params = scaling.asymptote_fit([n for n, _ in means], [y for _, y in means]) if len(means) >= 3 else None
     # The fresh run's own test − train gap is pure sampling noise (two finite episode sets, no memorisation):
     # a pool gap below it says nothing about N, and its logarithm would steepen the fit at will.
     gap_floor = abs(float(np.mean(fresh_gaps))) if fresh_gaps else 0.0
-    gap_fit_values = {n: gap[n] for n in outside if gap[n] and _seed_mean(gap[n]) > gap_floor}
+    gap_fit_values = {n: gap[n] for n in outside if gap[n] and seed_mean(gap[n]) > gap_floor}
     gap_fit = scaling.power_law_interval(gap_fit_values) if len(gap_fit_values) >= MIN_FITTED_SIZES \
         else scaling.NO_INTERVAL
 
@@ -395,7 +398,7 @@ def _intercept(values: dict[float, dict[Hashable, float]], fit: scaling.Interval
     """log-log intercept at the point-estimate slope, through the seed-mean points (for drawing the fit)."""
     if not fit.ok:
         return math.nan
-    pts = [(n, np.mean(list(v.values()))) for n, v in values.items() if v]
+    pts = [(n, seed_mean(v)) for n, v in values.items() if v]
     pts = [(n, y) for n, y in pts if y > 0]
     if not pts:
         return math.nan
@@ -437,7 +440,7 @@ def axis_trends(points: Sequence[Point], axis: str, runs: Sequence[RunRecord] = 
         trends.append(AxisTrend(
             axis=axis, family=label(family[0].values, others),
             at_n=label({"N": largest}, ["N"]),
-            xs=xs, err={x: float(np.mean(list(v.values()))) for x, v in err_seeds.items()}, err_seeds=err_seeds,
+            xs=xs, err={x: seed_mean(v) for x, v in err_seeds.items()}, err_seeds=err_seeds,
             err_em_depth={float(p.values[axis]): p.mean("err_em_depth") for p in family},
             err_em=float(np.nanmean([p.mean("err_em") for p in family])),
             err_oracle=float(np.nanmean([p.mean("err_oracle") for p in family])),
@@ -566,14 +569,14 @@ def _setting_row(name: str, outside: list[str], table: dict[str, dict[Hashable, 
         methods.append("paired per episode")
     se = max(candidates) if candidates else math.nan
     method = " / ".join(methods) if methods else f"{len(diffs)} seed, episodes not scored"
-    mean = lambda key: float(np.mean(list(table[key].values()))) if table.get(key) else math.nan  # noqa: E731
-    return SettingRow(name, outside, len(seeds), mean("err"), mean("err_em"), mean("err_lloyd"), mean("err_oracle"),
+    mean = {key: seed_mean(table.get(key, {})) for key in ("err", "err_em", "err_lloyd", "err_oracle")}
+    return SettingRow(name, outside, len(seeds), mean["err"], mean["err_em"], mean["err_lloyd"], mean["err_oracle"],
                       float(np.mean(diffs)) if diffs else math.nan, se, method)
 
 
-def beyond_theory(points: Sequence[Point], shifted: Sequence[Any] = ()) -> Optional[list[SettingRow]]:
+def beyond_theory(points: Sequence[Point], shifted: Sequence["ShiftResult"] = ()) -> Optional[list[SettingRow]]:
     """Model err against EM err per setting, when some point of the sweep is outside the theory or the
-    report evaluated runs at test time on a shifted task (`shifted`: shift.ShiftResult per run)."""
+    report evaluated runs at test time on a shifted task (`shifted`: one per run and shift)."""
     if not any(outside_theory(p.values) for p in points) and not shifted:
         return None
     keys = varying_keys(points)  # every key that tells the points apart, so no two rows share a name

@@ -7,6 +7,7 @@ becomes a problem naming its file and line, and the rest of the file is still us
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ import yaml
 
 from emformer.errors import ConfigError
 from emformer.train import rundir
+from emformer.train.extensions import hashed_callbacks
 
 DONE, PARTIAL, NO_METRICS, MISSING = "done", "partial", "no metrics", "missing"
 
@@ -25,7 +27,8 @@ SEED_KEYS = ("trainer.seed", "data.seed")
 _IGNORED_PREFIXES = ("wandb.", "strategy.")
 _IGNORED_KEYS = {
     "name", "trainer.progress", "trainer.threads", "trainer.log_every", "trainer.ckpt_every",
-    "trainer.accelerator", "trainer.devices", "trainer.num_nodes", "data.num_workers",
+    "trainer.accelerator", "trainer.devices", "trainer.num_nodes", "trainer.loggers", "trainer.callbacks",
+    "data.num_workers",
     # N replaces these two (pool_size means nothing for fresh episodes)
     "data.source", "data.pool_size",
 }
@@ -94,6 +97,10 @@ def point_values(run: RunRecord) -> dict[str, Any]:
     values = {k: v for k, v in run.flat.items()
               if k not in _IGNORED_KEYS and k not in SEED_KEYS and not k.startswith(_IGNORED_PREFIXES)}
     values["N"] = run.pool_size
+    # as in the run's name: callbacks that only observe (LearningRateMonitor ...) do not make another point
+    training = hashed_callbacks(run.config.get("trainer", {}).get("callbacks") or [])
+    if training:
+        values["trainer.callbacks"] = json.dumps(training, sort_keys=True)
     return values
 
 

@@ -98,13 +98,6 @@ def line_slope(xs: Sequence[float], ys: Sequence[float]) -> Optional[tuple[float
     return float(slope), float(mean_y - slope * mean_x)
 
 
-def power_law_slope(xs: Sequence[float], ys: Sequence[float]) -> Optional[tuple[float, float]]:
-    """(b, a) of log y = a + b·log x; None unless all x, y > 0 and at least 2 distinct x."""
-    if not xs or any(x <= 0 for x in xs) or any(y <= 0 for y in ys):
-        return None
-    return line_slope([math.log(x) for x in xs], [math.log(y) for y in ys])
-
-
 def seed_means(values: Values, seeds: Sequence[Hashable]) -> dict[float, float]:
     """Mean of each point's values over `seeds` (with multiplicity); points with none of them are left out."""
     means = {}

@@ -37,7 +37,12 @@ def submit_slurm(sweep: Sweep, points: Sequence[Point], dry_run: bool = False, w
     (sweep_dir / "slurm" / "logs").mkdir(parents=True, exist_ok=True)
     script_path = sweep_dir / "slurm" / script_name
     atomic_write_text(script_path, script)
-    job_id = launcher.submit(script_path)
+    try:
+        job_id = launcher.submit(script_path)
+    except launcher.SlurmError as exc:  # nothing recorded: the points stay "not submitted"
+        raise launcher.SlurmError(f"{exc}; nothing was submitted: `emformer status {sweep.dir}` lists the "
+                                  f"{len(points)} point(s) as not submitted, and the same `emformer sweep` command "
+                                  "submits them once the cause is fixed") from None
     launcher.record_submission(sweep_dir, {
         "job_id": job_id,
         "array": launcher.array_expression([p.id for p in points], min(options.array_parallel, len(points))),

@@ -1,8 +1,9 @@
 """`emformer status SWEEP_DIR`: where every point of a sweep stands, from its run dir and from SLURM.
 
-States: pending (not started, or waiting in the SLURM queue) · running · requeued (preempted, waiting to
-resume from last.ckpt) · done (DONE written) · failed (its last launch ended without DONE: the tail of its
-log says why) · unknown (submitted to SLURM, but SLURM cannot be asked here).
+States: not submitted (never launched: no local start, no SLURM submission, e.g. sbatch failed) · pending
+(waiting in the SLURM queue) · running · requeued (preempted, waiting to resume from last.ckpt) · done (DONE
+written) · failed (its last launch ended without DONE: the tail of its log says why) · unknown (submitted to
+SLURM, but SLURM cannot be asked here). `emformer sweep` run again submits the not-submitted and failed ones.
 The run dir is the truth for done/steps/err; the latest launch (local/<id>.json or slurm/submissions.json)
 with `scontrol` says pending/running/requeued/failed. Light: no torch, no lightning.
 """
@@ -25,7 +26,8 @@ from emformer.train.sweep.local import run_local
 from emformer.train.sweep.slurm_backend import submit_slurm
 from emformer.train.sweep.spec import Point, Sweep, load_sweep
 
-STATES = ("pending", "running", "requeued", "done", "failed", "unknown")
+NOT_SUBMITTED = "not submitted"
+STATES = (NOT_SUBMITTED, "pending", "running", "requeued", "done", "failed", "unknown")
 
 
 @dataclass
@@ -110,7 +112,7 @@ def point_statuses(sweep: Any, query_slurm: bool = True, tail_lines: int = 10) -
     for point in sweep.points:
         run_dir = sweep.run_dir(point)
         step, err = read_progress(run_dir)
-        status = PointStatus(point.id, point.name, point.run_dir, "pending", point.overrides, point.seed,
+        status = PointStatus(point.id, point.name, point.run_dir, NOT_SUBMITTED, point.overrides, point.seed,
                              step=step, max_steps=_max_steps(run_dir), err=err)
         local = rundir.read_launch_record(sweep.dir, point.id)
         slurm = latest_slurm.get(point.id)
@@ -199,6 +201,10 @@ def format_table(statuses: Sequence[PointStatus]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
     counts = {state: sum(s.state == state for s in statuses) for state in STATES}
     lines.append(", ".join(f"{n} {state}" for state, n in counts.items() if n) + f" of {len(statuses)} points")
+    if counts[NOT_SUBMITTED]:
+        lines.append(f"{counts[NOT_SUBMITTED]} point(s) were never launched (a failed sbatch, or a sweep stopped "
+                     "before starting them): run the same `emformer sweep SPEC --out SWEEP_DIR [--backend slurm]` "
+                     "again; it launches only the points that are not done, queued or running")
     for s in statuses:
         if s.state == "failed":
             lines.append(f"\npoint {s.id} ({s.name}) failed: {s.detail}" + (f"; last lines of {s.log}:" if s.log else ""))

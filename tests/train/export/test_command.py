@@ -16,7 +16,8 @@ import torch
 from emformer.data.standardize import STANDARD_SCALE
 from emformer.data.tasks import TaskSpec
 from emformer.errors import CheckpointError, ConfigError
-from emformer.models.clusterer import Clusterer, sha256_file
+from emformer.atomic import sha256_file
+from emformer.models.clusterer import Clusterer
 from emformer.models.transformer import ClusterTransformer, TransformerConfig
 from emformer.train.export import card as export_card
 from emformer.train.export import onnx as export_onnx

@@ -14,7 +14,9 @@ import pytest
 
 from emformer.errors import ConfigError
 from emformer.train.report import checks
-from emformer.train.report import command as report
+from emformer.train.report import build as report
+from emformer.train.report.result import FIGURES, NOT_IN_SWEEP
+from emformer.train.report.summary import format_summary
 from emformer.train.config import load_config, run_name, save_yaml
 
 CONFIGS = Path(__file__).resolve().parents[3] / "configs"
@@ -117,15 +119,15 @@ def test_report_writes_every_plot_and_the_summary_table(built):
         assert path.is_file() and path.stat().st_size > 10_000 and path.read_bytes()[:4] == b"\x89PNG"
     text = result.report_path.read_text()
     assert text.index("## Summary") < text.index("## Sample complexity")
-    for figure in report.FIGURES.values():
+    for figure in FIGURES.values():
         assert f"]({figure})" in text
     assert "not in this sweep" not in text
-    assert report.NOT_IN_SWEEP not in report.format_summary(result)
+    assert NOT_IN_SWEEP not in format_summary(result)
 
 
 def test_the_checks_come_out_as_the_fabricated_laws_say(built):
     _, _, result = built
-    sc = result.sections["sample_complexity"]
+    sc = result.sections.sample_complexity
     assert sc.memorised == [64.0, 128.0]
     assert sc.memorised_by[64.0].startswith(checks.TRAIN_CRITERION)
     assert sc.memorised_by[128.0].startswith(checks.INIT_CRITERION)
@@ -137,14 +139,14 @@ def test_the_checks_come_out_as_the_fabricated_laws_say(built):
     # the N = 8192 runs of this family never finished: PASS on the survivors would hide them
     assert sc.excess_verdict == "INCONCLUSIVE" and sc.gap_verdict == "INCONCLUSIVE"
     assert any("no DONE" in name for name in sc.incomplete) and "unfinished" in sc.verdict_and_reason[1]
-    finished = checks.sample_complexity(result.sections["points"], [r for r in result.runs if r.complete])
+    finished = checks.sample_complexity(result.sections.points, [r for r in result.runs if r.complete])
     assert finished.excess_verdict == "PASS", finished.verdict_and_reason
     assert finished.gap_fit.estimate == pytest.approx(-0.9, abs=0.05) and finished.gap_verdict == "PASS"
-    assert [t.verdict for t in result.sections["depth"]] == ["PASS"]
-    assert [t.verdict for t in result.sections["heads"]] == ["PASS"]
-    (sep,) = result.sections["separation"]
+    assert [t.verdict for t in result.sections.depth] == ["PASS"]
+    assert [t.verdict for t in result.sections.heads] == ["PASS"]
+    (sep,) = result.sections.separation
     assert 2.0 in sep.excluded and sep.fitted == [3.0, 4.0, 5.0]
-    beyond = {r.setting: r for r in result.sections["beyond"]}
+    beyond = {r.setting: r for r in result.sections.beyond}
     assert any("student_t" in name for name in beyond)
     by_check = {c.name: c for c in result.checks}
     combined = by_check["sample complexity: test loss_N − test loss_∞ ∝ N^b (all three estimates)"]
@@ -196,7 +198,7 @@ def test_a_sweep_without_the_axes_says_not_in_this_sweep(tmp_path):
     result = report.build_report(sweep, tmp_path / "out")
     assert result.exit_code == 0
     assert set(result.figures) == {"curves"}
-    assert [c.verdict for c in result.checks].count(report.NOT_IN_SWEEP) == 5
+    assert [c.verdict for c in result.checks].count(NOT_IN_SWEEP) == 5
     assert "Not in this sweep" in result.report_path.read_text()
 
 
@@ -219,7 +221,7 @@ def test_test_time_shifts_evaluate_each_checkpoint_against_em(tmp_path):
     result = report.build_report(sweep, tmp_path / "out", wandb_mode="disabled",
                                  test_shifts=["task.n=48", "task.k=3,task.n=24", "task.separation=6.0"])
     assert result.problems == []
-    rows = {r.setting.split("; ")[-1]: r for r in result.sections["beyond"]}
+    rows = {r.setting.split("; ")[-1]: r for r in result.sections.beyond}
     assert set(rows) == {"all runs", "test n=48", "test k=3, n=24", "test separation=6.0"}
     for name in ("test n=48", "test k=3, n=24", "test separation=6.0"):
         row = rows[name]
@@ -233,3 +235,4 @@ def test_test_time_shifts_evaluate_each_checkpoint_against_em(tmp_path):
 
     with pytest.raises(ConfigError, match="task.KEY=VALUE"):
         report.build_report(sweep, tmp_path / "bad", test_shifts=["task.d=8"])
+

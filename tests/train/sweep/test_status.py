@@ -63,20 +63,20 @@ def test_states_of_local_points(sweep: Sweep, capsys: pytest.CaptureFixture[str]
         local_record(sweep, 2, live.pid, None)
         statuses = point_statuses(sweep)
         assert [(s.state, s.step, s.err) for s in statuses] == [
-            ("done", 100, 0.08), ("failed", 50, 0.2), ("running", None, None), ("pending", None, None)]
+            ("done", 100, 0.08), ("failed", 50, 0.2), ("running", None, None), ("not submitted", None, None)]
         assert statuses[1].detail == "exit 1" and statuses[1].log_tail[-1] == "Boom: bad"
         assert [p.id for p in points_to_run(sweep)[0]] == [1, 3]  # neither done nor running
 
         assert main(["status", str(sweep.dir)]) == 0
         table = capsys.readouterr().out
         assert table.splitlines()[0].split() == ["id", "state", "steps", "err", "job", "depth", "heads", "seed", "run"]
-        assert "1 pending, 1 running, 1 done, 1 failed of 4 points" in table
+        assert "1 not submitted, 1 running, 1 done, 1 failed of 4 points" in table
         assert f"point 1 ({sweep.points[1].name}) failed: exit 1; last lines of" in table
         assert "    Boom: bad" in table
 
         assert main(["status", str(sweep.dir), "--json"]) == 0
         as_json = json.loads(capsys.readouterr().out)
-        assert [s["state"] for s in as_json] == ["done", "failed", "running", "pending"]
+        assert [s["state"] for s in as_json] == ["done", "failed", "running", "not submitted"]
     finally:
         live.kill()
         live.wait()
@@ -93,15 +93,39 @@ def test_slurm_points_are_unknown_where_slurm_cannot_be_asked(sweep: Sweep, monk
     (sweep.run_dir(sweep.points[1]) / "DONE").write_text("{}")
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no scontrol
     statuses = point_statuses(sweep)
-    assert [(s.state, s.job_id) for s in statuses] == [("unknown", "77_0"), ("done", "77_1"), ("pending", None),
-                                                         ("pending", None)]
+    assert [(s.state, s.job_id) for s in statuses] == [("unknown", "77_0"), ("done", "77_1"), ("not submitted", None),
+                                                         ("not submitted", None)]
     # Not resubmitted from here: it may still be running on the cluster.
     todo, skipped = points_to_run(sweep)
     assert [p.id for p in todo] == [2, 3] and skipped == {"unknown": [0], "done": [1]}
-    assert "2 pending, 1 done, 1 unknown of 4 points" in format_table(statuses)
+    assert "2 not submitted, 1 done, 1 unknown of 4 points" in format_table(statuses)
 
 
 def test_resubmit_failed_with_nothing_failed_does_nothing(sweep: Sweep, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["status", str(sweep.dir), "--resubmit-failed"]) == 0
     assert "no failed points to resubmit" in capsys.readouterr().out
     assert launcher.read_submissions(sweep.dir) == []
+
+
+def test_a_failed_sbatch_leaves_points_not_submitted_and_says_how_to_resubmit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """sbatch refuses (no such partition, no account ...): the command fails with SLURM's words, nothing is
+    recorded, and status shows the points as not submitted (never as pending, as if queued)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in (("sbatch", "echo 'sbatch: error: invalid partition specified: gpu' >&2; exit 1"),
+                       ("sinfo", "echo gpu; exit 0"), ("scontrol", "exit 0")):
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    out = tmp_path / "s"
+    assert main(["sweep", str(DEBUG_SPEC), "--out", str(out), "--backend", "slurm"]) == 2
+    err = capsys.readouterr().err
+    assert "invalid partition specified" in err and "nothing was submitted" in err and len(err.splitlines()) == 1
+    assert launcher.read_submissions(out) == []
+    assert main(["status", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "pending" not in table
+    points = len(prepare_sweep(load_spec(DEBUG_SPEC), out).points)
+    assert f"{points} not submitted of {points} points" in table
+    assert "run the same `emformer sweep SPEC --out SWEEP_DIR [--backend slurm]` again" in table

@@ -1,0 +1,57 @@
+"""The run config: where config groups are found, and what enters a run's name (its config hash)."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from emformer.errors import ConfigError
+from emformer.train.config import load_config, run_name
+
+REPO = Path(__file__).resolve().parents[2]
+DEBUG = REPO / "configs" / "debug.yaml"
+LR_MONITOR = "trainer.callbacks=[{class_path: lightning.pytorch.callbacks.LearningRateMonitor}]"
+CSV_LOGGER = "trainer.loggers=[{class_path: CSVLogger, init_args: {name: csv}}]"
+
+
+def test_a_config_copied_out_of_configs_finds_its_groups_in_the_package(tmp_path):
+    copy = Path(shutil.copy(DEBUG, tmp_path / "mine.yaml"))
+    assert run_name(load_config(copy)) == run_name(load_config(DEBUG))
+    assert load_config(copy, ["task=k3_d8"]).task.k == 3
+
+
+def test_groups_beside_the_file_come_first(tmp_path):
+    (tmp_path / "task").mkdir()
+    (tmp_path / "task" / "k2_d4.yaml").write_text("k: 2\nd: 6\nseparation: 3.0\n")
+    copy = Path(shutil.copy(DEBUG, tmp_path / "mine.yaml"))
+    assert load_config(copy).task.d == 6
+
+
+def test_a_missing_group_file_says_where_it_looked_and_why(tmp_path):
+    copy = Path(shutil.copy(DEBUG, tmp_path / "mine.yaml"))
+    with pytest.raises(ConfigError) as error:
+        load_config(copy, ["task=k9"])
+    message = str(error.value)
+    assert "no config 'k9' in group 'task'" in message and "\n" not in message
+    assert f"{tmp_path / 'task'} (beside the config file: no such folder)" in message
+    assert f"{REPO / 'configs' / 'task'} (the package's configs: options ['k2_d4', 'k3_d8'])" in message
+
+
+def test_loggers_and_monitors_keep_the_run_name_a_training_callback_does_not():
+    plain = run_name(load_config(DEBUG))
+    assert run_name(load_config(DEBUG, [LR_MONITOR, CSV_LOGGER])) == plain
+    assert run_name(load_config(DEBUG, ["trainer.callbacks=[{class_path: LearningRateMonitor}]"])) == plain
+    stopping = "trainer.callbacks=[{class_path: EarlyStopping, init_args: {monitor: val/loss}}]"
+    assert run_name(load_config(DEBUG, [stopping])) != plain
+
+
+@pytest.mark.parametrize("override, message", [
+    ("trainer.callbacks=[{init_args: {}}]", "trainer.callbacks[0]: expected {class_path: package.Class"),
+    ("trainer.loggers=[{class_path: CSVLogger, args: {}}]", "trainer.loggers[0]: unknown key(s) ['args']"),
+    ("trainer.loggers=[{class_path: CSVLogger, init_args: 3}]", "trainer.loggers[0].init_args: expected a mapping"),
+])
+def test_a_malformed_entry_is_one_line_naming_it(override, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(DEBUG, [override])
+    assert message in str(error.value) and "\n" not in str(error.value)

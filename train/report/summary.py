@@ -1,0 +1,120 @@
+"""The report's summary: one `Check` row per check (name, figure, estimate, interval, verdict, the sentence
+the report states), as a table for the console; and the number formats the report's text shares."""
+from __future__ import annotations
+
+import collections
+import math
+import sys
+from typing import Optional, Sequence, TextIO
+
+from emformer.train.report import checks, scaling
+from emformer.train.report.result import FIGURES, NOT_IN_SWEEP, Check, ReportResult, Sections
+
+
+def fmt(value: float, digits: int = 3) -> str:
+    if value is None or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return "n/a"
+    return f"{value:.{digits}g}"
+
+
+def unfinished_note(incomplete: Sequence[str]) -> str:
+    return f" INCONCLUSIVE because these runs of the family did not finish or diverged: {'; '.join(incomplete)}." \
+        if incomplete else ""
+
+
+def unidentified_note(fit: scaling.Interval) -> str:
+    return f" ({fit.unidentified})" if fit.unidentified else ""
+
+
+def size_set(sizes: Sequence[float]) -> str:
+    return "{" + ", ".join(str(int(n)) for n in sizes) + "}"
+
+
+def summary_rows(sections: Sections) -> list[Check]:
+    """One row per check (several for the sample complexity: its three estimates and the gap)."""
+    sample, depth, heads, separation, beyond = (sections.sample_complexity, sections.depth, sections.heads,
+                                                 sections.separation, sections.beyond)
+    rows = []
+    fig = FIGURES["sample_complexity"]
+    name = "sample complexity: test loss_N − test loss_∞ ∝ N^b"
+    if sample is None:
+        rows.append(Check(name, "—", "—", "—", "b ≤ −0.5",
+                          NOT_IN_SWEEP, "The sweep has no family of pool sizes with a fresh (N = ∞) run."))
+    else:
+        verdict, reason = sample.verdict_and_reason
+        estimates = sample.estimates()
+        rows.append(Check(name + " (all three estimates)", fig,
+                          " / ".join(fmt(fit.estimate, 3) for _, fit in estimates), "see below", "b ≤ −0.5", verdict,
+                          f"Sample complexity over N ∈ {size_set(sample.fitted)} (outside the memorisation region "
+                          f"{size_set(sample.memorised) if sample.memorised else '(none)'}, excess above "
+                          f"{checks.FLOOR_SES:g} paired SE): {verdict} — {reason}.",
+                          method=estimates[0][1].label))
+        spans = (sample.fitted, sample.upper_fitted, sample.asymptote_sizes)
+        for (what, fit), over in zip(estimates, spans):
+            part = scaling.verdict(fit, checks.SAMPLE_COMPLEXITY_BOUND) if len(sample.fitted) >= checks.MIN_FITTED_SIZES \
+                else scaling.NO_DATA
+            rows.append(Check(f"  b from {what}", fig, fmt(fit.estimate, 3), fit.describe(), "b ≤ −0.5", part,
+                              f"b from {what} over N ∈ {size_set(over)}: {fmt(fit.estimate, 3)} ({fit.label} "
+                              f"{fit.describe()}): {part}{unidentified_note(fit)}.", method=fit.label))
+        gap = sample.gap_fit
+        rows.append(Check("sample complexity: train/test gap ∝ N^b", fig, fmt(gap.estimate, 3), gap.describe(),
+                          "b ≤ −0.5", sample.gap_verdict,
+                          f"The train/test gap falls as N^{fmt(gap.estimate, 2)} over N ∈ {size_set(sample.gap_fitted)} "
+                          f"({gap.label} {gap.describe()}; needs ≥ {checks.MIN_FITTED_SIZES} N above the fresh run's "
+                          f"|gap|): {sample.gap_verdict}.{unfinished_note(sample.incomplete)}", method=gap.label))
+    for trends, axis, word in ((depth, "model.depth", "depth L"), (heads, "model.heads", "heads M")):
+        if not trends:
+            rows.append(Check(f"err falls with {word}", "—", "—", "—", "Δerr per doubling < 0", NOT_IN_SWEEP,
+                              f"The sweep varies no {word} with everything else fixed."))
+        for trend in trends:
+            sentence = (f"At {trend.at_n}, {trend.family}: err changes by {fmt(trend.fit.estimate)} per doubling of "
+                        f"{word} ({trend.fit.label} {trend.fit.describe(4)}): {trend.verdict}."
+                        f"{unfinished_note(trend.incomplete)}")
+            rows.append(Check(f"err falls with {word} ({trend.family})", FIGURES["depth_heads"], fmt(trend.fit.estimate),
+                              trend.fit.describe(4), "Δerr per doubling < 0", trend.verdict, sentence,
+                              method=trend.fit.label))
+    if not separation:
+        rows.append(Check("minimax rate: log err ∝ −Δ²/8", "—", "—", "—", "slope ≤ −0.125", NOT_IN_SWEEP,
+                          "The sweep varies no separation Δ with everything else fixed."))
+    for trend in separation:
+        sentence = (f"{trend.family}: log err falls against Δ² with slope {fmt(trend.fit.estimate)} over Δ ∈ "
+                    f"{{{', '.join(fmt(d) for d in trend.fitted)}}} ({trend.fit.label} {trend.fit.describe(3)}; oracle "
+                    f"{fmt(trend.oracle_slope)}; theory −1/8 as Δ grows): {trend.verdict}."
+                    f"{unfinished_note(trend.incomplete)}")
+        rows.append(Check(f"minimax rate: slope of log err vs Δ² ({trend.family})", FIGURES["separation"],
+                          fmt(trend.fit.estimate), trend.fit.describe(3), "slope ≤ −0.125", trend.verdict, sentence,
+                          method=trend.fit.label))
+    if beyond is None:
+        rows.append(Check("beyond the theory: model vs EM", "—", "—", "—", "err < err_EM", NOT_IN_SWEEP,
+                          "No run of the sweep is outside the theory's assumptions."))
+    else:
+        outside = [r for r in beyond if r.outside]
+        wins = [r for r in outside if r.beats_em == "yes"]
+        rows.append(Check("beyond the theory: model beats EM", "table", f"{len(wins)} of {len(outside)} settings", "—",
+                          f"err − err_EM < −{checks.BEATS_EM_SES:g} SE", "—",
+                          f"Outside the theory the model beats EM by more than {checks.BEATS_EM_SES:g} paired standard "
+                          f"errors in {len(wins)} of {len(outside)} settings"
+                          + (f": {'; '.join(r.setting for r in wins)}." if wins else ".")))
+    return rows
+
+
+def format_summary(result: ReportResult) -> str:
+    """The summary table as aligned plain text (what `emformer report` and `emformer demo` print)."""
+    header = ("check", "verdict", "estimate", "interval", "method", "target", "figure")
+    rows = [header] + [(c.name, c.verdict, c.estimate, c.interval, c.method, c.target, c.figure)
+                       for c in result.checks]
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def print_summary(result: ReportResult, file: Optional[TextIO] = None) -> None:
+    """The report's path, the runs by state and the summary table on stdout; problems on stderr."""
+    file = file or sys.stdout
+    states = collections.Counter(run.state for run in result.runs)
+    print(f"report: {result.report_path}", file=file)
+    print(f"runs: " + ", ".join(f"{n} {s}" for s, n in sorted(states.items())), file=file)
+    print(format_summary(result), file=file)
+    for problem in result.problems:
+        print(f"problem: {problem}", file=sys.stderr)
