@@ -9,12 +9,12 @@ each point's soft assignment. So `fit(X)` is one episode: pick initial centroids
 given), run the transformer, keep the soft assignment. Loading needs only torch, numpy and safetensors
 (no lightning, no deepspeed): the export directory is `model.safetensors` + `config.json` (DESIGN §4).
 
-Input conventions, each a choice the model's training forces on us (figures: the debug model of
-`configs/debug.yaml`, 200 steps, on 256 fresh episodes of its task k=2, d=4, n=32, Δ=3; oracle 0.064):
+Input conventions, each a choice the model's training forces on us (docs/export.md; figures in BENCHMARKS.md
+and each export's card):
 - **init**: the model refines initial centroids; it was trained (task.init = noisy_truth) with centroids
-  near the true means. Raw k-means++ seeds are far from that: error 0.174. So k-means++ / spectral
-  centroids are first refined by `init_iters` Lloyd iterations (default 10; 0 when the model was trained on
-  that very init): error 0.076, Lloyd alone 0.090. Given centroids are used as they are.
+  near the true means. Raw k-means++ seeds are far from that, so k-means++ / spectral centroids are first
+  refined by `init_iters` Lloyd iterations (default 10; 0 when the model was trained on that very init).
+  Given centroids are used as they are.
 - **standardize=True** ("isotropic", default): centre each episode and divide all features by one common
   scale, so that their mean variance is `config.json`'s `input_scale` (the training episodes' per-feature
   spread, measured at export). The model was trained on mixtures with noise σ = 1, so it is not
@@ -23,12 +23,12 @@ Input conventions, each a choice the model's training forces on us (figures: the
   standardized to 1 for it: the model, count head included, sees X as it saw its training episodes.
   "features" z-scores each feature instead (sklearn's StandardScaler), for features in unrelated units: it
   stretches the axes the clusters are separated along less than the others, so it costs accuracy on
-  isotropic clusters (0.11–0.14 against 0.08). False feeds X as it is, for data already on the training
+  isotropic clusters. False feeds X as it is, for data already on the training
   scale (e.g. `emformer.data` episodes: these are centred on the midpoint of the true means, which the model
-  uses: 0.076 raw against 0.084 standardized).
+  uses).
 - **d below the model's d_in**: zero-padding, not a projection. The points (and any given centroids) get
   d_in - d zero coordinates, which keeps every distance and inner product, and is what training does for a
-  task with `d_max`; d = 2 or 3 on the d = 4 debug model: 0.070 / 0.071 with the training init, as for d = 4.
+  task with `d_max`.
   d above d_in is refused: reduce the dimension first (e.g. PCA), a choice about the data we do not make.
 - **k**: any 2 <= k <= k_max (the model's centroid slots); unused slots are masked. `config.json` states
   the k range it was trained on: outside it the model runs but was never trained there.
