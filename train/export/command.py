@@ -1,4 +1,5 @@
-"""`emformer export RUN_DIR|CHECKPOINT --out DIR [--onnx] [--best|--last]` (DESIGN §4).
+"""`emformer export RUN_DIR|CHECKPOINT --out DIR [--onnx] [--best|--last]`, `emformer export EXPORT_DIR --rescore`
+(DESIGN §4).
 
 An export directory (its format: models/export_format.py) is what a user needs to cluster their own data
 without the training code:
@@ -16,7 +17,9 @@ Sources (read by train/checkpoints.py): a run directory (its best or last checkp
 file, or a DeepSpeed checkpoint directory (ZeRO-1/2/3, possibly sharded over ranks; consolidated with
 DeepSpeed's zero_to_fp32). The ONNX step is onnx.py, the model card card.py + model_card.md.j2.
 Every file is written atomically; config.json last, so a directory whose config.json matches its files (by
-sha256) is a complete export. Lightning and DeepSpeed are never imported for a Lightning checkpoint, and
+sha256) is a complete export. `--rescore` re-measures an export's test-set figures (config.json's eval row and
+the card) on the current episodes (tasks.EPISODES_VERSION, recorded in the row) from its own weights, with no
+run directory: the figures of a shipped model follow the episodes when they change. Lightning and DeepSpeed are never imported for a Lightning checkpoint, and
 DeepSpeed only for a DeepSpeed one.
 """
 from __future__ import annotations
@@ -34,7 +37,7 @@ import torch
 
 from emformer.data.episodes import sample_episodes
 from emformer.data.standardize import STANDARD_SCALE
-from emformer.data.tasks import TaskSpec
+from emformer.data.tasks import EPISODES_VERSION, TaskSpec
 from emformer.errors import CheckpointError, ConfigError
 from emformer.models.export_loader import check_state_dict
 from emformer.models.export_format import (
@@ -54,7 +57,10 @@ from emformer.version import __version__
 # ------------------------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", help="a run directory, a checkpoint file (.ckpt) or a DeepSpeed checkpoint directory")
-    parser.add_argument("--out", required=True, help="export directory to write (created if missing)")
+    parser.add_argument("--out", default=None, help="export directory to write (created if missing)")
+    parser.add_argument("--rescore", action="store_true",
+                        help="SOURCE is an export directory: re-measure its test-set figures (config.json eval, "
+                             "README.md) on the current episodes, in place")
     parser.add_argument("--onnx", action="store_true", help="also write model.onnx (dynamic batch and n), "
                         "verified against torch with onnxruntime")
     which = parser.add_mutually_exclusive_group()
@@ -87,6 +93,17 @@ def parse_clusterer_defaults(items: list[str]) -> dict[str, int]:
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     source = Path(args.source)
+    if args.rescore:
+        if args.out or args.onnx or args.which or args.clusterer_defaults:
+            raise ConfigError("--rescore: takes an export directory alone (no --out, --onnx, --best/--last, "
+                              "--clusterer-defaults)")
+        row = read_export_config(rescore_export(source))["eval"]
+        print(f"rescored {source} on episodes version {row['episodes_version']} ({row['episodes']} test episodes "
+              f"of seed {row['seed']}): err {row['err']:.4f}, EM {row['err_em']:.4f}, oracle {row['err_oracle']:.4f} "
+              f"in {time.perf_counter() - started:.1f} s")
+        return 0
+    if args.out is None:
+        raise ConfigError("--out: required (the export directory to write), unless --rescore")
     if args.which and source.exists() and not rundir.looks_like_run_dir(source):
         raise ConfigError(f"--{args.which}: only applies to a run directory; {source} is a checkpoint")
     out = export_run(source, args.out, onnx=args.onnx, which=args.which or "best",
@@ -169,13 +186,54 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, onnx: bool = 
     return out_dir
 
 
+def rescore_export(export_dir: str | Path) -> Path:
+    """Re-measure an export's test-set figures on the current episodes from its own weights and training
+    config (config.json), rewriting its eval row and card; weights and the other files stay as they are."""
+    from emformer.models.export_loader import load_exported_model
+    from emformer.models.registry import resolve_model_dir
+
+    export_dir = resolve_model_dir(export_dir)
+    model, config = load_exported_model(export_dir)
+    where = f"{export_dir / CONFIG_FILE}: training.run_config"
+    run = to_run_config(config["training"]["run_config"], where=where)
+    task = run.task.validate(where + ".task")
+    config["eval"] = _test_row(model, task, run, config["training"].get("step"))
+    old_card = (export_dir / CARD_FILE).read_text() if (export_dir / CARD_FILE).is_file() else ""
+    card = with_added_sections(model_card(config, str(export_dir)), old_card)
+    publish(export_dir / CARD_FILE, lambda tmp: tmp.write_text(card))
+    write_export_config(export_dir, config)
+    return export_dir
+
+
+def with_added_sections(card: str, old_card: str) -> str:
+    """`card` followed by the `## ` sections of `old_card` whose titles the template does not write (text a
+    maintainer added to a shipped card, such as its known limits), in their order."""
+    def sections(text: str) -> list[str]:
+        parts, current = [], None
+        for line in text.splitlines(keepends=True):
+            if line.startswith("## "):
+                current = [line]
+                parts.append(current)
+            elif current is not None:
+                current.append(line)
+        return ["".join(part) for part in parts]
+
+    def title(part: str) -> str:  # "## Evaluation (test set at step …)" -> "## Evaluation"
+        return part.splitlines()[0].split(" (")[0].strip()
+
+    rendered = {title(part) for part in sections(card)}
+    added = [part for part in sections(old_card) if title(part) not in rendered]
+    return card.rstrip("\n") + "\n\n" + "".join(added).rstrip("\n") + "\n" if added else card
+
+
 # ------------------------------------------------------------------------------------------- test set
 def _test_row(model: Any, task: TaskSpec, run: RunConfig, step: Optional[int]) -> dict[str, Any]:
     """The card's figures: the model and the baselines on the run's test set (eval.test_seed), never on the
-    eval set the checkpoint was selected on."""
+    eval set the checkpoint was selected on; the episodes version says which episodes those were."""
     seed = held_out_test_seed(run)
     metrics = score_model(model, task, run.eval, seed)
-    return {"split": "test", "seed": seed, "step": step, "episodes": run.eval.episodes, **metrics}
+    return {"split": "test", "seed": seed, "step": step, "episodes": run.eval.episodes,
+            "episodes_version": EPISODES_VERSION, **metrics}
 
 
 # ------------------------------------------------------------------------------------------- run files

@@ -15,6 +15,7 @@ import torch
 
 from emformer.data.standardize import STANDARD_SCALE
 from emformer.data.tasks import TaskSpec
+from emformer.train.cli import main as cli_main
 from emformer.errors import CheckpointError, ConfigError
 from emformer.atomic import sha256_file
 from emformer.models.clusterer import Clusterer
@@ -316,3 +317,35 @@ def test_clusterer_defaults_are_written_and_applied_and_given_params_win(fake_ru
     (out / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=r"config.json: clusterer_defaults.device: not a parameter"):
         Clusterer.from_pretrained(out)
+
+
+def test_rescore_remeasures_the_test_figures_in_place_and_keeps_added_sections(tiny_export, tmp_path, capsys):
+    """`emformer export EXPORT --rescore`: the eval row is measured again from the export's own weights (the
+    figures of a fresh export, with the episodes version), the weights stay, a hand-added card section stays."""
+    import shutil
+
+    from emformer.data.tasks import EPISODES_VERSION
+    from emformer.models.export_format import read_export_config, write_export_config
+
+    export = tmp_path / "export"
+    shutil.copytree(tiny_export, export)
+    want = read_export_config(tiny_export)["eval"]
+    config = read_export_config(export)
+    config["eval"] = {**config["eval"], "err": 0.5, "episodes_version": 1}
+    write_export_config(export, config)
+    card = export / "README.md"
+    card.write_text(card.read_text() + "\n## Known limits\n\n- a line a maintainer wrote\n")
+    weights = (export / "model.safetensors").read_bytes()
+
+    assert cli_main(["export", str(export), "--rescore"]) == 0
+    got = read_export_config(export)["eval"]
+    assert got["episodes_version"] == EPISODES_VERSION and got["err"] == want["err"]
+    assert {k: v for k, v in got.items() if k != "episodes_version"} == {
+        k: v for k, v in want.items() if k != "episodes_version"}
+    assert (export / "model.safetensors").read_bytes() == weights
+    text = card.read_text()
+    assert text.count("## Evaluation") == 1 and f"episodes version {EPISODES_VERSION}" in text
+    assert text.rstrip().endswith("- a line a maintainer wrote")
+    assert "rescored" in capsys.readouterr().out
+    assert cli_main(["export", str(export), "--rescore", "--out", str(tmp_path / "x")]) == 2
+    assert "--rescore: takes an export directory alone" in capsys.readouterr().err
