@@ -147,9 +147,9 @@ class ClusterModule(L.LightningModule):
             part = {key: value.to(self.device) for key, value in part.items()}
             return plugin.convert_input(part) if plugin is not None else part
 
-        scores = score_episodes(self.model, batch, batch_size, padded=self.padded,
-                                points_padded=self.points_padded, prepare=prepare,
-                                forward_context=plugin.forward_context if plugin is not None else contextlib.nullcontext)
+        context = plugin.forward_context if plugin is not None else contextlib.nullcontext
+        scores = score_episodes(self.model, batch, batch_size, padded=self.padded, points_padded=self.points_padded,
+                                count=True, prepare=prepare, forward_context=context)
         row = {key: float(scores[key].mean()) for key in ("loss", "err", "err_anchored", "ari")}
         if "k_correct" in scores:
             row.update(k_acc=float(scores["k_correct"].mean()), k_loss=float(scores["k_loss"].mean()))

@@ -26,12 +26,14 @@ def model_inputs(batch: Batch, padded: bool = True
 
 
 def score_episodes(model: Any, batch: Batch, batch_size: int, padded: bool = True,
-                   points_padded: Optional[bool] = None, prepare: Optional[Callable[[Batch], Batch]] = None,
+                   points_padded: Optional[bool] = None, count: bool = False,
+                   prepare: Optional[Callable[[Batch], Batch]] = None,
                    forward_context: Callable[[], ContextManager[Any]] = contextlib.nullcontext,
                    ) -> dict[str, torch.Tensor]:
     """Per-episode figures of a ClusterTransformer on `batch`, in chunks of `batch_size`, as tensors [B] on
     the host: loss (anchored or permutation-minimised CE, as the task's labels are), err (permutation-minimised),
-    err_anchored and ari in float64, the episodes' k; with a count head also k_correct and k_loss.
+    err_anchored and ari in float64, the episodes' k; with `count` (a model with a count head, on its own
+    k range) also k_correct and k_loss.
 
     `prepare` turns a host chunk into what the model takes (device, dtype: a trainer's precision plugin casts
     floats to the compute dtype where the weights are cast, as DeepSpeed's bf16 does), and the forward runs
@@ -48,7 +50,7 @@ def score_episodes(model: Any, batch: Batch, batch_size: int, padded: bool = Tru
     from emformer.models.transformer import covariance_spectrum
 
     slots = int(model.cfg.k_max)
-    counting = getattr(model, "count_head", None) is not None
+    counting = count and model.count_head is not None
     count_masked = padded if points_padded is None else points_padded
     out: dict[str, list[torch.Tensor]] = {}
     was_training = model.training
