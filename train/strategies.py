@@ -41,11 +41,9 @@ def resolve_precision(precision: str, accelerator: str) -> str:
 
 def native_bf16() -> bool:
     """Whether the GPU computes in bf16 natively (compute capability 8.0 on: Ampere, Hopper, ...). Older GPUs
-    (V100, T4) emulate it, slower than fp32, so `auto` must not pick it there; torch's
-    is_bf16_supported() counts emulation unless told not to."""
-    if not torch.cuda.is_available():
-        return False
-    return torch.cuda.is_bf16_supported(including_emulation=False) and torch.cuda.get_device_capability() >= (8, 0)
+    (V100, T4) emulate it, slower than fp32, so `auto` must not pick it there; torch's is_bf16_supported()
+    counts emulation unless told not to."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def check_devices(devices: int, accelerator: str) -> None:

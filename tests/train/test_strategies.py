@@ -166,10 +166,11 @@ def test_bf16_mixed_runs_on_cpu_and_auto_stays_fp32_there():
 def test_auto_precision_takes_bf16_only_where_the_gpu_computes_it_natively(monkeypatch, capability, expected):
     """An H100 (9.0) or A100 (8.0) gets bf16-mixed; a V100 (7.0) or T4 (7.5) only emulates bf16 (slower than
     fp32), though torch's is_bf16_supported() says True there unless told to leave emulation out."""
-    native = capability >= (8, 0)
+    def is_bf16_supported(including_emulation: bool = True) -> bool:  # torch's rule, on a mocked GPU
+        return capability >= (8, 0) or including_emulation
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native or including_emulation)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
     assert strategies.resolve_precision("auto", "gpu") == expected
     assert strategies.resolve_precision("32", "gpu") == "32"
 
