@@ -213,7 +213,7 @@ def test_gpu_check_cpu_bf16_path_runs_every_row_and_writes_its_section(tmp_path)
                             env={**os.environ, "PYTHON": sys.executable, "WANDB_MODE": "disabled"},
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "flash-attention row is skipped: SDPA's flash kernel runs on CUDA only" in result.stderr
+    assert "flash-attention row is skipped: it checks SDPA's CUDA flash kernel (needs a GPU)" in result.stderr
     text = out.read_text()
     assert text.startswith("# Benchmarks\n\nCPU tables stay.\n")
     section = common.kept_sections(text).get(common.GPU_SECTION)
