@@ -8,17 +8,21 @@ Runs, each a real `emformer train configs/reference.yaml` (benchmarks/bench_trai
   - DDP with one process over NCCL (strategy.single_process_ddp=true: the DDP wrapper and a process group);
   - DeepSpeed ZeRO-2, bf16-mixed;
 
-then the fp32 run is exported and `Clusterer.predict_proba_batch` labels a batch of reference episodes on cuda.
+then the fp32 run is exported and `Clusterer.predict_proba_batch` labels a batch of reference episodes on cuda,
+and the exported model's forward runs under bf16 autocast with SDPA forced to its flash kernel
+(`sdpa_kernel(SDPBackend.FLASH_ATTENTION)`): torch raises when flash cannot take the attention (a mask, a
+dtype, a head size), so a GPU run fails loudly where the fast kernel would silently be lost.
 Each row gives ms/step, episodes/s, tokens/s, peak device memory (torch.cuda.max_memory_allocated) and the
 model FLOPs utilisation: tokens/s x training FLOPs per token (3 x forward, counted from the architecture by
 `forward_flops_per_episode`) over the GPU's dense peak for the precision (PEAK_TFLOPS, by device name).
 The table goes to stdout and, between its gpu_check markers (common.kept_sections), into BENCHMARKS.md (atomically).
 
-`--cpu` runs the same path on CPU at tiny sizes (fp32 only: mixed precision is refused on CPU; DDP over
-gloo; ZeRO-2 on a CPU rank): it checks the script, it measures nothing, and writes BENCHMARKS.md only when
---out is given.
+`--cpu` runs the same path on CPU at tiny sizes (DDP over gloo; ZeRO-2 on a CPU rank): it checks the script,
+it measures nothing, and writes BENCHMARKS.md only when --out is given. With `--bf16` its mixed-precision rows
+run bf16-mixed as on a GPU (CPU autocast, the same precision code; fp32 without it); the flash row checks the
+CUDA kernel and is skipped on CPU with a printed reason.
 
-    benchmarks/gpu_check.sh [--cpu] [--out PATH] [--json]
+    benchmarks/gpu_check.sh [--cpu [--bf16]] [--out PATH] [--json]
 """
 from __future__ import annotations
 
@@ -104,17 +108,18 @@ def peak_flops(device_name: str, precision: str) -> Optional[float]:
 
 
 # ------------------------------------------------------------------------------------------ the runs
-def train_runs(cpu: bool) -> list[tuple[str, str, tuple[str, ...]]]:
-    """(label, precision, overrides) of each training run."""
+def train_runs(cpu: bool, bf16: bool = False) -> list[tuple[str, str, tuple[str, ...]]]:
+    """(label, precision, overrides) of each training run: on a GPU, or on CPU with `bf16`, every row the GPU
+    check has; on CPU without it, the mixed-precision rows in fp32 and no bf16-mixed row."""
     accel = "trainer.accelerator=cpu" if cpu else "trainer.accelerator=gpu"
     runs = [("fp32", "32", (accel, "trainer.precision=32"))]
-    mixed = "32" if cpu else "bf16-mixed"
-    if not cpu:
+    mixed = "bf16-mixed" if bf16 or not cpu else "32"
+    if mixed != "32":
         runs.append(("bf16-mixed", mixed, (accel, f"trainer.precision={mixed}")))
-    runs.append((f"DDP, 1 process ({'gloo' if cpu else 'NCCL'}), {'fp32' if cpu else mixed}", mixed,
+    name = "fp32" if mixed == "32" else mixed
+    runs.append((f"DDP, 1 process ({'gloo' if cpu else 'NCCL'}), {name}", mixed,
                  (accel, f"trainer.precision={mixed}", "strategy=ddp", "strategy.single_process_ddp=true")))
-    runs.append((f"DeepSpeed ZeRO-2, {'fp32' if cpu else mixed}", mixed,
-                 (accel, f"trainer.precision={mixed}", "strategy=deepspeed_zero2")))
+    runs.append((f"DeepSpeed ZeRO-2, {name}", mixed, (accel, f"trainer.precision={mixed}", "strategy=deepspeed_zero2")))
     return runs
 
 
@@ -146,7 +151,30 @@ def clusterer_row(export_dir: Path, device: str, sizes: dict[str, Any]) -> dict[
             "n": spec.n_pad, "k": spec.k_pad}
 
 
-def run(cpu: bool) -> dict[str, Any]:
+def flash_row(export_dir: Path, sizes: dict[str, Any]) -> dict[str, Any]:
+    """The exported model's forward on cuda under bf16 autocast with SDPA allowed its flash kernel only (a
+    fixed-size task: no attention mask), so torch raises if flash cannot run it."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from emformer.models.clusterer import Clusterer
+
+    spec = task_for(export_dir, n=int(json.loads((export_dir / "config.json").read_text())["task"]["n"]))
+    batch = {key: value.to("cuda") for key, value in episodes(spec, int(sizes["chunk"])).items()}
+    model = Clusterer.from_pretrained(export_dir, device="cuda", standardize=False).model
+
+    def forward() -> float:
+        with torch.no_grad(), sdpa_kernel(SDPBackend.FLASH_ATTENTION), torch.autocast("cuda", dtype=torch.bfloat16):
+            return model(batch["points"], None, batch["init"], None).float().sum().item()  # .item(): wait
+
+    torch.cuda.reset_peak_memory_stats()
+    timing = time_call(forward, repeats=3)
+    count = batch["points"].shape[0]
+    return {"seconds": timing.best, "episodes_per_s": count / timing.best,
+            "tokens_per_s": count * (spec.n_pad + spec.k_pad) / timing.best,
+            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2 ** 30, "n": spec.n_pad, "k": spec.k_pad}
+
+
+def run(cpu: bool, bf16: bool = False) -> dict[str, Any]:
     sizes = CPU_SIZES if cpu else GPU_SIZES
     device = "cpu" if cpu else "cuda"
     name = "CPU (--cpu path check)" if cpu else torch.cuda.get_device_name(0)
@@ -159,7 +187,7 @@ def run(cpu: bool) -> dict[str, Any]:
                         "n": n, "k": k, "depth": cfg.depth, "width": cfg.width}
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         kept = Path(tmp) / "run"
-        for index, (label, precision, extra) in enumerate(train_runs(cpu)):
+        for index, (label, precision, extra) in enumerate(train_runs(cpu, bf16)):
             progress(f"gpu_check: {label}, {sizes['warmup']}+{sizes['steps']} steps on {name}")
             result = measure("reference", sizes["warmup"], sizes["steps"], threads, extra=(*extra, *overrides),
                              timeout=300, keep=kept if index == 0 else None)
@@ -175,6 +203,18 @@ def run(cpu: bool) -> dict[str, Any]:
         figures["rows"].append({"label": f"Clusterer.predict_proba_batch, fp32, chunks of {sizes['chunk']}",
                                 "kind": "inference", "precision": "32", **row, "model_flops_per_s": achieved,
                                 "mfu": mfu})
+        if cpu:
+            # torch's CPU flash kernel is another implementation (it takes boolean masks, which the CUDA one
+            # refuses): forcing it here would prove nothing about the GPU path.
+            progress("gpu_check: the flash-attention row is skipped: it checks SDPA's CUDA flash kernel "
+                     "(needs a GPU)")
+        else:
+            progress("gpu_check: forward with SDPA forced to its flash kernel, bf16 autocast")
+            row = flash_row(export_dir, sizes)
+            achieved, mfu = utilisation(row["tokens_per_s"], forward_per_token, peak_flops(name, "bf16-mixed"))
+            figures["rows"].append({"label": f"forward, bf16 autocast, flash attention forced, {sizes['chunk']} "
+                                    "episodes", "kind": "inference", "precision": "bf16-mixed", **row,
+                                    "model_flops_per_s": achieved, "mfu": mfu})
     return figures
 
 
@@ -182,7 +222,8 @@ def run(cpu: bool) -> dict[str, Any]:
 WHY_SMALL_STEPS = (
     "Why MFU is low on this model: a reference step (64 episodes x 131 tokens, width 64) is about 13.5 GFLOP, "
     "a few µs at a data-centre GPU's peak, while it launches hundreds of small kernels; the step is bound by "
-    "kernel launches, the host, and the episode sampler (about 7k episodes/s per CPU core), not by arithmetic. "
+    "kernel launches, the host, and the episode sampler (its rate per CPU core is in BENCHMARKS.md's data "
+    "section), not by arithmetic. "
     "That is where the step's removed host syncs pay on a GPU: the host now queues the next step's kernels "
     "while the device runs (no `loss.cpu()` / `bool(isfinite)` / all-reduce per step; one sync per "
     "`trainer.log_every` steps), SDPA gets no mask for fixed-size tasks so it may take a fused kernel, and "
@@ -227,8 +268,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--out", type=Path, default=None,
                         help="the BENCHMARKS.md whose GPU section to rewrite (default: BENCHMARKS.md on a GPU, "
                              "none with --cpu)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="with --cpu: run the mixed-precision rows in bf16-mixed, as on a GPU")
     parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
     args = parser.parse_args(argv)
+    if args.bf16 and not args.cpu:
+        parser.error("--bf16 goes with --cpu (on a GPU the mixed-precision rows are bf16-mixed already)")
     if not args.cpu and not torch.cuda.is_available():
         print("gpu_check: torch sees no CUDA device; run on a GPU node, or pass --cpu to check the script",
               file=sys.stderr)
@@ -236,9 +281,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     os.environ.setdefault("WANDB_MODE", "disabled")
     out = args.out if args.out is not None or args.cpu else REPO / "BENCHMARKS.md"
     start = time.perf_counter()
-    figures = run(args.cpu)
+    figures = run(args.cpu, args.bf16)
     seconds = time.perf_counter() - start
-    command = "benchmarks/gpu_check.sh" + (" --cpu" if args.cpu else "")
+    command = "benchmarks/gpu_check.sh" + (" --cpu" if args.cpu else "") + (" --bf16" if args.bf16 else "")
     section = markdown(figures, seconds, command)
     print(section)
     if args.json:

@@ -14,7 +14,7 @@ from emformer.data.episodes import sample_episodes
 from emformer.models.losses import clustering_loss
 from emformer.models.transformer import ClusterTransformer, TransformerConfig
 from emformer.train.config import load_run_config
-from emformer.train.module import model_inputs
+from emformer.train.scoring import model_inputs
 
 SHAPES = ((1, 2), (2, 2), (4, 2), (8, 2), (2, 1), (2, 4), (2, 8))
 """(depth L, heads M) of the study's runs"""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 
 import torch
 
@@ -73,46 +74,49 @@ def hungarian(cost: torch.Tensor) -> torch.Tensor:
     The e-maxx formulation of the Hungarian algorithm (row i is added by a shortest augmenting path over
     reduced costs cost - u - v; column 0 is a dummy that holds the row being added). Row i needs at most i
     path-growing steps and i path-flipping steps, so every episode runs the same (k² + k) steps and those
-    that finish early are masked: no data-dependent branch, hence no host sync on a GPU.
+    that finish early are masked: no data-dependent branch, hence no host sync on a GPU, and no tensor made on
+    the host (constants are Python numbers). Each step is a few gathers and elementwise ops, with no advanced
+    indexing: on a GPU the kernel launches, not the arithmetic, are the cost of these k x k problems.
     """
     batch, k, _ = cost.shape
     device = cost.device
     a = torch.nn.functional.pad(_forbidden_as_big(cost), (1, 0, 1, 0))  # [B, k+1, k+1], row/col 0 dummy
+    big = torch.finfo(a.dtype).max  # a Python number: no tensor made on the host
     u = torch.zeros(batch, k + 1, dtype=a.dtype, device=device)  # row potentials
     v = torch.zeros_like(u)  # column potentials
     p = torch.zeros(batch, k + 1, dtype=torch.long, device=device)  # p[j] = row matched to column j (0: none)
-    way = torch.zeros_like(p)
-    rows = torch.arange(batch, device=device)
-    inf = torch.tensor(torch.finfo(a.dtype).max, dtype=a.dtype, device=device)
+    way = torch.zeros_like(p)  # way[j] = the column before j on the path; way[0] stays 0 (column 0 is used first)
+    columns = torch.arange(k + 1, device=device)
     for i in range(1, k + 1):
         p[:, 0] = i
-        j0 = torch.zeros(batch, dtype=torch.long, device=device)
-        minv = torch.full_like(u, torch.finfo(a.dtype).max)
+        j0 = torch.zeros(batch, 1, dtype=torch.long, device=device)  # [B, 1]: the path's last column
+        minv = torch.full_like(u, big)
         used = torch.zeros(batch, k + 1, dtype=torch.bool, device=device)
-        active = torch.ones(batch, dtype=torch.bool, device=device)
         for _ in range(i):  # grow the path until it reaches a free column
-            used[rows, j0] |= active
-            i0 = p[rows, j0]
-            cur = a[rows, i0] - u[rows, i0][:, None] - v  # reduced costs of row i0 [B, k+1]
-            better = ~used & (cur < minv) & active[:, None]
+            # Column j0 joins the path: used, and out of the minimum below (minv -inf: no cost beats it). A
+            # finished episode marks its free column too, which freezes its way[] entry with the path's.
+            at_j0 = columns == j0
+            used = used | at_j0
+            minv = minv.masked_fill(at_j0, -math.inf)
+            i0 = p.gather(1, j0)  # [B, 1]: the row matched to j0; 0 once the path ended at a free column
+            active = i0 != 0
+            cur = a.gather(1, i0[..., None].expand(-1, -1, k + 1)).squeeze(1) - u.gather(1, i0) - v
+            better = cur < minv  # never on a used column
             minv = torch.where(better, cur, minv)
-            way = torch.where(better, j0[:, None], way)
-            free_minv = torch.where(used, inf, minv)
-            free_minv[:, 0] = inf
-            delta, j1 = free_minv.min(dim=1)
-            delta = torch.where(active, delta, torch.zeros_like(delta))
-            u.scatter_add_(1, p, delta[:, None] * used)  # rows of used columns (column 0 holds row i)
-            v = v - delta[:, None] * used
-            minv = minv - delta[:, None] * ~used
+            way = torch.where(better, j0, way)
+            delta, j1 = torch.where(used, big, minv).min(dim=1, keepdim=True)
+            delta = torch.where(active, delta, 0.0)  # a finished episode changes no potential
+            step = delta * used
+            u.scatter_add_(1, p, step)  # rows of used columns (column 0 holds row i)
+            v = v - step
+            minv = minv - (delta - step)  # minus delta on the free columns
             j0 = torch.where(active, j1, j0)
-            active = active & (p[rows, j0] != 0)
-        for _ in range(i):  # flip the path back to the dummy column
-            moving = j0 != 0
-            j1 = way[rows, j0]
-            p[rows, j0] = torch.where(moving, p[rows, j1], p[rows, j0])
-            j0 = torch.where(moving, j1, j0)
+        for _ in range(i):  # flip the path back to the dummy column: way[0] = 0 ends it (p[0] is scratch)
+            j1 = way.gather(1, j0)
+            p.scatter_(1, j0, p.gather(1, j1))
+            j0 = j1
     perm = torch.empty(batch, k, dtype=torch.long, device=device)
-    perm.scatter_(1, p[:, 1:] - 1, torch.arange(k, device=device).expand(batch, k))  # p[col] = row -> perm[row]
+    perm.scatter_(1, p[:, 1:] - 1, torch.arange(k, device=device).expand(batch, k))
     return perm
 
 

@@ -32,6 +32,7 @@ from emformer.data import inits
 from emformer.data.inits import F64, lloyd, neg_inf_pad, prepare_points, sq_dist
 from emformer.data.tasks import TaskSpec
 from emformer.models import metrics
+from emformer.models.losses import per_episode_cross_entropy
 
 # sklearn adds 10 * eps to every component's responsibility mass so an empty component divides safely.
 _MASS_EPS = 10 * torch.finfo(F64).eps
@@ -208,7 +209,7 @@ def evaluate_baselines(batch: dict[str, torch.Tensor], spec: TaskSpec, em_iters:
     pred = fit.log_resp.argmax(-1)
     out["err_em"] = metrics.misclustering_rate(pred, labels, mask, k)
     out["err_em_anchored"] = metrics.anchored_error(pred, labels, mask)
-    out["loss_em"] = metrics.cross_entropy(fit.log_resp, labels, mask)
+    out["loss_em"] = per_episode_cross_entropy(fit.log_resp, labels, mask, dtype=torch.float64)
 
     _, lloyd_labels = lloyd(points, mask, kmask, init, em_iters)
     out["err_lloyd"] = metrics.misclustering_rate(lloyd_labels, labels, mask, k)
@@ -217,7 +218,7 @@ def evaluate_baselines(batch: dict[str, torch.Tensor], spec: TaskSpec, em_iters:
     pred = log_post.argmax(-1)
     out["err_oracle"] = metrics.misclustering_rate(pred, labels, mask, k)
     out["err_oracle_anchored"] = metrics.anchored_error(pred, labels, mask)
-    out["loss_oracle"] = metrics.cross_entropy(log_post, labels, mask)
+    out["loss_oracle"] = per_episode_cross_entropy(log_post, labels, mask, dtype=torch.float64)
 
     if depth is not None:
         fit = em(points, mask, kmask, init, depth, covariance)

@@ -15,15 +15,19 @@ import torch
 import torch.nn.functional as F
 
 from emformer.matching import best_assignment
+from emformer.precision import float32_region
 
 
-def per_episode_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """logits [B,n,k] (padded clusters -inf), labels [B,n] (-1 = padding), mask [B,n] -> CE [B]."""
-    valid = mask & (labels >= 0)
-    log_p = F.log_softmax(logits.float(), dim=-1)
+def per_episode_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+                              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """logits [B,n,k] (padded clusters -inf), labels [B,n] (-1 = padding), mask [B,n] -> CE [B] (float32),
+    the mean of -log softmax(logits)[label] over valid points, computed in `dtype` (the training loss in
+    float32; the baselines' figures in float64, from log-posteriors that EM computes in float64)."""
+    valid = mask.bool() & (labels >= 0)
+    log_p = F.log_softmax(logits.to(dtype), dim=-1)
     nll = -log_p.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
-    nll = torch.where(valid, nll, torch.zeros_like(nll))
-    return nll.sum(1) / valid.sum(1).clamp(min=1)
+    nll = torch.where(valid, nll, torch.zeros_like(nll))  # where, not *: a -inf row on padding stays out
+    return (nll.sum(1) / valid.sum(1).clamp(min=1)).float()
 
 
 def anchored_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -40,7 +44,10 @@ def per_episode_permutation_cross_entropy(logits: torch.Tensor, labels: torch.Te
     # Padded slots are -inf; zero them here and forbid them in the assignment cost below.
     neg_log_p = (-log_p).masked_fill(~kmask.bool()[:, None, :], 0.0)
     onehot = F.one_hot(labels.clamp(min=0), k).to(neg_log_p.dtype) * valid[..., None]
-    cost = onehot.transpose(1, 2) @ neg_log_p  # S[b, true label a, slot b]
+    # S[b, true label a, slot b], a sum over n points: in float32 even under autocast, which would round it to
+    # bf16 (8 bits of mantissa) and so mis-rank close relabellings and bias the loss.
+    with float32_region(neg_log_p.device.type):
+        cost = onehot.transpose(1, 2) @ neg_log_p
     forbidden = kmask.bool()[:, :, None] & ~kmask.bool()[:, None, :]  # a real cluster must go to a real slot
     with torch.no_grad():
         perm = best_assignment(cost.detach().masked_fill(forbidden, float("inf")))  # perm[b, a] = slot
@@ -61,6 +68,11 @@ def centroid_mse(centroids: torch.Tensor, means: torch.Tensor, kmask: torch.Tens
     kvalid = kmask.bool()
     per_episode = torch.where(kvalid, sq, torch.zeros_like(sq)).sum(1) / kvalid.sum(1).clamp(min=1)
     return per_episode.mean()
+
+
+def count_loss(count_logits: torch.Tensor, k: torch.Tensor, k_min: int) -> torch.Tensor:
+    """Per-episode cross-entropy [B] of the count head's logits against the episode's true k."""
+    return F.cross_entropy(count_logits.float(), (k - k_min).long(), reduction="none")
 
 
 def clustering_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], anchored: bool,

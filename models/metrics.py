@@ -70,12 +70,3 @@ def matched_mean_error(est: torch.Tensor, means: torch.Tensor, kmask: torch.Tens
     k = kmask.sum(1).clamp(min=1)
     return (matched.sum(1) / k / sigma.double()).float()
 
-
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-episode mean of −log softmax(logits)[label] over valid points. logits [B,n,k]; padded clusters
-    should carry -inf (they then get probability 0)."""
-    valid = _valid(labels, mask)
-    log_p = torch.log_softmax(logits.double(), dim=-1)
-    nll = -torch.gather(log_p, 2, labels.clamp(min=0)[..., None]).squeeze(-1)
-    nll = torch.where(valid, nll, torch.zeros_like(nll))  # where, not *, so a -inf row on padding stays out
-    return (nll.sum(-1) / valid.sum(-1).clamp(min=1)).float()

@@ -26,7 +26,8 @@ With count_spectrum the MLP also reads the episode's covariance spectrum (`covar
 standardized, k shows as k - 1 eigenvalues above the noise floor, which mean-pooled tokens did not learn to see.
 
 There is no positional encoding, so permuting the points permutes the output rows and nothing else. This file
-imports torch only (no lightning): export and `cluster` use it.
+imports torch only (no lightning): export and `cluster` use it. Under mixed precision the read-out runs in
+float32 (`float32_region`): it is two small matmuls, and bf16 would quantise the logits.
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ from torch import nn
 
 from emformer.data.tasks import TaskSpec
 from emformer.models.config import ModelConfig
+from emformer.precision import float32_region
 
 
 @dataclass
@@ -178,7 +180,12 @@ class ClusterTransformer(nn.Module):
             x = block(x, keep)
         x = self.ln_final(x)
         h, c = x[:, :n], x[:, n:]
-        logits = self.read_point(h) @ self.read_centroid(c).transpose(1, 2) / math.sqrt(self.cfg.width)
+        # The read-out in the weights' dtype even under autocast (float32 but where DeepSpeed cast the weights
+        # to bf16): bf16 logits are quantised (steps of 0.125 from 16 up), which the loss and near-ties see.
+        with float32_region(x.device.type):
+            dtype = self.read_point.weight.dtype
+            logits = (self.read_point(h.to(dtype)) @ self.read_centroid(c.to(dtype)).transpose(1, 2)
+                      / math.sqrt(self.cfg.width))
         if kmask is not None:
             logits = logits.masked_fill(~kmask.bool()[:, None, :], float("-inf"))
         centroids = None
@@ -188,9 +195,11 @@ class ClusterTransformer(nn.Module):
                 centroids = centroids * kmask[..., None]
         return logits, centroids
 
-    def count_logits(self, points: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def count_logits(self, points: torch.Tensor, mask: Optional[torch.Tensor],
+                     spectrum: Optional[torch.Tensor] = None) -> torch.Tensor:
         """points [B,n,d], mask [B,n] (None: no padded point) -> logits [B, k_max - k_min + 1] of
-        k = k_min..k_max (needs count_head)."""
+        k = k_min..k_max (needs count_head). `spectrum`: `covariance_spectrum(points, mask)` when the caller
+        has it already (training computes it on the host, where its eigvalsh costs no device sync)."""
         if self.count_head is None:
             raise ValueError("this model has no count head (model.count_head was false when it was trained)")
         x = self.embed(points) + self.type_point
@@ -204,7 +213,8 @@ class ClusterTransformer(nn.Module):
             m = keep[..., None].to(h.dtype)
             pooled = (h * m).sum(1) / m.sum(1).clamp(min=1)
         if self.cfg.count_spectrum:
-            pooled = torch.cat([pooled, covariance_spectrum(points, keep).to(pooled.dtype)], -1)
+            spectrum = covariance_spectrum(points, keep) if spectrum is None else spectrum
+            pooled = torch.cat([pooled, spectrum.to(pooled.dtype)], -1)
         return self.count_head(pooled)
 
 

@@ -206,26 +206,47 @@ def test_gpu_check_without_a_gpu_says_so(tmp_path):
 
 
 @pytest.mark.slow
-def test_gpu_check_cpu_path_writes_its_section(tmp_path):
-    """The whole GPU script on its CPU path at tiny sizes: every run, the export, the Clusterer row, the table
-    between the markers (the rest of the file untouched)."""
+def test_gpu_check_cpu_bf16_path_runs_every_row_and_writes_its_section(tmp_path):
+    """The whole GPU script on its CPU path at tiny sizes with --bf16: every training row the GPU runs (fp32,
+    bf16-mixed, 1-process DDP, DeepSpeed ZeRO-2 in bf16-mixed), the export, the Clusterer row, the table
+    between the markers (the rest of the file untouched); the flash row says why it is skipped."""
     out = tmp_path / "BENCHMARKS.md"
     out.write_text("# Benchmarks\n\nCPU tables stay.\n")
-    result = subprocess.run([str(REPO / "benchmarks" / "gpu_check.sh"), "--cpu", "--out", str(out), "--json"],
+    result = subprocess.run([str(REPO / "benchmarks" / "gpu_check.sh"), "--cpu", "--bf16", "--out", str(out), "--json"],
                             env={**os.environ, "PYTHON": sys.executable, "WANDB_MODE": "disabled"},
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "flash-attention row is skipped: it checks SDPA's CUDA flash kernel (needs a GPU)" in result.stderr
     text = out.read_text()
     assert text.startswith("# Benchmarks\n\nCPU tables stay.\n")
     section = common.kept_sections(text).get(common.GPU_SECTION)
-    assert section and "--cpu path check" in section
+    assert section and "--cpu path check" in section and "gpu_check.sh --cpu --bf16" in section
     rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith(("| run", "| :"))]
     labels = [row.split(" | ")[0][2:] for row in rows]
-    assert labels == ["fp32", "DDP, 1 process (gloo), fp32", "DeepSpeed ZeRO-2, fp32",
+    assert labels == ["fp32", "bf16-mixed", "DDP, 1 process (gloo), bf16-mixed", "DeepSpeed ZeRO-2, bf16-mixed",
                       "Clusterer.predict_proba_batch, fp32, chunks of 16"]
     figures = json.loads(result.stdout[result.stdout.index("\n{") + 1:])
     assert all(r["episodes_per_s"] > 0 and r["tokens_per_s"] > 0 and r["model_flops_per_s"] > 0
                for r in figures["rows"])
+
+
+def test_gpu_check_cpu_bf16_runs_the_gpu_rows_precisions():
+    import gpu_check
+
+    gpu, cpu = gpu_check.train_runs(cpu=False), gpu_check.train_runs(cpu=True, bf16=True)
+    assert [precision for _, precision, _ in cpu] == [precision for _, precision, _ in gpu]
+    assert [overrides[1:] for _, _, overrides in cpu] == [overrides[1:] for _, _, overrides in gpu]
+    assert [precision for _, precision, _ in gpu_check.train_runs(cpu=True)] == ["32", "32", "32"]
+
+
+def test_gpu_check_text_states_no_sampler_figure():
+    """The sampler's rate lives in BENCHMARKS.md's data section, which a command measures."""
+    import re
+
+    import gpu_check
+
+    assert "BENCHMARKS.md" in gpu_check.WHY_SMALL_STEPS
+    assert not re.search(r"\d+k? episodes/s", gpu_check.WHY_SMALL_STEPS)
 
 
 def test_pretrained_bench_calibration_and_section_rewrite(tmp_path):

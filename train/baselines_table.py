@@ -21,6 +21,7 @@ from emformer.data.episodes import sample_episodes
 from emformer.data.tasks import TaskSpec
 from emformer.errors import ConfigError
 from emformer.models import baselines, metrics
+from emformer.models.losses import per_episode_cross_entropy
 from emformer.train.cli import add_config_arguments
 from emformer.train.config import load_run_config
 
@@ -90,7 +91,7 @@ def _score_clustering(rows: _Rows, method: str, batch: dict[str, torch.Tensor], 
         columns["err_anchored"] = metrics.anchored_error(pred, labels, mask)
     if log_resp is not None:
         logits = log_resp if anchored else _matched_log_resp(log_resp, pred, labels, mask)
-        columns["ce"] = metrics.cross_entropy(logits, labels, mask)
+        columns["ce"] = per_episode_cross_entropy(logits, labels, mask, dtype=torch.float64)
     rows.add(method, **columns)
 
 
@@ -110,7 +111,7 @@ def evaluate(spec: TaskSpec, seed: int, episodes: int, em_iters: int, batch_size
         rows.add("oracle", err=metrics.misclustering_rate(pred, labels, mask, kmask.shape[1]),
                  err_anchored=metrics.anchored_error(pred, labels, mask),
                  ari=metrics.adjusted_rand_index(pred, labels, mask, kmask.shape[1]),
-                 ce=metrics.cross_entropy(log_post, labels, mask))
+                 ce=per_episode_cross_entropy(log_post, labels, mask, dtype=torch.float64))
 
         starts = {"": baselines.baseline_init(batch, spec)}
         for stream, name in enumerate(EXTRA_INITS, start=1):

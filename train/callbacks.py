@@ -94,7 +94,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
                          npst["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # A requeued job may land on a node that shows fewer GPUs than the one that saved: restore the
+        # devices this process sees (set_rng_state_all would raise for the missing ones).
+        for device, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, device)
 
 
 class RunControl(Callback):

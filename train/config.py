@@ -86,6 +86,8 @@ class StrategyConfig:
     """ddp with one process: wrap in DDP with a process group anyway (the 1-GPU NCCL check of gpu_check.sh)"""
     offload_optimizer: bool = False
     """DeepSpeed only: keep optimizer state in CPU memory"""
+    param_persistence_threshold: int = 100_000
+    """DeepSpeed ZeRO-3 only: parameters with fewer elements stay whole on every rank (0: shard every one)"""
 
 
 @dataclass
@@ -125,10 +127,11 @@ class RunConfig:
 
 # Sections that do not change what a run computes, so they stay out of its hash and name.
 _UNHASHED = ("wandb",)
-# How a step runs, not what it computes (compiled or eager kernels, a 1-process DDP wrapper): out of the hash
-# too, so adding these keys left every existing run's name and resumability as they were.
+# How a step runs, not what it computes (compiled or eager kernels, a 1-process DDP wrapper, which parameters
+# ZeRO-3 shards): out of the hash too, so adding these keys left every existing run's name and resumability as
+# they were.
 _UNHASHED_TRAINER = ("progress", "threads", "compile")
-_UNHASHED_STRATEGY = ("single_process_ddp",)
+_UNHASHED_STRATEGY = ("single_process_ddp", "param_persistence_threshold")
 # Keys added after runs were published (the committed study in docs/study) that, at these values, change
 # nothing a run computes: left out of the hash at those values, so the names of runs that do not use them
 # stay what they were and `emformer study` still skips the committed runs.
@@ -266,6 +269,11 @@ def validate(cfg: DictConfig) -> RunConfig:
     extensions.check_specs(t.callbacks, "trainer.callbacks")
     extensions.check_specs(t.loggers, "trainer.loggers")
     need(run.strategy.name in STRATEGIES, "strategy.name", f"one of {', '.join(STRATEGIES)}")
+    need(run.strategy.param_persistence_threshold >= 0, "strategy.param_persistence_threshold", "an integer >= 0")
+    # Without an init the centroid slots carry no identity, so the loss never reads the head (models/losses.py):
+    # its parameters get no gradient, which DDP reports as an error on every rank at the first step.
+    need(not run.model.centroid_head or run.task.anchored, "model.centroid_head",
+         "false when task.init is none (no init to anchor the refined centroids to, so the head is never trained)")
     need(run.wandb.mode in ("offline", "online", "disabled"), "wandb.mode", "offline, online or disabled")
     need(e.episodes >= 1, "eval.episodes", "an integer >= 1")
     need(e.em_iters >= 1, "eval.em_iters", "an integer >= 1")

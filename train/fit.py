@@ -76,11 +76,19 @@ def run(args: argparse.Namespace) -> int:
 
 def is_global_zero() -> bool:
     """Whether this process will be global rank 0, before any process group exists (env set by Lightning's
-    launcher for the ranks it starts, or by srun)."""
-    for key in ("RANK", "SLURM_PROCID"):
-        if os.environ.get(key):
-            return int(os.environ[key]) == 0
+    launcher for the ranks it starts, by torchrun, or by srun)."""
+    if os.environ.get("RANK"):
+        return int(os.environ["RANK"]) == 0
+    if slurm_launched() and os.environ.get("SLURM_PROCID"):
+        return int(os.environ["SLURM_PROCID"]) == 0
     return int(os.environ.get("NODE_RANK", 0)) == 0 and int(os.environ.get("LOCAL_RANK", 0)) == 0
+
+
+def slurm_launched() -> bool:
+    """Whether Lightning takes the ranks from SLURM: its SLURMEnvironment.detect() (SLURM_NTASKS set, the job
+    not named bash or interactive), without importing lightning. Under `srun --pty bash` detection is off:
+    Lightning starts the local ranks itself, and every one of them inherits SLURM_PROCID=0."""
+    return "SLURM_NTASKS" in os.environ and os.environ.get("SLURM_JOB_NAME") not in ("bash", "interactive")
 
 
 @dataclasses.dataclass
@@ -224,7 +232,8 @@ def build(cfg: RunConfig, run_dir: Path, hardware: Hardware, is_zero: bool) -> R
         num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False,
         deterministic=False, default_root_dir=str(run_dir),
     )
-    return Run(cfg, run_dir, is_zero, module, trainer, EpisodeDataModule(cfg.task, cfg.data), checkpoint, tracker, control)
+    datamodule = EpisodeDataModule(cfg.task, cfg.data, keys=module.step_keys)
+    return Run(cfg, run_dir, is_zero, module, trainer, datamodule, checkpoint, tracker, control)
 
 
 def fit(run: Run) -> None:

@@ -21,11 +21,11 @@ import torch
 from emformer.data.episodes import Batch, batch_chunks
 from emformer.data.stream import eval_set, pool_eval_set
 from emformer.models import baselines
-from emformer.models.losses import (clustering_loss, per_episode_cross_entropy,
-                                    per_episode_permutation_cross_entropy)
-from emformer.models.metrics import adjusted_rand_index, anchored_error, misclustering_rate
-from emformer.models.transformer import ClusterTransformer, TransformerConfig
+from emformer.models.losses import clustering_loss, count_loss
+from emformer.models.metrics import anchored_error
+from emformer.models.transformer import ClusterTransformer, TransformerConfig, covariance_spectrum
 from emformer.train.config import to_run_config
+from emformer.train.scoring import model_inputs, score_episodes
 
 
 class WarmupCosine:
@@ -45,15 +45,6 @@ class WarmupCosine:
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def model_inputs(batch: Batch, padded: bool = True
-                 ) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, Optional[torch.Tensor]]:
-    """The model's arguments; `padded=False` (fixed n and k: every mask is all-true) passes no masks, so
-    attention runs unmasked and a GPU can use its flash / memory-efficient kernels."""
-    if not padded:
-        return batch["points"], None, batch["init"], None
-    return batch["points"], batch["mask"], batch["init"], batch["kmask"]
-
-
 class ClusterModule(L.LightningModule):
     """Trains a ClusterTransformer on episodes; `config` is the resolved run config as a plain dict (what the
     checkpoint's hyper-parameters hold), typed once here as `self.run_config`."""
@@ -65,23 +56,42 @@ class ClusterModule(L.LightningModule):
         self.run_config = to_run_config(config)
         self.model_config = TransformerConfig.from_task_and_model(self.run_config.task, self.run_config.model)
         self.model = ClusterTransformer(self.model_config)
-        self.anchored = self.run_config.task.anchored
-        self.padded = self.run_config.task.padded
-        # torch.compile of the training forward only (a bound method, so state_dict keys stay "model.*").
-        self._train_forward = (torch.compile(self.model.forward_with_centroids) if self.run_config.trainer.compile
-                               else self.model.forward_with_centroids)
+        task, model = self.run_config.task, self.run_config.model
+        self.anchored = task.anchored
+        self.padded = task.padded
+        self.points_padded = task.n_max is not None  # the count pass sees points only: their mask alone matters
+        # What the training step reads of a batch; the loader leaves out the rest (seed, index, ...), so it is
+        # neither pinned nor copied to the device.
+        keys = ["points", "mask", "init", "kmask", "labels"]
+        if model.centroid_head and self.anchored:
+            keys += ["means", "sigma"]
+        if model.count_head:
+            keys.append("k")
+        self.step_keys = tuple(keys)
+        # torch.compile of the training forward passes only (bound methods, so state_dict keys stay "model.*").
+        compile_ = torch.compile if self.run_config.trainer.compile else (lambda fn: fn)
+        self._train_forward = compile_(self.model.forward_with_centroids)
+        self._count_forward = compile_(self.model.count_logits)
         self._eval: Optional[dict[str, Any]] = None  # eval sets and cached baselines, built on first use
 
     # ------------------------------------------------------------------ training
     def forward(self, batch: Batch) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         return self._train_forward(*model_inputs(batch, self.padded))
 
+    def on_before_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
+        """On the host, before the batch goes to the device: the count head's covariance spectrum (a float64
+        eigvalsh of d x d matrices, cheap here; on a GPU its error check would wait for the device each step)."""
+        if self.model.count_head is not None and self.model_config.count_spectrum:
+            batch = {**batch, "spectrum": covariance_spectrum(batch["points"], batch["mask"])}
+        return batch
+
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         logits, centroids = self(batch)
         loss = clustering_loss(logits, batch, self.anchored, centroids)
         if self.model.count_head is not None:
-            loss = loss + count_loss(self.model.count_logits(batch["points"], batch["mask"]), batch["k"],
-                                     self.model_config.k_min).mean()
+            count_logits = self._count_forward(batch["points"], batch["mask"] if self.points_padded else None,
+                                               batch.get("spectrum"))
+            loss = loss + count_loss(count_logits, batch["k"], self.model_config.k_min).mean()
         return loss
 
     def configure_optimizers(self) -> Any:
@@ -128,46 +138,22 @@ class ClusterModule(L.LightningModule):
             sets["baselines"] = means
         return dict(sets["baselines"])
 
-    @torch.no_grad()
     def score(self, batch: Batch, batch_size: int) -> dict[str, float]:
-        """Model loss / err / err_anchored / ari on a fixed batch, in chunks, as means over episodes."""
-        k = self.model_config.k_max
-        sums = {"loss": 0.0, "err": 0.0, "err_anchored": 0.0, "ari": 0.0}
-        by_k: dict[str, list[torch.Tensor]] = {"k": [], "err": []}
-        if self.model.count_head is not None:
-            sums.update(k_acc=0.0, k_loss=0.0)
-        count = 0
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            for part in batch_chunks(batch, batch_size):
-                part = {key: value.to(self.device) for key, value in part.items()}
-                with self.trainer.precision_plugin.forward_context() if self._trainer is not None else contextlib.nullcontext():
-                    logits = self.model(*model_inputs(part, self.padded))
-                logits = logits.float()
-                labels, mask = part["labels"], part["mask"]
-                pred = logits.argmax(-1)
-                if self.anchored:
-                    loss = per_episode_cross_entropy(logits, labels, mask)
-                else:
-                    loss = per_episode_permutation_cross_entropy(logits, labels, mask, part["kmask"])
-                sums["loss"] += float(loss.double().sum())
-                err = misclustering_rate(pred, labels, mask, k).double()
-                sums["err"] += float(err.sum())
-                by_k["k"].append(part["k"].cpu())
-                by_k["err"].append(err.cpu())
-                if self.model.count_head is not None:
-                    count_logits = self.model.count_logits(part["points"], part["mask"]).float()
-                    k_true = part["k"] - self.model_config.k_min
-                    sums["k_acc"] += float((count_logits.argmax(-1) == k_true).double().sum())
-                    sums["k_loss"] += float(count_loss(count_logits, part["k"], self.model_config.k_min).double().sum())
-                sums["err_anchored"] += float(anchored_error(pred, labels, mask).double().sum())
-                sums["ari"] += float(adjusted_rand_index(pred, labels, mask, k).double().sum())
-                count += labels.shape[0]
-        finally:
-            self.model.train(was_training)
-        row = {key: value / max(count, 1) for key, value in sums.items()}
-        row.update(means_by_k(torch.cat(by_k["k"]), {"err": torch.cat(by_k["err"])}))
+        """Model loss / err / err_anchored / ari (and k_acc / k_loss with a count head) on a fixed batch, in
+        chunks, as means over episodes, through the trainer's precision plugin as the training step is."""
+        plugin = self.trainer.precision_plugin if self._trainer is not None else None
+
+        def prepare(part: Batch) -> Batch:
+            part = {key: value.to(self.device) for key, value in part.items()}
+            return plugin.convert_input(part) if plugin is not None else part
+
+        context = plugin.forward_context if plugin is not None else contextlib.nullcontext
+        scores = score_episodes(self.model, batch, batch_size, padded=self.padded, points_padded=self.points_padded,
+                                count=True, prepare=prepare, forward_context=context)
+        row = {key: float(scores[key].mean()) for key in ("loss", "err", "err_anchored", "ari")}
+        if "k_correct" in scores:
+            row.update(k_acc=float(scores["k_correct"].mean()), k_loss=float(scores["k_loss"].mean()))
+        row.update(means_by_k(scores["k"], {"err": scores["err"]}))
         return row
 
     def evaluate(self) -> dict[str, float]:
@@ -181,11 +167,6 @@ class ClusterModule(L.LightningModule):
             row["train_k_acc"] = train["k_acc"]
         row.update(self.baseline_means())
         return row
-
-
-def count_loss(count_logits: torch.Tensor, k: torch.Tensor, k_min: int) -> torch.Tensor:
-    """Per-episode cross-entropy [B] of the count head's logits against the episode's true k."""
-    return torch.nn.functional.cross_entropy(count_logits.float(), (k - k_min).long(), reduction="none")
 
 
 def means_by_k(k: torch.Tensor, values: dict[str, torch.Tensor]) -> dict[str, float]:

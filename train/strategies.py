@@ -29,14 +29,21 @@ def resolve_accelerator(name: str) -> str:
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:
-    """auto -> bf16-mixed on GPUs that support it, else 32; mixed precision on CPU is refused."""
+    """auto -> bf16-mixed on GPUs with native bf16, else 32. bf16-mixed runs on CPU too (Lightning's CPU
+    autocast), so the GPU default's precision code is exercised without a GPU; 16-mixed is GPU only."""
     if precision == "auto":
-        if accelerator == "gpu" and torch.cuda.is_bf16_supported():
-            return "bf16-mixed"
-        return "32"
-    if accelerator == "cpu" and precision != "32":
-        raise ConfigError(f"trainer.precision: {precision} is for GPUs; use 32 (or auto) on CPU")
+        return "bf16-mixed" if accelerator == "gpu" and native_bf16() else "32"
+    if accelerator == "cpu" and precision == "16-mixed":
+        raise ConfigError("trainer.precision: 16-mixed is for GPUs (CPU autocast has no float16); use 32, "
+                          "bf16-mixed or auto on CPU")
     return precision
+
+
+def native_bf16() -> bool:
+    """Whether the GPU computes in bf16 natively (compute capability 8.0 on: Ampere, Hopper, ...). Older GPUs
+    (V100, T4) emulate it, slower than fp32, so `auto` must not pick it there; torch's is_bf16_supported()
+    counts emulation unless told not to."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def check_devices(devices: int, accelerator: str) -> None:
@@ -76,12 +83,16 @@ def _deepspeed(cfg: RunConfig, accelerator: str, stage: int) -> Any:
                           "(pip install -e '.[deepspeed]')") from None
     strategy_cls = _cpu_deepspeed_class()
     offload = bool(cfg.strategy.offload_optimizer)
-    return strategy_cls(
+    strategy = strategy_cls(
         stage=stage,
         offload_optimizer=offload,
         micro_batch_size=int(cfg.data.batch_size),
         process_group_backend="nccl" if accelerator == "gpu" else "gloo",
     )
+    if stage == 3:  # DeepSpeed keeps parameters under this size whole on every rank (Lightning has no argument)
+        threshold = int(cfg.strategy.param_persistence_threshold)
+        strategy.config["zero_optimization"]["stage3_param_persistence_threshold"] = threshold
+    return strategy
 
 
 _CLASS: Any = None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -79,3 +80,31 @@ def test_centroid_term_only_with_an_anchor():
     assert float(with_term - plain) == pytest.approx(1.0)
     unanchored = clustering_loss(logits, batch, anchored=False, centroids=centroids)
     torch.testing.assert_close(unanchored, permutation_cross_entropy(logits, labels, mask, kmask))
+
+
+def test_float64_cross_entropy_matches_torch_and_handles_padded_clusters() -> None:
+    """The baselines' figures: computed in float64 from log-posteriors, returned as float32."""
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(3, 10, 4, generator=g)
+    logits[:, :, 3] = -math.inf  # a padded cluster
+    labels = torch.randint(0, 3, (3, 10), generator=g)
+    mask = torch.ones(3, 10, dtype=torch.bool)
+    mask[0, 7:] = False
+    labels[0, 7:] = -1
+    ours = per_episode_cross_entropy(logits, labels, mask, dtype=torch.float64)
+    for b in range(3):
+        keep = mask[b]
+        expected = torch.nn.functional.cross_entropy(logits[b][keep], labels[b][keep])
+        assert ours[b].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert torch.isfinite(ours).all() and ours.dtype == torch.float32
+
+
+def test_the_label_matching_cost_stays_float32_under_autocast():
+    """The permutation-minimised CE sums -log p over n points in a matmul: under bf16 autocast it must give
+    the float32 figure (bf16 would be off by ~0.4% and could pick another relabelling)."""
+    logits, labels, mask, kmask = random_problem(batch=16, n=200, k=4)
+    exact = per_episode_permutation_cross_entropy(logits, labels, mask, kmask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = per_episode_permutation_cross_entropy(logits, labels, mask, kmask)
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, exact, rtol=1e-6, atol=1e-6)

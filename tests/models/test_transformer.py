@@ -216,3 +216,18 @@ def test_covariance_spectrum_counts_clusters_and_ignores_scale_shift_rotation_an
     assert (padded[:, 6:9] == 0).all()
     with pytest.raises(ConfigError, match="model.count_spectrum: expected false unless model.count_head"):
         ModelConfig(count_spectrum=True).validate()
+
+
+def test_the_read_out_runs_in_float32_under_autocast():
+    """Under bf16 autocast the blocks compute in bf16, but the logits are the float32 product of the final
+    states: bf16 would quantise them (steps of 0.125 once they reach 16)."""
+    model, batch = make_model(width=32), episodes(SPEC)
+    final = {}
+    model.ln_final.register_forward_hook(lambda module, args, out: final.update(x=out))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(*inputs(batch))
+    assert logits.dtype == torch.float32
+    n = batch["points"].shape[1]
+    x = final["x"].float()
+    expected = (x[:, :n] @ model.read_point.weight.T) @ (x[:, n:] @ model.read_centroid.weight.T).transpose(1, 2)
+    torch.testing.assert_close(logits, expected / 32 ** 0.5, rtol=1e-6, atol=1e-6)

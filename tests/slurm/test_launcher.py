@@ -75,6 +75,7 @@ def test_the_gpu_example_runs_every_point_on_two_nodes_of_four_gpus() -> None:
         trainer = point.config.trainer
         assert (trainer.accelerator, trainer.devices, trainer.num_nodes) == ("gpu", 4, 2)
         assert point.config.wandb.group == "depth_heads_n"
+        assert point.config.data.num_workers > 0  # a GPU's loader draws in worker processes
     assert world_shape(Sweep(Path("unused"), spec, points)) == 4
     assert {p.config.data.source for p in points} == {"pool", "fresh"}
 

@@ -220,6 +220,7 @@ def snapshot(folder: Path) -> dict[Path, bytes]:
     (["trainer.devices=4096"], "trainer.devices: 4096 requested but this machine has"),
     (["trainer.precision=16-mixed", "trainer.accelerator=cpu"], "trainer.precision: 16-mixed is for GPUs"),
     (["data.source=shards"], "data.shards_dir: expected a directory"),
+    (["model.centroid_head=true", "task.init=none"], "model.centroid_head: expected false when task.init is none"),
 ])
 def test_config_errors_are_one_line_and_write_nothing(tmp_path, capsys, overrides, message):
     run_dir = tmp_path / "run"
@@ -437,3 +438,42 @@ def test_extend_refuses_other_changes_and_smaller_max_steps(tmp_path, capsys):
     assert main(["train", "--extend", "trainer.max_steps=400"]) == 2
     assert "--extend: give the run to continue with --run-dir DIR" in capsys.readouterr().err
     assert snapshot(run_dir) == before
+
+
+def test_an_unused_centroid_head_is_refused_before_ddp_starts(tmp_path):
+    """Without an init the loss never reads the centroid head, which DDP reports on every rank at the first
+    step (a traceback, exit 1): the config check refuses it first, in one line, before any rank starts."""
+    run_dir = tmp_path / "run"
+    result = subprocess.run(train_command(run_dir, "model.centroid_head=true", "task.init=none", "trainer.devices=2"),
+                            cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "emformer train: error: model.centroid_head: expected false when task.init is none (no init to anchor the "
+        "refined centroids to, so the head is never trained), got True"]
+    assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("environ, zero", [
+    # `srun --pty bash`: SLURM's variables are there but Lightning's SLURM detection is off (job named bash), so
+    # Lightning starts the local ranks itself; every one inherits SLURM_PROCID=0, only LOCAL_RANK tells them apart.
+    ({"SLURM_NTASKS": "1", "SLURM_PROCID": "0", "SLURM_JOB_NAME": "bash", "LOCAL_RANK": "1"}, False),
+    ({"SLURM_NTASKS": "1", "SLURM_PROCID": "0", "SLURM_JOB_NAME": "interactive"}, True),
+    # srun launching every rank (an sbatch job): SLURM_PROCID is the global rank.
+    ({"SLURM_NTASKS": "4", "SLURM_PROCID": "2", "SLURM_JOB_NAME": "train", "LOCAL_RANK": "0"}, False),
+    ({"SLURM_NTASKS": "4", "SLURM_PROCID": "0", "SLURM_JOB_NAME": "train"}, True),
+    ({"RANK": "1", "SLURM_NTASKS": "4", "SLURM_PROCID": "0"}, False),  # torchrun's RANK first
+    ({"NODE_RANK": "1"}, False),
+    ({}, True),
+])
+def test_rank_zero_is_found_as_lightning_will_find_it(monkeypatch, environ, zero):
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    from emformer.train import fit
+
+    for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_JOB_NAME"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in environ.items():
+        monkeypatch.setenv(key, value)
+    assert fit.is_global_zero() is zero
+    monkeypatch.setattr("shutil.which", lambda name: None)  # no srun on PATH: detect() without its warning
+    assert fit.slurm_launched() == SLURMEnvironment.detect()

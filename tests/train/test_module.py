@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -119,12 +120,15 @@ def test_attention_gets_a_mask_only_when_episodes_can_be_padded(overrides, padde
 
 
 @pytest.mark.slow
-def test_compiled_training_forward_gives_the_eager_loss_and_gradients():
-    eager = ClusterModule(small_config())
-    compiled = ClusterModule(small_config("trainer.compile=true"))
+@pytest.mark.parametrize("overrides", [(), "count head"])
+def test_compiled_training_forward_gives_the_eager_loss_and_gradients(overrides):
+    """The training forward compiled, and with a count head its pass too: the eager loss and gradients."""
+    overrides = COUNT if overrides == "count head" else overrides
+    eager = ClusterModule(small_config(*overrides))
+    compiled = ClusterModule(small_config(*overrides, "trainer.compile=true"))
     compiled.model.load_state_dict(eager.model.state_dict())
     assert list(compiled.state_dict()) == list(eager.state_dict())  # checkpoints keep their "model.*" keys
-    batch = _batch(eager)
+    batch = eager.on_before_batch_transfer(_batch(eager), 0)
     losses = []
     for module in (eager, compiled):
         loss = module.training_step(batch, 0)
@@ -139,7 +143,7 @@ def test_count_head_adds_its_loss_and_per_k_figures():
     """model.count_head on a k range: the step adds the count cross-entropy; the val row gets k_acc, k_loss
     and err / err_em / err_oracle per k."""
     from emformer.models.losses import anchored_cross_entropy
-    from emformer.train.module import count_loss
+    from emformer.models.losses import count_loss
 
     module = ClusterModule(small_config("task.k=2", "task.k_max=3", "task.n=12", "model.count_head=true"))
     batch = eval_set(module.run_config.task, 3, 8)
@@ -151,3 +155,62 @@ def test_count_head_adds_its_loss_and_per_k_figures():
     assert 0 <= row["k_acc"] <= 1 and row["k_loss"] > 0 and 0 <= row["train_k_acc"] <= 1
     assert {"err_k2", "err_k3", "err_em_k2", "err_em_k3", "err_oracle_k2", "err_oracle_k3"} <= set(row)
     assert "err_k2" not in ClusterModule(small_config()).evaluate()  # one k: no per-k figures
+
+
+def test_evaluation_casts_the_episodes_as_deepspeed_casts_the_weights():
+    """DeepSpeed's bf16 casts the weights and adds no autocast; its precision plugin casts each training batch.
+    The evaluation goes through the same plugin, so it scores bf16 weights (it raised a dtype mismatch)."""
+    from lightning.pytorch.plugins.precision import DeepSpeedPrecision
+
+    module = ClusterModule(small_config())
+    module.model.to(torch.bfloat16)
+    module._trainer = SimpleNamespace(precision_plugin=DeepSpeedPrecision("bf16-mixed"))
+    row = module.score(eval_set(module.run_config.task, 3, 16), 8)
+    assert set(row) == {"loss", "err", "err_anchored", "ari"} and all(math.isfinite(v) for v in row.values())
+
+
+COUNT = ("task.k=2", "task.k_max=3", "task.n=12", "model.count_head=true", "model.count_spectrum=true")
+
+
+def test_count_pass_is_unmasked_for_fixed_n_and_takes_its_spectrum_from_the_host(monkeypatch):
+    """The count head's pass over the point tokens gets no attention mask when n is fixed (flash kernels on a
+    GPU), and its covariance spectrum is computed on the host before the batch moves (eigvalsh on the device
+    waits for it every step): the step itself runs no eigvalsh, and gives the loss of the inline spectrum."""
+    import torch.nn.functional as F
+
+    from emformer.models.losses import count_loss
+    from emformer.models.transformer import covariance_spectrum
+
+    module = ClusterModule(small_config(*COUNT))
+    raw = eval_set(module.run_config.task, 3, 8)
+    batch = module.on_before_batch_transfer(raw, 0)
+    torch.testing.assert_close(batch["spectrum"], covariance_spectrum(raw["points"], raw["mask"]))
+    masks = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda q, *a, **k: masks.append((q.shape[2], k.get("attn_mask") is None)) or real(q, *a, **k))
+
+    def no_eigvalsh(*args, **kwargs):
+        raise AssertionError("eigvalsh in the training step")
+
+    monkeypatch.setattr(torch.linalg, "eigvalsh", no_eigvalsh)
+    loss = module.training_step(batch, 0)
+    assert {unmasked for tokens, unmasked in masks if tokens == 12} == {True}  # the count pass: n tokens
+    assert {unmasked for tokens, unmasked in masks if tokens == 15} == {False}  # n + k_max, k padded
+    monkeypatch.undo()
+    logits = module.model(raw["points"], raw["mask"], raw["init"], raw["kmask"])
+    from emformer.models.losses import anchored_cross_entropy
+
+    expected = (anchored_cross_entropy(logits, raw["labels"], raw["mask"])
+                + count_loss(module.model.count_logits(raw["points"], raw["mask"]), raw["k"], 2).mean())
+    torch.testing.assert_close(loss, expected)
+
+
+def test_the_step_keys_are_what_the_step_reads():
+    """The loader keeps only `step_keys` (data/datamodule.py): the step must run on them alone."""
+    assert set(ClusterModule(small_config()).step_keys) == {"points", "mask", "init", "kmask", "labels"}
+    for overrides, extra in (((), set()), (("model.centroid_head=true",), {"means", "sigma"}), (COUNT, {"k"})):
+        module = ClusterModule(small_config(*overrides))
+        assert set(module.step_keys) == {"points", "mask", "init", "kmask", "labels"} | extra
+        batch = eval_set(module.run_config.task, 3, 4)
+        module.training_step(module.on_before_batch_transfer({k: batch[k] for k in module.step_keys}, 0), 0)
