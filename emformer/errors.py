@@ -15,3 +15,7 @@ class DataError(EmformerError):
 
 class CheckpointError(EmformerError):
     """A checkpoint is corrupt or does not fit the model being built."""
+
+
+DEEPSPEED_INSTALL = "pip install -e '.[deepspeed]'"
+"""the one install hint for the optional DeepSpeed dependency, in every error that needs it"""

@@ -24,7 +24,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from emformer.errors import CheckpointError
+from emformer.errors import DEEPSPEED_INSTALL, CheckpointError
 from emformer.train.rundir import LAST, checkpoint_dir
 
 
@@ -219,7 +219,7 @@ def _load_deepspeed(path: Path) -> LoadedCheckpoint:
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
         except ImportError as exc:
             raise CheckpointError(f"{path}: a DeepSpeed ZeRO checkpoint; exporting it needs deepspeed "
-                                  f"(pip install -e '.[deepspeed]'): {exc}") from None
+                                  f"({DEEPSPEED_INSTALL}): {exc}") from None
         # zero_to_fp32 prints a line per step and two progress bars; keep them for the error message only.
         chatter = io.StringIO()
         try:

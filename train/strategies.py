@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from emformer.errors import ConfigError
+from emformer.errors import DEEPSPEED_INSTALL, ConfigError
 from emformer.train.config import RunConfig
 
 
@@ -80,7 +80,7 @@ def _deepspeed(cfg: RunConfig, accelerator: str, stage: int) -> Any:
         import deepspeed  # noqa: F401
     except ImportError:
         raise ConfigError(f"strategy.name={cfg.strategy.name}: deepspeed is not installed "
-                          "(pip install -e '.[deepspeed]')") from None
+                          f"({DEEPSPEED_INSTALL})") from None
     strategy_cls = _cpu_deepspeed_class()
     offload = bool(cfg.strategy.offload_optimizer)
     strategy = strategy_cls(
