@@ -8,6 +8,10 @@ and a JSON of every figure are written at the end, only when every section succe
     .venv/bin/python benchmarks/run_all.py                  # the full run (make bench), rewrites BENCHMARKS.md
     .venv/bin/python benchmarks/run_all.py --quick          # tiny sizes, a 30-step model: checks the scripts
     .venv/bin/python benchmarks/run_all.py --reuse-run RUN  # seed the cache with a finished reference run
+    .venv/bin/python benchmarks/run_all.py --sections data,pretrained   # re-measure two sections only
+
+Sections left out of --sections are carried over from the existing BENCHMARKS.md as they were (with their
+remarks), and the header names them: a change that moves one kind of figure re-measures that kind alone.
 
 The model of the inference and quality sections: the full reference run (configs/reference.yaml) when it is
 in the cache or given by --reuse-run, or trained with --full-reference (about 7 more minutes on 2 cores);
@@ -162,7 +166,11 @@ def bench_pretrained_command(quick: bool) -> str:
 
 
 def report(figures: dict[str, Any], tables: dict[str, str], seconds: dict[str, float], info: dict[str, Any],
-           model: Optional[TrainedModel], export: Optional[str], quick: bool, command: str) -> str:
+           model: Optional[TrainedModel], export: Optional[str], quick: bool, command: str,
+           carried: Optional[dict[str, str]] = None, carried_remarks: Optional[list[str]] = None) -> str:
+    """BENCHMARKS.md from the sections measured now; `carried` (section -> its whole block from the previous
+    report) fills the sections not run this time, with their `carried_remarks`, marked as carried."""
+    carried = carried or {}
     total = sum(seconds.values())
     load_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     lines = ["# Benchmarks", ""]
@@ -172,28 +180,33 @@ def report(figures: dict[str, Any], tables: dict[str, str], seconds: dict[str, f
     lines += [f"Written by `{command}` in {total / 60:.1f} min ({', '.join(f'{k} {v:.0f} s' for k, v in seconds.items())}). "
               "Every figure below was measured in that run, on this machine:", "", machine_markdown(info, load_end), "",
               "Wall-clock rates depend on the load: on a shared machine they are lower bounds.", ""]
+    if carried:
+        lines += [f"Not re-measured by that command, carried over as they were from the previous report (each "
+                  f"with its own command and machine): {', '.join(carried)}.", ""]
     data_text, remarks = data_against_measured_step(figures)
     if data_text and "data" in tables:
         tables = {**tables, "data": tables["data"] + "\n\n" + data_text}
     for section in SECTIONS:
         if section in figures:
             remarks += list(figures[section].get("remarks", []))
+    remarks += list(carried_remarks or [])
     if remarks:
         lines += ["## Where the numbers are bad, and why", ""] + [f"- {r}" for r in remarks] + [""]
 
     export_arg = _rel(Path(export)) if export else "EXPORT_DIR"
     commands = {
-        "data": ("Data: episodes/s against what one training step consumes", ".venv/bin/python benchmarks/bench_data.py"),
-        "train": ("Training throughput (CPU; GPU when one is present)",
-                  ".venv/bin/python benchmarks/bench_train.py" + (" --quick" if quick else "")),
-        "inference": ("Inference: time and memory to cluster a batch of episodes",
+        "data": (SECTION_TITLES["data"], ".venv/bin/python benchmarks/bench_data.py"),
+        "train": (SECTION_TITLES["train"], ".venv/bin/python benchmarks/bench_train.py" + (" --quick" if quick else "")),
+        "inference": (SECTION_TITLES["inference"],
                       f".venv/bin/python benchmarks/bench_inference.py --export {export_arg}" + (" --quick" if quick else "")),
-        "quality": ("Clustering quality: the model against EM, Lloyd, scikit-learn and the oracle",
+        "quality": (SECTION_TITLES["quality"],
                     f".venv/bin/python benchmarks/bench_quality.py --export {export_arg}" + (" --quick" if quick else "")),
         "pretrained": (bench_pretrained_title(), bench_pretrained_command(quick)),
     }
     for section in SECTIONS:
         if section not in tables:
+            if section in carried:
+                lines += [carried[section].rstrip("\n"), ""]
             continue
         title, cmd = commands[section]
         lines += [f"## {title}", "", f"Command: `{cmd}`", ""]
@@ -201,6 +214,34 @@ def report(figures: dict[str, Any], tables: dict[str, str], seconds: dict[str, f
             lines += [f"Model: {model.describe() if model else f'the export `{export_arg}`'}.", ""]
         lines += [tables[section], ""]
     return "\n".join(lines)
+
+
+SECTION_TITLES = {  # section -> its heading in BENCHMARKS.md (report() writes them)
+    "data": "Data: episodes/s against what one training step consumes",
+    "train": "Training throughput (CPU; GPU when one is present)",
+    "inference": "Inference: time and memory to cluster a batch of episodes",
+    "quality": "Clustering quality: the model against EM, Lloyd, scikit-learn and the oracle",
+}
+REMARK_PREFIXES = {"data": ("Data",), "train": ("Training",), "inference": ("The transformer", "Inference"),
+                   "quality": ("Quality",), "pretrained": ("Pretrained", "The pretrained")}
+
+
+def previous_sections(text: str, sections: list[str]) -> tuple[dict[str, str], list[str]]:
+    """From a previous BENCHMARKS.md: the blocks of `sections` (heading to the next `## ` heading, the
+    hand-measured blocks left out: they are carried over on their own) and their remark bullets."""
+    for block in kept_sections(text).values():
+        text = text.replace(block, "")
+    titles = {**SECTION_TITLES, "pretrained": bench_pretrained_title()}
+    blocks: dict[str, str] = {}
+    parts = ("\n" + text).split("\n## ")
+    for section in sections:
+        for part in parts[1:]:
+            if part.startswith(titles[section] + "\n"):
+                blocks[section] = "## " + part.rstrip("\n")
+    remarks = [line[2:] for part in parts[1:] if part.startswith("Where the numbers are bad")
+               for line in part.splitlines() if line.startswith("- ")
+               and any(line[2:].startswith(p) for s in blocks for p in REMARK_PREFIXES[s])]
+    return blocks, remarks
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -240,7 +281,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     figures, tables, seconds, model = run_sections(sections, args.quick, args.export, args.reuse_run, args.cache,
                                                   memory=not args.skip_memory, threads=args.threads,
                                                   full_reference=args.full_reference)
-    text = report(figures, tables, seconds, info, model, figures.get("export"), args.quick, command)
+    carried, carried_remarks = ({}, []) if args.quick or set(sections) == set(SECTIONS) else previous_sections(
+        out.read_text() if out.exists() else "", [s for s in SECTIONS if s not in sections])
+    text = report(figures, tables, seconds, info, model, figures.get("export"), args.quick, command,
+                  carried, carried_remarks)
     # the GPU proof and the hand-measured blocks are not measured here: carried over as they are
     for name, block in (kept_sections(out.read_text()) if out.exists() else {}).items():
         text = replace_section(text, name, block)

@@ -291,3 +291,20 @@ def test_bench_data_quick_measures_every_row_and_the_sampling_windows():
     assert 0 < figures["sampling_eps_per_cpu_s_median"] <= figures["sampling_eps_per_cpu_s_best"]
     assert f"best {figures['sampling_eps_per_cpu_s_best']:,.0f} episodes per CPU-second" in result["markdown"]
     assert figures["index_per_batch_N1024_us"] > 0 and figures["index_per_batch_N1048576_us"] > 0
+
+
+def test_sections_not_run_are_carried_over_with_their_remarks():
+    """run_all --sections data: the other sections of the committed BENCHMARKS.md stay as they were, with
+    their remark bullets; the hand-measured blocks are left to the kept-block mechanism."""
+    import run_all
+
+    text = (common.REPO / "BENCHMARKS.md").read_text()
+    blocks, remarks = run_all.previous_sections(text, ["train", "quality"])
+    assert set(blocks) == {"train", "quality"}
+    assert blocks["train"].startswith("## " + run_all.SECTION_TITLES["train"] + "\n")
+    assert "## Inference" not in blocks["train"] and "data-by-hand" not in blocks["quality"]
+    assert remarks and all(r.startswith(("Training", "Quality")) for r in remarks)
+    out = run_all.report({}, {"data": "| data table |"}, {"data": 1.0}, common.machine_info(), None, None, False,
+                         "cmd", blocks, remarks)
+    assert out.index("| data table |") < out.index(blocks["train"]) < out.index(blocks["quality"])
+    assert "carried over as they were from the previous report" in out and f"- {remarks[0]}" in out
