@@ -180,7 +180,7 @@ def test_datamodule_uses_trainer_step_rank_and_world():
 
     cfg = load_run_config(BASE, ["task.n=16", "data.batch_size=3", "data.num_workers=0"])
     module = EpisodeDataModule(cfg.task, cfg.data)
-    module.trainer = SimpleNamespace(global_step=5, global_rank=1, world_size=2)
+    module.trainer = SimpleNamespace(global_step=5, global_rank=1, world_size=2, accelerator=None)  # a CPU run
     first = next(iter(module.train_dataloader()))
     assert first["index"].tolist() == [(5 * 2 + 1) * 3 + b for b in range(3)]
 

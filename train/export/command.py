@@ -39,11 +39,12 @@ from emformer.data.episodes import sample_episodes
 from emformer.data.standardize import STANDARD_SCALE
 from emformer.data.tasks import EPISODES_VERSION, TaskSpec
 from emformer.errors import CheckpointError, ConfigError
-from emformer.models.export_loader import check_state_dict
+from emformer.models.export_loader import check_state_dict, load_exported_model
 from emformer.models.export_format import (
     CARD_FILE, CLUSTERER_DEFAULTS, CONFIG_FILE, DEFAULTABLE, EXPORT_FORMAT, EXPORT_FORMAT_VERSION, ONNX_FILE,
     WEIGHTS_FILE, file_entry, publish, read_export_config, write_export_config,
 )
+from emformer.models.registry import resolve_model_dir
 from emformer.models.transformer import ClusterTransformer, TransformerConfig
 from emformer.train import rundir
 from emformer.train.checkpoints import LoadedCheckpoint, load_checkpoint
@@ -189,9 +190,6 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, onnx: bool = 
 def rescore_export(export_dir: str | Path) -> Path:
     """Re-measure an export's test-set figures on the current episodes from its own weights and training
     config (config.json), rewriting its eval row and card; weights and the other files stay as they are."""
-    from emformer.models.export_loader import load_exported_model
-    from emformer.models.registry import resolve_model_dir
-
     export_dir = resolve_model_dir(export_dir)
     model, config = load_exported_model(export_dir)
     where = f"{export_dir / CONFIG_FILE}: training.run_config"
