@@ -45,4 +45,5 @@ def model_card(config: dict[str, Any], where: str = "EXPORT_DIR") -> str:
         k_range=_span(task["k"], task["k_max"]), n_range=_span(task["n"], task["n_max"]),
         separation=_span(task["separation"], task["separation_max"]), span=_span,
         err_minus_em=err - err_em, em_iters=run_eval.get("em_iters", "?"),
+        defaults=", ".join(f"{key}={value}" for key, value in (config.get("clusterer_defaults") or {}).items()),
     )

@@ -203,9 +203,13 @@ def rescore_export(export_dir: str | Path) -> Path:
     return export_dir
 
 
+CARD_TITLE = "# emformer model card:"
+
+
 def with_added_sections(card: str, old_card: str) -> str:
     """`card` followed by the `## ` sections of `old_card` whose titles the template does not write (text a
-    maintainer added to a shipped card, such as its known limits), in their order."""
+    maintainer added to a shipped card, such as its known limits), in their order, under the old card's
+    title line."""
     def sections(text: str) -> list[str]:
         parts, current = [], None
         for line in text.splitlines(keepends=True):
@@ -221,6 +225,9 @@ def with_added_sections(card: str, old_card: str) -> str:
 
     rendered = {title(part) for part in sections(card)}
     added = [part for part in sections(old_card) if title(part) not in rendered]
+    heading = old_card.split("\n", 1)[0]
+    if heading.startswith(CARD_TITLE):  # the model's name as its maintainer gave it
+        card = heading + "\n" + card.split("\n", 1)[1]
     return card.rstrip("\n") + "\n\n" + "".join(added).rstrip("\n") + "\n" if added else card
 
 
