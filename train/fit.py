@@ -275,9 +275,13 @@ def requeue() -> None:
         return
     if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
         job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    # Said before the call: SLURM may end this step while scontrol is still returning, and the line
+    # would be lost with it.
+    print(f"emformer train: job {job} being requeued (scontrol requeue): it resumes from checkpoints/last.ckpt",
+          file=sys.stderr, flush=True)
     result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-    status = "requeued" if result.returncode == 0 else f"requeue failed: {result.stderr.strip()}"
-    print(f"emformer train: job {job} {status}", file=sys.stderr, flush=True)
+    if result.returncode != 0:
+        print(f"emformer train: job {job}: requeue failed: {result.stderr.strip()}", file=sys.stderr, flush=True)
 
 
 def _slurm_plugins() -> Optional[list[Any]]:
