@@ -30,7 +30,7 @@ from emformer import exact
 from emformer.data import inits
 from emformer.data.standardize import standardization
 from emformer.data.tasks import TaskSpec
-from emformer.matching import best_assignment
+from emformer.matching import best_assignment, padded_cost
 
 Batch = dict[str, torch.Tensor]
 
@@ -409,9 +409,7 @@ def _anchor(means: torch.Tensor, weights: torch.Tensor, labels: torch.Tensor, in
     no padded clusters)."""
     cost = exact.pairwise_dist(means, init.to(means.dtype))
     if kmask is not None:
-        valid = kmask[:, :, None] & kmask[:, None, :]
-        both_pad = ~kmask[:, :, None] & ~kmask[:, None, :]
-        cost = torch.where(valid, cost, torch.where(both_pad, torch.zeros_like(cost), torch.full_like(cost, math.inf)))
+        cost = padded_cost(cost, kmask)
     perm = best_assignment(cost)  # perm[b, true component] = init slot
     slots = torch.arange(perm.shape[1]).expand_as(perm)
     inverse = torch.empty_like(perm).scatter_(1, perm, slots)  # inverse[b, slot] = true component

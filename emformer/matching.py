@@ -26,6 +26,14 @@ def _permutations(k: int, device: torch.device) -> tuple[torch.Tensor, torch.Ten
     return perms.to(device), (torch.arange(k) * k + perms).flatten().to(device)
 
 
+def padded_cost(cost: torch.Tensor, kmask: torch.Tensor) -> torch.Tensor:
+    """cost [B, k, k] between two sets of k slots of which kmask [B, k] are real: a real slot may match only a
+    real one (+inf otherwise), and padded slots match each other at no cost, so they never move the total."""
+    valid = kmask[:, :, None] & kmask[:, None, :]
+    both_pad = ~kmask[:, :, None] & ~kmask[:, None, :]
+    return torch.where(valid, cost, torch.where(both_pad, torch.zeros_like(cost), torch.full_like(cost, math.inf)))
+
+
 def best_assignment(cost: torch.Tensor) -> torch.Tensor:
     """Minimum-cost assignment for a batch of square cost matrices.
 

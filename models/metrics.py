@@ -6,11 +6,9 @@ with no valid point scores 0 error (and ARI 1), never NaN.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
-from emformer.matching import best_assignment, confusion
+from emformer.matching import best_assignment, confusion, padded_cost
 
 
 def _valid(labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -60,10 +58,7 @@ def adjusted_rand_index(pred: torch.Tensor, labels: torch.Tensor, mask: torch.Te
 
 def matched_mean_error(est: torch.Tensor, means: torch.Tensor, kmask: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """mean over valid clusters of ‖μ̂ − μ‖ / σ after Hungarian matching of estimated to true means."""
-    cost = torch.cdist(est.double(), means.double())
-    valid = kmask[:, :, None] & kmask[:, None, :]
-    both_pad = ~kmask[:, :, None] & ~kmask[:, None, :]
-    cost = torch.where(valid, cost, torch.where(both_pad, torch.zeros_like(cost), torch.full_like(cost, math.inf)))
+    cost = padded_cost(torch.cdist(est.double(), means.double()), kmask)
     perm = best_assignment(cost)
     matched = torch.gather(cost, 2, perm[..., None]).squeeze(-1)
     matched = torch.where(kmask, matched, torch.zeros_like(matched))
