@@ -181,7 +181,7 @@ def spectral_init(points: torch.Tensor, mask: torch.Tensor, kmask: torch.Tensor,
     _, labels = lloyd(embedding, valid, km, _gather_points(embedding, seeds), SPECTRAL_LLOYD_ITERS)
     assign = torch.nn.functional.one_hot(labels.clamp(min=0), k_pad).to(F64) * m[..., None]
     count = assign.sum(1)  # counts: exact in any order
-    sums = torch.stack([exact.fsum(x * assign[..., j, None], 1) for j in range(k_pad)], 1)  # no BLAS
+    sums = exact.fsum(x[:, :, None, :] * assign[..., None], 1)  # [B,k,d], summed over points: no BLAS
     centroids = sums / count.clamp(min=1)[..., None]
     centroids = torch.where((count > 0)[..., None], centroids, _gather_points(x, seeds))
     out_dtype = points.dtype if points.dtype.is_floating_point else torch.float32

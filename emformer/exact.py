@@ -130,8 +130,9 @@ def log(x: torch.Tensor) -> torch.Tensor:
     return e * LN2 + logs[idx] + delta * acc
 
 
+@functools.lru_cache(maxsize=256)
 def log_scalar(value: float) -> float:
-    """`log` of one positive Python float."""
+    """`log` of one positive Python float (cached: the sampler asks for the same constants every batch)."""
     return float(log(torch.tensor([float(value)], dtype=torch.float64))[0])
 
 
