@@ -17,10 +17,10 @@ Sources (read by train/checkpoints.py): a run directory (its best or last checkp
 file, or a DeepSpeed checkpoint directory (ZeRO-1/2/3, possibly sharded over ranks; consolidated with
 DeepSpeed's zero_to_fp32). The ONNX step is onnx.py, the model card card.py + model_card.md.j2.
 Every file is written atomically; config.json last, so a directory whose config.json matches its files (by
-sha256) is a complete export. `--rescore` re-measures an export's test-set figures (config.json's eval row and
-the card) on the current episodes (tasks.EPISODES_VERSION, recorded in the row) from its own weights, with no
-run directory: the figures of a shipped model follow the episodes when they change. Lightning and DeepSpeed are never imported for a Lightning checkpoint, and
-DeepSpeed only for a DeepSpeed one.
+sha256) is a complete export. Lightning and DeepSpeed are never imported for a Lightning checkpoint, and
+DeepSpeed only for a DeepSpeed one. `--rescore` re-measures an export's test-set figures (config.json's eval
+row and the card) on the current episodes (tasks.EPISODES_VERSION, recorded in the row) from its own weights,
+with no run directory: the figures of a shipped model follow the episodes when they change.
 """
 from __future__ import annotations
 
