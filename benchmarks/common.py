@@ -78,7 +78,9 @@ def git_commit() -> Optional[str]:
 
 
 def usable_cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    from emformer.train.strategies import usable_cores  # torch: imported when a benchmark asks
+
+    return usable_cores()
 
 
 def gpu_description() -> Optional[str]:

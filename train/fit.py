@@ -157,15 +157,11 @@ def setup(cfg: RunConfig, run_dir: Path, is_zero: bool, extend: bool = False) ->
     if int(cfg.trainer.threads) > 0:
         torch.set_num_threads(int(cfg.trainer.threads))
     if accelerator == "cpu" and is_zero:
-        hint = oversubscription_hint(torch.get_num_threads(), int(cfg.trainer.devices), _usable_cores(),
+        hint = oversubscription_hint(torch.get_num_threads(), int(cfg.trainer.devices), strategies.usable_cores(),
                                      os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0)
         if hint:
             print(f"emformer train: {hint}", file=sys.stderr, flush=True)
     return Hardware(accelerator, precision)
-
-
-def _usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def oversubscription_hint(threads: int, processes: int, cores: int, load: float) -> Optional[str]:
@@ -228,7 +224,8 @@ def build(cfg: RunConfig, run_dir: Path, hardware: Hardware, is_zero: bool) -> R
         max_steps=int(cfg.trainer.max_steps), max_epochs=-1,
         gradient_clip_val=float(cfg.optim.grad_clip) or None, gradient_clip_algorithm="norm",
         callbacks=[progress, control, *callbacks], plugins=_slurm_plugins(),
-        logger=loggers or False, log_every_n_steps=int(cfg.trainer.log_every), enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        logger=loggers or False, log_every_n_steps=int(cfg.trainer.log_every), enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False,
         deterministic=False, default_root_dir=str(run_dir),
     )

@@ -18,6 +18,11 @@ from emformer.errors import DEEPSPEED_INSTALL, ConfigError
 from emformer.train.config import RunConfig
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity set, as SLURM or taskset restrict it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def resolve_accelerator(name: str) -> str:
     """auto -> gpu when CUDA is there, else cpu; gpu without CUDA is a ConfigError."""
     name = "gpu" if name == "cuda" else name
