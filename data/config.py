@@ -13,6 +13,22 @@ from emformer.errors import ConfigError
 SOURCES = ("fresh", "pool", "shards")
 
 
+HELD_OUT_SEEDS = 1_000_000_000
+"""Seeds of training episodes (data.seed, `emformer generate --seed`) lie below this; the eval and test sets
+draw theirs at or above it (`held_out_seeds`), so no held-out episode can be a training episode of any run."""
+
+
+def held_out_seeds(data_seed: int) -> tuple[int, int]:
+    """(eval seed, test seed) of runs trained on `data_seed`: HELD_OUT_SEEDS + 2·data_seed (+ 1 for test).
+
+    A pure function of the training seed, so every config of one seed shares its eval episodes (contrasts
+    between configs stay paired) while two seeds never share any: the map is one-to-one, the eval seeds are
+    even and the test seeds odd offsets, and all of them lie above every training seed."""
+    if not 0 <= int(data_seed) < HELD_OUT_SEEDS:
+        raise ValueError(f"a training seed must be in [0, {HELD_OUT_SEEDS:_}), got {data_seed}")
+    return HELD_OUT_SEEDS + 2 * int(data_seed), HELD_OUT_SEEDS + 2 * int(data_seed) + 1
+
+
 @dataclass
 class DataConfig:
     source: str = "fresh"
@@ -22,7 +38,7 @@ class DataConfig:
     shards_dir: Optional[str] = None
     """directory written by `emformer generate` when source=shards"""
     seed: int = 0
-    """seed of the training episodes (the eval set uses eval.seed)"""
+    """seed of the training episodes, below HELD_OUT_SEEDS (the eval and test sets derive theirs from it)"""
     batch_size: int = 64
     """episodes per step per rank"""
     num_workers: int = 0
@@ -39,7 +55,7 @@ class DataConfig:
         need(self.source != "pool" or self.pool_size >= 1, "pool_size", f"an integer >= 1 when {prefix}.source=pool")
         need(self.source != "shards" or bool(self.shards_dir), "shards_dir",
              f"a directory when {prefix}.source=shards")
-        need(self.seed >= 0, "seed", "an integer >= 0")
+        need(0 <= self.seed < HELD_OUT_SEEDS, "seed", f"an integer in [0, {HELD_OUT_SEEDS:_})")
         need(self.batch_size >= 1, "batch_size", "an integer >= 1")
         need(self.num_workers >= 0, "num_workers", "an integer >= 0")
         return self

@@ -194,6 +194,18 @@ def baseline_init(batch: dict[str, torch.Tensor], spec: TaskSpec) -> torch.Tenso
     return inits.kmeans_plus_plus(batch["points"], batch["mask"], batch["kmask"], uniforms)
 
 
+def init_figures(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-episode [B] float32 figures of the init alone, what a model given it must beat: err_init, the
+    anchored error of "nearest initial centroid", and loss_init, the cross-entropy of the posterior of the
+    initial centroids with the true σ and equal weights (DESIGN §3: the memorisation region's reference)."""
+    points, init, mask, labels = batch["points"].double(), batch["init"].double(), batch["mask"], batch["labels"]
+    kmask = batch["kmask"]
+    dist = sq_dist(points, init)
+    logits = neg_inf_pad(-dist / (2 * batch["sigma"].double()[:, None, None] ** 2), kmask)
+    return {"err_init": metrics.anchored_error(logits.argmax(-1), labels, mask).float(),
+            "loss_init": per_episode_cross_entropy(logits, labels, mask, dtype=torch.float64)}
+
+
 def evaluate_baselines(batch: dict[str, torch.Tensor], spec: TaskSpec, em_iters: int, depth: int | None = None) -> dict[str, torch.Tensor]:
     """Per-episode [B] float32 figures of EM, Lloyd (both from the task's init, k-means++ when there is
     none) and the oracle: err_* permutation-minimised, err_*_anchored against the anchored labels, loss_*

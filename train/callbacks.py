@@ -49,7 +49,7 @@ from lightning.pytorch.callbacks import Callback
 from emformer.errors import EmformerError
 from emformer.train.checkpoints import save_atomic
 from emformer.train.config import RunConfig
-from emformer.train.rundir import BEST, LAST, checkpoint_dir
+from emformer.train.rundir import BEST, LAST, checkpoint_dir, write_episode_results
 from emformer.train.tracking import Tracker
 
 CRASH_ENV = "EMFORMER_CRASH_AT_STEP"
@@ -207,7 +207,7 @@ class RunControl(Callback):
             self._log_train(trainer, loss_sum / max(self._loss_count * trainer.world_size, 1))
         started = time.perf_counter()
         if validating:
-            self._validate(trainer, module, step)
+            self._validate(trainer, module, step, final=done)
         if saving:
             self._save(trainer, module, LAST, step)
         self._excluded += time.perf_counter() - started
@@ -286,12 +286,15 @@ class RunControl(Callback):
         self._window_start = time.perf_counter()
         self._window_steps, self._excluded = 0, 0.0
 
-    def _validate(self, trainer: L.Trainer, module: L.LightningModule, step: int) -> None:
+    def _validate(self, trainer: L.Trainer, module: L.LightningModule, step: int, final: bool = False) -> None:
         values = module.evaluate()  # type: ignore[operator]
         row = {"step": step, "split": "val", **values}
         self.last_val = row
         if trainer.is_global_zero:
             self.tracker.log(row)
+            if final:  # the per-episode figures behind the final row, for intervals that resample episodes
+                write_episode_results(self.run_dir, module.episode_results(), step,  # type: ignore[operator]
+                                      int(module.run_config.eval.seed))
         self._progress_update(trainer, val_err=values["err"])
         # Every rank computed the same numbers; rank 0's decision is broadcast so ranks cannot disagree.
         improved = bool(trainer.strategy.broadcast(values["loss"] < self.best_loss and step > 0))

@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from emformer.atomic import atomic_write_text
-from emformer.data.config import DataConfig
+from emformer.data.config import HELD_OUT_SEEDS, DataConfig, held_out_seeds
 from emformer.data.tasks import EPISODES_VERSION, TaskSpec
 from emformer.errors import ConfigError
 from emformer.models.config import ModelConfig
@@ -102,10 +102,12 @@ class WandbConfig:
 
 @dataclass
 class EvalConfig:
-    seed: int = 1_000_003
-    """seed of the fixed eval set (distinct from data.seed): the best checkpoint is selected on it"""
-    test_seed: int = 2_000_003
-    """seed of the test set: what is reported after selection (model card, report --test-shift, the demo)"""
+    seed: Optional[int] = None
+    """seed of the fixed eval set, on which the best checkpoint is selected; null: derived from data.seed
+    (data.config.held_out_seeds), so each training seed has its own eval set, shared by every config of that seed"""
+    test_seed: Optional[int] = None
+    """seed of the test set: what is reported after selection (model card, report --test-shift, the demo);
+    null: derived from data.seed like eval.seed"""
     episodes: int = 512
     em_iters: int = 10
     """iterations of the EM and Lloyd baselines"""
@@ -205,8 +207,11 @@ def _describe(exc: OmegaConfBaseException) -> str:
     return f"bad value for '{key}': {message}" if key else message
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:
-    """Schema defaults < `defaults:` groups < YAML body < overrides; validated; struct mode."""
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), *, finish: bool = True) -> DictConfig:
+    """Schema defaults < `defaults:` groups < YAML body < overrides; validated; struct mode.
+
+    `finish=False` stops before the held-out seeds are derived and the result validated: a prefix that
+    more overrides will be merged onto (sweep points), which then needs `finish_config`."""
     cfg = OmegaConf.structured(RunConfig)
     OmegaConf.set_struct(cfg, True)
     path = Path(path) if path is not None else None
@@ -239,7 +244,26 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         except OmegaConfBaseException as exc:
             raise ConfigError(f"overrides {dotted}: {_describe(exc)}") from None
         cfg = _merge(cfg, cli, "command-line override")
+    return finish_config(cfg) if finish else cfg
+
+
+def finish_config(cfg: DictConfig) -> DictConfig:
+    """The last steps of every config: held-out seeds derived from the final data.seed, then validated."""
+    resolve_held_out_seeds(cfg)
     validate(cfg)
+    return cfg
+
+
+def resolve_held_out_seeds(cfg: DictConfig) -> DictConfig:
+    """Fill eval.seed / eval.test_seed left null with the ones derived from data.seed (in place), so the
+    resolved config a run records, and its name, carry the seeds its held-out episodes were drawn with."""
+    seed = cfg.data.seed
+    if isinstance(seed, int) and 0 <= seed < HELD_OUT_SEEDS:
+        eval_seed, test_seed = held_out_seeds(seed)
+        if cfg.eval.seed is None:
+            cfg.eval.seed = eval_seed
+        if cfg.eval.test_seed is None:
+            cfg.eval.test_seed = test_seed
     return cfg
 
 
@@ -277,9 +301,12 @@ def validate(cfg: DictConfig) -> RunConfig:
     need(run.wandb.mode in ("offline", "online", "disabled"), "wandb.mode", "offline, online or disabled")
     need(e.episodes >= 1, "eval.episodes", "an integer >= 1")
     need(e.em_iters >= 1, "eval.em_iters", "an integer >= 1")
-    need(e.seed != d.seed, "eval.seed", f"a seed different from data.seed ({d.seed}) so eval episodes are unseen")
-    need(e.test_seed not in (d.seed, e.seed), "eval.test_seed",
-         f"a seed different from data.seed ({d.seed}) and eval.seed ({e.seed}) so test episodes are unseen")
+    held_out = f"a seed >= {HELD_OUT_SEEDS:_} (above every training seed, so its episodes are unseen)"
+    need(e.seed is not None and e.seed >= HELD_OUT_SEEDS, "eval.seed", held_out + " or null (derived from data.seed)")
+    need(e.test_seed is not None and e.test_seed >= HELD_OUT_SEEDS, "eval.test_seed",
+         held_out + " or null (derived from data.seed)")
+    need(e.test_seed != e.seed, "eval.test_seed", f"a seed different from eval.seed ({e.seed}) so test episodes are "
+         "not the ones the checkpoint was selected on")
     return run
 
 
@@ -289,7 +316,7 @@ def to_run_config(cfg: DictConfig | dict[str, Any], where: str = "run config") -
     commands takes. Not range-checked here: `validate` does that for new configs."""
     if not isinstance(cfg, DictConfig):
         cfg = _merge(OmegaConf.structured(RunConfig), cfg, where)
-    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+    return OmegaConf.to_object(resolve_held_out_seeds(cfg))  # type: ignore[return-value]
 
 
 def load_run_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:

@@ -5,7 +5,9 @@ import argparse
 import time
 from pathlib import Path
 
+from emformer.data.config import HELD_OUT_SEEDS
 from emformer.data.shards import MANIFEST, write_shards
+from emformer.errors import ConfigError
 from emformer.train.cli import add_config_arguments
 from emformer.train.config import load_run_config
 
@@ -23,6 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     config = load_run_config(args.config, args.overrides)
     seed = config.data.seed if args.seed is None else args.seed
+    if not 0 <= seed < HELD_OUT_SEEDS:
+        raise ConfigError(f"--seed: expected a training seed in [0, {HELD_OUT_SEEDS:_}) (the seeds at or above it "
+                          f"are the eval and test sets'), got {seed}")
     started = time.perf_counter()
     manifest = write_shards(config.task, seed, args.out, args.episodes, args.shard_size, args.workers,
                             progress=not args.no_progress)

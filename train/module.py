@@ -16,16 +16,20 @@ import math
 from typing import Any, Optional
 
 import lightning as L
+import numpy as np
 import torch
 
 from emformer.data.episodes import Batch, batch_chunks
 from emformer.data.stream import eval_set, pool_eval_set
 from emformer.models import baselines
 from emformer.models.losses import clustering_loss, count_loss
-from emformer.models.metrics import anchored_error
 from emformer.models.transformer import ClusterTransformer, TransformerConfig, covariance_spectrum
 from emformer.train.config import to_run_config
 from emformer.train.scoring import model_inputs, score_episodes
+
+
+EPISODE_BASELINE_KEYS = ("err_em", "loss_em", "err_lloyd", "err_oracle", "loss_oracle", "err_init", "loss_init")
+"""the baselines' per-episode figures kept in a run's episode results"""
 
 
 class WarmupCosine:
@@ -73,6 +77,7 @@ class ClusterModule(L.LightningModule):
         self._train_forward = compile_(self.model.forward_with_centroids)
         self._count_forward = compile_(self.model.count_logits)
         self._eval: Optional[dict[str, Any]] = None  # eval sets and cached baselines, built on first use
+        self._last_val_scores: Optional[dict[str, torch.Tensor]] = None  # per episode, for episode_results
 
     # ------------------------------------------------------------------ training
     def forward(self, batch: Batch) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -120,23 +125,44 @@ class ClusterModule(L.LightningModule):
             }
         return self._eval
 
-    def baseline_means(self) -> dict[str, float]:
-        """Mean over the eval set of every evaluate_baselines key (computed once, then cached)."""
+    def baseline_episodes(self) -> dict[str, torch.Tensor]:
+        """Per-episode float64 figures of every evaluate_baselines key on the eval set (and err_init /
+        loss_init when the task has an init), computed once, then cached: the baselines do not train."""
         sets = self._eval_sets()
         if sets["baselines"] is None:
             ev = self.run_config.eval
             chunks: dict[str, list[torch.Tensor]] = {}
             for part in batch_chunks(sets["val"], ev.batch_size):
                 values = baselines.evaluate_baselines(part, sets["spec"], em_iters=ev.em_iters,
-                                            depth=int(self.model_config.depth))
+                                                      depth=int(self.model_config.depth))
+                if self.anchored:
+                    values.update(baselines.init_figures(part))
                 for key, value in values.items():
                     chunks.setdefault(key, []).append(value.detach().double().cpu())
-            means = {key: float(torch.cat(vals).mean()) for key, vals in chunks.items()}
-            means.update(means_by_k(sets["val"]["k"], {key: torch.cat(chunks[key]) for key in ("err_em", "err_oracle")}))
-            if self.anchored:
-                means["err_init"] = float(torch.cat(init_errors(sets["val"])).mean())
-            sets["baselines"] = means
+            sets["baselines"] = {key: torch.cat(vals) for key, vals in chunks.items()}
         return dict(sets["baselines"])
+
+    def baseline_means(self) -> dict[str, float]:
+        """Mean over the eval set of every baseline figure (`baseline_episodes`), and EM's / the oracle's by k."""
+        per_episode = self.baseline_episodes()
+        means = {key: float(value.mean()) for key, value in per_episode.items()}
+        means.update(means_by_k(self._eval_sets()["val"]["k"],
+                                {key: per_episode[key] for key in ("err_em", "err_oracle")}))
+        return means
+
+    def episode_results(self) -> dict[str, np.ndarray]:
+        """The last evaluation's figures per eval episode, by index: points (valid points), k, and err / loss of
+        the model and of the baselines (em, lloyd, oracle; init when the task has one), as
+        rundir.write_episode_results stores them. Call after `evaluate()`."""
+        if self._last_val_scores is None:
+            raise RuntimeError("episode_results() needs an evaluate() first")
+        val = self._eval_sets()["val"]
+        figures = {"err_model": self._last_val_scores["err"], "loss_model": self._last_val_scores["loss"],
+                   **{key: value for key, value in self.baseline_episodes().items()
+                      if key in EPISODE_BASELINE_KEYS}}
+        out = {"points": val["mask"].sum(1).numpy(), "k": val["k"].numpy()}
+        out.update({key: value.double().numpy() for key, value in figures.items()})
+        return out
 
     def score(self, batch: Batch, batch_size: int) -> dict[str, float]:
         """Model loss / err / err_anchored / ari (and k_acc / k_loss with a count head) on a fixed batch, in
@@ -150,6 +176,8 @@ class ClusterModule(L.LightningModule):
         context = plugin.forward_context if plugin is not None else contextlib.nullcontext
         scores = score_episodes(self.model, batch, batch_size, padded=self.padded, points_padded=self.points_padded,
                                 count=True, prepare=prepare, forward_context=context)
+        if batch is self._eval_sets()["val"]:
+            self._last_val_scores = scores
         row = {key: float(scores[key].mean()) for key in ("loss", "err", "err_anchored", "ari")}
         if "k_correct" in scores:
             row.update(k_acc=float(scores["k_correct"].mean()), k_loss=float(scores["k_loss"].mean()))
@@ -175,13 +203,3 @@ def means_by_k(k: torch.Tensor, values: dict[str, torch.Tensor]) -> dict[str, fl
     if len(ks) < 2:
         return {}
     return {f"{name}_k{kk}": float(value[k == kk].double().mean()) for name, value in values.items() for kk in ks}
-
-
-def init_errors(batch: Batch, batch_size: int = 1024) -> list[torch.Tensor]:
-    """Anchored error of 'nearest initial centroid' per episode: what the model must beat."""
-    out = []
-    for part in batch_chunks(batch, batch_size):
-        dist = torch.cdist(part["points"].float(), part["init"].float())
-        dist = dist.masked_fill(~part["kmask"].bool()[:, None, :], float("inf"))
-        out.append(anchored_error(dist.argmin(-1), part["labels"], part["mask"]).double())
-    return out

@@ -6,6 +6,8 @@ A run directory (`emformer train --run-dir`):
     meta.json          versions, host, parameter count, commit, one entry per start
     metrics.jsonl      one JSON object per line ({"step", "split": train|val, ...}), append-only
     DONE               JSON {"step", "val": final val row, "finished_at", "run_dir"}: the run is finished
+    episodes.npz       the final evaluation per eval episode (`write_episode_results`): what the report's
+                       intervals resample
     checkpoints/       last.ckpt and best.ckpt (Lightning files, or DeepSpeed directories)
     curves.png, wandb_id, wandb/, console.log
 
@@ -23,12 +25,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import zipfile
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+import numpy as np
 import yaml
 
-from emformer.atomic import atomic_write_json, atomic_write_text
+from emformer.atomic import atomic_write, atomic_write_json, atomic_write_text
 from emformer.errors import ConfigError
 from emformer.train.config import save_yaml
 
@@ -40,6 +44,7 @@ CHECKPOINTS = "checkpoints"
 LAST = "last.ckpt"
 BEST = "best.ckpt"
 CURVES = "curves.png"
+EPISODES = "episodes.npz"
 WANDB_ID = "wandb_id"
 CONSOLE_LOG = "console.log"
 
@@ -207,6 +212,65 @@ def write_done(run_dir: str | os.PathLike, record: dict[str, Any]) -> None:
 def clear_done(run_dir: str | os.PathLike) -> None:
     """The run is no longer finished (`emformer train --extend` continues it)."""
     done_path(run_dir).unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------------------- episodes.npz
+EPISODE_METHODS = ("model", "em", "lloyd", "oracle", "init")
+"""whose err_* / loss_* an episode file may hold (lloyd has no loss; init only on tasks with one)"""
+
+
+def episodes_path(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / EPISODES
+
+
+def write_episode_results(run_dir: str | os.PathLike, figures: dict[str, np.ndarray], step: int, eval_seed: int) -> None:
+    """Store one evaluation per episode: `figures` holds points and k ([E] integers) and err_<method> /
+    loss_<method> ([E] floats, as ClusterModule.episode_results gives them). An error rate is stored as its
+    count of mis-clustered points (err · points, an integer), so the file is small and the means exact."""
+    points = np.asarray(figures["points"]).astype(np.int64)
+    arrays: dict[str, np.ndarray] = {"points": points.astype(np.uint16 if points.max(initial=0) < 2**16 else np.int64),
+                                     "k": np.asarray(figures["k"]).astype(np.uint8),
+                                     "step": np.asarray(int(step)), "eval_seed": np.asarray(int(eval_seed))}
+    for key, value in figures.items():
+        if key.startswith("err_"):
+            counts = np.rint(np.asarray(value, dtype=np.float64) * points).astype(np.int64)
+            arrays[f"errors_{key[4:]}"] = counts.astype(arrays["points"].dtype)
+        elif key.startswith("loss_"):
+            arrays[key] = np.asarray(value, dtype=np.float32)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
+            np.savez_compressed(handle, **arrays)
+
+    atomic_write(episodes_path(run_dir), write)
+
+
+def read_episode_results(run_dir: str | os.PathLike) -> Optional[dict[str, Any]]:
+    """{"step", "eval_seed", "points" [E], "k" [E], "err_<method>" [E] (rates), "loss_<method>" [E]} as float64
+    arrays, or None when the run has no episode file; ConfigError naming the file when it is unreadable."""
+    path = episodes_path(run_dir)
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            raw = {key: data[key] for key in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise ConfigError(f"{path}: not a readable episode file ({exc}); re-run the evaluation or delete it") from None
+    missing = [key for key in ("points", "k", "step", "eval_seed") if key not in raw]
+    if missing:
+        raise ConfigError(f"{path}: missing {', '.join(missing)}: not an episode file of this version")
+    points = raw["points"].astype(np.float64)
+    out: dict[str, Any] = {"step": int(raw["step"]), "eval_seed": int(raw["eval_seed"]), "points": points,
+                           "k": raw["k"].astype(np.int64)}
+    for key, value in raw.items():
+        if key.startswith("errors_"):
+            out[f"err_{key[7:]}"] = value.astype(np.float64) / np.maximum(points, 1)
+        elif key.startswith("loss_"):
+            out[key] = value.astype(np.float64)
+    lengths = {key: len(value) for key, value in out.items() if isinstance(value, np.ndarray)}
+    if len(set(lengths.values())) > 1:
+        raise ConfigError(f"{path}: arrays of different lengths {lengths}")
+    return out
 
 
 # ------------------------------------------------------------------------------------------- checkpoints

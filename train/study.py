@@ -16,7 +16,7 @@ import argparse
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from emformer.train.config import package_configs
 from emformer.train.report.build import build_report
@@ -38,10 +38,11 @@ class Outcome:
 
 
 def train_and_report(spec_path: Path, out: Path, parallel: Optional[int] = None,
-                     report_dir: Optional[Path] = None) -> Outcome:
-    """Prepare OUT/sweep from the spec, train what is not done yet (K at a time, the spec's threads each),
-    and write the report to `report_dir` (default OUT/report). Shared by `emformer study` and `emformer demo`."""
-    spec = load_spec(spec_path)
+                     report_dir: Optional[Path] = None, overrides: Sequence[str] = ()) -> Outcome:
+    """Prepare OUT/sweep from the spec (and `overrides`, as `emformer sweep` takes them), train what is not
+    done yet (K at a time, the spec's threads each), and write the report to `report_dir` (default
+    OUT/report). Shared by `emformer study` and `emformer demo`."""
+    spec = load_spec(spec_path, overrides)
     local = LocalOptions.from_dict({"parallel": parallel if parallel is not None else spec.local.parallel,
                                     "threads_per_run": spec.local.threads_per_run}, "--parallel")
     sweep = prepare_sweep(spec, out / "sweep")
@@ -64,11 +65,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--spec", type=Path, default=None,
                         help=f"sweep spec (default: the repository's configs/sweeps/{SPEC})")
     parser.add_argument("--parallel", type=int, default=None, help="runs at once (default: the spec's, 2)")
+    parser.add_argument("overrides", nargs="*", default=[],
+                        help="spec or run config overrides as `emformer sweep` takes them, e.g. sweep.seeds=[5,6,7,8,9] "
+                             "(the replication: `make study-replication`)")
 
 
 def run(args: argparse.Namespace) -> int:
     spec_path = args.spec if args.spec is not None else package_configs() / "sweeps" / SPEC
-    outcome = train_and_report(spec_path, args.out, args.parallel, report_dir=args.out)
+    outcome = train_and_report(spec_path, args.out, args.parallel, report_dir=args.out, overrides=args.overrides)
     print()
     print_summary(outcome.result)
     if outcome.failed:

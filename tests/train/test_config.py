@@ -55,3 +55,19 @@ def test_a_malformed_entry_is_one_line_naming_it(override, message):
     with pytest.raises(ConfigError) as error:
         load_config(DEBUG, [override])
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_eval_and_test_seeds_derive_from_the_training_seed_and_pair_the_configs_of_one_seed():
+    from emformer.data.config import HELD_OUT_SEEDS
+
+    seeds = {}
+    for data_seed in (0, 1, 7):
+        for depth in (1, 4):
+            ev = load_config(DEBUG, [f"data.seed={data_seed}", f"model.depth={depth}"]).eval
+            seeds.setdefault(data_seed, set()).add((ev.seed, ev.test_seed))
+    assert all(len(pairs) == 1 for pairs in seeds.values())  # same eval set for every config of a seed
+    every = [s for pairs in seeds.values() for pair in pairs for s in pair]
+    assert len(set(every)) == len(every) and min(every) >= HELD_OUT_SEEDS  # disjoint, above all training seeds
+    explicit = load_config(DEBUG, ["eval.seed=1000000100"]).eval
+    assert explicit.seed == 1_000_000_100 and explicit.test_seed == 1_000_000_001
+    assert run_name(load_config(DEBUG, ["data.seed=1"])) != run_name(load_config(DEBUG))

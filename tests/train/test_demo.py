@@ -98,7 +98,7 @@ def test_demo_quick_runs_sweep_then_report_end_to_end(tmp_path):
     verdicts = [line for line in done.stdout.splitlines() if line.startswith("  ") and "[1 seed" in line]
     assert verdicts and all("indicative only, below the study's bar of ≥ 5 seeds" in v for v in verdicts)
     assert "docs/study/report.md" in done.stdout
-    assert "on its test set (eval.test_seed = 2000003" in done.stdout  # the summary is on the test set
+    assert "on its test set (eval.test_seed = 1000000001" in done.stdout  # the summary is on the test set
     text = (tmp_path / report_md).read_text()
     assert "## Sample complexity" in text and "States: 4 done." in text
     assert "Family: " in text and "L at N=∞" in text

@@ -73,6 +73,17 @@ def test_run_directory_contents(debug_run):
 
     done = json.loads((run_dir / "DONE").read_text())
     assert done["step"] == 200 and done["val"] == val_rows[-1]
+    # The final evaluation per episode: its means are the final row's figures, on the seed's own eval set.
+    from emformer.train.rundir import read_episode_results
+
+    episodes = read_episode_results(run_dir)
+    assert episodes["step"] == 200 and episodes["eval_seed"] == saved["eval"]["seed"] == 1_000_000_000
+    assert len(episodes["err_model"]) == saved["eval"]["episodes"]
+    for method, key in [("model", "err"), ("model", "loss"), ("em", "err_em"), ("em", "loss_em"),
+                        ("lloyd", "err_lloyd"), ("oracle", "err_oracle"), ("oracle", "loss_oracle"),
+                        ("init", "err_init"), ("init", "loss_init")]:
+        name = f"{key.split('_')[0]}_{method}"
+        assert episodes[name].mean() == pytest.approx(done["val"][key], rel=1e-6), name
 
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     best = torch.load(run_dir / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
@@ -215,8 +226,9 @@ def snapshot(folder: Path) -> dict[Path, bytes]:
     (["trainer.max_steps=many"], "trainer.max_steps"),
     (["model.width=30", "model.heads=4"], "model.width: expected a positive multiple of model.heads (4)"),
     (["strategy=zero9"], "no config 'zero9' in group 'strategy'"),
-    (["eval.seed=0"], "eval.seed: expected a seed different from data.seed"),
-    (["eval.test_seed=1000003"], "eval.test_seed: expected a seed different from data.seed (0) and eval.seed"),
+    (["eval.seed=0"], "eval.seed: expected a seed >= 1_000_000_000 (above every training seed"),
+    (["eval.test_seed=1000000000"], "eval.test_seed: expected a seed different from eval.seed (1000000000)"),
+    (["data.seed=1000000000"], "data.seed: expected an integer in [0, 1_000_000_000)"),
     (["trainer.devices=4096"], "trainer.devices: 4096 requested but this machine has"),
     (["trainer.precision=16-mixed", "trainer.accelerator=cpu"], "trainer.precision: 16-mixed is for GPUs"),
     (["data.source=shards"], "data.shards_dir: expected a directory"),
@@ -243,7 +255,7 @@ def test_shards_that_disagree_with_the_config_are_refused_before_anything_is_wri
     assert not run_dir.exists()
 
 
-@pytest.mark.parametrize("key, seed", [("eval.seed", 1_000_003), ("eval.test_seed", 2_000_003)])
+@pytest.mark.parametrize("key, seed", [("eval.seed", 1_000_000_000), ("eval.test_seed", 1_000_000_001)])
 def test_shards_made_with_a_held_out_seed_are_refused(tmp_path, capsys, key, seed):
     """Shards generated with the eval (or test) seed hold the very episodes the run is scored on."""
     from emformer.data.shards import write_shards

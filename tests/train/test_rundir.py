@@ -90,3 +90,20 @@ def test_run_dirs_on_disk_and_launch_records(tmp_path):
     rundir.write_launch_record(tmp_path, 3, {"pid": 1})
     assert rundir.read_launch_record(tmp_path, 3) == {"pid": 1}
     assert rundir.launch_record_path(tmp_path, 3) == tmp_path / "local" / "3.json"
+
+
+def test_episode_results_round_trip_as_error_counts_and_a_damaged_file_is_named(tmp_path):
+    import numpy as np
+
+    points = np.array([64, 64, 30])
+    figures = {"points": points, "k": np.array([2, 3, 2]), "err_model": np.array([3, 0, 7]) / points,
+               "loss_model": np.array([0.25, 0.125, 1.5]), "err_em": np.array([1, 2, 30]) / points}
+    rundir.write_episode_results(tmp_path, figures, step=40, eval_seed=1_000_000_002)
+    back = rundir.read_episode_results(tmp_path)
+    assert back["step"] == 40 and back["eval_seed"] == 1_000_000_002
+    assert np.array_equal(back["err_model"], figures["err_model"]) and np.array_equal(back["k"], [2, 3, 2])
+    assert np.allclose(back["loss_model"], figures["loss_model"]) and back["err_em"][2] == 1.0
+    assert rundir.read_episode_results(tmp_path / "none") is None
+    rundir.episodes_path(tmp_path).write_bytes(b"not a zip")
+    with pytest.raises(ConfigError, match="episodes.npz: not a readable episode file"):
+        rundir.read_episode_results(tmp_path)

@@ -7,6 +7,7 @@ becomes a problem naming its file and line, and the rest of the file is still us
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ _IGNORED_KEYS = {
     "name", "trainer.progress", "trainer.threads", "trainer.log_every", "trainer.ckpt_every",
     "trainer.accelerator", "trainer.devices", "trainer.num_nodes", "trainer.loggers", "trainer.callbacks",
     "data.num_workers",
+    # derived from data.seed (each seed its own held-out sets): they follow the seed
+    "eval.seed", "eval.test_seed",
     # N replaces these two (pool_size means nothing for fresh episodes)
     "data.source", "data.pool_size",
 }
@@ -77,6 +80,20 @@ class RunRecord:
         if source == "pool":
             return float(data.get("pool_size", 0))
         return None
+
+    @functools.cached_property
+    def episodes(self) -> Optional[dict[str, Any]]:
+        """The final evaluation per eval episode (rundir.read_episode_results), None when the run has none
+        or it is not the final row's (a run extended since): then only the row's means are known."""
+        if not self.complete:
+            return None
+        try:
+            found = rundir.read_episode_results(self.path)
+        except ConfigError as exc:
+            self.problems.append(str(exc))
+            return None
+        final = self.final or {}
+        return found if found is not None and found["step"] == final.get("step") else None
 
     @property
     def final(self) -> Optional[dict[str, Any]]:

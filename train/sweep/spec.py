@@ -35,9 +35,9 @@ from emformer.atomic import atomic_write_text
 from emformer.errors import ConfigError
 from emformer.slurm.launcher import SlurmOptions
 from emformer.train import rundir
-from emformer.train.config import GROUPS, config_hash, load_config, read_yaml_mapping, run_name, validate
+from emformer.train.config import GROUPS, config_hash, finish_config, load_config, read_yaml_mapping, run_name
 
-SPEC_KEYS = ("name", "base", "overrides", "grid", "points", "seeds", "local", "slurm", "wandb")
+SPEC_KEYS = ("name", "base", "overrides", "grid", "points", "seeds", "local", "slurm", "wandb", "report")
 SEED_KEYS = ("trainer.seed", "data.seed")
 _MISSING = object()
 
@@ -64,6 +64,27 @@ class LocalOptions:
 
 
 @dataclass
+class ReportOptions:
+    """What the report needs to know of the design that no run records."""
+
+    smallest_effect: float = 0.01
+    """the smallest change of err per doubling of depth or heads worth having, as a fraction of the family's
+    mean err: inside ± this margin a trend reads NO EFFECT WORTH HAVING (train/report/checks.py)"""
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None, where: str) -> "ReportOptions":
+        values = dict(values or {})
+        unknown = sorted(set(values) - {"smallest_effect"})
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {unknown} in 'report'; known: ['smallest_effect']")
+        effect = values.get("smallest_effect", cls.smallest_effect)
+        if not isinstance(effect, (int, float)) or isinstance(effect, bool) or not 0 < effect < 1:
+            raise ConfigError(f"{where}: report.smallest_effect: expected a fraction of err in (0, 1), e.g. 0.01, "
+                              f"got {effect!r}")
+        return cls(float(effect))
+
+
+@dataclass
 class SweepSpec:
     name: str
     base: Path
@@ -75,6 +96,7 @@ class SweepSpec:
     local: LocalOptions = field(default_factory=LocalOptions)
     slurm: SlurmOptions = field(default_factory=SlurmOptions)
     wandb_group: Optional[str] = None
+    report: ReportOptions = field(default_factory=ReportOptions)
     source: str = "<spec>"
     """where the spec came from, for error messages"""
 
@@ -94,6 +116,7 @@ class SweepSpec:
             "local": dataclasses.asdict(self.local),
             "slurm": dataclasses.asdict(self.slurm),
             "wandb": {"group": self.group},
+            "report": dataclasses.asdict(self.report),
         }
 
 
@@ -235,6 +258,7 @@ def spec_from_dict(data: dict[str, Any], relative_to: Path, source: str, check_b
         local=LocalOptions.from_dict(data.get("local"), where),
         slurm=SlurmOptions.from_dict(data.get("slurm"), where),
         wandb_group=group,
+        report=ReportOptions.from_dict(data.get("report"), where),
         source=source,
     )
 
@@ -286,10 +310,9 @@ class _PointLoader:
         dotted = [i for i in items if i not in groups]
         try:
             if groups not in self._prefixes:
-                self._prefixes[groups] = load_config(self.base, list(groups))
+                self._prefixes[groups] = load_config(self.base, list(groups), finish=False)
             cfg = OmegaConf.merge(self._prefixes[groups], OmegaConf.from_dotlist(dotted))
-            validate(cfg)
-            return cfg  # type: ignore[return-value]
+            return finish_config(cfg)  # type: ignore[arg-type]
         except Exception:  # noqa: BLE001 - load_config raises the ConfigError that names the key
             cfg = load_config(self.base, list(items))
             return cfg
