@@ -86,7 +86,7 @@ def test_study_runs_resumes_and_rebuilds_its_report_from_small_files(tmp_path):
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "8 runs" in first.stdout and "8 to run" in first.stdout
     report_md = out / "report.md"  # beside sweep/, as docs/study/report.md
-    assert "95% t (2 seeds)" in report_md.read_text() and "interval method" in report_md.read_text()
+    assert "95% t (2 seeds; × 32 eval episodes" in report_md.read_text() and "interval method" in report_md.read_text()
 
     # the committed copy: small files only (what docs/study/ holds), in a fresh place
     committed = tmp_path / "committed"

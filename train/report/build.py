@@ -56,11 +56,13 @@ def build_report(sweep_dir: str | Path | Sequence[str | Path], out_dir: str | Pa
     out.mkdir(parents=True, exist_ok=True)
 
     points = checks.group_points(runs)
+    margin = records.smallest_effect(sweep_dirs[0], checks.DEFAULT_SMALLEST_EFFECT)
     sections = Sections(points=points, sample_complexity=checks.sample_complexity(points, runs),
-                        depth=checks.axis_trends(points, "model.depth", runs),
-                        heads=checks.axis_trends(points, "model.heads", runs),
+                        depth=checks.axis_trends(points, "model.depth", runs, margin),
+                        heads=checks.axis_trends(points, "model.heads", runs, margin),
                         separation=checks.separation_trends(points, runs),
-                        beyond=checks.beyond_theory(points, shifted))
+                        beyond=checks.beyond_theory(points, shifted),
+                        em=checks.em_comparisons(points))
 
     from emformer.train.report import plots  # matplotlib only when there is something to draw
 

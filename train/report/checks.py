@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Hashable, Optional, Sequence
 
 import numpy as np
 
 from emformer.data.tasks import TaskSpec, anchored
-from emformer.train.report import scaling
+from emformer.train.report import resample, scaling
 from emformer.train.report.records import SHORT_NAMES, RunRecord, point_values
 
 if TYPE_CHECKING:  # shift.py evaluates checkpoints (torch); the checks only read its results
@@ -107,6 +107,51 @@ def _table(points: Sequence[Point], axis: str, key: str) -> dict[float, dict[Has
     return {float(p.values[axis]): p.final(key) for p in points if p.final(key)}
 
 
+# --------------------------------------------------------------------------- observations
+EPISODE_KEYS = {"err": "err_model", "loss": "loss_model", "err_em": "err_em", "loss_em": "loss_em",
+                "err_lloyd": "err_lloyd", "err_oracle": "err_oracle", "loss_oracle": "loss_oracle",
+                "err_init": "err_init", "loss_init": "loss_init"}
+"""a val row's key -> its per-episode array in a run's episodes.npz"""
+DIFFERENCES = {"err_minus_em": ("err", "err_em")}
+"""derived keys: a difference of two keys, paired episode by episode"""
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def run_value(run: RunRecord, key: str) -> tuple[Optional[float], Optional[np.ndarray]]:
+    """(the final row's value of `key`, its per-episode figures or None) for one run."""
+    if key in DIFFERENCES:
+        (a, a_eps), (b, b_eps) = (run_value(run, k) for k in DIFFERENCES[key])
+        value = a - b if a is not None and b is not None else None
+        return value, (a_eps - b_eps if a_eps is not None and b_eps is not None else None)
+    row = run.final or {}
+    value = float(row[key]) if _finite_number(row.get(key)) else None
+    episodes = run.episodes
+    return value, (episodes.get(EPISODE_KEYS[key]) if episodes is not None and key in EPISODE_KEYS else None)
+
+
+def family_observations(points: Sequence[tuple[float, Point]], keys: Sequence[str]) -> resample.Observations:
+    """Observations of `keys` for points placed at x: each run's final-row values and, where it saved them,
+    the per-episode figures, tagged with its eval set (eval seed, episodes) so draws pair runs on one set."""
+    obs = resample.Observations()
+    for x, point in points:
+        for run in point.runs:
+            episodes = run.episodes
+            eval_set = (episodes["eval_seed"], len(episodes["points"])) if episodes is not None else None
+            for key in keys:
+                value, per_episode = run_value(run, key)
+                if value is not None:
+                    obs.add(key, x, run.seed, value, per_episode, eval_set)
+    return obs
+
+
+def _mean_over(by_slot: dict[Hashable, float], slots: Sequence[Hashable]) -> float:
+    picked = [by_slot[s] for s in slots if s in by_slot]
+    return sum(picked) / len(picked) if picked else math.nan
+
+
 # --------------------------------------------------------------------------- unfinished runs
 def _rest_key(values: dict[str, Any], axis: str) -> str:
     return json.dumps({k: v for k, v in values.items() if k != axis}, sort_keys=True, default=repr)
@@ -173,7 +218,8 @@ class SampleComplexity:
     memorised_by: dict[float, str]
     """memorised N -> which criterion flagged it, in words (see `memorisation_region`)"""
     fitted: list[float]
-    """N outside the memorisation region whose excess clears the paired-SE floor"""
+    """N outside the memorisation region whose excess clears the paired-SE floor (on the data; every bootstrap
+    draw chooses its own, see `complexity_fit`)"""
     not_positive: list[float]
     """N outside the memorisation region whose excess does not clear the floor (left out of the log fits)"""
     floor: dict[float, float]
@@ -193,6 +239,8 @@ class SampleComplexity:
     seeds: int = 0
     other_families: int = 0
     incomplete: list[str] = field(default_factory=list)
+    noise: Optional[tuple[float, float]] = None
+    """(SD of b from all fitted N over the seed draws, over the episode draws): Interval.noise"""
 
     def estimates(self) -> list[tuple[str, scaling.Interval]]:
         return [("all fitted N", self.excess_fit), ("upper half of fitted N", self.upper_fit),
@@ -218,37 +266,30 @@ class SampleComplexity:
 
 @lru_cache(maxsize=32)
 def _init_only_loss_cached(task_json: str, seed: int, episodes: int) -> float:
-    # torch (~2 s of CPU to import): only this check needs episodes; the rest of the report stays without it.
+    # torch (~2 s of CPU to import): only runs that predate loss_init in their val rows need episodes here.
     import torch
 
     from emformer.data.episodes import sample_episodes
+    from emformer.models.baselines import init_figures
 
     spec = TaskSpec(**json.loads(task_json))
-    losses = []
-    for start in range(0, episodes, 256):
-        batch = sample_episodes(spec, seed, range(start, min(episodes, start + 256)))
-        points, init, sigma = batch["points"].double(), batch["init"].double(), batch["sigma"].double()
-        logits = -torch.cdist(points, init).pow(2) / (2 * sigma[:, None, None] ** 2)
-        logits = logits.masked_fill(~batch["kmask"][:, None, :], -math.inf)
-        log_post = logits.log_softmax(-1)
-        labels, mask = batch["labels"].clamp_min(0), batch["mask"]
-        nll = -log_post.gather(-1, labels[..., None])[..., 0]
-        per_episode = (nll * mask).sum(1) / mask.sum(1).clamp_min(1)
-        losses.append(per_episode)
+    losses = [init_figures(sample_episodes(spec, seed, range(start, min(episodes, start + 256))))["loss_init"].double()
+              for start in range(0, episodes, 256)]
     return float(torch.cat(losses).mean())
 
 
 def init_only_loss(config: dict[str, Any]) -> tuple[float, str]:
-    """Test loss of the init alone: the posterior from the initial centroids with the true σ and equal
-    weights, on the run's eval set (eval.seed, eval.episodes). Without an init, log k (a uniform guess)."""
+    """Test loss of the init alone (models.baselines.init_figures) on the run's eval set, for runs whose val
+    rows predate loss_init. Without an init, log k (a uniform guess)."""
+    from emformer.train.config import to_run_config
+
     task = dict(config.get("task", {}))
-    ev = config.get("eval", {})
     if not anchored(task.get("init", "noisy_truth")):
         k = task.get("k_max") or task.get("k", 2)
         return math.log(k), "log k (uniform guess; the task has no init)"
     try:
-        value = _init_only_loss_cached(json.dumps(task, sort_keys=True), int(ev.get("seed", 1_000_003)),
-                                       int(ev.get("episodes", 512)))
+        ev = to_run_config(config).eval
+        value = _init_only_loss_cached(json.dumps(task, sort_keys=True), int(ev.seed), int(ev.episodes))
     except Exception as exc:  # the report must still build; say what was used instead
         k = task.get("k_max") or task.get("k", 2)
         return math.log(k), f"log k (could not compute the init-only loss: {exc})"
@@ -293,25 +334,79 @@ def _paired_se(by_seed: dict[Hashable, float]) -> float:
     return float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) >= 2 else 0.0
 
 
-def excess_estimates(loss: dict[float, dict[Hashable, float]], fresh_loss: dict[Hashable, float],
-                     outside: Sequence[float], **kwargs) -> tuple[list[float], dict[float, float],
-                                                                  tuple[scaling.Interval, ...]]:
-    """(fitted N, N -> floor, (all-points, upper-half, free-asymptote) intervals of b) from test losses.
+@dataclass
+class ComplexityFit:
+    """Every choice and slope of the sample-complexity check on one table (the data, or one bootstrap draw)."""
 
-    `outside`: N outside the memorisation region. An N is fitted when its seed-mean excess over the same
-    seeds' fresh runs clears FLOOR_SES paired standard errors; the log fits need ≥ MIN_FITTED_SIZES of them.
-    The asymptote fit uses every N outside the region (no logarithm, so no floor needed)."""
-    fresh_mean = seed_mean(fresh_loss)
-    excess = {n: {s: v - fresh_loss.get(s, fresh_mean) for s, v in loss[n].items()} for n in outside}
+    memorised_by: dict[float, str]
+    outside: list[float]
+    excess: dict[float, dict[Hashable, float]]
+    floor: dict[float, float]
+    fitted: list[float]
+    gap: dict[float, dict[Hashable, float]]
+    gap_floor: float
+    gap_fitted: list[float]
+    slopes: dict[str, Optional[float]]
+    """all / upper / asymptote / gap -> b (None: no fit)"""
+    asymptote: Optional[tuple[float, float, float]] = None
+
+
+def complexity_fit(tables: resample.Tables, slots: Sequence[Hashable], sizes: Sequence[float]) -> ComplexityFit:
+    """The sample-complexity check on `tables` ("loss", "train_loss" at each N and at ∞; "loss_init" at ∞),
+    from the seeds (or drawn slots) `slots`: the memorisation region, the paired-SE floor, the fitted N and
+    the three estimates of b, plus the gap's. The bootstrap calls this on every draw, so each of these
+    choices is made again in every draw."""
+    loss, train, init = tables.get("loss", {}), tables.get("train_loss", {}), tables.get("loss_init", {})
+    fresh = {s: v for s, v in loss.get(math.inf, {}).items() if s in slots}
+    fresh_mean = _mean_over(fresh, slots)
+    fresh_train = _mean_over(train.get(math.inf, {}), slots)
+    init_loss = _mean_over(init.get(math.inf, {}), slots)
+    present = [n for n in sizes if any(s in loss.get(n, {}) for s in slots)]
+    memorised_by = memorisation_region({n: _mean_over(train.get(n, {}), slots) for n in present},
+                                       {n: _mean_over(loss.get(n, {}), slots) for n in present}, fresh_train, init_loss)
+    outside = [n for n in present if n not in memorised_by]
+    excess = {n: {s: loss[n][s] - fresh.get(s, fresh_mean) for s in slots if s in loss[n]} for n in present}
     floor = {n: FLOOR_SES * _paired_se(excess[n]) for n in outside}
     fitted = [n for n in outside if excess[n] and seed_mean(excess[n]) > max(floor[n], 0.0)]
-    none = scaling.NO_INTERVAL
-    if len(fitted) < MIN_FITTED_SIZES:
-        return fitted, floor, (none, none, none)
-    return fitted, floor, (
-        scaling.excess_power_law_interval(loss, fresh_loss, xs=fitted, **kwargs),
-        scaling.excess_power_law_interval(loss, fresh_loss, xs=fitted[len(fitted) // 2:], **kwargs),
-        scaling.asymptote_interval({n: loss[n] for n in outside if loss[n]}, **kwargs))
+    # The fresh run's own test − train gap is pure sampling noise (two finite episode sets, no memorisation):
+    # a pool gap below it says nothing about N, and its logarithm would steepen the fit at will.
+    gap = {n: {s: loss[n][s] - train[n][s] for s in slots if s in loss[n] and s in train.get(n, {})} for n in present}
+    fresh_gaps = [fresh[s] - train[math.inf][s] for s in slots if s in fresh and s in train.get(math.inf, {})]
+    gap_floor = abs(float(np.mean(fresh_gaps))) if fresh_gaps else 0.0
+    gap_fitted = [n for n in outside if gap[n] and seed_mean(gap[n]) > gap_floor]
+    means = [(n, _mean_over(loss[n], slots)) for n in outside]
+    asymptote = scaling.asymptote_fit([n for n, _ in means], [y for _, y in means]) if len(means) >= 3 else None
+
+    def log_log(points: Sequence[float], table: dict[float, dict[Hashable, float]]) -> Optional[float]:
+        ys = [seed_mean(table[n]) for n in points]
+        if any(not y > 0 for y in ys):
+            return None
+        fit = scaling.line_slope([math.log(n) for n in points], [math.log(y) for y in ys])
+        return None if fit is None else fit[0]
+
+    enough = len(fitted) >= MIN_FITTED_SIZES
+    slopes = {"all": log_log(fitted, excess) if enough else None,
+              "upper": log_log(fitted[len(fitted) // 2:], excess) if enough else None,
+              "asymptote": asymptote[2] if asymptote is not None else None,
+              "gap": log_log(gap_fitted, gap) if len(gap_fitted) >= MIN_FITTED_SIZES else None}
+    return ComplexityFit(memorised_by, outside, excess, floor, fitted, gap, gap_floor, gap_fitted, slopes, asymptote)
+
+
+def complexity_intervals(obs: resample.Observations, sizes: Sequence[float], **kwargs
+                         ) -> tuple[ComplexityFit, dict[str, scaling.Interval]]:
+    """(the fit on the data, name -> interval of all / upper / asymptote / gap) from the same draws. An
+    asymptote whose estimate (on all seeds; on each seed with a t interval) is at an end of its grid is
+    marked unidentified (scaling.asymptote_interval says why)."""
+    fit = complexity_fit(obs.rows, obs.seeds, sizes)
+    intervals = resample.resample(lambda tables, slots: complexity_fit(tables, slots, sizes).slopes, obs, **kwargs)
+    asym = intervals["asymptote"]
+    bases = [[s] for s in obs.seeds] if asym.method == "t" else [obs.seeds]
+    hits = [b for b in (complexity_fit(obs.rows, base, sizes).slopes["asymptote"] for base in bases)
+            if b is not None and scaling.at_grid_bound(b)]
+    if hits:
+        intervals["asymptote"] = replace(asym, unidentified=f"at the bound of the search grid (b = {hits[0]:g}): b is "
+                                                            "not identified by these points")
+    return fit, intervals
 
 
 def combined_verdict(fits: Sequence[scaling.Interval], fitted: Sequence[float]) -> tuple[str, str]:
@@ -343,54 +438,48 @@ def sample_complexity(points: Sequence[Point], runs: Sequence[RunRecord] = ()) -
     family, finite, fresh = candidates[0]
     finite.sort(key=lambda p: p.values["N"])
     sizes = [float(p.values["N"]) for p in finite]
-    fresh_loss = fresh.final("loss")
-    fresh_mean = seed_mean(fresh_loss)
-    fresh_train = fresh.mean("train_loss")
-    init_loss, init_rule = init_only_loss(fresh.config)
-    loss = {float(p.values["N"]): p.final("loss") for p in finite}
+    placed = [(float(p.values["N"]), p) for p in [*finite, fresh]]
+    obs = family_observations(placed, ["loss", "train_loss"])
+    init_rows = family_observations([(math.inf, fresh)], ["loss_init"])
+    if init_rows.rows.get("loss_init"):
+        obs.rows["loss_init"] = init_rows.rows["loss_init"]
+        obs.episodes.update(init_rows.episodes)
+        obs.eval_sets.update(init_rows.eval_sets)
+        init_loss = seed_mean(obs.rows["loss_init"][math.inf])
+        init_rule = "init-only loss (posterior of the initial centroids with the true σ, same eval set)"
+    else:  # runs made before the val rows carried loss_init
+        init_loss, init_rule = init_only_loss(fresh.config)
+        obs.rows["loss_init"] = {math.inf: {s: init_loss for s in fresh.final("loss")}}
+    fit, intervals = complexity_intervals(obs, sizes)
 
-    memorised_by = memorisation_region({float(p.values["N"]): p.mean("train_loss") for p in finite},
-                                       {n: seed_mean(v) for n, v in loss.items()}, fresh_train, init_loss)
-    memorised = sorted(memorised_by)
-    excess = {n: {s: v - fresh_loss.get(s, fresh_mean) for s, v in by_seed.items()} for n, by_seed in loss.items()}
-    gap = {}
-    for p in finite:
-        test, train = p.final("loss"), p.final("train_loss")
-        gap[float(p.values["N"])] = {s: test[s] - train[s] for s in test if s in train}
+    loss = {n: p.final("loss") for n, p in placed if n != math.inf}
+    fresh_loss = fresh.final("loss")
+    fresh_train = fresh.mean("train_loss")
     fresh_test, fresh_train_by_seed = fresh.final("loss"), fresh.final("train_loss")
     fresh_gaps = [fresh_test[s] - fresh_train_by_seed[s] for s in fresh_test if s in fresh_train_by_seed]
-
-    outside = [n for n in sizes if n not in memorised]
-    fitted, floor, (excess_fit, upper_fit, asymptote) = excess_estimates(loss, fresh_loss, outside)
-    not_positive = [n for n in outside if n not in fitted]
-    enough = len(fitted) >= MIN_FITTED_SIZES
-    upper = fitted[len(fitted) // 2:]
-    outside_loss = {n: loss[n] for n in outside if loss[n]}
-    means = sorted((n, seed_mean(v)) for n, v in outside_loss.items())
-    params = scaling.asymptote_fit([n for n, _ in means], [y for _, y in means]) if len(means) >= 3 else None
-    # The fresh run's own test − train gap is pure sampling noise (two finite episode sets, no memorisation):
-    # a pool gap below it says nothing about N, and its logarithm would steepen the fit at will.
-    gap_floor = abs(float(np.mean(fresh_gaps))) if fresh_gaps else 0.0
-    gap_fit_values = {n: gap[n] for n in outside if gap[n] and seed_mean(gap[n]) > gap_floor}
-    gap_fit = scaling.power_law_interval(gap_fit_values) if len(gap_fit_values) >= MIN_FITTED_SIZES \
-        else scaling.NO_INTERVAL
-
+    enough = len(fit.fitted) >= MIN_FITTED_SIZES
+    outside_loss = {n: loss[n] for n in fit.outside if loss[n]}
     every = [*finite, fresh]
     result = SampleComplexity(
         family=label(fresh.values, family_keys(points, "N")),
-        sizes=sizes, excess=excess, gap=gap, loss=loss, fresh_loss=fresh_loss,
+        sizes=sizes, excess=fit.excess, gap=fit.gap, loss=loss, fresh_loss=fresh_loss,
         fresh_gap=float(np.mean(fresh_gaps)) if fresh_gaps else math.nan, fresh_train_loss=fresh_train,
         loss_minus_oracle={float(p.values["N"]): p.mean("loss") - p.mean("loss_oracle") for p in every},
         err_minus_oracle={float(p.values["N"]): p.mean("err") - p.mean("err_oracle") for p in every},
-        init_loss=init_loss, init_loss_rule=init_rule, memorised=memorised, memorised_by=memorised_by, fitted=fitted,
-        not_positive=not_positive, floor=floor, excess_fit=excess_fit, upper_fit=upper_fit, asymptote_fit=asymptote,
-        gap_fit=gap_fit, upper_fitted=upper if enough else [], asymptote_sizes=sorted(outside_loss),
-        asymptote_params=params, gap_fitted=sorted(gap_fit_values),
+        init_loss=init_loss, init_loss_rule=init_rule, memorised=sorted(fit.memorised_by),
+        memorised_by=fit.memorised_by, fitted=fit.fitted,
+        not_positive=[n for n in fit.outside if n not in fit.fitted], floor=fit.floor,
+        excess_fit=intervals["all"] if enough else scaling.NO_INTERVAL,
+        upper_fit=intervals["upper"] if enough else scaling.NO_INTERVAL,
+        asymptote_fit=intervals["asymptote"] if enough else scaling.NO_INTERVAL,
+        gap_fit=intervals["gap"] if len(fit.gap_fitted) >= MIN_FITTED_SIZES else scaling.NO_INTERVAL,
+        upper_fitted=fit.fitted[len(fit.fitted) // 2:] if enough else [], asymptote_sizes=sorted(outside_loss),
+        asymptote_params=fit.asymptote, gap_fitted=fit.gap_fitted,
         seeds=len({s for p in every for s in p.final("loss")}), other_families=len(candidates) - 1,
-        incomplete=unfinished_members(family, runs, "N"),
+        incomplete=unfinished_members(family, runs, "N"), noise=intervals["all"].noise,
     )
-    result.excess_intercept = _intercept({n: excess[n] for n in fitted}, excess_fit)
-    result.gap_intercept = _intercept(gap_fit_values, gap_fit)
+    result.excess_intercept = _intercept({n: fit.excess[n] for n in fit.fitted}, result.excess_fit)
+    result.gap_intercept = _intercept({n: fit.gap[n] for n in fit.gap_fitted}, result.gap_fit)
     return result
 
 
@@ -406,6 +495,26 @@ def _intercept(values: dict[float, dict[Hashable, float]], fit: scaling.Interval
 
 
 # --------------------------------------------------------------------------- depth and heads
+FALLS, RISES, NO_EFFECT = "FALLS", "RISES", "NO EFFECT WORTH HAVING"
+DEFAULT_SMALLEST_EFFECT = 0.01
+"""the margin when the sweep spec declares none (report.smallest_effect): 1% of err per doubling"""
+
+
+def equivalence_verdict(interval: scaling.Interval, margin: float) -> str:
+    """NO EFFECT WORTH HAVING when the whole interval lies inside (−margin, +margin) (both one-sided tests
+    reject an effect of the margin's size); else FALLS when it lies below 0, RISES when above; else
+    INCONCLUSIVE; NOT ENOUGH DATA without an interval."""
+    if not interval.ok:
+        return scaling.NO_DATA
+    if -margin < interval.low and interval.high < margin:
+        return NO_EFFECT
+    if interval.high < 0:
+        return FALLS
+    if interval.low > 0:
+        return RISES
+    return scaling.INCONCLUSIVE
+
+
 @dataclass
 class AxisTrend:
     axis: str
@@ -419,15 +528,32 @@ class AxisTrend:
     err_em: float
     err_oracle: float
     fit: scaling.Interval
+    """change of err per doubling"""
+    relative_fit: scaling.Interval = scaling.NO_INTERVAL
+    """the same as a fraction of the family's mean err (what the margin is in)"""
+    margin: float = DEFAULT_SMALLEST_EFFECT
     incomplete: list[str] = field(default_factory=list)
+    noise: Optional[tuple[float, float]] = None
+    """(SD of the relative slope over seeds alone, over eval episodes alone)"""
 
     @property
     def verdict(self) -> str:
-        return _unless_unfinished(scaling.verdict(self.fit, 0.0, strict=True), self.incomplete)
+        return _unless_unfinished(equivalence_verdict(self.relative_fit, self.margin), self.incomplete)
 
 
-def axis_trends(points: Sequence[Point], axis: str, runs: Sequence[RunRecord] = ()) -> list[AxisTrend]:
-    """err against `axis` at the largest N in the sweep, one trend per family (e.g. per number of heads)."""
+def trend_slopes(tables: resample.Tables, slots: Sequence[Hashable]) -> dict[str, Optional[float]]:
+    means = sorted(scaling.seed_means(tables.get("err", {}), slots).items())
+    fit = scaling.line_slope([math.log2(x) for x, _ in means], [y for _, y in means]) if means else None
+    level = float(np.mean([y for _, y in means])) if means else math.nan
+    if fit is None:
+        return {"slope": None, "relative": None}
+    return {"slope": fit[0], "relative": fit[0] / level if level > 0 else None}
+
+
+def axis_trends(points: Sequence[Point], axis: str, runs: Sequence[RunRecord] = (),
+                margin: float = DEFAULT_SMALLEST_EFFECT) -> list[AxisTrend]:
+    """err against `axis` at the largest N in the sweep, one trend per family (e.g. per number of heads);
+    `margin`: the smallest relative effect per doubling worth having (the sweep spec's report.smallest_effect)."""
     sizes = [p.values.get("N") for p in points if p.values.get("N") is not None]
     largest = max(sizes) if sizes else None
     at_largest = [p for p in points if p.values.get("N") == largest]
@@ -437,6 +563,8 @@ def axis_trends(points: Sequence[Point], axis: str, runs: Sequence[RunRecord] = 
         family.sort(key=lambda p: p.values[axis])
         xs = [float(p.values[axis]) for p in family]
         err_seeds = _table(family, axis, "err")
+        obs = family_observations([(float(p.values[axis]), p) for p in family], ["err"])
+        fits = resample.resample(trend_slopes, obs)
         trends.append(AxisTrend(
             axis=axis, family=label(family[0].values, others),
             at_n=label({"N": largest}, ["N"]),
@@ -444,12 +572,18 @@ def axis_trends(points: Sequence[Point], axis: str, runs: Sequence[RunRecord] = 
             err_em_depth={float(p.values[axis]): p.mean("err_em_depth") for p in family},
             err_em=float(np.nanmean([p.mean("err_em") for p in family])),
             err_oracle=float(np.nanmean([p.mean("err_oracle") for p in family])),
-            fit=scaling.per_doubling_interval(err_seeds), incomplete=unfinished_members(family, runs, axis),
+            fit=fits["slope"], relative_fit=fits["relative"], margin=margin,
+            incomplete=unfinished_members(family, runs, axis), noise=fits["relative"].noise,
         ))
     return trends
 
 
 # --------------------------------------------------------------------------- separation (minimax rate)
+RATIO_MARGIN = 1 / 32
+"""the ratio check passes when log(err / err_oracle) rises against Δ² by less than this: the model's rate
+exponent is within a quarter of the minimax 1/8 of the oracle's"""
+
+
 @dataclass
 class SeparationTrend:
     family: str
@@ -461,10 +595,18 @@ class SeparationTrend:
     fit: scaling.Interval
     oracle_slope: float
     incomplete: list[str] = field(default_factory=list)
+    ratio_fit: scaling.Interval = scaling.NO_INTERVAL
+    """slope of log(err / err_oracle) against Δ² (0: the model keeps the oracle's rate)"""
+    noise: Optional[tuple[float, float]] = None
+    """(SD of the slope over seeds alone, over eval episodes alone)"""
 
     @property
     def verdict(self) -> str:
         return _unless_unfinished(scaling.verdict(self.fit, RATE_SLOPE), self.incomplete)
+
+    @property
+    def ratio_verdict(self) -> str:
+        return _unless_unfinished(scaling.verdict(self.ratio_fit, RATIO_MARGIN), self.incomplete)
 
     def ratio(self, method: str, delta: float) -> float:
         oracle = self.err["oracle"].get(delta, math.nan)
@@ -474,30 +616,88 @@ class SeparationTrend:
 METHOD_KEYS = {"model": "err", "em": "err_em", "lloyd": "err_lloyd", "oracle": "err_oracle"}
 
 
+def separation_choice(model: dict[float, float], oracle: dict[float, float], resolution: dict[float, float]
+                      ) -> dict[float, str]:
+    """Δ -> why it is left out of the fits (seed means): not well separated, or too few model errors."""
+    excluded = {}
+    for delta in sorted(model):
+        if not oracle.get(delta, math.nan) < ORACLE_FIT_MAX_ERR:
+            excluded[delta] = f"oracle err {oracle.get(delta, math.nan):.3g} ≥ {ORACLE_FIT_MAX_ERR} (not well separated)"
+        elif not model[delta] >= resolution[delta]:
+            excluded[delta] = f"model err {model[delta]:.2g} < {MIN_RESOLVED_ERRORS} errors on the eval set"
+    return excluded
+
+
+def separation_slopes(tables: resample.Tables, slots: Sequence[Hashable],
+                       resolution: dict[float, float]) -> dict[str, Optional[float]]:
+    model = scaling.seed_means(tables.get("err", {}), slots)
+    oracle = scaling.seed_means(tables.get("err_oracle", {}), slots)
+    excluded = separation_choice(model, oracle, resolution)
+    fitted = [d for d in sorted(model) if d not in excluded and oracle.get(d, 0) > 0 and model[d] > 0]
+    if len(fitted) < 2:
+        return {"slope": None, "ratio": None}
+    xs = [d * d for d in fitted]
+    slope = scaling.line_slope(xs, [math.log(model[d]) for d in fitted])
+    ratio = scaling.line_slope(xs, [math.log(model[d] / oracle[d]) for d in fitted])
+    return {"slope": slope[0] if slope else None, "ratio": ratio[0] if ratio else None}
+
+
 def separation_trends(points: Sequence[Point], runs: Sequence[RunRecord] = ()) -> list[SeparationTrend]:
     trends = []
     for family in families(points, "task.separation"):
         family.sort(key=lambda p: p.values["task.separation"])
         deltas = [float(p.values["task.separation"]) for p in family]
         err = {m: {float(p.values["task.separation"]): p.mean(k) for p in family} for m, k in METHOD_KEYS.items()}
-        excluded: dict[float, str] = {}
-        for p, delta in zip(family, deltas):
-            task, ev = p.config.get("task", {}), p.config.get("eval", {})
-            resolution = MIN_RESOLVED_ERRORS / (ev.get("episodes", 512) * task.get("n", 128))
-            if not err["oracle"][delta] < ORACLE_FIT_MAX_ERR:
-                excluded[delta] = f"oracle err {err['oracle'][delta]:.3g} ≥ {ORACLE_FIT_MAX_ERR} (not well separated)"
-            elif not err["model"][delta] >= resolution:
-                excluded[delta] = f"model err {err['model'][delta]:.2g} < {MIN_RESOLVED_ERRORS} errors on the eval set"
+        resolution = {d: MIN_RESOLVED_ERRORS / (p.config.get("eval", {}).get("episodes", 512) *
+                                                p.config.get("task", {}).get("n", 128))
+                      for p, d in zip(family, deltas)}
+        excluded = separation_choice(err["model"], err["oracle"], resolution)
         fitted = [d for d in deltas if d not in excluded]
-        table = {d: p.final("err") for p, d in zip(family, deltas) if d in fitted}
-        fit = scaling.squared_rate_interval(table) if len(fitted) >= 2 else scaling.NO_INTERVAL
+        obs = family_observations(list(zip(deltas, family)), ["err", "err_oracle"])
+        fits = resample.resample(lambda t, s: separation_slopes(t, s, resolution), obs) if len(fitted) >= 2 \
+            else {"slope": scaling.NO_INTERVAL, "ratio": scaling.NO_INTERVAL}
         oracle = scaling.line_slope([d * d for d in fitted if err["oracle"][d] > 0],
                                     [math.log(err["oracle"][d]) for d in fitted if err["oracle"][d] > 0])
         others = family_keys(points, "task.separation")
-        trends.append(SeparationTrend(label(family[0].values, others), deltas, err, fitted, excluded, fit,
+        trends.append(SeparationTrend(label(family[0].values, others), deltas, err, fitted, excluded, fits["slope"],
                                       oracle[0] if oracle else math.nan,
-                                      unfinished_members(family, runs, "task.separation")))
+                                      unfinished_members(family, runs, "task.separation"), fits["ratio"],
+                                      fits["slope"].noise))
     return trends
+
+
+# --------------------------------------------------------------------------- model against EM
+BEATS, LOSES, TIE = "BEATS EM", "LOSES TO EM", "TIE"
+
+
+@dataclass
+class EmComparison:
+    """The model against EM from the same init on one point's eval sets: err − err_EM, paired per episode."""
+
+    point: str
+    err: float
+    err_em: float
+    difference: scaling.Interval
+
+    @property
+    def verdict(self) -> str:
+        if not self.difference.ok:
+            return scaling.NO_DATA
+        return BEATS if self.difference.high < 0 else LOSES if self.difference.low > 0 else TIE
+
+
+def em_comparisons(points: Sequence[Point]) -> list[EmComparison]:
+    """err − err_EM per point with its interval (seeds and, where saved, episodes resampled: the difference
+    is taken episode by episode, so the pairing is exact)."""
+    keys = varying_keys(points)
+    out = []
+    for point in points:
+        obs = family_observations([(0.0, point)], ["err_minus_em"])
+        if not obs.rows:
+            continue
+        interval = resample.resample_one(lambda t, s: _mean_over(t.get("err_minus_em", {}).get(0.0, {}), s), obs)
+        out.append(EmComparison(label(point.values, keys), point.mean("err"), point.mean("err_em"), interval))
+    return sorted(out, key=lambda c: c.point)
 
 
 # --------------------------------------------------------------------------- beyond the theory
@@ -532,9 +732,13 @@ class SettingRow:
     se: float
     """paired standard error of the difference (see `se_method`); nan when there is none"""
     se_method: str
+    interval: Optional[scaling.Interval] = None
+    """the difference's interval where the runs saved their episodes (then it decides, not the SE)"""
 
     @property
     def beats_em(self) -> str:
+        if self.interval is not None and self.interval.ok:
+            return "yes" if self.interval.high < 0 else "no" if self.interval.low > 0 else "tie (interval covers 0)"
         if not (math.isfinite(self.se) and self.se > 0):
             return f"undecided (no standard error: {self.se_method})"
         if self.difference < -BEATS_EM_SES * self.se:
@@ -546,6 +750,8 @@ class SettingRow:
     def describe_difference(self) -> str:
         if not math.isfinite(self.difference):
             return "n/a"
+        if self.interval is not None and self.interval.ok:
+            return f"{self.difference:+.4f} {self.interval.describe(4)}"
         return f"{self.difference:+.4f} ± {self.se:.4f}" if math.isfinite(self.se) else f"{self.difference:+.4f}"
 
 
@@ -554,21 +760,23 @@ def _setting_row(name: str, outside: list[str], table: dict[str, dict[Hashable, 
     """table: metric (err, err_em, err_lloyd, err_oracle) -> seed -> value; episode_se: seed -> the paired
     per-episode SE of err − err_em of that seed's run (when its episodes were scored, as --test-shift does).
 
-    The SE is the larger of the one over seeds (≥ 2 seeds; every seed is scored on the same eval set, so
-    this misses the episode noise) and the mean per-episode one (which misses the seed noise)."""
+    The SE combines the two sources in quadrature: the paired SE over seeds (≥ 2 seeds) and the per-episode
+    SE of the seed mean, sqrt(mean of the seeds' squared per-episode SEs / seeds). With one eval set per
+    seed the first already holds some episode noise, so the sum errs on the wide side."""
     err, em = table.get("err", {}), table.get("err_em", {})
     seeds = [s for s in err if s in em]
     diffs = [err[s] - em[s] for s in seeds]
-    candidates, methods = [], []
+    variance, methods = 0.0, []
     if len(diffs) >= 2:
-        candidates.append(float(np.std(diffs, ddof=1) / math.sqrt(len(diffs))))
+        variance += float(np.var(diffs, ddof=1) / len(diffs))
         methods.append(f"paired over {len(diffs)} seeds")
     per_episode = [episode_se[s] for s in seeds if episode_se and s in episode_se]
     if per_episode:
-        candidates.append(float(np.mean(per_episode)))
+        variance += float(np.mean(np.square(per_episode)) / len(per_episode))
         methods.append("paired per episode")
-    se = max(candidates) if candidates else math.nan
-    method = " / ".join(methods) if methods else f"{len(diffs)} seed, episodes not scored"
+    se = math.sqrt(variance) if methods else math.nan
+    method = " + ".join(methods) + (" (in quadrature)" if len(methods) > 1 else "") if methods \
+        else f"{len(diffs)} seed, episodes not scored"
     mean = {key: seed_mean(table.get(key, {})) for key in ("err", "err_em", "err_lloyd", "err_oracle")}
     return SettingRow(name, outside, len(seeds), mean["err"], mean["err_em"], mean["err_lloyd"], mean["err_oracle"],
                       float(np.mean(diffs)) if diffs else math.nan, se, method)
@@ -581,8 +789,13 @@ def beyond_theory(points: Sequence[Point], shifted: Sequence["ShiftResult"] = ()
         return None
     keys = varying_keys(points)  # every key that tells the points apart, so no two rows share a name
     metrics = ("err", "err_em", "err_lloyd", "err_oracle")
-    rows = [_setting_row(label(p.values, keys), outside_theory(p.values), {m: p.final(m) for m in metrics})
-            for p in points]
+    rows = []
+    for p in points:
+        row = _setting_row(label(p.values, keys), outside_theory(p.values), {m: p.final(m) for m in metrics})
+        compared = em_comparisons([p])
+        if compared and compared[0].difference.ok and compared[0].difference.method == "two-level bootstrap":
+            row.interval, row.se_method = compared[0].difference, compared[0].difference.label
+        rows.append(row)
     by_run = {}
     for result in shifted:
         if result.metrics:

@@ -12,7 +12,7 @@ from typing import Any, Optional, Sequence
 from emformer.train import rundir
 from emformer.train.report import checks, scaling
 from emformer.train.report.result import FIGURES, NOT_IN_SWEEP, ReportResult
-from emformer.train.report.summary import fmt, size_set, unfinished_note, unidentified_note
+from emformer.train.report.summary import fmt, percent, size_set, unfinished_note, unidentified_note
 
 
 def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -46,7 +46,9 @@ def render(result: ReportResult, sweep_dirs: Sequence[Path], names: Sequence[str
     out += ["", *_sample_section(s.sample_complexity)]
     out += ["", *_axis_section(s.depth, s.heads)]
     out += ["", *_separation_section(s.separation)]
+    out += ["", *_em_section(s.em)]
     out += ["", *_beyond_section(s.beyond)]
+    out += ["", *_noise_section(s)]
     out += ["", *_rules_section()]
     return "\n".join(out) + "\n"
 
@@ -85,7 +87,9 @@ def _sample_section(sc: Optional[checks.SampleComplexity]) -> list[str]:
                f"Memorised (shaded, out of every fit): {flagged}. Floor: an N enters the two log-log "
                f"fits only when its seed-mean excess (paired with the same seed's fresh run) exceeds "
                f"{checks.FLOOR_SES:g} paired standard errors over seeds; below the floor: "
-               f"{', '.join(str(int(n)) for n in sc.not_positive) or 'none'}."
+               f"{', '.join(str(int(n)) for n in sc.not_positive) or 'none'}. These choices are on the data; "
+               "every bootstrap draw makes all of them again on its own resampled table (region, floor, fitted N, "
+               "upper half), so the intervals include the uncertainty of the choices."
                + (f" **The fresh run's own test loss ({fmt(fresh, 4)}) is "
                   "no better than the init alone: the runs are too short to have learned.**"
                   if fresh >= sc.init_loss else ""))
@@ -133,7 +137,12 @@ def _axis_section(depth: list[checks.AxisTrend], heads: list[checks.AxisTrend]) 
     out.append("Theory: each layer can carry out one EM step, so err should fall with depth L towards EM run for L "
                "iterations; more heads M approximate the softmax of the E-step better. Measured at the largest N of "
                "the sweep; the check is the least-squares slope of err against log2 L (or log2 M), i.e. the "
-               "change of err per doubling, with its interval over seeds (method named next to it).")
+               "change of err per doubling, divided by the family's mean err: a relative change per doubling, with "
+               "its interval (method named next to it). Verdict, against the smallest effect worth having that the "
+               "sweep spec declares (report.smallest_effect, a fraction of err per doubling): "
+               f"{checks.NO_EFFECT} when the whole interval lies inside ± that margin (both one-sided tests reject an "
+               f"effect of its size), else {checks.FALLS} when the whole interval is below 0, {checks.RISES} when above, "
+               "else INCONCLUSIVE.")
     for trends, axis, short in ((depth, "model.depth", "L"), (heads, "model.heads", "M")):
         if not trends:
             out += ["", f"{short}: {NOT_IN_SWEEP}."]
@@ -145,9 +154,11 @@ def _axis_section(depth: list[checks.AxisTrend], heads: list[checks.AxisTrend]) 
                 em = trend.err_em_depth.get(x, math.nan) if short == "L" else trend.err_em
                 rows.append((int(x), fmt(trend.err[x]), fmt(em), fmt(trend.err_oracle),
                              fmt(trend.err[x] / em if em and em > 0 else math.nan)))
+            rel = trend.relative_fit
             out += ["", f"{short} at {trend.at_n}, {trend.family}: slope {fmt(trend.fit.estimate)} per doubling "
-                        f"{trend.fit.describe(4)} ({trend.fit.label}): **{trend.verdict}**"
-                        f"{unfinished_note(trend.incomplete)}", "", md_table(header, rows)]
+                        f"{trend.fit.describe(4)}, relative {percent(rel.estimate)} [{percent(rel.low)}, "
+                        f"{percent(rel.high)}] of err per doubling ({rel.label}; margin ±{100 * trend.margin:g}%): "
+                        f"**{trend.verdict}**{unfinished_note(trend.incomplete)}", "", md_table(header, rows)]
     return out
 
 
@@ -159,15 +170,61 @@ def _separation_section(trends: list[checks.SeparationTrend]) -> list[str]:
     out.append(f"The optimal mis-clustering rate is exp(−(1+o(1))Δ²/8). Fit: least squares of log err_model against "
                f"Δ² over Δ where the oracle err is < {checks.ORACLE_FIT_MAX_ERR} (well separated) and the model makes "
                f"≥ {checks.MIN_RESOLVED_ERRORS} errors on the eval set (resolved); check: slope ≤ −1/8. At finite Δ "
-               "the oracle's own slope is steeper than −1/8 (Φ(−Δ/2) has a polynomial factor), shown for comparison.")
+               "the oracle's own slope is steeper than −1/8 (Φ(−Δ/2) has a polynomial factor), shown for comparison. "
+               "That slope cannot tell the model from the oracle: any error that is a constant multiple of the "
+               "oracle's passes. The rate claim itself is tested by the slope of log(err / err_oracle) against Δ² "
+               f"over the same Δ: flat means the model keeps the oracle's rate; the check passes when the whole "
+               f"interval is ≤ {fmt(checks.RATIO_MARGIN)} (a quarter of the minimax exponent 1/8). The Δ left out "
+               "are chosen on the data and again inside every bootstrap draw.")
     for trend in trends:
         rows = [(fmt(d), *(fmt(trend.err[m].get(d)) for m in ("model", "em", "lloyd", "oracle")),
                  fmt(trend.ratio("model", d)), fmt(trend.ratio("em", d)),
                  "fitted" if d in trend.fitted else f"excluded: {trend.excluded[d]}") for d in trend.deltas]
         out += ["", f"{trend.family}: slope {fmt(trend.fit.estimate)} {trend.fit.describe(3)} ({trend.fit.label}; "
-                    f"oracle {fmt(trend.oracle_slope)}): **{trend.verdict}**{unfinished_note(trend.incomplete)}", "",
+                    f"oracle {fmt(trend.oracle_slope)}): **{trend.verdict}**{unfinished_note(trend.incomplete)}. "
+                    f"Ratio slope {fmt(trend.ratio_fit.estimate)} {trend.ratio_fit.describe(4)}: "
+                    f"**{trend.ratio_verdict}**.", "",
                 md_table(["Δ", "model", "EM", "Lloyd", "oracle", "model / oracle", "EM / oracle", "fit"], rows)]
     return out
+
+
+def _em_section(rows: Sequence[checks.EmComparison]) -> list[str]:
+    out = ["## The model against EM from the same init", ""]
+    if not rows:
+        return out + ["No point has both err and err_em in its final row."]
+    out.append("err − err_EM at every point: EM runs from the init the model is given, on the same eval episodes, "
+               "so the difference is taken episode by episode. Its interval resamples seeds and, where the runs "
+               f"saved them, the eval episodes (method named). {checks.BEATS} when the whole interval is below 0, "
+               f"{checks.LOSES} when above, {checks.TIE} otherwise.")
+    return out + ["", md_table(["point", "err model", "err EM", "err − err_EM", "interval", "method", "verdict"],
+                               [(r.point, fmt(r.err), fmt(r.err_em), fmt(r.difference.estimate),
+                                 r.difference.describe(4), r.difference.label, f"**{r.verdict}**") for r in rows])]
+
+
+def _noise_section(s: Any) -> list[str]:
+    """Each check's statistic resampled over one source at a time: the seeds, or the eval episodes."""
+    rows = []
+    if s.sample_complexity is not None and s.sample_complexity.noise:
+        rows.append(("sample complexity: b from all fitted N", *s.sample_complexity.noise))
+    for trend in [*s.depth, *s.heads]:
+        if trend.noise:
+            rows.append((f"{'depth L' if trend.axis == 'model.depth' else 'heads M'}: relative change per doubling "
+                         f"({trend.family})", *trend.noise))
+    for trend in s.separation:
+        if trend.noise:
+            rows.append((f"separation: slope of log err vs Δ² ({trend.family})", *trend.noise))
+    out = ["## Noise budget: seeds against eval episodes", ""]
+    if not rows:
+        return out + ["The runs saved no per-episode results (episodes.npz), so the eval episodes' share of the "
+                      "noise cannot be told apart from the seeds'."]
+    out.append("The SD of each check's statistic over the bootstrap draws that resample only the training seeds (the "
+               "eval episodes held as they are) and over those that resample only the eval episodes (the seeds "
+               "held). Every seed has its own eval set, so the seeds' spread holds that eval noise too: a ratio "
+               "well below 1 means the seeds' own differences dominate and a larger eval set would change little; "
+               "a ratio near or above 1 means the seed-to-seed differences of that statistic are mostly eval noise, "
+               "and a larger eval set (eval.episodes) would narrow its interval.")
+    return out + ["", md_table(["statistic", "SD from the seeds", "SD from the eval episodes", "episodes / seeds"],
+                               [(name, fmt(a), fmt(b), fmt(b / a if a > 0 else math.nan, 2)) for name, a, b in rows])]
 
 
 def _beyond_section(rows: Optional[list[checks.SettingRow]]) -> list[str]:
@@ -177,8 +234,9 @@ def _beyond_section(rows: Optional[list[checks.SettingRow]]) -> list[str]:
                       "noise (configs/sweeps/beyond.yaml has them), and no --test-shift was asked for."]
     out.append(f"Model err against EM err (same init, same eval set) per setting. 'beats EM' is yes when err − err_EM "
                f"is below −{checks.BEATS_EM_SES:g} paired standard errors, no when above +{checks.BEATS_EM_SES:g}, tie "
-               "otherwise (as benchmarks/bench_quality.py decides). The SE is the larger of the paired SE over seeds "
-               "and, where the episodes were scored (rows 'test ...'), the mean paired per-episode SE; with one seed "
+               "otherwise (as benchmarks/bench_quality.py decides). Where the runs saved their episodes the interval of "
+               "the two-level bootstrap decides instead (yes / no when it excludes 0); on rows 'test ...' the SE "
+               "combines the paired SE over seeds and the per-episode one in quadrature; with one seed "
                "and no scored episodes there is none and the row is undecided. Rows marked 'test ...' evaluate the "
                "run's checkpoint (best, else last) on its test set (eval.test_seed) drawn with those task values "
                "(`emformer report --test-shift task.n=128`), EM and the oracle on the same episodes.")
@@ -194,10 +252,21 @@ def _rules_section() -> list[str]:
             f"- Values are from each run's last val row (highest step) in {rundir.METRICS}; a point is the set of runs "
             "with equal configs up to trainer.seed / data.seed, and its value is the mean over those seeds.",
             "- N = data.pool_size for data.source=pool, ∞ for data.source=fresh.",
-            "- Slopes are least-squares fits on seed means. 95% intervals, named next to each: with ≥ "
-            f"{scaling.MIN_SEEDS_FOR_BOOTSTRAP} seeds a percentile seed bootstrap ({scaling.N_BOOT} draws, generator "
-            "seed 0; a draw without a fit counts as beyond either end); with 2–4 seeds a Student t interval over the "
-            "per-seed estimates (seeds − 1 degrees of freedom); with 1 seed none (NOT ENOUGH DATA).",
+            "- Slopes are least-squares fits on seed means. 95% intervals, named next to each (train/report/resample.py): "
+            f"with ≥ {scaling.MIN_SEEDS_FOR_BOOTSTRAP} seeds a two-level bootstrap t interval ({scaling.N_BOOT} draws "
+            "per level, generator seed 0). One set of draws resamples the seeds with replacement; one resamples the "
+            "eval episodes (multinomial weights, one vector per eval set: every config of one seed shares its set, "
+            "so contrasts stay paired episode by episode); one does the same with a vector per eval set and seed. "
+            "Every draw makes every data-dependent choice of the check again. Variance: S/(S−1)·v_seeds + the share "
+            "of eval sets common to several seeds, S/(S−1)·E/(E−1)·max(v_episodes − v_per_seed, 0), each v the "
+            "square of half the 15.9–84.1 percentile range of its draws; interval: estimate ± t_{S−1}·sqrt(variance). "
+            "Each seed has its own eval set (eval.seed derives from data.seed), so its eval noise is in the seeds' "
+            "spread and the shared share is ~0; in sweeps whose seeds share one set it is that set's noise. "
+            "A plain percentile interval of 5 seeds covers ~84% for a claimed 95%; the simulated studies of "
+            "tests/train/report/test_calibration.py print this one's coverage and false-verdict rates. A draw "
+            "without a fit counts as beyond either end. Without episode files only the seeds are resampled (the "
+            "method says so); with 2–4 seeds the seeds' share is the spread of the per-seed estimates; with 1 seed "
+            "no interval (NOT ENOUGH DATA).",
             "- A check whose family has an unfinished (no DONE) or diverged (non-finite final loss) run is "
             "INCONCLUSIVE and names the runs.",
             "- test loss_N − test loss_∞ uses the mean fresh-run loss over the same drawn seeds; the train/test gap "

@@ -183,3 +183,17 @@ def sweep_name(sweep_dir: Path) -> str:
         except yaml.YAMLError:
             pass
     return Path(sweep_dir).resolve().name
+
+
+def smallest_effect(sweep_dir: Path, default: float) -> float:
+    """The sweep spec's report.smallest_effect (sweep.yaml), `default` when it declares none."""
+    spec = rundir.spec_path(sweep_dir)
+    if spec.is_file():
+        try:
+            data = yaml.safe_load(spec.read_text()) or {}
+        except yaml.YAMLError:
+            return default
+        value = (data.get("report") or {}).get("smallest_effect") if isinstance(data, dict) else None
+        if isinstance(value, (int, float)) and 0 < value < 1:
+            return float(value)
+    return default

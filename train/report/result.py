@@ -39,6 +39,7 @@ class Sections:
     heads: list[checks.AxisTrend]
     separation: list[checks.SeparationTrend]
     beyond: Optional[list[checks.SettingRow]]
+    em: list[checks.EmComparison]
 
 
 @dataclass

@@ -17,6 +17,13 @@ def fmt(value: float, digits: int = 3) -> str:
     return f"{value:.{digits}g}"
 
 
+def percent(value: float, digits: int = 2) -> str:
+    """A relative figure as a signed percentage ("-0.33%"); n/a when not finite."""
+    if value is None or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return "n/a"
+    return f"{100 * value:+.{digits}f}%"
+
+
 def unfinished_note(incomplete: Sequence[str]) -> str:
     return f" INCONCLUSIVE because these runs of the family did not finish or diverged: {'; '.join(incomplete)}." \
         if incomplete else ""
@@ -64,15 +71,18 @@ def summary_rows(sections: Sections) -> list[Check]:
                           f"|gap|): {sample.gap_verdict}.{unfinished_note(sample.incomplete)}", method=gap.label))
     for trends, axis, word in ((depth, "model.depth", "depth L"), (heads, "model.heads", "heads M")):
         if not trends:
-            rows.append(Check(f"err falls with {word}", "—", "—", "—", "Δerr per doubling < 0", NOT_IN_SWEEP,
+            rows.append(Check(f"err against {word}", "—", "—", "—", "falls", NOT_IN_SWEEP,
                               f"The sweep varies no {word} with everything else fixed."))
         for trend in trends:
+            rel = trend.relative_fit
+            target = f"falls; no effect inside ±{100 * trend.margin:g}% of err per doubling"
             sentence = (f"At {trend.at_n}, {trend.family}: err changes by {fmt(trend.fit.estimate)} per doubling of "
-                        f"{word} ({trend.fit.label} {trend.fit.describe(4)}): {trend.verdict}."
-                        f"{unfinished_note(trend.incomplete)}")
-            rows.append(Check(f"err falls with {word} ({trend.family})", FIGURES["depth_heads"], fmt(trend.fit.estimate),
-                              trend.fit.describe(4), "Δerr per doubling < 0", trend.verdict, sentence,
-                              method=trend.fit.label))
+                        f"{word} ({trend.fit.describe(4)}), i.e. {percent(rel.estimate)} of err per doubling "
+                        f"({rel.label} [{percent(rel.low)}, {percent(rel.high)}]; margin ±{100 * trend.margin:g}%): "
+                        f"{trend.verdict}.{unfinished_note(trend.incomplete)}")
+            rows.append(Check(f"err against {word} ({trend.family}), relative change per doubling", FIGURES["depth_heads"],
+                              percent(rel.estimate), f"[{percent(rel.low)}, {percent(rel.high)}]" if rel.ok else "n/a",
+                              target, trend.verdict, sentence, method=rel.label))
     if not separation:
         rows.append(Check("minimax rate: log err ∝ −Δ²/8", "—", "—", "—", "slope ≤ −0.125", NOT_IN_SWEEP,
                           "The sweep varies no separation Δ with everything else fixed."))
@@ -84,6 +94,24 @@ def summary_rows(sections: Sections) -> list[Check]:
         rows.append(Check(f"minimax rate: slope of log err vs Δ² ({trend.family})", FIGURES["separation"],
                           fmt(trend.fit.estimate), trend.fit.describe(3), "slope ≤ −0.125", trend.verdict, sentence,
                           method=trend.fit.label))
+        ratio = trend.ratio_fit
+        rows.append(Check(f"minimax rate: slope of log(err / err_oracle) vs Δ² ({trend.family})", FIGURES["separation"],
+                          fmt(ratio.estimate), ratio.describe(4), f"slope ≤ {fmt(checks.RATIO_MARGIN)}",
+                          trend.ratio_verdict,
+                          f"{trend.family}: log(err / err_oracle) changes against Δ² by {fmt(ratio.estimate)} "
+                          f"({ratio.label} {ratio.describe(4)}): {trend.ratio_verdict} (flat: the model keeps the "
+                          f"oracle's rate; the check allows a rise up to {fmt(checks.RATIO_MARGIN)}, a quarter of the "
+                          f"minimax exponent).{unfinished_note(trend.incomplete)}", method=ratio.label))
+    em = sections.em
+    if em:
+        counts = collections.Counter(c.verdict for c in em)
+        method = em[0].difference.label
+        rows.append(Check("model vs EM from the same init (every point)", "table",
+                          ", ".join(f"{counts[v]} {v}" for v in (checks.BEATS, checks.TIE, checks.LOSES) if counts[v]),
+                          "see below", "err − err_EM < 0", "—",
+                          f"Against EM from the same init on the same eval episodes, the model "
+                          f"{'; '.join(f'{v.lower()} at {counts[v]} of {len(em)} points' for v in (checks.BEATS, checks.TIE, checks.LOSES) if counts[v])} "
+                          f"({method}).", method=method))
     if beyond is None:
         rows.append(Check("beyond the theory: model vs EM", "—", "—", "—", "err < err_EM", NOT_IN_SWEEP,
                           "No run of the sweep is outside the theory's assumptions."))

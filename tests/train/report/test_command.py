@@ -21,8 +21,9 @@ from emformer.train.config import load_config, run_name, save_yaml
 
 CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 BASE = ["eval.episodes=64", "wandb.mode=disabled", "trainer.max_steps=200", "trainer.val_every=100"]
-INIT_LOSS = 0.2052  # init-only loss of configs/debug.yaml's task on eval.episodes=64 (computed by the report;
-# recorded at EPISODES_VERSION 4: 0.2187 at 3)
+INIT_LOSS = 0.2250  # init-only loss of configs/debug.yaml's task on eval.episodes=64 of seed 0's eval set
+# (eval.seed 1_000_000_000; computed by the report, as these fabricated rows carry no loss_init; recorded at
+# EPISODES_VERSION 5; 0.2052 on the eval.seed 1_000_003 that every seed shared before)
 
 
 def _phi(x: float) -> float:
@@ -142,8 +143,8 @@ def test_the_checks_come_out_as_the_fabricated_laws_say(built):
     finished = checks.sample_complexity(result.sections.points, [r for r in result.runs if r.complete])
     assert finished.excess_verdict == "PASS", finished.verdict_and_reason
     assert finished.gap_fit.estimate == pytest.approx(-0.9, abs=0.05) and finished.gap_verdict == "PASS"
-    assert [t.verdict for t in result.sections.depth] == ["PASS"]
-    assert [t.verdict for t in result.sections.heads] == ["PASS"]
+    assert [t.verdict for t in result.sections.depth] == [checks.FALLS]
+    assert [t.verdict for t in result.sections.heads] == [checks.FALLS]
     (sep,) = result.sections.separation
     assert 2.0 in sep.excluded and sep.fitted == [3.0, 4.0, 5.0]
     beyond = {r.setting: r for r in result.sections.beyond}

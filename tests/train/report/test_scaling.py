@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from emformer.train.report import checks, scaling
+from emformer.train.report import checks, resample, scaling
 
 
 def _synthetic_excess(exponent: float, seeds: int, noise: float, rng_seed: int = 0):
@@ -39,7 +39,7 @@ def test_excess_slope_recovers_a_known_exponent_and_the_interval_covers_it(expon
     values, reference = _synthetic_excess(exponent, seeds=5, noise=0.1)
     interval = scaling.excess_power_law_interval(values, reference, n_boot=500)
     assert interval.method == "seed bootstrap" and interval.n_seeds == 5
-    assert interval.label == "95% seed bootstrap (5 seeds, 500 draws)"
+    assert interval.label == "95% seed bootstrap t (5 seeds, 500 draws; eval episodes not resampled)"
     assert interval.estimate == pytest.approx(exponent, abs=0.08)
     assert interval.low <= exponent <= interval.high
     assert interval.high - interval.low < 0.3
@@ -47,7 +47,7 @@ def test_excess_slope_recovers_a_known_exponent_and_the_interval_covers_it(expon
 
 def test_the_interval_method_follows_the_number_of_seeds():
     for seeds, method, label in ((2, "t", "95% t (2 seeds)"), (4, "t", "95% t (4 seeds)"),
-                                 (5, "seed bootstrap", "95% seed bootstrap (5 seeds, 200 draws)")):
+                                 (5, "seed bootstrap", "95% seed bootstrap t (5 seeds, 200 draws; eval episodes not resampled)")):
         values, reference = _synthetic_excess(-1.0, seeds=seeds, noise=0.1)
         interval = scaling.excess_power_law_interval(values, reference, n_boot=200)
         assert (interval.method, interval.label) == (method, label) and interval.ok
@@ -146,8 +146,12 @@ def _simulated_study(rng, tail_slope: float, cliff: bool = False, seeds: int = 5
 
 
 def _verdict(loss, fresh, n_boot: int = 300) -> str:
-    fitted, _, fits = checks.excess_estimates(loss, fresh, SIZES, n_boot=n_boot)
-    return checks.combined_verdict(fits, fitted)[0]
+    """The sample-complexity verdict of the report on these test losses (train losses equal to them and a
+    high init-only loss, so no N is memorised)."""
+    tables = {"loss": {**loss, math.inf: fresh}, "train_loss": {**loss, math.inf: fresh},
+              "loss_init": {math.inf: {s: 10.0 for s in fresh}}}
+    fit, intervals = checks.complexity_intervals(resample.Observations.of(tables), SIZES, n_boot=n_boot)
+    return checks.combined_verdict([intervals[n] for n in ("all", "upper", "asymptote")], fit.fitted)[0]
 
 
 def test_a_cliff_followed_by_a_flat_tail_never_passes():
@@ -156,11 +160,14 @@ def test_a_cliff_followed_by_a_flat_tail_never_passes():
     assert scaling.PASS not in verdicts, verdicts
 
 
-STUDIES = 100  # per true b: a rate under 0.05 allows at most 4 passes; 200 once measured 0.000 and 0.995
+STUDIES = 100  # per true b: a rate under 0.05 allows at most 4 passes
 
 
 @pytest.mark.slow
-def test_simulated_studies_pass_rarely_at_b_minus_0_3_and_mostly_at_b_minus_1(capsys):
+def test_simulated_studies_pass_rarely_at_b_minus_0_3_and_more_often_than_not_at_b_minus_1(capsys):
+    """Power, beside the calibration of tests/train/report/test_calibration.py: at this noise the t interval
+    over 5 seeds (wider than the percentile one it replaced, which covered ~84%) still passes b = −1 in most
+    studies."""
     rng = np.random.default_rng(0)
     rates = {}
     for slope in (-0.3, -1.0):
@@ -169,7 +176,7 @@ def test_simulated_studies_pass_rarely_at_b_minus_0_3_and_mostly_at_b_minus_1(ca
     with capsys.disabled():
         print(f"\nPASS rate over {STUDIES} simulated 5-seed studies: true b = -0.3: {rates[-0.3]:.3f}, "
               f"true b = -1.0: {rates[-1.0]:.3f}")
-    assert rates[-0.3] < 0.05 and rates[-1.0] > 0.80
+    assert rates[-0.3] < 0.05 and rates[-1.0] > 0.5
 
 
 # --------------------------------------------------------------------------- the free asymptote at its grid's end
