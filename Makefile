@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 # into .venv first (see README); `setup` keeps any torch that is already there.
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup demo study test test-fast bench clean-demo
+.PHONY: setup demo study study-replication test test-fast bench clean-demo
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -23,6 +23,11 @@ demo: setup
 # writes docs/study/report.md; `emformer report docs/study/sweep --out docs/study` rebuilds it without training
 study: setup
 	$(VENV)/bin/emformer study --out docs/study
+
+# its independent replication: the same spec on other seeds (so other eval sets); then both side by side
+study-replication: setup
+	$(VENV)/bin/emformer study --out docs/study-replication 'sweep.seeds=[5,6,7,8,9]'
+	$(VENV)/bin/emformer replication docs/study docs/study-replication --readme README.md
 
 test: setup
 	$(PY) -m pytest -q tests

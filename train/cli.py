@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "cluster": ("emformer.train.cluster", "label a CSV or .npy file with an exported model"),
     "demo": ("emformer.train.demo", "the README's demo: a small CPU sweep that ends in a report"),
     "study": ("emformer.train.study", "the CPU study of the theory (≥ 5 seeds, four checks): runs + report"),
+    "replication": ("emformer.train.report.replication", "two replications of a study, verdict by verdict"),
 }
 
 

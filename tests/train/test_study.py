@@ -21,6 +21,8 @@ from emformer.train.sweep.status import points_to_run
 REPO = Path(__file__).resolve().parents[2]
 STUDY = REPO / "configs" / "sweeps" / "study.yaml"
 COMMITTED = REPO / "docs" / "study"
+REPLICATION = REPO / "docs" / "study-replication"
+REPLICATION_SEEDS = ["sweep.seeds=[5,6,7,8,9]"]  # what `make study-replication` passes
 
 
 def _n(point) -> float:
@@ -105,24 +107,54 @@ def test_study_runs_resumes_and_rebuilds_its_report_from_small_files(tmp_path):
     assert format_summary(rebuilt) == format_summary(original)
 
 
-def test_a_rerun_of_the_study_skips_every_committed_run(tmp_path):
-    """What `make study` does first, on a copy of docs/study/sweep: the spec re-expands to the committed runs
-    (same config hashes, or prepare_sweep refuses) and every one is done from its small files alone."""
+@pytest.mark.parametrize("committed_dir, overrides", [(COMMITTED, []), (REPLICATION, REPLICATION_SEEDS)])
+def test_a_rerun_of_the_study_skips_every_committed_run(tmp_path, committed_dir, overrides):
+    """What `make study` (and `make study-replication`) does first, on a copy of the committed sweep: the
+    spec re-expands to the committed runs (same config hashes, or prepare_sweep refuses) and every one is
+    done from its small files alone."""
     committed = tmp_path / "sweep"
-    shutil.copytree(COMMITTED / "sweep", committed)
-    sweep = prepare_sweep(load_spec(STUDY), committed)
+    shutil.copytree(committed_dir / "sweep", committed)
+    sweep = prepare_sweep(load_spec(STUDY, overrides), committed)
     todo, skipped = points_to_run(sweep)
     assert todo == [] and {state: len(ids) for state, ids in skipped.items()} == {"done": 105}
-    assert rundir.read_index(committed) == rundir.read_index(COMMITTED / "sweep")
-    assert (COMMITTED / "report.md").is_file() and not (COMMITTED / "report").exists()
+    assert rundir.read_index(committed) == rundir.read_index(committed_dir / "sweep")
+    assert (committed_dir / "report.md").is_file() and not (committed_dir / "report").exists()
+    assert all(rundir.read_episode_results(committed / p["run_dir"]) is not None for p in rundir.read_index(committed))
+
+
+def test_the_replication_has_other_seeds_and_so_other_eval_sets():
+    seeds = [{p["seed"] for p in rundir.read_index(d / "sweep")} for d in (COMMITTED, REPLICATION)]
+    assert len(seeds[0]) == len(seeds[1]) == 5 and not seeds[0] & seeds[1]
+    eval_seeds = [{rundir.read_config(d / "sweep" / p["run_dir"])["eval"]["seed"] for p in rundir.read_index(d / "sweep")}
+                  for d in (COMMITTED, REPLICATION)]
+    assert len(eval_seeds[0]) == 5 and not eval_seeds[0] & eval_seeds[1]
+
+
+@pytest.fixture(scope="module")
+def rebuilt(tmp_path_factory):
+    """Both committed studies' reports, rebuilt from their run files."""
+    out = tmp_path_factory.mktemp("rebuilt")
+    return [report.build_report(d / "sweep", out / d.name, wandb_mode="disabled") for d in (COMMITTED, REPLICATION)]
 
 
 @pytest.mark.slow
-def test_the_committed_study_report_is_what_emformer_report_rebuilds(tmp_path):
-    """docs/study/report.md is in step with the code: rebuilt from the committed run files, it is the same
-    text (but the out directory named in its first line) and the same figures are written."""
-    result = report.build_report(COMMITTED / "sweep", tmp_path, wandb_mode="disabled")
-    committed = (COMMITTED / "report.md").read_text().splitlines()
-    rebuilt = result.report_path.read_text().splitlines()
-    assert committed[3:] == rebuilt[3:]
-    assert sorted(p.name for p in result.figures.values()) == sorted(p.name for p in COMMITTED.glob("*.png"))
+@pytest.mark.parametrize("which", [0, 1])
+def test_the_committed_study_reports_are_what_emformer_report_rebuilds(rebuilt, which):
+    """docs/study/report.md (and the replication's) is in step with the code: rebuilt from the committed
+    run files, it is the same text (but the out directory named in its first line) and the same figures."""
+    directory, result = (COMMITTED, REPLICATION)[which], rebuilt[which]
+    committed = (directory / "report.md").read_text().splitlines()
+    assert committed[3:] == result.report_path.read_text().splitlines()[3:]
+    assert sorted(p.name for p in result.figures.values()) == sorted(p.name for p in directory.glob("*.png"))
+
+
+@pytest.mark.slow
+def test_the_readme_leads_with_the_replication_table_that_emformer_replication_writes(rebuilt):
+    from emformer.train.report import replication
+
+    text = replication.render(replication.compare(*rebuilt), [Path("docs/study"), Path("docs/study-replication")],
+                              rebuilt[0])
+    readme = (REPO / "README.md").read_text()
+    assert readme.index(replication.START) < readme.index("## The two commands")
+    assert f"{replication.START}\n{text}{replication.END}" in readme
+    assert (REPO / "docs" / "replication.md").read_text().endswith(text)

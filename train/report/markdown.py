@@ -201,18 +201,23 @@ def _em_section(rows: Sequence[checks.EmComparison]) -> list[str]:
                                  r.difference.describe(4), r.difference.label, f"**{r.verdict}**") for r in rows])]
 
 
+OLD_SHARED_SET = 512
+"""the eval set every seed shared before eval.seed derived from data.seed (eval.episodes of the study then)"""
+
+
 def _noise_section(s: Any) -> list[str]:
     """Each check's statistic resampled over one source at a time: the seeds, or the eval episodes."""
     rows = []
     if s.sample_complexity is not None and s.sample_complexity.noise:
-        rows.append(("sample complexity: b from all fitted N", *s.sample_complexity.noise))
+        rows.append(("sample complexity: b from all fitted N", *s.sample_complexity.noise,
+                     s.sample_complexity.excess_fit))
     for trend in [*s.depth, *s.heads]:
         if trend.noise:
             rows.append((f"{'depth L' if trend.axis == 'model.depth' else 'heads M'}: relative change per doubling "
-                         f"({trend.family})", *trend.noise))
+                         f"({trend.family})", *trend.noise, trend.relative_fit))
     for trend in s.separation:
         if trend.noise:
-            rows.append((f"separation: slope of log err vs Δ² ({trend.family})", *trend.noise))
+            rows.append((f"separation: slope of log err vs Δ² ({trend.family})", *trend.noise, trend.fit))
     out = ["## Noise budget: seeds against eval episodes", ""]
     if not rows:
         return out + ["The runs saved no per-episode results (episodes.npz), so the eval episodes' share of the "
@@ -222,9 +227,17 @@ def _noise_section(s: Any) -> list[str]:
                "held). Every seed has its own eval set, so the seeds' spread holds that eval noise too: a ratio "
                "well below 1 means the seeds' own differences dominate and a larger eval set would change little; "
                "a ratio near or above 1 means the seed-to-seed differences of that statistic are mostly eval noise, "
-               "and a larger eval set (eval.episodes) would narrow its interval.")
-    return out + ["", md_table(["statistic", "SD from the seeds", "SD from the eval episodes", "episodes / seeds"],
-                               [(name, fmt(a), fmt(b), fmt(b / a if a > 0 else math.nan, 2)) for name, a, b in rows])]
+               "and a larger eval set (eval.episodes) would narrow its interval. The last column is the SD the "
+               f"eval noise alone would have if every seed shared one eval set of {OLD_SHARED_SET} episodes, as "
+               "sweeps did before each seed had its own: SD from the episodes × sqrt(seeds × episodes / "
+               f"{OLD_SHARED_SET}). That noise was common to every seed, so no seed bootstrap could see it, and "
+               "two replications on two such sets differ by √2 times it from the eval sets alone.")
+    table = []
+    for name, a, b, fit in rows:
+        shared = b * math.sqrt(fit.n_seeds * fit.episodes / OLD_SHARED_SET) if fit.episodes else math.nan
+        table.append((name, fmt(a), fmt(b), fmt(b / a if a > 0 else math.nan, 2), fmt(shared)))
+    return out + ["", md_table(["statistic", "SD from the seeds", "SD from the eval episodes", "episodes / seeds",
+                                f"eval SD on one shared set of {OLD_SHARED_SET}"], table)]
 
 
 def _beyond_section(rows: Optional[list[checks.SettingRow]]) -> list[str]:

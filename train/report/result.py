@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from emformer.train.report import checks
+from emformer.train.report import checks, scaling
 from emformer.train.report.records import RunRecord
 
 FIGURES = {"curves": "curves.png", "sample_complexity": "sample_complexity.png", "depth_heads": "depth_heads.png",
@@ -27,6 +27,8 @@ class Check:
     sentence: str
     method: str = "—"
     """how the interval was made, e.g. "95% t (3 seeds)" (scaling.Interval.label)"""
+    fit: Optional[scaling.Interval] = None
+    """the interval itself, where the row has one (a replication compares them)"""
 
 
 @dataclass(frozen=True)

@@ -62,13 +62,14 @@ def summary_rows(sections: Sections) -> list[Check]:
                 else scaling.NO_DATA
             rows.append(Check(f"  b from {what}", fig, fmt(fit.estimate, 3), fit.describe(), "b ≤ −0.5", part,
                               f"b from {what} over N ∈ {size_set(over)}: {fmt(fit.estimate, 3)} ({fit.label} "
-                              f"{fit.describe()}): {part}{unidentified_note(fit)}.", method=fit.label))
+                              f"{fit.describe()}): {part}{unidentified_note(fit)}.", method=fit.label, fit=fit))
         gap = sample.gap_fit
         rows.append(Check("sample complexity: train/test gap ∝ N^b", fig, fmt(gap.estimate, 3), gap.describe(),
                           "b ≤ −0.5", sample.gap_verdict,
                           f"The train/test gap falls as N^{fmt(gap.estimate, 2)} over N ∈ {size_set(sample.gap_fitted)} "
                           f"({gap.label} {gap.describe()}; needs ≥ {checks.MIN_FITTED_SIZES} N above the fresh run's "
-                          f"|gap|): {sample.gap_verdict}.{unfinished_note(sample.incomplete)}", method=gap.label))
+                          f"|gap|): {sample.gap_verdict}.{unfinished_note(sample.incomplete)}", method=gap.label,
+                          fit=gap))
     for trends, axis, word in ((depth, "model.depth", "depth L"), (heads, "model.heads", "heads M")):
         if not trends:
             rows.append(Check(f"err against {word}", "—", "—", "—", "falls", NOT_IN_SWEEP,
@@ -82,7 +83,7 @@ def summary_rows(sections: Sections) -> list[Check]:
                         f"{trend.verdict}.{unfinished_note(trend.incomplete)}")
             rows.append(Check(f"err against {word} ({trend.family}), relative change per doubling", FIGURES["depth_heads"],
                               percent(rel.estimate), f"[{percent(rel.low)}, {percent(rel.high)}]" if rel.ok else "n/a",
-                              target, trend.verdict, sentence, method=rel.label))
+                              target, trend.verdict, sentence, method=rel.label, fit=rel))
     if not separation:
         rows.append(Check("minimax rate: log err ∝ −Δ²/8", "—", "—", "—", "slope ≤ −0.125", NOT_IN_SWEEP,
                           "The sweep varies no separation Δ with everything else fixed."))
@@ -93,7 +94,7 @@ def summary_rows(sections: Sections) -> list[Check]:
                     f"{unfinished_note(trend.incomplete)}")
         rows.append(Check(f"minimax rate: slope of log err vs Δ² ({trend.family})", FIGURES["separation"],
                           fmt(trend.fit.estimate), trend.fit.describe(3), "slope ≤ −0.125", trend.verdict, sentence,
-                          method=trend.fit.label))
+                          method=trend.fit.label, fit=trend.fit))
         ratio = trend.ratio_fit
         rows.append(Check(f"minimax rate: slope of log(err / err_oracle) vs Δ² ({trend.family})", FIGURES["separation"],
                           fmt(ratio.estimate), ratio.describe(4), f"slope ≤ {fmt(checks.RATIO_MARGIN)}",
@@ -101,7 +102,7 @@ def summary_rows(sections: Sections) -> list[Check]:
                           f"{trend.family}: log(err / err_oracle) changes against Δ² by {fmt(ratio.estimate)} "
                           f"({ratio.label} {ratio.describe(4)}): {trend.ratio_verdict} (flat: the model keeps the "
                           f"oracle's rate; the check allows a rise up to {fmt(checks.RATIO_MARGIN)}, a quarter of the "
-                          f"minimax exponent).{unfinished_note(trend.incomplete)}", method=ratio.label))
+                          f"minimax exponent).{unfinished_note(trend.incomplete)}", method=ratio.label, fit=ratio))
     em = sections.em
     if em:
         counts = collections.Counter(c.verdict for c in em)
