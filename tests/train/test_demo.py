@@ -94,7 +94,7 @@ def test_demo_quick_runs_sweep_then_report_end_to_end(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report_md = Path("demo-quick") / "report" / "report.md"
     assert f"report: {report_md}" in done.stdout
-    assert "verdict" in done.stdout and "err falls with depth L" in done.stdout
+    assert "verdict" in done.stdout and "err against depth L" in done.stdout
     verdicts = [line for line in done.stdout.splitlines() if line.startswith("  ") and "[1 seed" in line]
     assert verdicts and all("indicative only, below the study's bar of ≥ 5 seeds" in v for v in verdicts)
     assert "docs/study/report.md" in done.stdout
