@@ -23,6 +23,7 @@ from emformer.atomic import atomic_write_text
 from emformer.errors import ConfigError
 from emformer.train.report.build import build_report
 from emformer.train.report.result import Check, ReportResult
+from emformer.train.report.summary import EM_CHECK
 
 START, END = "<!-- replication:start -->", "<!-- replication:end -->"
 
@@ -32,15 +33,22 @@ class Comparison:
     check: str
     first: Check
     second: Optional[Check]
+    points: Optional[tuple[int, int, list[str]]] = None
+    """for a check made at every point (model vs EM): (points with the same verdict, points in both, the others)"""
 
     @property
     def agree(self) -> bool:
+        if self.points is not None:
+            return self.points[0] == self.points[1]
         return self.second is not None and self.first.verdict == self.second.verdict
 
     @property
     def note(self) -> str:
         if self.second is None:
             return "not in the replication"
+        if self.points is not None:
+            same, both, others = self.points
+            return f"the same verdict at {same} of {both} points" + (f"; not at {'; '.join(others)}" if others else "")
         if self.agree:
             return "agree"
         a, b = self.first.fit, self.second.fit
@@ -54,10 +62,24 @@ class Comparison:
         return "**disagree; neither interval covers the other's estimate**"
 
 
+def _points(first: ReportResult, second: ReportResult) -> tuple[int, int, list[str]]:
+    """Model-vs-EM verdicts point by point: (the same, points in both, those that differ, with both verdicts)."""
+    theirs = {c.point: c.verdict for c in second.sections.em}
+    both = [(c.point, c.verdict, theirs[c.point]) for c in first.sections.em if c.point in theirs]
+    differ = [f"{point} ({a} / {b})" for point, a, b in both if a != b]
+    return len(both) - len(differ), len(both), differ
+
+
 def compare(first: ReportResult, second: ReportResult) -> list[Comparison]:
-    """One row per check of the first report (by name), with the second's row of the same name."""
+    """One row per check of the first report (by name), with the second's row of the same name; the check
+    made at every point (model vs EM) compares its verdicts point by point."""
     others = {c.name: c for c in second.checks}
-    return [Comparison(c.name.strip(), c, others.get(c.name)) for c in first.checks]
+    rows = []
+    for check in first.checks:
+        every_point = check.name.startswith(EM_CHECK) and check.name in others
+        rows.append(Comparison(check.name.strip(), check, others.get(check.name),
+                               _points(first, second) if every_point else None))
+    return rows
 
 
 def _cell(check: Optional[Check]) -> str:

@@ -17,6 +17,10 @@ def fmt(value: float, digits: int = 3) -> str:
     return f"{value:.{digits}g}"
 
 
+EM_CHECK = "model vs EM from the same init"
+"""the summary row of the check made at every point (replication.py compares it point by point)"""
+
+
 def percent(value: float, digits: int = 2) -> str:
     """A relative figure as a signed percentage ("-0.33%"); n/a when not finite."""
     if value is None or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -107,7 +111,7 @@ def summary_rows(sections: Sections) -> list[Check]:
     if em:
         counts = collections.Counter(c.verdict for c in em)
         method = em[0].difference.label
-        rows.append(Check("model vs EM from the same init (every point)", "table",
+        rows.append(Check(f"{EM_CHECK} (every point)", "table",
                           ", ".join(f"{counts[v]} {v}" for v in (checks.BEATS, checks.TIE, checks.LOSES) if counts[v]),
                           "see below", "err − err_EM < 0", "—",
                           f"Against EM from the same init on the same eval episodes, the model "

@@ -31,3 +31,16 @@ def test_the_block_between_the_markers_is_replaced_and_nothing_else(tmp_path):
     assert replication.replace_block(text, "new\n", "README.md") == f"intro\n{replication.START}\nnew\n{replication.END}\nrest\n"
     with pytest.raises(ConfigError, match="README.md: no '<!-- replication:start -->'"):
         replication.replace_block("no markers", "new\n", "README.md")
+
+
+def test_the_model_against_em_is_compared_point_by_point():
+    from types import SimpleNamespace
+
+    def result(verdicts: dict[str, str]):
+        em = [SimpleNamespace(point=p, verdict=v) for p, v in verdicts.items()]
+        check = Check(f"{replication.EM_CHECK} (every point)", "table", "", "see below", "", "—", "")
+        return SimpleNamespace(sections=SimpleNamespace(em=em), checks=[check])
+
+    (row,) = replication.compare(result({"a": "BEATS EM", "b": "TIE", "c": "BEATS EM"}),
+                                 result({"a": "BEATS EM", "b": "BEATS EM", "d": "TIE"}))
+    assert not row.agree and row.note == "the same verdict at 1 of 2 points; not at b (TIE / BEATS EM)"
