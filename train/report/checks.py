@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Hashable, Optional, Sequence
 import numpy as np
 
 from emformer.data.tasks import TaskSpec, anchored
+from emformer.train.config import to_run_config
 from emformer.train.report import resample, scaling
 from emformer.train.report.records import SHORT_NAMES, RunRecord, point_values
 
@@ -281,8 +282,6 @@ def _init_only_loss_cached(task_json: str, seed: int, episodes: int) -> float:
 def init_only_loss(config: dict[str, Any]) -> tuple[float, str]:
     """Test loss of the init alone (models.baselines.init_figures) on the run's eval set, for runs whose val
     rows predate loss_init. Without an init, log k (a uniform guess)."""
-    from emformer.train.config import to_run_config
-
     task = dict(config.get("task", {}))
     if not anchored(task.get("init", "noisy_truth")):
         k = task.get("k_max") or task.get("k", 2)
