@@ -43,6 +43,10 @@ class DataConfig:
     """episodes per step per rank"""
     num_workers: int = 0
     """dataloader worker processes per rank"""
+    buckets: int = 0
+    """0: off. B >= 2 (source=fresh, a ranged n): task.n..task.n_max is cut into B geometric length buckets;
+    each batch draws all its episodes' n from one bucket, chosen with the bucket's probability under the
+    task's n distribution as a pure function of (seed, batch), and pads only to that bucket's largest n"""
 
     def validate(self, prefix: str = "data") -> "DataConfig":
         """Raise ConfigError naming the first bad key; return self so calls chain."""
@@ -58,4 +62,7 @@ class DataConfig:
         need(0 <= self.seed < HELD_OUT_SEEDS, "seed", f"an integer in [0, {HELD_OUT_SEEDS:_})")
         need(self.batch_size >= 1, "batch_size", "an integer >= 1")
         need(self.num_workers >= 0, "num_workers", "an integer >= 0")
+        need(self.buckets == 0 or self.buckets >= 2, "buckets", "0 (off) or an integer >= 2")
+        need(self.buckets == 0 or self.source == "fresh", "buckets",
+             f"0 unless {prefix}.source=fresh (pool and shard episodes are drawn once, padded to task.n_max)")
         return self

@@ -44,6 +44,7 @@ class EpisodeDataModule(L.LightningDataModule):
         return EpisodeStream(
             self.spec, source=data.source, seed=data.seed, batch_size=data.batch_size, pool_size=data.pool_size,
             shards_dir=data.shards_dir, start_step=start_step, rank=rank, world_size=world_size,
+            buckets=data.buckets,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -74,3 +74,11 @@ class KeyedPermutation:
             x[outside] = self._network(x[outside])
             outside = outside[x[outside] >= self.size]
         return x.astype(np.int64)
+
+
+def keyed_uniform(tag: int, seed: int, step: int) -> float:
+    """A uniform float in [0, 1) that is a pure function of (tag, seed, step), the same on every platform: a
+    per-batch choice (its length bucket, its number of passes) that exact resume and any split over ranks
+    and workers reproduce. 53 bits of SeedSequence((tag, seed, step))'s state."""
+    words = np.random.SeedSequence((int(tag), int(seed), int(step))).generate_state(2, dtype=np.uint32)
+    return float((int(words[0]) << 21 | int(words[1]) >> 11) / 2.0**53)

@@ -17,6 +17,12 @@
   position. `finite=True` yields each episode exactly once through the indexed shard reader, shards split by
   rank, then by worker (shard j goes to rank j % world, then worker (j // world) % W), then stops.
 
+Length buckets (`buckets` = B >= 2, fresh only, a ranged n): n_min..n_max is cut into B geometric ranges
+(`length_buckets`); batch g takes bucket b with probability P(n in bucket b) under the task's n distribution,
+b a pure function of (seed, g) (`keyed_uniform`, the same on every rank), and samples its episodes from the
+task restricted to that bucket (n drawn as before, within the bucket: the conditional law), padded to the
+bucket's largest n. Over batches n keeps the task's distribution; a batch's cost is that of its bucket.
+
 Batches are yielded whole: use `DataLoader(stream, batch_size=None, num_workers=W)`. Worker w of W produces
 batches g = start_step + w, start_step + w + W, ..., so the DataLoader's in-order round robin over workers
 reproduces g = start_step, start_step + 1, ... whatever W is; `start_step` lets a resumed run continue
@@ -27,6 +33,7 @@ This module stays light (torch + numpy, no lightning): `generate` and tests impo
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import warnings
@@ -36,9 +43,10 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from emformer import exact
 from emformer.data.config import DataConfig
 from emformer.data.episodes import EPISODE_KEYS, Batch, sample_episodes
-from emformer.data.permutation import KeyedPermutation
+from emformer.data.permutation import KeyedPermutation, keyed_uniform
 from emformer.data.shards import ShardReader
 from emformer.data.tasks import TaskSpec
 from emformer.errors import ConfigError
@@ -53,6 +61,8 @@ SPECTRAL_FRESH_WARNING = (
 # episodes are regenerated from (seed, index) on demand (identical values, as episodes are pure functions).
 POOL_CACHE_BYTES = int(os.environ.get("EMFORMER_POOL_CACHE_MB", "2048")) * 2**20
 _POOL_CACHE: dict[tuple[str, int, int], Batch] = {}
+BUCKET_TAG = 0x4255434B
+"""keeps the per-batch bucket draw apart from the other keyed draws of (seed, batch)"""
 
 
 def resolve_rank(rank: Optional[int] = None, world_size: Optional[int] = None) -> tuple[int, int]:
@@ -100,6 +110,27 @@ def pool_episodes(spec: TaskSpec, seed: int, size: int) -> Optional[Batch]:
     return _POOL_CACHE[key]
 
 
+def length_buckets(spec: TaskSpec, count: int) -> tuple[list[TaskSpec], torch.Tensor]:
+    """The task restricted to each of (up to) `count` geometric ranges of n that cover task.n..task.n_max, and
+    their cumulative probabilities [buckets] float64 under the task's n law (uniform or log-uniform integers:
+    a log-uniform n lies in [a, b] with probability (ln(b + 1) − ln a) / (ln(n_max + 1) − ln n)). Geometric,
+    so every bucket pads its episodes by at most the same factor."""
+    lo, hi = spec.n, spec.n_pad
+    if count < 2 or spec.n_max is None:
+        raise ConfigError(f"data.buckets: expected 0 with a fixed n (task.n_max null), got {count}")
+    cuts = sorted({round(lo * ((hi + 1) / lo) ** (b / count)) for b in range(count + 1)} | {lo, hi + 1})
+    edges = torch.tensor(cuts, dtype=torch.float64)
+    mass = (exact.log(edges[1:]) - exact.log(edges[:-1])) if spec.n_log else edges[1:] - edges[:-1]
+    specs = [dataclasses.replace(spec, n=int(a), n_max=int(b) - 1) for a, b in zip(cuts[:-1], cuts[1:])]
+    return specs, torch.cumsum(mass, 0) / mass.sum()
+
+
+def bucket_of(cumulative: torch.Tensor, seed: int, step: int) -> int:
+    """The bucket of batch `step`: a pure function of (seed, step), the same on every rank and worker."""
+    u = torch.tensor([keyed_uniform(BUCKET_TAG, seed, step)], dtype=torch.float64)
+    return min(int(torch.searchsorted(cumulative, u, right=True)), len(cumulative) - 1)
+
+
 def pack_batch(batch: Batch) -> Batch:
     """The same tensors as views into one contiguous buffer (8-byte aligned), for the trip to the main process.
 
@@ -132,9 +163,9 @@ class EpisodeStream(IterableDataset):
 
     def __init__(self, spec: TaskSpec, *, source: str = "fresh", seed: int, batch_size: int, pool_size: int = 0,
                  shards_dir: Optional[str | os.PathLike] = None, start_step: int = 0, rank: Optional[int] = None,
-                 world_size: Optional[int] = None, finite: bool = False, verify: bool = True) -> None:
+                 world_size: Optional[int] = None, finite: bool = False, verify: bool = True, buckets: int = 0) -> None:
         super().__init__()
-        DataConfig(source=source, pool_size=pool_size, seed=seed, batch_size=batch_size,
+        DataConfig(source=source, pool_size=pool_size, seed=seed, batch_size=batch_size, buckets=buckets,
                    shards_dir=None if shards_dir is None else os.fspath(shards_dir)).validate()
         if start_step < 0:
             raise ConfigError(f"start_step: expected an integer >= 0, got {start_step!r}")
@@ -146,6 +177,7 @@ class EpisodeStream(IterableDataset):
         self.rank, self.world_size = resolve_rank(rank, world_size)
         self.shards_dir = None if shards_dir is None else os.fspath(shards_dir)
         self._reader: Any = None
+        self._buckets = length_buckets(self.spec, buckets) if buckets else None
         if source == "fresh" and self.spec.init == "spectral":
             warnings.warn(SPECTRAL_FRESH_WARNING.format(n=self.spec.n_pad), stacklevel=2)
         if source == "pool":
@@ -161,7 +193,11 @@ class EpisodeStream(IterableDataset):
         """Batch number `step` of this rank (infinite modes): a pure function of the stream's settings."""
         first = (step * self.world_size + self.rank) * self.batch_size
         if self.source == "fresh":
-            return sample_episodes(self.spec, self.seed, range(first, first + self.batch_size))
+            spec = self.spec
+            if self._buckets is not None:
+                specs, cumulative = self._buckets
+                spec = specs[bucket_of(cumulative, self.seed, step)]
+            return sample_episodes(spec, self.seed, range(first, first + self.batch_size))
         indices = resampled_indices(self.seed, self.pool_size, first, self.batch_size)
         if self.source == "shards":
             return self._reader.read(indices)
@@ -211,5 +247,5 @@ def pool_eval_set(spec: TaskSpec, data: DataConfig, episodes: int) -> Batch:
     return sample_episodes(spec, data.seed, range(wanted))
 
 
-__all__ = ["EpisodeStream", "eval_set", "pool_eval_set", "resolve_rank",
+__all__ = ["EpisodeStream", "eval_set", "pool_eval_set", "resolve_rank", "length_buckets", "bucket_of",
            "resampled_indices", "pool_episodes", "pack_batch", "EPISODE_KEYS"]

@@ -51,6 +51,7 @@ from emformer.models.export_loader import load_exported_model
 from emformer.models.inputs import (ArrayLike, InputError, OutOfRangeWarning, ParameterError, UnsupportedProblemError,
                                     as_points, float64_tensor, model_input)
 from emformer.models.registry import resolve_model_dir
+from emformer.models.transformer import soft_assignment
 
 INIT_MODES = inits.POINT_INITS
 STANDARDIZE_MODES = (True, False, "isotropic", "features")
@@ -81,8 +82,9 @@ class Clusterer:
     em_steps: EM iterations (spherical covariances) after the model, started from its soft assignment;
         0 keeps the model's assignment as it is.
     random_state: seed (int), None, or a numpy Generator, for the k-means++ / spectral draws.
-    n_passes: model passes; each further pass starts from the previous pass's soft centroids (like another
-        EM round). 1 is what the model was trained and evaluated for.
+    n_passes: model passes; each further pass starts from the previous pass's centroids (the soft M-step of
+        its assignment, or the model's centroid head; like another EM round). None: the passes the model was
+        trained and evaluated for (config.json's architecture.passes; 1 for exports without it).
     device: where the model runs ("cpu", "cuda", ...).
     batch_size: episodes per forward pass in the batched API.
 
@@ -97,7 +99,7 @@ class Clusterer:
 
     def __init__(self, model: torch.nn.Module, config: dict[str, Any], n_clusters: Union[int, str, None] = None,
                  init: Union[str, ArrayLike] = "kmeans++", standardize: Union[bool, str] = True,
-                 random_state: Union[int, np.random.Generator, None] = None, n_passes: int = 1,
+                 random_state: Union[int, np.random.Generator, None] = None, n_passes: Optional[int] = None,
                  init_iters: Optional[int] = None, n_init: int = 1, em_steps: int = 0,
                  device: Union[str, torch.device] = "cpu", batch_size: int = 256) -> None:
         self.model = model
@@ -106,7 +108,7 @@ class Clusterer:
         self.init = init
         self.standardize = standardize
         self.random_state = random_state
-        self.n_passes = n_passes
+        self.n_passes = int(config["architecture"].get("passes", 1)) if n_passes is None else n_passes
         self.init_iters = init_iters
         self.n_init = n_init
         self.em_steps = em_steps
@@ -448,19 +450,14 @@ class Clusterer:
             init = self._initial_centroids(x, mask, kmask, rng)
         else:
             init = torch.nn.functional.pad(init, (0, 0, 0, self.k_max - k)) * kmask[..., None]
-        centroids = init
         # No mask reaches attention when nothing is padded (all points real, k = the model's k_max), so that a
         # GPU may pick its fused SDPA kernels; one host sync per call, not per pass.
         point_mask = None if bool(mask.all()) else mask
         cluster_mask = None if k == self.k_max else kmask
         with torch.inference_mode():
-            for _ in range(self.n_passes):
-                logits = self.model(x, point_mask, centroids, cluster_mask)
-                proba = torch.softmax(logits.float(), dim=-1).nan_to_num(0.0) * mask[..., None]
-                # The next pass starts from this one's soft centroids (an empty cluster keeps its centroid).
-                mass = proba.sum(1)
-                soft = proba.transpose(1, 2) @ x / mass.clamp(min=1e-12)[..., None]
-                centroids = torch.where((mass > 1e-6)[..., None], soft, centroids) * kmask[..., None]
+            # Each pass starts from the last one's centroids, as in training (transformer.next_centroids).
+            logits = self.model.forward_passes(x, point_mask, init, cluster_mask, passes=self.n_passes)[-1][0]
+            proba = soft_assignment(logits, mask)
         return proba[..., :k], init
 
     def _initial_centroids(self, x: torch.Tensor, mask: torch.Tensor, kmask: torch.Tensor,

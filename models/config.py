@@ -6,6 +6,7 @@ models/transformer.py extends it with the task's sizes into the `TransformerConf
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from emformer.errors import ConfigError
 
@@ -33,6 +34,17 @@ class ModelConfig:
     mean, and log n): on standardized episodes that is where k shows, as k - 1 eigenvalues above the noise
     floor, and what a head over mean-pooled point tokens did not find (it stayed at the uniform prior)"""
 
+    passes: int = 1
+    """T: passes the model is trained and evaluated for; after each pass its centroids (the centroid head's,
+    else the soft M-step of its assignment) are the next pass's centroid tokens, as an EM round's are, and
+    the loss is taken at every pass (models/losses.py `iterated_loss`). 1: one pass, no iteration"""
+    passes_min: Optional[int] = None
+    """if set, each training batch runs T passes, T uniform in [passes_min, passes], a pure function of
+    (data.seed, step), so any number of passes in that range is a refinement; evaluation and the Clusterer
+    run `passes`"""
+    tied: bool = False
+    """one block's weights for all `depth` blocks (a looped block: EM applies the same step each round)"""
+
     def validate(self, prefix: str = "model") -> "ModelConfig":
         """Raise ConfigError naming the first bad key; return self so calls chain."""
 
@@ -46,5 +58,8 @@ class ModelConfig:
              f"a positive multiple of {prefix}.heads ({self.heads})")
         need(self.mlp_ratio >= 1, "mlp_ratio", "an integer >= 1")
         need(0 <= self.dropout < 1, "dropout", "a number in [0, 1)")
+        need(self.passes >= 1, "passes", "an integer >= 1")
+        need(self.passes_min is None or 1 <= self.passes_min <= self.passes, "passes_min",
+             f"null or an integer in [1, {prefix}.passes ({self.passes})]")
         need(not self.count_spectrum or self.count_head, "count_spectrum", f"false unless {prefix}.count_head is true")
         return self

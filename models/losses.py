@@ -86,3 +86,20 @@ def clustering_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], anchor
         # Without an init the centroid slots carry no identity, so the MSE term needs anchoring.
         loss = loss + centroid_weight * centroid_mse(centroids, batch["means"], batch["kmask"], batch["sigma"])
     return loss
+
+
+def pass_weights(passes: int) -> list[float]:
+    """Weights of the passes' losses, toward the last: pass t of T weighs 2t / (T (T + 1)) (they sum to 1;
+    one pass weighs 1), so every pass must assign well while the last counts most."""
+    total = passes * (passes + 1) / 2
+    return [t / total for t in range(1, passes + 1)]
+
+
+def iterated_loss(outputs: list[tuple[torch.Tensor, Optional[torch.Tensor]]], batch: dict[str, torch.Tensor],
+                  anchored: bool) -> torch.Tensor:
+    """`clustering_loss` at every pass of `ClusterTransformer.forward_passes`, weighted by `pass_weights`; one
+    pass: exactly its clustering_loss."""
+    losses = [clustering_loss(logits, batch, anchored, centroids) for logits, centroids in outputs]
+    if len(losses) == 1:
+        return losses[0]
+    return sum(w * loss for w, loss in zip(pass_weights(len(losses)), losses))

@@ -16,6 +16,14 @@ point i scores centroid token j:
 so softmax_j(logits_ij) is a soft assignment, the role of the E-step. An optional head reads refined
 centroids m_j + W_c c_j (the M-step).
 
+Iterating (model.passes = T): pass t + 1 takes as centroid tokens the centroids pass t ends with, the head's
+refined centroids where the model has the head, else the exact soft M-step of its assignment
+
+    m_j  <-  sum_i r_ij x_i / sum_i r_ij,    r_ij = softmax_j(logits_ij)   (a cluster without mass keeps m_j)
+
+so T passes are T rounds of an EM-like loop whose step is the whole network. With model.tied the L blocks
+share one block's weights (a looped block, as EM applies one step again and again).
+
 Unknown k: an optional count head predicts P(k | X) for k in [k_min, k_max] from the point tokens alone.
 The same blocks run over the n point tokens with no centroid tokens (so nothing says how many clusters the
 init had), the final states are mean-pooled over the real points, and an MLP reads k's logits:
@@ -139,7 +147,7 @@ class ClusterTransformer(nn.Module):
         self.type_point = nn.Parameter(torch.zeros(cfg.width))
         self.type_centroid = nn.Parameter(torch.zeros(cfg.width))
         self.slots = nn.Parameter(torch.randn(cfg.k_max, cfg.width) * 0.02) if cfg.learned_centroids else None
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(1 if cfg.tied else cfg.depth))
         self.ln_final = nn.LayerNorm(cfg.width)
         self.read_point = nn.Linear(cfg.width, cfg.width, bias=False)  # W_q
         self.read_centroid = nn.Linear(cfg.width, cfg.width, bias=False)  # W_k
@@ -157,9 +165,27 @@ class ClusterTransformer(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def layers(self) -> list[Block]:
+        """The `depth` blocks in the order they run (one block `depth` times when tied)."""
+        return [self.blocks[0]] * self.cfg.depth if self.cfg.tied else list(self.blocks)
+
     def forward(self, points: torch.Tensor, mask: Optional[torch.Tensor], init: torch.Tensor,
                 kmask: Optional[torch.Tensor]) -> torch.Tensor:
-        return self.forward_with_centroids(points, mask, init, kmask)[0]
+        """The last pass's logits after the passes the model was trained for (cfg.passes)."""
+        return self.forward_passes(points, mask, init, kmask)[-1][0]
+
+    def forward_passes(self, points: torch.Tensor, mask: Optional[torch.Tensor], init: torch.Tensor,
+                       kmask: Optional[torch.Tensor], passes: Optional[int] = None
+                       ) -> list[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+        """(logits, head centroids) of each of `passes` passes (default cfg.passes), each pass started from
+        the centroids the previous one ends with (`next_centroids`)."""
+        outputs = []
+        centroids = init
+        for t in range(self.cfg.passes if passes is None else passes):
+            if t:
+                centroids = next_centroids(*outputs[-1], points, mask, centroids)
+            outputs.append(self.forward_with_centroids(points, mask, centroids, kmask))
+        return outputs
 
     def forward_with_centroids(self, points: torch.Tensor, mask: Optional[torch.Tensor], init: torch.Tensor,
                                kmask: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -176,7 +202,7 @@ class ClusterTransformer(nn.Module):
             keep = torch.cat([mask.bool() if mask is not None else points.new_ones(batch, n, dtype=torch.bool),
                               kmask.bool() if kmask is not None else points.new_ones(batch, k, dtype=torch.bool)],
                              dim=1)
-        for block in self.blocks:
+        for block in self.layers():
             x = block(x, keep)
         x = self.ln_final(x)
         h, c = x[:, :n], x[:, n:]
@@ -204,7 +230,7 @@ class ClusterTransformer(nn.Module):
             raise ValueError("this model has no count head (model.count_head was false when it was trained)")
         x = self.embed(points) + self.type_point
         keep = None if mask is None else mask.bool()
-        for block in self.blocks:
+        for block in self.layers():
             x = block(x, keep)
         h = self.ln_final(x)
         if keep is None:
@@ -216,6 +242,31 @@ class ClusterTransformer(nn.Module):
             spectrum = covariance_spectrum(points, keep) if spectrum is None else spectrum
             pooled = torch.cat([pooled, spectrum.to(pooled.dtype)], -1)
         return self.count_head(pooled)
+
+
+def soft_assignment(logits: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """logits [B,n,k] (padded clusters -inf), mask [B,n] (None: every point real) -> float32 responsibilities
+    [B,n,k], zero on padded points and padded clusters."""
+    proba = torch.softmax(logits.float(), dim=-1).nan_to_num(0.0)
+    return proba if mask is None else proba * mask[..., None].to(proba.dtype)
+
+
+def soft_centroids(proba: torch.Tensor, points: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+    """The exact soft M-step: responsibility-weighted means [B,k,d] of points [B,n,d] under proba [B,n,k]
+    (`soft_assignment`); a cluster with (almost) no mass, a padded one included, keeps its `previous` centroid."""
+    with float32_region(points.device.type):
+        mass = proba.sum(1)
+        soft = proba.transpose(1, 2) @ points.float() / mass.clamp(min=1e-12)[..., None]
+        return torch.where((mass > 1e-6)[..., None], soft, previous.float()).to(previous.dtype)
+
+
+def next_centroids(logits: torch.Tensor, head: Optional[torch.Tensor], points: torch.Tensor,
+                   mask: Optional[torch.Tensor], previous: torch.Tensor) -> torch.Tensor:
+    """The centroid tokens of the next pass: the centroid head's output where the model has one, else the soft
+    M-step of this pass's assignment."""
+    if head is not None:
+        return head
+    return soft_centroids(soft_assignment(logits, mask), points, previous)
 
 
 def covariance_spectrum(points: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:

@@ -40,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "was trained with that init)")
     # Unset (None) leaves these to the model's config.json clusterer_defaults, else the Clusterer's own.
     parser.add_argument("--passes", type=int, default=None,
-                        help="model passes, each from the last's soft centroids (default 1)")
+                        help="model passes, each from the last's centroids (default: the passes the model was "
+                             "trained for, 1 for exports from before model.passes)")
     parser.add_argument("--n-init", type=int, default=None, help="starts (k-means++ draws); the best fitted "
                         "likelihood is kept (default: the model's clusterer_defaults, else 1)")
     parser.add_argument("--em-steps", type=int, default=None,

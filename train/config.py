@@ -138,7 +138,9 @@ _UNHASHED_STRATEGY = ("single_process_ddp", "param_persistence_threshold")
 # nothing a run computes: left out of the hash at those values, so the names of runs that do not use them
 # stay what they were and `emformer study` still skips the committed runs.
 _NEUTRAL_AT = {"task": {"d_min": None, "n_log": False, "standardize": False},
-               "model": {"count_head": False, "count_spectrum": False}}
+               "model": {"count_head": False, "count_spectrum": False, "passes": 1, "passes_min": None,
+                         "tied": False},
+               "data": {"buckets": 0}}
 
 
 def configs_root(config_path: Path) -> Path:

@@ -20,9 +20,10 @@ import numpy as np
 import torch
 
 from emformer.data.episodes import Batch, batch_chunks
+from emformer.data.permutation import keyed_uniform
 from emformer.data.stream import eval_set, pool_eval_set
 from emformer.models import baselines
-from emformer.models.losses import clustering_loss, count_loss
+from emformer.models.losses import count_loss, iterated_loss
 from emformer.models.transformer import ClusterTransformer, TransformerConfig, covariance_spectrum
 from emformer.train.config import to_run_config
 from emformer.train.scoring import model_inputs, score_episodes
@@ -30,6 +31,8 @@ from emformer.train.scoring import model_inputs, score_episodes
 
 EPISODE_BASELINE_KEYS = ("err_em", "loss_em", "err_lloyd", "err_oracle", "loss_oracle", "err_init", "loss_init")
 """the baselines' per-episode figures kept in a run's episode results"""
+PASSES_TAG = 0x50415353
+"""keeps the per-step draw of T apart from the other keyed draws of (seed, step)"""
 
 
 class WarmupCosine:
@@ -74,14 +77,24 @@ class ClusterModule(L.LightningModule):
         self.step_keys = tuple(keys)
         # torch.compile of the training forward passes only (bound methods, so state_dict keys stay "model.*").
         compile_ = torch.compile if self.run_config.trainer.compile else (lambda fn: fn)
-        self._train_forward = compile_(self.model.forward_with_centroids)
+        self._train_forward = compile_(self.model.forward_passes)
         self._count_forward = compile_(self.model.count_logits)
         self._eval: Optional[dict[str, Any]] = None  # eval sets and cached baselines, built on first use
         self._last_val_scores: Optional[dict[str, torch.Tensor]] = None  # per episode, for episode_results
 
     # ------------------------------------------------------------------ training
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        return self._train_forward(*model_inputs(batch, self.padded))
+    def forward(self, batch: Batch, passes: int = 1) -> list[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+        return self._train_forward(*model_inputs(batch, self.padded), passes)
+
+    def passes_at(self, step: int) -> int:
+        """T of training step `step`: model.passes, or with model.passes_min uniform in [passes_min, passes],
+        a pure function of (data.seed, step), so a resumed run draws what the uninterrupted one drew."""
+        model = self.run_config.model
+        if model.passes_min is None or model.passes_min == model.passes:
+            return int(model.passes)
+        span = model.passes - model.passes_min + 1
+        draw = keyed_uniform(PASSES_TAG, self.run_config.data.seed, step)
+        return int(model.passes_min) + min(span - 1, int(draw * span))
 
     def on_before_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
         """On the host, before the batch goes to the device: the count head's covariance spectrum (a float64
@@ -91,8 +104,7 @@ class ClusterModule(L.LightningModule):
         return batch
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        logits, centroids = self(batch)
-        loss = clustering_loss(logits, batch, self.anchored, centroids)
+        loss = iterated_loss(self(batch, self.passes_at(int(self.global_step))), batch, self.anchored)
         if self.model.count_head is not None:
             count_logits = self._count_forward(batch["points"], batch["mask"] if self.points_padded else None,
                                                batch.get("spectrum"))

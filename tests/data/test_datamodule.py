@@ -44,3 +44,14 @@ def test_the_loader_keeps_only_the_step_keys():
     assert {"seed", "index", "separation", "n"} <= set(everything)
     for key in KEYS:
         assert torch.equal(batch[key], everything[key])
+
+
+def test_the_loader_passes_data_buckets_to_its_stream():
+    from emformer.data.stream import EpisodeStream
+
+    ranged = TaskSpec(k=2, d=3, n=8, n_max=256)
+    module = EpisodeDataModule(ranged, DataConfig(batch_size=4, buckets=4))
+    module.trainer = SimpleNamespace(global_step=3, global_rank=1, world_size=2, accelerator=CPUAccelerator())
+    got = next(iter(module.train_dataloader()))
+    want = EpisodeStream(ranged, seed=0, batch_size=4, buckets=4, rank=1, world_size=2).batch(3)
+    assert got["points"].shape == want["points"].shape and torch.equal(got["points"], want["points"])

@@ -3,6 +3,7 @@ duplicated or lost across ranks x workers; a resumed stream continues exactly.""
 from __future__ import annotations
 
 import itertools
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -215,3 +216,66 @@ def test_packed_batches_keep_values_and_share_one_buffer():
 def test_spectral_init_on_fresh_episodes_warns():
     with pytest.warns(UserWarning, match="data.source=shards"):
         EpisodeStream(TaskSpec(k=2, d=2, n=8, init="spectral"), seed=0, batch_size=2)
+
+
+RANGED = TaskSpec(k=2, d=2, n=8, n_max=64)
+
+
+def bucketed(**kwargs) -> EpisodeStream:
+    return EpisodeStream(RANGED, **{"seed": 1, "batch_size": 4, "buckets": 3, **kwargs})
+
+
+def test_buckets_split_like_one_rank_keep_resume_and_worker_counts():
+    one = bucketed(batch_size=8)
+    halves = [bucketed(rank=r, world_size=2) for r in range(2)]
+    for g in range(4):
+        whole, parts = one.batch(g), [h.batch(g) for h in halves]
+        for key in EPISODE_KEYS:
+            assert torch.equal(whole[key], torch.cat([p[key] for p in parts])), key
+    make = lambda start=0: bucketed(rank=1, world_size=2, start_step=start)
+    serial = take(make(), 7)
+    assert_batches_equal(take(make(), 7, workers=2), serial)
+    assert_batches_equal(take(make(start=4), 3, workers=2), serial[4:])
+    assert_batches_equal(take(make(start=4), 3), serial[4:])
+
+
+def test_each_batch_pads_only_to_its_bucket_and_n_keeps_the_task_law():
+    specs, cumulative = stream_module.length_buckets(RANGED, 3)
+    assert specs[0].n == 8 and specs[-1].n_max == 64
+    assert all(a.n_max + 1 == b.n for a, b in zip(specs, specs[1:]))  # they tile the range
+    # uniform n: a bucket's probability is its share of the integers
+    assert torch.allclose(cumulative, torch.tensor([s.n_max - 7 for s in specs], dtype=torch.float64) / 57)
+    stream, widths = bucketed(batch_size=16), set()
+    for g in range(30):
+        batch = stream.batch(g)
+        bucket = specs[stream_module.bucket_of(cumulative, 1, g)]
+        n = batch["mask"].sum(1)
+        assert batch["points"].shape[1] == bucket.n_max
+        assert bool(((n >= bucket.n) & (n <= bucket.n_max)).all())
+        widths.add(batch["points"].shape[1])
+    assert widths == {s.n_max for s in specs}  # every bucket is drawn
+    # batches take each bucket as often as the task's n falls in it (SE of a share over 3,000 draws < 0.01)
+    drawn = torch.tensor([stream_module.bucket_of(cumulative, 1, g) for g in range(3000)])
+    shares = torch.bincount(drawn, minlength=len(specs)).double() / len(drawn)
+    assert torch.allclose(shares.cumsum(0), cumulative, atol=0.03)
+
+
+def test_log_uniform_buckets_weigh_by_log_length():
+    spec = TaskSpec(k=2, d=2, n=32, n_max=1023, n_log=True)
+    specs, cumulative = stream_module.length_buckets(spec, 5)
+    logs = torch.log(torch.tensor([s.n_max + 1 for s in specs], dtype=torch.float64) / 32) / math.log(1024 / 32)
+    assert torch.allclose(cumulative, logs)
+    assert [s.n for s in specs] == [32, 64, 128, 256, 512]  # geometric: each bucket doubles n
+
+
+def test_bad_buckets_are_one_line_errors():
+    with pytest.raises(ConfigError, match="data.buckets: expected 0 with a fixed n"):
+        EpisodeStream(SPEC, seed=0, batch_size=4, buckets=3)
+    with pytest.raises(ConfigError, match="data.buckets: expected 0 unless data.source=fresh"):
+        EpisodeStream(RANGED, source="pool", pool_size=8, seed=0, batch_size=4, buckets=3)
+    with pytest.raises(ConfigError, match="data.buckets: expected 0 \\(off\\) or an integer >= 2"):
+        bucketed(buckets=1)
+
+
+def test_buckets_off_is_todays_stream():
+    assert_batches_equal([bucketed(buckets=0).batch(2)], [sample_episodes(RANGED, 1, range(8, 12))])

@@ -130,9 +130,9 @@ def test_no_attention_mask_reaches_the_model_when_nothing_is_padded(fake_export:
     a padded batch keeps its masks. The two paths agree on the real points (the test above)."""
     clusterer = Clusterer.from_pretrained(fake_export, random_state=0)
     seen: list[tuple[bool, bool]] = []
-    forward = clusterer.model.forward
-    clusterer.model.forward = lambda x, mask, init, kmask: (seen.append((mask is None, kmask is None)),
-                                                            forward(x, mask, init, kmask))[1]
+    forward = clusterer.model.forward_with_centroids  # each pass's
+    clusterer.model.forward_with_centroids = lambda x, mask, init, kmask: (seen.append((mask is None, kmask is None)),
+                                                                           forward(x, mask, init, kmask))[1]
     X = _blobs(40, 4, 2, 4.0, seed=1)[0]
     clusterer.predict_proba(X)
     assert seen and all(entry == (True, True) for entry in seen)
@@ -490,3 +490,32 @@ def test_shipped_model_by_name() -> None:
     err = misclustering_rate(torch.as_tensor(given.fit_predict(X))[None], torch.as_tensor(truth)[None],
                              torch.ones(1, 120, dtype=torch.bool), 3)
     assert float(err[0]) < 0.02
+
+
+# ------------------------------------------------------------------------------------------------ passes
+def test_n_passes_defaults_to_the_passes_the_model_was_trained_for(fake_export: Path, tmp_path: Path) -> None:
+    """An export records model.passes in config.json's architecture; the Clusterer runs that many passes
+    unless told otherwise. Exports without the key keep one pass, as before."""
+    from emformer.train.export.command import export_run
+
+    run = make_fake_run(tmp_path / "run", ("model.passes=3", "model.passes_min=1"))
+    export = export_run(run, tmp_path / "export")
+    assert json.loads((export / "config.json").read_text())["architecture"]["passes"] == 3
+    clusterer = Clusterer.from_pretrained(export, random_state=0)
+    assert clusterer.n_passes == 3 and Clusterer.from_pretrained(export, n_passes=5).n_passes == 5
+    calls: list[int] = []
+    single = clusterer.model.forward_with_centroids
+    clusterer.model.forward_with_centroids = lambda *a: calls.append(1) or single(*a)
+    clusterer.fit(_blobs(40, 4, 2, 4.0, seed=1)[0])
+    assert len(calls) == 3
+    old = tmp_path / "old"
+    shutil.copytree(fake_export, old)
+    config = json.loads((old / "config.json").read_text())
+    for key in ("passes", "passes_min", "tied"):
+        config["architecture"].pop(key)
+    (old / "config.json").write_text(json.dumps(config))
+    assert Clusterer.from_pretrained(old).n_passes == 1
+    X = _blobs(40, 4, 2, 4.0, seed=2)[0]
+    np.testing.assert_array_equal(Clusterer.from_pretrained(old, random_state=0).fit(X).probabilities_,
+                                  Clusterer.from_pretrained(fake_export, random_state=0).fit(X).probabilities_)
+    assert Clusterer.from_pretrained("emformer-gmm-small").n_passes == 1  # shipped before model.passes

@@ -108,3 +108,16 @@ def test_the_label_matching_cost_stays_float32_under_autocast():
         mixed = per_episode_permutation_cross_entropy(logits, labels, mask, kmask)
     assert mixed.dtype == torch.float32
     torch.testing.assert_close(mixed, exact, rtol=1e-6, atol=1e-6)
+
+
+def test_iterated_loss_weighs_the_passes_toward_the_last():
+    from emformer.models.losses import iterated_loss, pass_weights
+
+    assert pass_weights(1) == [1.0] and pass_weights(3) == pytest.approx([1 / 6, 2 / 6, 3 / 6])
+    torch.manual_seed(0)
+    labels = torch.randint(0, 3, (4, 10))
+    batch = {"labels": labels, "mask": torch.ones(4, 10, dtype=torch.bool), "kmask": torch.ones(4, 3, dtype=torch.bool)}
+    passes = [(torch.randn(4, 10, 3), None) for _ in range(3)]
+    each = [clustering_loss(logits, batch, anchored=True) for logits, _ in passes]
+    assert torch.equal(iterated_loss(passes[:1], batch, anchored=True), each[0])
+    torch.testing.assert_close(iterated_loss(passes, batch, anchored=True), (each[0] + 2 * each[1] + 3 * each[2]) / 6)

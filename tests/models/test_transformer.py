@@ -231,3 +231,59 @@ def test_the_read_out_runs_in_float32_under_autocast():
     x = final["x"].float()
     expected = (x[:, :n] @ model.read_point.weight.T) @ (x[:, n:] @ model.read_centroid.weight.T).transpose(1, 2)
     torch.testing.assert_close(logits, expected / 32 ** 0.5, rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ iterating
+def test_one_pass_is_the_single_forward_bit_for_bit():
+    model, batch = make_model(centroid_head=True), episodes(TaskSpec(k=2, k_max=3, d=4, n=16, n_max=24))
+    with torch.no_grad():
+        single = model.forward_with_centroids(*inputs(batch))
+        (passed,) = model.forward_passes(*inputs(batch))
+        assert torch.equal(model(*inputs(batch)), single[0])
+    assert torch.equal(passed[0], single[0]) and torch.equal(passed[1], single[1])
+
+
+@pytest.mark.parametrize("centroid_head", [False, True])
+def test_each_pass_starts_from_the_last_ones_centroids(centroid_head):
+    """Pass t + 1 is one pass from pass t's centroids: the head's, else the soft M-step (padded clusters and
+    points stay out of it); forward is the last of cfg.passes passes."""
+    model = make_model(centroid_head=centroid_head, passes=3)
+    if centroid_head:  # away from its start at "refined = init", so that the passes differ
+        torch.nn.init.normal_(model.centroid_head.weight, std=0.1)
+    batch = episodes(TaskSpec(k=2, k_max=3, d=4, n=16, n_max=24))
+    points, mask, init, kmask = inputs(batch)
+    with torch.no_grad():
+        outputs = model.forward_passes(points, mask, init, kmask)
+        assert len(outputs) == 3 and torch.equal(model(points, mask, init, kmask), outputs[-1][0])
+        logits, head = outputs[0]
+        if centroid_head:
+            expected = head
+        else:
+            r = torch.softmax(logits, -1).nan_to_num(0) * mask[..., None]
+            expected = torch.einsum("bnk,bnd->bkd", r, points) / r.sum(1)[..., None].clamp(min=1e-12)
+            expected = torch.where(kmask[..., None], expected, init)  # a padded cluster keeps its zero centroid
+        again = model.forward_with_centroids(points, mask, expected, kmask)
+    torch.testing.assert_close(outputs[1][0], again[0], atol=ATOL, rtol=0)
+    assert not torch.equal(outputs[1][0], outputs[0][0])
+
+
+def test_tied_blocks_share_one_blocks_parameters():
+    untied, tied = make_model(depth=3), make_model(depth=3, tied=True)
+    per_block = sum(p.numel() for p in untied.blocks[0].parameters())
+    assert untied.num_parameters() - tied.num_parameters() == 2 * per_block
+    assert len(tied.layers()) == 3 and all(block is tied.blocks[0] for block in tied.layers())
+    batch = episodes(SPEC)
+    loss = clustering_loss(tied(*inputs(batch)), batch, True)
+    loss.backward()
+    assert tied.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
+def test_passes_keys_are_checked():
+    with pytest.raises(ConfigError, match="model.passes: expected an integer >= 1"):
+        ModelConfig(passes=0).validate()
+    with pytest.raises(ConfigError, match=r"model.passes_min: expected null or an integer in \[1, model.passes \(2\)\]"):
+        ModelConfig(passes=2, passes_min=3).validate()
+    cfg = TransformerConfig(d_in=4, k_max=3, passes=4, passes_min=2, tied=True)
+    assert TransformerConfig.from_dict(cfg.to_dict()) == cfg
+    old = {key: value for key, value in cfg.to_dict().items() if key not in ("passes", "passes_min", "tied")}
+    assert TransformerConfig.from_dict(old).passes == 1  # exports from before the keys: one pass

@@ -71,3 +71,19 @@ def test_eval_and_test_seeds_derive_from_the_training_seed_and_pair_the_configs_
     explicit = load_config(DEBUG, ["eval.seed=1000000100"]).eval
     assert explicit.seed == 1_000_000_100 and explicit.test_seed == 1_000_000_001
     assert run_name(load_config(DEBUG, ["data.seed=1"])) != run_name(load_config(DEBUG))
+
+
+def test_iteration_and_bucket_keys_keep_the_run_name_at_their_defaults():
+    """model.passes / passes_min / tied and data.buckets came after published runs: at their defaults they
+    leave every name as it was; any other value is another run."""
+    from emformer.train.config import hashed_values
+
+    plain = run_name(load_config(DEBUG))
+    defaults = ["model.passes=1", "model.passes_min=null", "model.tied=false", "data.buckets=0"]
+    assert run_name(load_config(DEBUG, defaults)) == plain
+    values = hashed_values(load_config(DEBUG))
+    assert not {"passes", "passes_min", "tied"} & set(values["model"]) and "buckets" not in values["data"]
+    others = ["model.passes=3", "model.passes=3 model.passes_min=1", "model.tied=true",
+              "task.n_max=64 data.buckets=2"]
+    names = {run_name(load_config(DEBUG, other.split())) for other in others}
+    assert len(names) == len(others) and plain not in names

@@ -489,3 +489,19 @@ def test_rank_zero_is_found_as_lightning_will_find_it(monkeypatch, environ, zero
     assert fit.is_global_zero() is zero
     monkeypatch.setattr("shutil.which", lambda name: None)  # no srun on PATH: detect() without its warning
     assert fit.slurm_launched() == SLURMEnvironment.detect()
+
+
+@pytest.mark.slow
+def test_passes_drawn_per_batch_and_length_buckets_resume_exactly(tmp_path):
+    """A run drawing T in 1..3 per batch on length-bucketed batches, killed after step 50 (checkpoint at 40)
+    and re-run: the same rows as the uninterrupted run (T and the bucket are pure functions of the step)."""
+    overrides = ("model.passes=3", "model.passes_min=1", "task.n_max=64", "data.buckets=3", "trainer.max_steps=60",
+                 "trainer.val_every=30", "trainer.ckpt_every=20", "eval.episodes=64")
+    reference = tmp_path / "reference"
+    train(reference, *overrides)
+    run_dir = tmp_path / "run"
+    train(run_dir, *overrides, extra_env={"EMFORMER_CRASH_AT_STEP": "50"}, expect=1)
+    resumed = train(run_dir, *overrides)
+    assert "resuming from step 40" in resumed.stderr
+    no_duplicate_steps(run_dir)
+    assert_same_rows(rows(run_dir), rows(reference))

@@ -214,3 +214,84 @@ def test_the_step_keys_are_what_the_step_reads():
         assert set(module.step_keys) == {"points", "mask", "init", "kmask", "labels"} | extra
         batch = eval_set(module.run_config.task, 3, 4)
         module.training_step(module.on_before_batch_transfer({k: batch[k] for k in module.step_keys}, 0), 0)
+
+
+# ------------------------------------------------------------------------------------------------ iterating
+ITERATE = ("model.passes=3", "model.passes_min=1")
+
+
+def test_one_pass_trains_on_todays_loss_bit_for_bit():
+    from emformer.models.losses import clustering_loss
+    from emformer.train.scoring import model_inputs
+
+    module = ClusterModule(small_config("model.centroid_head=true", "task.n_max=40"))
+    batch = _batch(module)
+    logits, centroids = module.model.forward_with_centroids(*model_inputs(batch, module.padded))
+    assert torch.equal(module.training_step(batch, 0), clustering_loss(logits, batch, True, centroids))
+
+
+def test_passes_per_batch_are_a_pure_function_of_seed_and_step():
+    module, again = ClusterModule(small_config(*ITERATE)), ClusterModule(small_config(*ITERATE))
+    drawn = [module.passes_at(step) for step in range(200)]
+    assert drawn == [again.passes_at(step) for step in range(200)]  # a resumed run (same config) redraws them
+    assert set(drawn) == {1, 2, 3} and all(drawn.count(t) > 40 for t in (1, 2, 3))
+    other = ClusterModule(small_config(*ITERATE, "data.seed=1"))
+    assert [other.passes_at(step) for step in range(200)] != drawn
+    assert {ClusterModule(small_config("model.passes=2")).passes_at(step) for step in range(20)} == {2}
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_several_passes_train_and_reach_every_block(tied, monkeypatch):
+    module = ClusterModule(small_config(*ITERATE, f"model.tied={str(tied).lower()}"))
+    calls = []
+    single = module.model.forward_with_centroids
+    monkeypatch.setattr(module.model, "forward_with_centroids", lambda *a: calls.append(1) or single(*a))
+    monkeypatch.setattr(module, "passes_at", lambda step: 3)
+    optimizer = torch.optim.AdamW(module.model.parameters(), lr=3e-3)
+    batch = _batch(module, 32)
+    losses = []
+    for _ in range(4):
+        optimizer.zero_grad()
+        loss = module.training_step(batch, 0)
+        loss.backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in module.model.blocks.parameters())
+        assert all(float(p.grad.abs().sum()) > 0 for p in module.model.blocks[0].attn.parameters())
+        optimizer.step()
+        losses.append(float(loss))
+    assert len(calls) == 12 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+
+
+def test_evaluation_runs_the_trained_passes(monkeypatch):
+    module = ClusterModule(small_config(*ITERATE))
+    calls = []
+    single = module.model.forward_with_centroids
+    monkeypatch.setattr(module.model, "forward_with_centroids", lambda *a: calls.append(1) or single(*a))
+    module.score(_batch(module, 8), 20)
+    assert len(calls) == 3  # one chunk, model.passes passes
+
+
+@pytest.mark.slow
+def test_more_passes_at_test_time_do_not_hurt_a_model_trained_to_iterate():
+    """A tiny model trained with 1..3 passes per batch: its val error after 3, 5 and 8 passes is no worse than
+    after its trained 3 beyond the paired noise (3 SE) of the same eval episodes."""
+    from emformer.data.stream import EpisodeStream
+    from emformer.models.metrics import misclustering_rate
+
+    torch.manual_seed(0)
+    module = ClusterModule(small_config(*ITERATE, "task.separation=3.0"))
+    stream = EpisodeStream(module.run_config.task, seed=0, batch_size=32)
+    optimizer = torch.optim.AdamW(module.model.parameters(), lr=3e-3)
+    for step in range(150):
+        optimizer.zero_grad()
+        module.training_step(stream.batch(step), step).backward()
+        optimizer.step()
+    val = eval_set(module.run_config.task, 1_000_000_000, 512)
+    module.model.eval()
+    with torch.no_grad():
+        outputs = module.model.forward_passes(val["points"], None, val["init"], None, passes=8)
+    err = {t: misclustering_rate(outputs[t - 1][0].argmax(-1), val["labels"], val["mask"], 2).double()
+           for t in (1, 3, 5, 8)}
+    assert float(err[3].mean()) < float(err[1].mean())  # it learned to iterate
+    for t in (5, 8):
+        diff = err[t] - err[3]
+        assert float(diff.mean()) <= 3 * float(diff.std()) / math.sqrt(len(diff)) + 1e-3, (t, err)
