@@ -69,7 +69,7 @@ def test_depth_and_heads_intervals_cover_and_no_effect_is_never_read_as_a_fall(c
     rng = np.random.default_rng(11)
     at_zero, at_margin = [], []
     margin = checks.DEFAULT_SMALLEST_EFFECT
-    for _ in range(160):
+    for _ in range(120):
         obs, truth = _trend_study(0.0, rng)
         fit = resample.resample(checks.trend_slopes, obs, n_boot=N_BOOT)["relative"]
         at_zero.append((fit.low <= truth <= fit.high, checks.equivalence_verdict(fit, margin) == checks.FALLS))
@@ -88,7 +88,7 @@ def test_with_one_eval_set_per_seed_the_interval_is_the_seeds_t_interval(capsys)
     the episode draws add (close to) nothing: the interval is the t interval, neither narrower nor wider."""
     rng = np.random.default_rng(15)
     draws = []
-    for _ in range(160):
+    for _ in range(120):
         obs, truth = _trend_study(0.0, rng, per_seed_sets=True)
         fit = resample.resample(checks.trend_slopes, obs, n_boot=N_BOOT)["relative"]
         draws.append((fit.low <= truth <= fit.high, checks.equivalence_verdict(fit, checks.DEFAULT_SMALLEST_EFFECT)
@@ -102,7 +102,7 @@ def test_resampling_the_seeds_alone_would_under_cover_the_same_studies(capsys):
     """The teeth of the test above: the shared eval set's noise is invisible to a seed-only bootstrap."""
     rng = np.random.default_rng(12)
     hits = []
-    for _ in range(120):
+    for _ in range(80):
         obs, truth = _trend_study(0.0, rng)
         seeds_only = resample.Observations(rows=obs.rows)
         fit = resample.resample(checks.trend_slopes, seeds_only, n_boot=N_BOOT)["relative"]
@@ -133,7 +133,7 @@ def test_separation_intervals_cover_and_the_boundary_rates_are_rarely_passed(cap
     rng = np.random.default_rng(13)
     resolution = {d: 0.0 for d in DELTAS}
     rate, ratio = [], []
-    for _ in range(160):
+    for _ in range(120):
         obs = _separation_study(checks.RATE_SLOPE, 0.0, rng)  # exactly at the minimax slope: must not PASS
         fit = resample.resample(lambda t, s: checks.separation_slopes(t, s, resolution), obs, n_boot=N_BOOT)
         rate.append((fit["slope"].low <= checks.RATE_SLOPE <= fit["slope"].high,
@@ -168,7 +168,7 @@ def test_sample_complexity_intervals_cover_and_the_paper_s_bound_is_rarely_passe
     rng = np.random.default_rng(14)
     covered: dict[str, list[tuple[bool, bool]]] = {"all": [], "upper": [], "asymptote": []}
     combined = []
-    for _ in range(120):
+    for _ in range(80):
         obs = _complexity_study(checks.SAMPLE_COMPLEXITY_BOUND, rng)
         fit, intervals = checks.complexity_intervals(obs, SIZES, n_boot=N_BOOT)
         for name in covered:
