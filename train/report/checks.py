@@ -377,11 +377,7 @@ def complexity_fit(tables: resample.Tables, slots: Sequence[Hashable], sizes: Se
     asymptote = scaling.asymptote_fit([n for n, _ in means], [y for _, y in means]) if len(means) >= 3 else None
 
     def log_log(points: Sequence[float], table: dict[float, dict[Hashable, float]]) -> Optional[float]:
-        ys = [seed_mean(table[n]) for n in points]
-        if any(not y > 0 for y in ys):
-            return None
-        fit = scaling.line_slope([math.log(n) for n in points], [math.log(y) for y in ys])
-        return None if fit is None else fit[0]
+        return scaling.log_log_slope([(n, seed_mean(table[n])) for n in points])
 
     enough = len(fitted) >= MIN_FITTED_SIZES
     slopes = {"all": log_log(fitted, excess) if enough else None,
@@ -542,11 +538,11 @@ class AxisTrend:
 
 def trend_slopes(tables: resample.Tables, slots: Sequence[Hashable]) -> dict[str, Optional[float]]:
     means = sorted(scaling.seed_means(tables.get("err", {}), slots).items())
-    fit = scaling.line_slope([math.log2(x) for x, _ in means], [y for _, y in means]) if means else None
+    slope = scaling.per_doubling_slope(means)
     level = float(np.mean([y for _, y in means])) if means else math.nan
-    if fit is None:
+    if slope is None:
         return {"slope": None, "relative": None}
-    return {"slope": fit[0], "relative": fit[0] / level if level > 0 else None}
+    return {"slope": slope, "relative": slope / level if level > 0 else None}
 
 
 def axis_trends(points: Sequence[Point], axis: str, runs: Sequence[RunRecord] = (),
@@ -635,10 +631,8 @@ def separation_slopes(tables: resample.Tables, slots: Sequence[Hashable],
     fitted = [d for d in sorted(model) if d not in excluded and oracle.get(d, 0) > 0 and model[d] > 0]
     if len(fitted) < 2:
         return {"slope": None, "ratio": None}
-    xs = [d * d for d in fitted]
-    slope = scaling.line_slope(xs, [math.log(model[d]) for d in fitted])
-    ratio = scaling.line_slope(xs, [math.log(model[d] / oracle[d]) for d in fitted])
-    return {"slope": slope[0] if slope else None, "ratio": ratio[0] if ratio else None}
+    return {"slope": scaling.squared_rate_slope([(d, model[d]) for d in fitted]),
+            "ratio": scaling.squared_rate_slope([(d, model[d] / oracle[d]) for d in fitted])}
 
 
 def separation_trends(points: Sequence[Point], runs: Sequence[RunRecord] = ()) -> list[SeparationTrend]:

@@ -58,12 +58,6 @@ def seed_means(values: Values, seeds: Sequence[Hashable]) -> dict[float, float]:
     return means
 
 
-def all_seeds(*tables: Values) -> list[Hashable]:
-    """Every seed that occurs in any of the tables, sorted for determinism."""
-    seen = {s for table in tables for by_seed in table.values() for s in by_seed}
-    return sorted(seen, key=repr)
-
-
 Pairs = list[tuple[float, float]]
 """(x, y) points to fit"""
 
@@ -93,6 +87,21 @@ def _squared_x_log_y(x: float, y: float) -> Optional[tuple[float, float]]:
     return (x * x, math.log(y)) if y > 0 and math.isfinite(y) else None
 
 
+def log_log_slope(pairs: Pairs) -> Optional[float]:
+    """Slope of log y against log x (no fit when some y ≤ 0)."""
+    return _fitter(_log_log)(pairs)
+
+
+def per_doubling_slope(pairs: Pairs) -> Optional[float]:
+    """Slope of y against log2 x: the change of y per doubling of x."""
+    return _fitter(_log2_x)(pairs)
+
+
+def squared_rate_slope(pairs: Pairs) -> Optional[float]:
+    """Slope of log y against x² (no fit when some y ≤ 0)."""
+    return _fitter(_squared_x_log_y)(pairs)
+
+
 def observations(data: Data, key: str = "y") -> tuple[Observations, str]:
     """(Observations, the key its values sit under) for either kind of input."""
     if isinstance(data, Observations):
@@ -109,7 +118,7 @@ def _interval_of_fit(fit: Callable[[Pairs], Optional[float]], data: Data, **kwar
 
 def power_law_interval(values: Data, **kwargs) -> Interval:
     """Slope b of log y = a + b·log x with its interval over seeds (no fit when some y ≤ 0)."""
-    return _interval_of_fit(_fitter(_log_log), values, **kwargs)
+    return _interval_of_fit(log_log_slope, values, **kwargs)
 
 
 def excess_means(values: Values, reference: Mapping[Hashable, float],
@@ -128,7 +137,7 @@ def excess_power_law_interval(values: Values, reference: Mapping[Hashable, float
     N = ∞ loss) has its own seeds. Each draw averages both over the same drawn seeds, so the reference's own
     seed noise is inside the interval. A draw with an excess ≤ 0 at any of `xs` has no fit."""
     keep = set(values) if xs is None else set(xs)
-    fit = _fitter(_log_log)
+    fit = log_log_slope
     obs = Observations.of({"y": values, "ref": {0.0: reference}})
 
     def statistic(tables: Mapping[str, Values], sample: Sequence[Hashable]) -> Optional[float]:
@@ -203,12 +212,12 @@ def asymptote_interval(values: Data, **kwargs) -> Interval:
 
 def per_doubling_interval(values: Data, **kwargs) -> Interval:
     """Slope of y against log2 x (the change of y per doubling of x) with its interval over seeds."""
-    return _interval_of_fit(_fitter(_log2_x), values, **kwargs)
+    return _interval_of_fit(per_doubling_slope, values, **kwargs)
 
 
 def squared_rate_interval(values: Data, **kwargs) -> Interval:
     """Slope of log y against x² (for err against Δ: theory −1/8) with its interval over seeds."""
-    return _interval_of_fit(_fitter(_squared_x_log_y), values, **kwargs)
+    return _interval_of_fit(squared_rate_slope, values, **kwargs)
 
 
 def verdict(interval: Interval, threshold: float, strict: bool = False) -> str:
