@@ -13,6 +13,7 @@ Batch layout (all padded to the spec's k_pad / n_pad / d_pad):
   points [B,n,d] f32 · labels [B,n] i64 (-1 = padding) · mask [B,n] bool · means [B,k,d] · weights [B,k]
   scales [B,d] (per-axis noise scale) · sigma [B] · init [B,k,d] · kmask [B,k] bool · k [B] · n [B]
   separation [B] · seed [B] · index [B]
+  noise_mode [B] i64 (task.noise = mixed only: 0 isotropic, 1 diagonal, 2 Student-t; tasks.MIXED_MODES)
 With an init, component j of `means`/`weights`/`labels` is the one matched to init centroid j (Hungarian on
 distances), so `labels` are the anchored cross-entropy targets.
 """
@@ -52,7 +53,7 @@ BLOCK_BITS = 10  # episodes share a stream in blocks of 2**BLOCK_BITS consecutiv
 _IN_BLOCK = (1 << BLOCK_BITS) - 1  # index & _IN_BLOCK: an episode's place in its block
 # Purposes: separate streams for an episode's main words and its per-mode extras, so that switching
 # task.translate or task.rotate moves or turns the very same episode.
-MAIN, ROTATION, DIRICHLET, STUDENT_T, DIMS = 0, 1, 2, 3, 4
+MAIN, ROTATION, DIRICHLET, STUDENT_T, DIMS, NOISE_MODE = 0, 1, 2, 3, 4, 5
 _TAG = 0x454D4634  # keeps these streams apart from other SeedSequence users of the same seeds
 
 
@@ -203,7 +204,9 @@ def _draws(spec: TaskSpec, seed: int, indices: Sequence[int]) -> dict[str, torch
         out["gamma_weights"] = _extra_gammas(seed, indices, DIRICHLET, spec.weights_alpha, spec.k_pad)
     if spec.d_min is not None:  # the episode's own d
         out["dims_u"] = _unit_floats(draw_words(seed, indices, 1, DIMS))[:, 0].double() - 1.0
-    if spec.noise == "student_t":  # t = z / sqrt(χ²_ν / ν) with χ²_ν = 2·Gamma(ν/2)
+    if spec.noise == "mixed":  # which mode each episode has
+        out["mode_u"] = _unit_floats(draw_words(seed, indices, 1, NOISE_MODE))[:, 0].double() - 1.0
+    if spec.noise in ("student_t", "mixed"):  # t = z / sqrt(χ²_ν / ν) with χ²_ν = 2·Gamma(ν/2)
         out["gamma_noise"] = _extra_gammas(seed, indices, STUDENT_T, spec.noise_df / 2, spec.n_pad * spec.d)
     return out
 
@@ -308,21 +311,29 @@ def _transform(spec: TaskSpec, raw: dict[str, torch.Tensor]) -> Batch:
             labels = torch.searchsorted(weights.float().cumsum(1), raw["label_u"].contiguous())
         labels = torch.minimum(labels, k[:, None] - 1)
 
-    if spec.noise == "diagonal":  # log r uniform in ±log diag_ratio
+    mode = None  # task.noise = mixed: each episode's mode (tasks.MIXED_MODES codes)
+    if spec.noise == "mixed":
+        u_mode = raw["mode_u"]
+        mode = torch.where(u_mode < spec.diagonal_share, 1,
+                           torch.where(u_mode < spec.diagonal_share + spec.student_t_share, 2, 0)).long()
+    if spec.noise in ("diagonal", "mixed"):  # log r uniform in ±log diag_ratio
         exponent = (2 * raw["axis"] - 1).double() * exact.log_scalar(spec.diag_ratio)
         scales = (spec.sigma * exact.exp(exponent)).float()  # [B, d]
+        if mode is not None:
+            scales = torch.where((mode == 1)[:, None], scales, torch.full_like(scales, float(spec.sigma)))
     else:
         scales = torch.full((batch_size, d), float(spec.sigma))
     noise = raw["noise"].reshape(batch_size, n_pad, d)
-    if spec.noise == "student_t":  # per axis, scaled to unit variance
+    if spec.noise in ("student_t", "mixed"):  # per axis, scaled to unit variance
         t_unit = math.sqrt((spec.noise_df - 2) / spec.noise_df)  # one correctly rounded double
         chi = exact.sqrt(raw["gamma_noise"] * (2 / spec.noise_df)).float().view(batch_size, n_pad, d)
-        noise = noise / chi * t_unit
+        t_noise = noise / chi * t_unit
+        noise = t_noise if mode is None else torch.where((mode == 2)[:, None, None], t_noise, noise)
     # centres[b, i] = means[b, labels[b, i]] by a flat index (index_select: several times faster than gather)
     flat = labels.add(torch.arange(0, batch_size * k_pad, k_pad)[:, None]).view(-1)
     centres = means.float().reshape(batch_size * k_pad, d).index_select(0, flat).view(batch_size, n_pad, d)
     # a product, then a sum: addcmul and add(alpha=) may fuse the two on one CPU and not on another
-    if spec.noise == "diagonal":
+    if spec.noise in ("diagonal", "mixed"):
         points = centres.add_(noise * scales[:, None, :])
     else:  # one scalar σ: no broadcast over a [B, 1, d] factor, whose inner loop of d is slow
         points = centres.add_(noise * spec.sigma)
@@ -340,6 +351,8 @@ def _transform(spec: TaskSpec, raw: dict[str, torch.Tensor]) -> Batch:
         "scales": scales, "init": init, "kmask": kmask, "k": k, "n": n, "separation": delta.float(),
     }
     out["sigma"] = torch.full((batch_size,), float(spec.sigma))
+    if mode is not None:
+        out["noise_mode"] = mode
     out = _standardize(spec, out)
     if spec.d_pad > d:
         pad = spec.d_pad - d

@@ -210,6 +210,9 @@ def write_shards(spec: TaskSpec, seed: int, out: str | Path, episodes: int, shar
     half-written ones are (re)written by `workers` processes; manifest.json is written atomically last.
     """
     spec.validate()
+    if spec.noise == "mixed":
+        raise ConfigError("task.noise: mixed noise cannot be written to shards (an episode record holds no noise "
+                          "mode, which the oracle needs); train on it with data.source=fresh")
     for key, value, least in (("--episodes", episodes, 1), ("--shard-size", shard_size, 1), ("--workers", workers, 1)):
         if not (isinstance(value, int) and value >= least):
             raise ConfigError(f"{key}: expected an integer >= {least}, got {value!r}")

@@ -14,7 +14,9 @@ from typing import Any, Optional
 from emformer.errors import ConfigError
 
 WEIGHT_MODES = ("uniform", "dirichlet", "range")
-NOISE_MODES = ("isotropic", "diagonal", "student_t")
+NOISE_MODES = ("isotropic", "diagonal", "student_t", "mixed")
+MIXED_MODES = ("isotropic", "diagonal", "student_t")
+"""the per-episode noise modes of task.noise = mixed, in the order of the batch's `noise_mode` codes 0, 1, 2"""
 NO_INIT = "none"
 """the init mode without initial centroids (the model learns slot vectors; labels are not anchored)"""
 EPISODES_VERSION = 5
@@ -61,11 +63,17 @@ class TaskSpec:
     weights_lo: float = 0.5
     weights_hi: float = 2.0
     noise: str = "isotropic"
-    """isotropic (σ I) | diagonal (per-axis scales σ·r, log r uniform in ±log diag_ratio) | student_t (noise_df)"""
+    """isotropic (σ I) | diagonal (per-axis scales σ·r, log r uniform in ±log diag_ratio) | student_t (noise_df) |
+    mixed (each episode one of the three: diagonal with probability diagonal_share, student_t with
+    student_t_share, else isotropic; the batch's `noise_mode` says which, for the oracle)"""
     noise_df: float = 5.0
     """degrees of freedom of Student-t noise (> 2: scaled to unit variance per axis)"""
     diag_ratio: float = 2.0
     """largest per-axis scale factor for diagonal noise"""
+    diagonal_share: float = 0.25
+    """task.noise = mixed: the share of episodes with diagonal noise"""
+    student_t_share: float = 0.25
+    """task.noise = mixed: the share of episodes with Student-t noise"""
     init: str = "noisy_truth"
     """initial centroids: a mode of data/inits.py's INITS, e.g. noisy_truth (true means + noise of relative size
     init_noise), kmeans++, spectral, or none (no initial centroids: labels are not anchored)"""
@@ -143,10 +151,16 @@ class TaskSpec:
             raise bad("weights_hi", f"a number >= task.weights_lo ({self.weights_lo})")
         if self.noise not in NOISE_MODES:
             raise bad("noise", f"one of {', '.join(NOISE_MODES)}")
-        if self.noise == "student_t" and not self.noise_df > 2:
+        if self.noise in ("student_t", "mixed") and not self.noise_df > 2:
             raise bad("noise_df", "a number > 2 (finite variance)")
         if not self.diag_ratio >= 1:
             raise bad("diag_ratio", "a number >= 1")
+        for key in ("diagonal_share", "student_t_share"):
+            if not 0 <= getattr(self, key) <= 1:
+                raise bad(key, "a number in [0, 1]")
+        if not self.diagonal_share + self.student_t_share <= 1:
+            raise bad("student_t_share", f"a number <= 1 - task.diagonal_share ({self.diagonal_share}): the "
+                                         "shares of the mixed noise modes add up to at most 1 (the rest isotropic)")
         # The registry's functions need torch (~2 s of CPU to import): light commands (status, sweep) import
         # TaskSpec without it.
         from emformer.data import inits

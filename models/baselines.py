@@ -161,19 +161,27 @@ def oracle_log_posterior(batch: dict[str, torch.Tensor], spec: TaskSpec) -> torc
     mu = batch["means"][..., :d].to(F64)
     scales = batch["scales"][:, :d].to(F64)
     z = (x[:, :, None, :] - mu[:, None, :, :]) / scales[:, None, None, :]  # [B,n,k,d]
-    if spec.noise == "student_t":
+    gauss = -0.5 * (z * z).sum(-1)
+    if spec.noise in ("student_t", "mixed"):
         df = float(spec.noise_df)
         unit = (df - 2) / df  # the sampled noise is t · sqrt((ν−2)/ν)
-        log_lik = -0.5 * (df + 1) * torch.log1p(z * z / (unit * df)).sum(-1)
+        student = -0.5 * (df + 1) * torch.log1p(z * z / (unit * df)).sum(-1)
+        if spec.noise == "mixed":
+            if "noise_mode" not in batch:
+                raise ValueError("task.noise = mixed: the batch has no 'noise_mode' (episodes of a mixed-noise "
+                                 "task come from the fresh source, whose batches carry each episode's mode)")
+            student = torch.where((batch["noise_mode"] == 2)[:, None, None], student, gauss)
+        log_lik = student
     else:
-        log_lik = -0.5 * (z * z).sum(-1)
+        log_lik = gauss
     # The normalising constants (Σ log scales, Student-t constants) are the same for every component.
     log_joint = neg_inf_pad(log_lik + torch.log(batch["weights"].to(F64))[:, None, :], batch["kmask"])
     return (log_joint - torch.logsumexp(log_joint, dim=-1, keepdim=True)).float()
 
 
 def em_covariance(spec: TaskSpec) -> str:
-    """The EM variant that matches a task's noise: diagonal noise → 'diag', otherwise 'spherical'."""
+    """The EM variant that matches a task's noise: diagonal noise → 'diag', otherwise 'spherical' (mixed noise
+    too: most of its episodes are isotropic or Student-t, and one EM for all keeps the comparison one)."""
     return "diag" if spec.noise == "diagonal" else "spherical"
 
 

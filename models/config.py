@@ -42,6 +42,10 @@ class ModelConfig:
     """if set, each training batch runs T passes, T uniform in [passes_min, passes], a pure function of
     (data.seed, step), so any number of passes in that range is a refinement; evaluation and the Clusterer
     run `passes`"""
+    grad_passes: Optional[int] = None
+    """if set, only the last grad_passes passes of a training batch carry the loss and its gradient; the passes
+    before run without gradient (truncated backpropagation through the passes, as looped models are trained),
+    so a step costs those passes' forward only. null: every pass"""
     tied: bool = False
     """one block's weights for all `depth` blocks (a looped block: EM applies the same step each round)"""
 
@@ -61,5 +65,6 @@ class ModelConfig:
         need(self.passes >= 1, "passes", "an integer >= 1")
         need(self.passes_min is None or 1 <= self.passes_min <= self.passes, "passes_min",
              f"null or an integer in [1, {prefix}.passes ({self.passes})]")
+        need(self.grad_passes is None or self.grad_passes >= 1, "grad_passes", "null or an integer >= 1")
         need(not self.count_spectrum or self.count_head, "count_spectrum", f"false unless {prefix}.count_head is true")
         return self

@@ -175,16 +175,18 @@ class ClusterTransformer(nn.Module):
         return self.forward_passes(points, mask, init, kmask)[-1][0]
 
     def forward_passes(self, points: torch.Tensor, mask: Optional[torch.Tensor], init: torch.Tensor,
-                       kmask: Optional[torch.Tensor], passes: Optional[int] = None
+                       kmask: Optional[torch.Tensor], passes: Optional[int] = None, detached: int = 0
                        ) -> list[tuple[torch.Tensor, Optional[torch.Tensor]]]:
         """(logits, head centroids) of each of `passes` passes (default cfg.passes), each pass started from
-        the centroids the previous one ends with (`next_centroids`)."""
+        the centroids the previous one ends with (`next_centroids`). The first `detached` passes run without
+        gradient (their outputs are constants; training's model.grad_passes)."""
         outputs = []
         centroids = init
         for t in range(self.cfg.passes if passes is None else passes):
-            if t:
-                centroids = next_centroids(*outputs[-1], points, mask, centroids)
-            outputs.append(self.forward_with_centroids(points, mask, centroids, kmask))
+            with torch.set_grad_enabled(torch.is_grad_enabled() and t >= detached):
+                if t:
+                    centroids = next_centroids(*outputs[-1], points, mask, centroids)
+                outputs.append(self.forward_with_centroids(points, mask, centroids, kmask))
         return outputs
 
     def forward_with_centroids(self, points: torch.Tensor, mask: Optional[torch.Tensor], init: torch.Tensor,

@@ -137,9 +137,10 @@ _UNHASHED_STRATEGY = ("single_process_ddp", "param_persistence_threshold")
 # Keys added after runs were published (the committed study in docs/study) that, at these values, change
 # nothing a run computes: left out of the hash at those values, so the names of runs that do not use them
 # stay what they were and `emformer study` still skips the committed runs.
-_NEUTRAL_AT = {"task": {"d_min": None, "n_log": False, "standardize": False},
+_NEUTRAL_AT = {"task": {"d_min": None, "n_log": False, "standardize": False, "diagonal_share": 0.25,
+                        "student_t_share": 0.25},
                "model": {"count_head": False, "count_spectrum": False, "passes": 1, "passes_min": None,
-                         "tied": False},
+                         "grad_passes": None, "tied": False},
                "data": {"buckets": 0}}
 
 
@@ -300,6 +301,8 @@ def validate(cfg: DictConfig) -> RunConfig:
     # its parameters get no gradient, which DDP reports as an error on every rank at the first step.
     need(not run.model.centroid_head or run.task.anchored, "model.centroid_head",
          "false when task.init is none (no init to anchor the refined centroids to, so the head is never trained)")
+    need(run.task.noise != "mixed" or d.source == "fresh", "data.source",
+         "fresh with task.noise=mixed (pool and shard records hold no per-episode noise mode, which the oracle needs)")
     need(run.wandb.mode in ("offline", "online", "disabled"), "wandb.mode", "offline, online or disabled")
     need(e.episodes >= 1, "eval.episodes", "an integer >= 1")
     need(e.em_iters >= 1, "eval.em_iters", "an integer >= 1")

@@ -83,8 +83,9 @@ class ClusterModule(L.LightningModule):
         self._last_val_scores: Optional[dict[str, torch.Tensor]] = None  # per episode, for episode_results
 
     # ------------------------------------------------------------------ training
-    def forward(self, batch: Batch, passes: int = 1) -> list[tuple[torch.Tensor, Optional[torch.Tensor]]]:
-        return self._train_forward(*model_inputs(batch, self.padded), passes)
+    def forward(self, batch: Batch, passes: int = 1, detached: int = 0
+                ) -> list[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+        return self._train_forward(*model_inputs(batch, self.padded), passes, detached)
 
     def passes_at(self, step: int) -> int:
         """T of training step `step`: model.passes, or with model.passes_min uniform in [passes_min, passes],
@@ -104,7 +105,10 @@ class ClusterModule(L.LightningModule):
         return batch
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        loss = iterated_loss(self(batch, self.passes_at(int(self.global_step))), batch, self.anchored)
+        passes = self.passes_at(int(self.global_step))
+        grad_passes = self.run_config.model.grad_passes
+        detached = 0 if grad_passes is None else max(passes - grad_passes, 0)
+        loss = iterated_loss(self(batch, passes, detached)[detached:], batch, self.anchored)
         if self.model.count_head is not None:
             count_logits = self._count_forward(batch["points"], batch["mask"] if self.points_padded else None,
                                                batch.get("spectrum"))
