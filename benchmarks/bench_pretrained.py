@@ -35,13 +35,18 @@ import torch  # noqa: E402
 
 from common import REPO, fmt, markdown_table, progress, write_report  # noqa: E402
 
+from emformer.models.calibration import expected_calibration_error  # noqa: E402
+
 SEED = 5_000_011
 SECTION_TITLE = "## The pretrained clusterer on data nobody trained it on"
 EM_ITERS = 100
-ECE_BINS = 10
 MARGIN = 0.01
-FULL = {"episodes": 8, "task_episodes": 120}
-QUICK = {"episodes": 2, "task_episodes": 16}
+FULL = {"episodes": 8, "task_episodes": 120, "share_episodes": 512}
+QUICK = {"episodes": 2, "task_episodes": 16, "share_episodes": 16}
+SHARE_SES = 2.0
+"""the model's own share: a difference from EM beyond this many paired standard errors is a verdict"""
+CURVE_EPISODES = 128
+"""episodes of the pass-by-pass table (every len // CURVE_EPISODES-th of the share table's)"""
 
 
 # ------------------------------------------------------------------------------------------ data sets
@@ -118,21 +123,43 @@ def gmm_bic(X: np.ndarray, ks: list[int], covariance: str, seed: int) -> tuple[n
     return fits[ks[int(bic.argmin())]].predict(X), proba
 
 
-def our_em(X: np.ndarray, k: int, seed: int) -> np.ndarray:
-    """baselines.em (spherical) from k-means++ seeds, EM_ITERS iterations."""
+def kmeanspp_start(X: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """One k-means++ start [k, d] in X's own coordinates (data.inits.kmeans_plus_plus, uniforms of `seed`)."""
     from emformer.data import inits
+
+    uniforms = torch.as_tensor(np.random.default_rng(seed).random((1, k)))
+    x = torch.as_tensor(X)[None]
+    return inits.kmeans_plus_plus(x, torch.ones(1, len(X), dtype=torch.bool), torch.ones(1, k, dtype=torch.bool),
+                                  uniforms)[0].numpy()
+
+
+def em_from(X: np.ndarray, init: np.ndarray, iters: int) -> tuple[np.ndarray, float]:
+    """baselines.em (spherical) for `iters` iterations from centroids `init`: (responsibilities [n, k],
+    log-likelihood per point)."""
     from emformer.models import baselines
 
-    x = torch.as_tensor(X)[None]
-    mask = torch.ones(1, len(X), dtype=torch.bool)
-    kmask = torch.ones(1, k, dtype=torch.bool)
-    uniforms = torch.as_tensor(np.random.default_rng(seed).random((1, k)))
-    init = inits.kmeans_plus_plus(x, mask, kmask, uniforms)
-    return baselines.em(x, mask, kmask, init, EM_ITERS).log_resp[0].argmax(-1).numpy()
+    x, k = torch.as_tensor(X)[None], len(init)
+    fit = baselines.em(x, torch.ones(1, len(X), dtype=torch.bool), torch.ones(1, k, dtype=torch.bool),
+                       torch.as_tensor(init)[None], iters)
+    return fit.log_resp[0].exp().numpy(), float(fit.log_likelihood[0])
 
 
-def methods(model: str, ks: list[int], k_max: int) -> dict[str, tuple[str, Callable[[np.ndarray, int, int], Any]]]:
-    """name -> (what it knows about k: 'given' | 'auto' | 'model' | 'model-auto', fit(X, k, seed) -> labels)."""
+def restarts_em(X: np.ndarray, k: int, seed: int, n_init: int, em_steps: int) -> np.ndarray:
+    """The shipped defaults' restarts and EM steps without the model: `n_init` k-means++ starts, `em_steps` EM
+    iterations from each, the one of highest likelihood (responsibilities [n, k])."""
+    fits = [em_from(X, kmeanspp_start(X, k, seed * 1_000 + r), em_steps) for r in range(n_init)]
+    return max(fits, key=lambda fit: fit[1])[0]
+
+
+def our_em(X: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """baselines.em (spherical) from k-means++ seeds, EM_ITERS iterations."""
+    return em_from(X, kmeanspp_start(X, k, seed), EM_ITERS)[0].argmax(-1)
+
+
+def methods(model: str, ks: list[int], k_max: int, info: dict[str, Any]
+            ) -> dict[str, tuple[str, Callable[[np.ndarray, int, int], Any]]]:
+    """name -> (what it knows about k: 'given' | 'auto' | 'model' | 'model-auto', fit(X, k, seed) -> labels);
+    beside the shipped defaults' row, their restarts and EM steps without the model."""
     from sklearn.cluster import KMeans
     from sklearn.mixture import GaussianMixture
 
@@ -146,38 +173,30 @@ def methods(model: str, ks: list[int], k_max: int) -> dict[str, tuple[str, Calla
             return Clusterer.from_pretrained(model, random_state=seed, **chosen).fit_predict(X)
         return fit
 
+    n_init, em_steps = shipped_defaults(info)
     return {
         "emformer": ("model", emformer()),
-        "emformer n_init=10 em_steps=3": ("model", emformer(n_init=10, em_steps=3)),
+        f"emformer n_init={n_init} em_steps={em_steps}": ("model", emformer(n_init=n_init, em_steps=em_steps)),
+        f"no model: {n_init} k-means++ + EM {em_steps} it.": (
+            "given", lambda X, k, s: restarts_em(X, k, s, n_init, em_steps).argmax(-1)),
         "KMeans n_init=10": ("given", lambda X, k, s: KMeans(k, n_init=10, random_state=s).fit_predict(X)),
         "GMM full": ("given", lambda X, k, s: GaussianMixture(k, covariance_type="full", random_state=s).fit_predict(X)),
         "GMM spherical": ("given", lambda X, k, s: GaussianMixture(k, covariance_type="spherical", random_state=s).fit_predict(X)),
         f"our EM ({EM_ITERS} it.)": ("given", lambda X, k, s: our_em(X, k, s)),
         "emformer auto k": ("model-auto", emformer(n_clusters="auto")),
-        "emformer auto k n_init=10 em_steps=3": ("model-auto", emformer(n_clusters="auto", n_init=10, em_steps=3)),
+        f"emformer auto k n_init={n_init} em_steps={em_steps}": (
+            "model-auto", emformer(n_clusters="auto", n_init=n_init, em_steps=em_steps)),
         "GMM full + BIC": ("auto", lambda X, k, s: gmm_bic(X, ks, "full", s)[0]),
         "GMM spherical + BIC": ("auto", lambda X, k, s: gmm_bic(X, ks, "spherical", s)[0]),
     }
 
 
 # ------------------------------------------------------------------------------------------ figures
-def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> float:
-    """Σ_b (n_b / N) |accuracy_b − confidence_b| over equal-width confidence bins."""
-    edges = np.linspace(0, 1, bins + 1)
-    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
-    total = 0.0
-    for b in range(bins):
-        inside = which == b
-        if inside.any():
-            total += inside.mean() * abs(correct[inside].mean() - confidence[inside].mean())
-    return float(total)
-
-
 def main_table(model: str, episodes: int, info: dict[str, Any]) -> tuple[dict[str, Any], str]:
     from sklearn.metrics import adjusted_rand_score
 
     ks = list(range(info["k_min"], info["k_max"] + 1))
-    table = methods(model, ks, info["k_max"])
+    table = methods(model, ks, info["k_max"], info)
     sets = data_sets(episodes, info["d"])
     figures: dict[str, Any] = {}
     rows_ari, rows_time = [], []
@@ -264,7 +283,6 @@ def polish_table(model: str, count: int, info: dict[str, Any]) -> tuple[dict[str
     episodes (given k). The log-likelihood is the mean per point of the spherical mixture fitted to each
     final assignment, in the episode's own coordinates."""
     from emformer import Clusterer
-    from emformer.data import inits
     from emformer.models import baselines, metrics
 
     items = task_episodes(count, SEED + 1, **own_task(info))
@@ -282,19 +300,15 @@ def polish_table(model: str, count: int, info: dict[str, Any]) -> tuple[dict[str
     for m in (0, 1, 3):
         variants[f"emformer em_steps={m}"] = (lambda m: lambda X, k, s: Clusterer.from_pretrained(
             model, n_clusters=k, em_steps=m, n_init=1, random_state=s).fit(X).probabilities_)(m)
-    variants["emformer n_init=10 em_steps=3"] = lambda X, k, s: Clusterer.from_pretrained(
-        model, n_clusters=k, em_steps=3, n_init=10, random_state=s).fit(X).probabilities_
+    n_init, em_steps = shipped_defaults(info)
+    variants[f"emformer n_init={n_init} em_steps={em_steps}"] = lambda X, k, s: Clusterer.from_pretrained(
+        model, n_clusters=k, em_steps=em_steps, n_init=n_init, random_state=s).fit(X).probabilities_
 
-    def em_alone(iters: int) -> Callable[[np.ndarray, int, int], np.ndarray]:
-        def fit(X: np.ndarray, k: int, s: int) -> np.ndarray:
-            x = torch.as_tensor(X)[None]
-            mask, kmask = torch.ones(1, len(X), dtype=torch.bool), torch.ones(1, k, dtype=torch.bool)
-            init = inits.kmeans_plus_plus(x, mask, kmask, torch.as_tensor(np.random.default_rng(s).random((1, k))))
-            return baselines.em(x, mask, kmask, init, iters).log_resp[0].exp().numpy()
-        return fit
-
+    variants[f"no model: {n_init} k-means++ starts + EM {em_steps} it., best likelihood"] = (
+        lambda X, k, s: restarts_em(X, k, s, n_init, em_steps))
     for iters in (3, 10, EM_ITERS):
-        variants[f"EM from k-means++, {iters} it."] = em_alone(iters)
+        variants[f"EM from k-means++, {iters} it."] = (lambda iters: lambda X, k, s: em_from(
+            X, kmeanspp_start(X, k, s), iters)[0])(iters)
     for name, fit in variants.items():
         errs, lls, cpu = [], [], 0.0
         for index, (X, y, k) in enumerate(items):
@@ -311,6 +325,86 @@ def polish_table(model: str, count: int, info: dict[str, Any]) -> tuple[dict[str
     text = (f"{count} fresh episodes of the model's own task, k given; error = mis-clustering rate under the best "
             "relabelling; log-likelihood per point of the spherical mixture fitted to the final assignment:\n\n"
             + markdown_table(["method", "error", "log-likelihood / point", "CPU s / episode"], rows))
+    return figures, text
+
+
+def paired(diff: np.ndarray) -> tuple[float, float, str]:
+    """(mean, standard error, verdict) of per-episode differences model − EM: LOSES / BEATS beyond
+    SHARE_SES standard errors, else TIE."""
+    mean = float(diff.mean())
+    se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else float("nan")
+    verdict = "LOSES" if mean > SHARE_SES * se else "BEATS" if mean < -SHARE_SES * se else "TIE"
+    return mean, se, verdict
+
+
+def share_table(model: str, count: int, info: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """The model's own share: per k, the model alone (its default passes, one k-means++ start given as init,
+    no restarts, no EM polish) against EM from the same start after as many iterations as the model has
+    passes and after 10, paired per episode; then, all k together, t = 1..T passes against t EM iterations."""
+    from emformer import Clusterer
+    from emformer.models import metrics
+
+    passes = info["passes"]
+    items = task_episodes(count, SEED + 2, **own_task(info))
+
+    def err(X: np.ndarray, y: np.ndarray, pred: np.ndarray, k: int) -> float:
+        mask = torch.ones(1, len(X), dtype=torch.bool)
+        return float(metrics.misclustering_rate(torch.as_tensor(pred)[None], torch.as_tensor(y)[None], mask, k)[0])
+
+    steps = sorted({1, 2, 3, passes} | set(range(2, passes + 1, 2)))
+    per: dict[str, list] = {"k": [], "model": [], "em_T": [], "em_10": []}
+    by_t: dict[int, dict[str, list]] = {t: {"model": [], "em": []} for t in steps}
+    curve_every = max(1, len(items) // CURVE_EPISODES)
+    for index, (X, y, k) in enumerate(items):
+        start = kmeanspp_start(X, k, index)
+
+        def model_err(n_passes: int) -> float:
+            pred = Clusterer.from_pretrained(model, n_clusters=k, init=start, n_init=1, em_steps=0,
+                                             n_passes=n_passes).fit_predict(X)
+            return err(X, y, pred, k)
+
+        per["k"].append(k)
+        per["model"].append(model_err(passes))
+        per["em_T"].append(err(X, y, em_from(X, start, passes)[0].argmax(-1), k))
+        per["em_10"].append(err(X, y, em_from(X, start, 10)[0].argmax(-1), k))
+        if index % curve_every == 0:
+            for t in steps:
+                by_t[t]["model"].append(per["model"][-1] if t == passes else model_err(t))
+                by_t[t]["em"].append(per["em_T"][-1] if t == passes else err(X, y, em_from(X, start, t)[0].argmax(-1), k))
+        if index % 64 == 0:
+            progress(f"pretrained: share {index}/{len(items)}")
+    ks_all = np.array(per["k"])
+    arrays = {key: np.array(value) for key, value in per.items() if key != "k"}
+    figures: dict[str, Any] = {"passes": passes, "episodes": len(items), "per_k": {}, "by_passes": {}}
+    rows = []
+    for k in [*sorted(set(per["k"])), None]:
+        rows_of = ks_all == k if k is not None else np.ones(len(ks_all), dtype=bool)
+        figure = {key: float(value[rows_of].mean()) for key, value in arrays.items()}
+        figure["episodes"] = int(rows_of.sum())
+        for ref in ("em_T", "em_10"):
+            figure[f"minus_{ref}"], figure[f"minus_{ref}_se"], figure[f"verdict_{ref}"] = paired(
+                arrays["model"][rows_of] - arrays[ref][rows_of])
+        figures["per_k"][str(k) if k is not None else "all"] = figure
+        rows.append([f"k={k}" if k is not None else "all k", figure["episodes"], figure["model"], figure["em_T"],
+                     figure["em_10"], f"{figure['minus_em_T']:+.4f} ± {figure['minus_em_T_se']:.4f}",
+                     f"{figure['minus_em_10']:+.4f} ± {figure['minus_em_10_se']:.4f}", figure["verdict_em_10"]])
+    curve_rows = []
+    for t in steps:
+        model_t, em_t = np.array(by_t[t]["model"]), np.array(by_t[t]["em"])
+        mean, se, verdict = paired(model_t - em_t)
+        figures["by_passes"][str(t)] = {"model": float(model_t.mean()), "em": float(em_t.mean()),
+                                        "minus_em": mean, "minus_em_se": se, "verdict": verdict}
+        curve_rows.append([t, float(model_t.mean()), float(em_t.mean()), f"{mean:+.4f} ± {se:.4f}", verdict])
+    text = (f"{len(items)} fresh raw episodes of the model's own task; one k-means++ start per episode "
+            "(`kmeans_plus_plus` on the raw points), given to the model as `init=` (`n_init=1, em_steps=0`, its "
+            f"default {passes} passes) and to EM (`baselines.em`, spherical) — the same start for both. "
+            "Mis-clustering rate; differences paired per episode ± one standard error; the verdict against "
+            f"EM-10 is LOSES / BEATS beyond {SHARE_SES:g} standard errors, else TIE:\n\n"
+            + markdown_table(["k", "episodes", f"model alone ({passes} passes)", f"EM, {passes} it.", "EM, 10 it.",
+                              f"model − EM-{passes}", "model − EM-10", "vs EM-10"], rows)
+            + f"\n\nPass by pass (all k, every {curve_every}th episode: {len(by_t[steps[0]]['model'])}): the model "
+            "after t passes against EM after t iterations from the same start:\n\n"
+            + markdown_table(["t", "model, t passes", "EM, t it.", "model − EM", "verdict"], curve_rows))
     return figures, text
 
 
@@ -341,7 +435,14 @@ def model_info(model: str) -> tuple[Path, dict[str, Any]]:
     config = read_export_config(export_dir)
     arch, task = config["architecture"], config["task"]
     return export_dir, {"k_min": int(arch.get("k_min", 2)), "k_max": int(arch["k_max"]), "d": int(arch["d_in"]),
-                        "task": task}
+                        "task": task, "passes": int(arch.get("passes", 1)),
+                        "defaults": config.get("clusterer_defaults", {})}
+
+
+def shipped_defaults(info: dict[str, Any]) -> tuple[int, int]:
+    """(n_init, em_steps) the export's clusterer_defaults set (the Clusterer's own 1 and 0 where unset)."""
+    defaults = info["defaults"]
+    return int(defaults.get("n_init", 1)), int(defaults.get("em_steps", 0))
 
 
 def command(model: str = "emformer-gmm-small", quick: bool = False) -> str:
@@ -358,6 +459,8 @@ def run(model: str = "emformer-gmm-small", quick: bool = False, heading: bool = 
     parts = [SECTION_TITLE, "", f"Command: `{command(model, quick)}`", ""] if heading else []
     for key, title, work in (
             ("curve", "Learning curve per k", lambda: curve_table(export_dir, info)),
+            ("share", "The model's own share: the model alone against EM from the same start, per k",
+             lambda: share_table(model, sizes["share_episodes"], info)),
             ("unknown_k", "Unknown k: P(k | X) against GaussianMixture + BIC",
              lambda: unknown_k_table(model, sizes["task_episodes"], info)),
             ("polish", "EM polish (em_steps) and restarts (n_init)",

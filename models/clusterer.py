@@ -46,7 +46,7 @@ import torch
 from emformer.data import inits
 from emformer.data.standardize import STANDARD_SCALE, standardization
 from emformer.models import baselines
-from emformer.models.export_format import CONFIG_FILE, clusterer_defaults
+from emformer.models.export_format import CONFIG_FILE, clusterer_defaults, count_temperature
 from emformer.models.export_loader import load_exported_model
 from emformer.models.inputs import (ArrayLike, InputError, OutOfRangeWarning, ParameterError, UnsupportedProblemError,
                                     as_points, float64_tensor, model_input)
@@ -119,6 +119,7 @@ class Clusterer:
         self.k_max = int(arch["k_max"])
         self.k_min = int(arch.get("k_min", 2))
         self.has_count_head = bool(arch.get("count_head", False))
+        self.count_temperature = count_temperature(config, CONFIG_FILE)  # fitted at export on held-out episodes
         self._check_params()
 
     # ------------------------------------------------------------------ construction
@@ -432,7 +433,7 @@ class Clusterer:
         z = torch.nn.functional.pad(z, (0, self.d_max - z.shape[-1]))
         with torch.inference_mode():
             logits = self.model.count_logits(z, None)  # one whole episode: no point is padded
-        proba = torch.softmax(logits.double(), -1)[0].cpu().numpy()
+        proba = torch.softmax(logits.double() / self.count_temperature, -1)[0].cpu().numpy()
         return {self.k_min + j: float(p) for j, p in enumerate(proba)}
 
     def _forward_batch(self, x: torch.Tensor, mask: torch.Tensor, init: Optional[torch.Tensor], kmask: torch.Tensor,

@@ -27,6 +27,9 @@ WEIGHTS_FILE = "model.safetensors"
 ONNX_FILE = "model.onnx"
 CARD_FILE = "README.md"
 CLUSTERER_DEFAULTS = "clusterer_defaults"
+COUNT_HEAD = "count_head"
+"""config.json's count-head calibration: {"temperature": T, "fitted_on": ..., "test": ...} (exports with a count
+head; older ones lack it and read T = 1)"""
 DEFAULTABLE = {"n_init": 1, "em_steps": 0, "n_passes": 1, "init_iters": 0}
 """the Clusterer parameters an export may set defaults for, with their least value (integers; what a user
 passes still wins)"""
@@ -44,6 +47,14 @@ def clusterer_defaults(config: dict[str, Any], where: str) -> dict[str, int]:
         if isinstance(value, bool) or not isinstance(value, int):
             raise CheckpointError(f"{where}: {CLUSTERER_DEFAULTS}.{key}: expected an integer, got {value!r}")
     return dict(defaults)
+
+
+def count_temperature(config: dict[str, Any], where: str) -> float:
+    """The temperature the count head's logits are divided by (1 when the export has no calibration)."""
+    value = config.get(COUNT_HEAD, {}).get("temperature", 1.0) if isinstance(config.get(COUNT_HEAD), dict) else 1.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise CheckpointError(f"{where}: {COUNT_HEAD}.temperature: expected a number > 0, got {value!r}")
+    return float(value)
 
 
 def read_export_config(model_dir: str | Path) -> dict[str, Any]:

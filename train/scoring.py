@@ -33,7 +33,7 @@ def score_episodes(model: Any, batch: Batch, batch_size: int, padded: bool = Tru
     """Per-episode figures of a ClusterTransformer on `batch`, in chunks of `batch_size`, as tensors [B] on
     the host: loss (anchored or permutation-minimised CE, as the task's labels are), err (permutation-minimised),
     err_anchored and ari in float64, the episodes' k; with `count` (a model with a count head, on its own
-    k range) also k_correct and k_loss.
+    k range) also k_correct, k_loss and count_logits [B, K].
 
     `prepare` turns a host chunk into what the model takes (device, dtype: a trainer's precision plugin casts
     floats to the compute dtype where the weights are cast, as DeepSpeed's bf16 does), and the forward runs
@@ -55,9 +55,17 @@ def score_episodes(model: Any, batch: Batch, batch_size: int, padded: bool = Tru
     out: dict[str, list[torch.Tensor]] = {}
     was_training = model.training
     model.eval()
+    # Episodes of a ranged n are scored shortest first, each chunk cut to its longest episode, so a chunk
+    # costs what its points cost, not n_max padding for every episode; rows go back to their order at the end.
+    lengths = batch["mask"].sum(1)
+    order = torch.argsort(lengths, stable=True) if padded and bool((lengths < batch["mask"].shape[1]).any()) else None
+    if order is not None:
+        batch = {key: value.index_select(0, order) for key, value in batch.items()}
     try:
         with torch.no_grad():
             for part in batch_chunks(batch, batch_size):
+                if order is not None:
+                    part = trim_points(part)
                 width = part["kmask"].shape[1]
                 if model.cfg.learned_centroids and width < slots:
                     part = {**part, "kmask": torch.nn.functional.pad(part["kmask"], (0, slots - width))}
@@ -83,11 +91,26 @@ def score_episodes(model: Any, batch: Batch, batch_size: int, padded: bool = Tru
                     k_min = int(model.cfg.k_min)
                     values["k_correct"] = count_logits.argmax(-1) == part["k"] - k_min
                     values["k_loss"] = count_loss(count_logits, part["k"], k_min)
+                    values["count_logits"] = count_logits  # [B, K]: for the export's temperature
                 for key, value in values.items():
                     out.setdefault(key, []).append(value.cpu() if key == "k" else value.double().cpu())
     finally:
         model.train(was_training)
-    return {key: torch.cat(values) for key, values in out.items()}
+    scores = {key: torch.cat(values) for key, values in out.items()}
+    if order is not None:
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(len(order)))
+        scores = {key: value.index_select(0, inverse) for key, value in scores.items()}
+    return scores
+
+
+POINT_KEYS = ("points", "labels", "mask")
+"""the batch keys with one row per point (dimension 1 is the padded n)"""
+
+
+def trim_points(part: Batch) -> Batch:
+    """The chunk with its point rows cut to its longest episode (the padding beyond is masked out anyway)."""
+    n = int(part["mask"].sum(1).max())
+    return {key: value[:, :n] if key in POINT_KEYS else value for key, value in part.items()}
 
 
 def score_model(model: Any, spec: TaskSpec, ev: EvalConfig, seed: int) -> dict[str, float]:

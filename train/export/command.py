@@ -41,7 +41,7 @@ from emformer.data.tasks import EPISODES_VERSION, TaskSpec
 from emformer.errors import CheckpointError, ConfigError
 from emformer.models.export_loader import check_state_dict, load_exported_model
 from emformer.models.export_format import (
-    CARD_FILE, CLUSTERER_DEFAULTS, CONFIG_FILE, DEFAULTABLE, EXPORT_FORMAT, EXPORT_FORMAT_VERSION, ONNX_FILE,
+    CARD_FILE, CLUSTERER_DEFAULTS, CONFIG_FILE, COUNT_HEAD, DEFAULTABLE, EXPORT_FORMAT, EXPORT_FORMAT_VERSION, ONNX_FILE,
     WEIGHTS_FILE, file_entry, publish, read_export_config, write_export_config,
 )
 from emformer.models.registry import resolve_model_dir
@@ -178,6 +178,8 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, onnx: bool = 
         (out_dir / ONNX_FILE).unlink()  # a stale model.onnx from an earlier export would not match these weights
 
     config = build_export_config(architecture, task, loaded, meta, eval_row, files, onnx_info, model)
+    if model.count_head is not None:
+        config[COUNT_HEAD] = count_calibration(model, task, run)
     if clusterer_defaults:
         config[CLUSTERER_DEFAULTS] = dict(clusterer_defaults)
     config["selection"] = _eval_row(run_dir, loaded.step) if run_dir else None  # the eval-set row it was chosen on
@@ -239,6 +241,25 @@ def _test_row(model: Any, task: TaskSpec, run: RunConfig, step: Optional[int]) -
     metrics = score_model(model, task, run.eval, seed)
     return {"split": "test", "seed": seed, "step": step, "episodes": run.eval.episodes,
             "episodes_version": EPISODES_VERSION, **metrics}
+
+
+def count_calibration(model: Any, task: TaskSpec, run: RunConfig) -> dict[str, Any]:
+    """The count head's temperature, fitted on the run's eval set (what the checkpoint was selected on, never
+    the test set), and its k accuracy and ECE on the test set before and after (models/calibration.py)."""
+    from emformer.data.stream import eval_set
+    from emformer.models.calibration import count_figures, fit_temperature
+    from emformer.train.scoring import score_episodes
+
+    def logits_and_target(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = score_episodes(model, eval_set(task, seed, run.eval.episodes), run.eval.batch_size, count=True)
+        return scores["count_logits"], scores["k"] - int(model.cfg.k_min)
+
+    fit_seed, test_seed = int(run.eval.seed), held_out_test_seed(run)
+    temperature = fit_temperature(*logits_and_target(fit_seed))
+    test = logits_and_target(test_seed)
+    return {"temperature": temperature, "fitted_on": {"seed": fit_seed, "episodes": run.eval.episodes},
+            "test": {"seed": test_seed, "episodes": run.eval.episodes, **count_figures(*test, temperature)},
+            "test_uncalibrated": count_figures(*test)}
 
 
 # ------------------------------------------------------------------------------------------- run files
