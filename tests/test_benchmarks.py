@@ -249,15 +249,14 @@ def test_gpu_check_text_states_no_sampler_figure():
     assert not re.search(r"\d+k? episodes/s", gpu_check.WHY_SMALL_STEPS)
 
 
-def test_pretrained_bench_calibration_and_section_rewrite(tmp_path):
+def test_pretrained_bench_section_rewrite_and_paired_verdicts(tmp_path):
     import numpy as np
 
     import bench_pretrained
 
-    ece = bench_pretrained.expected_calibration_error
-    assert ece(np.array([0.9] * 10), np.array([1] * 9 + [0], dtype=float)) == pytest.approx(0.0)
-    assert ece(np.array([0.9] * 10), np.zeros(10)) == pytest.approx(0.9)
-    assert ece(np.array([0.55, 0.95]), np.array([1.0, 1.0])) == pytest.approx(0.5 * 0.45 + 0.5 * 0.05)
+    assert bench_pretrained.paired(np.array([0.1, 0.12, 0.11, 0.09]))[2] == "LOSES"
+    assert bench_pretrained.paired(np.array([-0.1, -0.12, -0.11, -0.09]))[2] == "BEATS"
+    assert bench_pretrained.paired(np.array([0.1, -0.1, 0.05, -0.05]))[2] == "TIE"
     path = tmp_path / "BENCHMARKS.md"
     path.write_text("# Benchmarks\n\n## Data\n\nold data\n")
     title = bench_pretrained.SECTION_TITLE
@@ -275,7 +274,10 @@ def test_pretrained_bench_runs_at_tiny_sizes():
     import bench_pretrained
 
     figures, text = bench_pretrained.run(quick=True, heading=False)
-    assert set(figures) == {"curve", "unknown_k", "polish", "table"} and bench_pretrained.SECTION_TITLE not in text
+    assert set(figures) == {"curve", "share", "unknown_k", "polish", "table"} and bench_pretrained.SECTION_TITLE not in text
+    share = figures["share"]
+    assert share["per_k"]["all"]["episodes"] == share["episodes"] and str(share["passes"]) in share["by_passes"]
+    assert all(row["verdict_em_10"] in ("BEATS", "TIE", "LOSES") for row in share["per_k"].values())
     assert 0 <= figures["unknown_k"]["emformer count head"]["k_accuracy"] <= 1
     assert figures["table"]["digits (PCA 16) k=10"]["ari"]["emformer"] is None  # k above the model's slots
     assert all(row["ari"]["KMeans n_init=10"] is not None for row in figures["table"].values())

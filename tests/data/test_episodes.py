@@ -10,6 +10,7 @@ import torch
 
 from emformer.data.episodes import EPISODE_KEYS, sample_episodes
 from emformer.data.tasks import TaskSpec
+from emformer.errors import ConfigError
 from emformer.models import baselines
 
 VARIABLE = TaskSpec(k=2, k_max=4, d=3, d_max=6, n=16, n_max=32, separation=3.0, separation_max=6.0,
@@ -235,6 +236,40 @@ def test_diagonal_noise_scales_each_axis():
     torch.testing.assert_close(sd, b["scales"], rtol=0.06, atol=0)
     assert b["scales"].min() >= 2.0 / 3 - 1e-5 and b["scales"].max() <= 6.0 + 1e-5
     assert (b["scales"].max(1).values / b["scales"].min(1).values).min() > 1.05  # not isotropic
+
+
+def test_mixed_noise_episodes_are_those_of_their_own_mode_and_the_oracle_follows():
+    # Each episode of a mixed task is bit for bit the episode its own mode's task gives (the mode is drawn
+    # from a stream of its own), so the mixture changes which noise an episode has and nothing else.
+    common = dict(k=2, k_max=4, d=3, d_min=2, n=24, n_max=40, weights="range", init="kmeans++", standardize=True)
+    mixed_spec = TaskSpec(**common, noise="mixed", diagonal_share=0.3, student_t_share=0.3).validate()
+    mixed = sample_episodes(mixed_spec, 11, range(400))
+    modes = mixed["noise_mode"]
+    assert set(modes.tolist()) == {0, 1, 2}
+    assert abs(float((modes == 1).double().mean()) - 0.3) < 0.08 and abs(float((modes == 2).double().mean()) - 0.3) < 0.08
+    for code, noise in enumerate(("isotropic", "diagonal", "student_t")):
+        alone = sample_episodes(TaskSpec(**common, noise=noise).validate(), 11, range(400))
+        rows = modes == code
+        for key in EPISODE_KEYS:
+            assert torch.equal(mixed[key][rows], alone[key][rows]), (noise, key)
+        oracle = baselines.oracle_log_posterior({k: v[rows] for k, v in mixed.items()}, mixed_spec)
+        own = baselines.oracle_log_posterior({k: v[rows] for k, v in alone.items()},
+                                             TaskSpec(**common, noise=noise).validate())
+        torch.testing.assert_close(oracle, own, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("shares, key", [((0.7, 0.5), "student_t_share"), ((-0.1, 0.2), "diagonal_share")])
+def test_mixed_noise_shares_are_checked(shares, key):
+    with pytest.raises(ConfigError, match=f"task.{key}"):
+        TaskSpec(noise="mixed", diagonal_share=shares[0], student_t_share=shares[1]).validate()
+
+
+def test_mixed_noise_oracle_needs_the_episodes_noise_mode():
+    spec = TaskSpec(k=2, d=2, n=20, noise="mixed").validate()
+    batch = sample_episodes(spec, 0, range(2))
+    del batch["noise_mode"]
+    with pytest.raises(ValueError, match="noise_mode"):
+        baselines.oracle_log_posterior(batch, spec)
 
 
 def test_translate_moves_the_same_episode_and_everything_with_it():

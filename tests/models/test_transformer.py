@@ -267,6 +267,18 @@ def test_each_pass_starts_from_the_last_ones_centroids(centroid_head):
     assert not torch.equal(outputs[1][0], outputs[0][0])
 
 
+def test_detached_passes_carry_no_gradient_and_the_same_values():
+    model = make_model(passes=3)
+    points, mask, init, kmask = inputs(episodes(TaskSpec(k=2, k_max=3, d=4, n=16, n_max=24)))
+    full = model.forward_passes(points, mask, init, kmask)
+    truncated = model.forward_passes(points, mask, init, kmask, detached=2)
+    assert [logits.requires_grad for logits, _ in truncated] == [False, False, True]
+    for (a, _), (b, _) in zip(full, truncated):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    truncated[-1][0].logsumexp(-1).sum().backward()
+    assert model.embed.weight.grad.abs().sum() > 0  # the last pass still trains every weight it reads
+
+
 def test_tied_blocks_share_one_blocks_parameters():
     untied, tied = make_model(depth=3), make_model(depth=3, tied=True)
     per_block = sum(p.numel() for p in untied.blocks[0].parameters())
@@ -283,6 +295,8 @@ def test_passes_keys_are_checked():
         ModelConfig(passes=0).validate()
     with pytest.raises(ConfigError, match=r"model.passes_min: expected null or an integer in \[1, model.passes \(2\)\]"):
         ModelConfig(passes=2, passes_min=3).validate()
+    with pytest.raises(ConfigError, match="model.grad_passes: expected null or an integer >= 1"):
+        ModelConfig(passes=2, grad_passes=0).validate()
     cfg = TransformerConfig(d_in=4, k_max=3, passes=4, passes_min=2, tied=True)
     assert TransformerConfig.from_dict(cfg.to_dict()) == cfg
     old = {key: value for key, value in cfg.to_dict().items() if key not in ("passes", "passes_min", "tied")}

@@ -74,16 +74,29 @@ def test_eval_and_test_seeds_derive_from_the_training_seed_and_pair_the_configs_
 
 
 def test_iteration_and_bucket_keys_keep_the_run_name_at_their_defaults():
-    """model.passes / passes_min / tied and data.buckets came after published runs: at their defaults they
+    """model.passes / passes_min / tied / grad_passes, data.buckets and the mixed noise's shares came after
+    published runs: at their defaults they
     leave every name as it was; any other value is another run."""
     from emformer.train.config import hashed_values
 
     plain = run_name(load_config(DEBUG))
-    defaults = ["model.passes=1", "model.passes_min=null", "model.tied=false", "data.buckets=0"]
+    defaults = ["model.passes=1", "model.passes_min=null", "model.tied=false", "model.grad_passes=null",
+                "data.buckets=0", "task.diagonal_share=0.25", "task.student_t_share=0.25"]
     assert run_name(load_config(DEBUG, defaults)) == plain
     values = hashed_values(load_config(DEBUG))
-    assert not {"passes", "passes_min", "tied"} & set(values["model"]) and "buckets" not in values["data"]
+    assert not {"passes", "passes_min", "tied", "grad_passes"} & set(values["model"]) and "buckets" not in values["data"]
+    assert not {"diagonal_share", "student_t_share"} & set(values["task"])
     others = ["model.passes=3", "model.passes=3 model.passes_min=1", "model.tied=true",
-              "task.n_max=64 data.buckets=2"]
+              "model.passes=3 model.grad_passes=1", "task.n_max=64 data.buckets=2", "task.noise=mixed",
+              "task.noise=mixed task.student_t_share=0.5"]
     names = {run_name(load_config(DEBUG, other.split())) for other in others}
     assert len(names) == len(others) and plain not in names
+
+
+@pytest.mark.parametrize("source", ["pool", "shards"])
+def test_mixed_noise_trains_on_fresh_episodes_only(source, tmp_path):
+    from emformer.train.config import validate
+
+    with pytest.raises(ConfigError, match="data.source: expected fresh with task.noise=mixed"):
+        validate(load_config(DEBUG, ["task.noise=mixed", f"data.source={source}", f"data.shards_dir={tmp_path}",
+                                     "data.pool_size=64"]))

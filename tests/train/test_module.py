@@ -261,6 +261,20 @@ def test_several_passes_train_and_reach_every_block(tied, monkeypatch):
     assert len(calls) == 12 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
 
 
+def test_grad_passes_take_the_loss_of_the_last_passes_only():
+    from emformer.models.losses import iterated_loss
+    from emformer.train.scoring import model_inputs
+
+    module = ClusterModule(small_config("model.passes=3", "model.grad_passes=1"))
+    batch = _batch(module)
+    loss = module.training_step(batch, 0)
+    outputs = module.model.forward_passes(*model_inputs(batch, module.padded), passes=3)
+    torch.testing.assert_close(loss, iterated_loss(outputs[2:], batch, True), atol=0, rtol=0)
+    two = ClusterModule(small_config("model.passes=3", "model.grad_passes=2"))
+    two.model.load_state_dict(module.model.state_dict())
+    torch.testing.assert_close(two.training_step(batch, 0), iterated_loss(outputs[1:], batch, True), atol=0, rtol=0)
+
+
 def test_evaluation_runs_the_trained_passes(monkeypatch):
     module = ClusterModule(small_config(*ITERATE))
     calls = []
