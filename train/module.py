@@ -187,12 +187,12 @@ class ClusterModule(L.LightningModule):
         and err_em_iter, EM's after t iterations from the same start (the report's passes against EM
         iterations). A second look at the eval set, so only the final evaluation takes it."""
         sets, ev, passes = self._eval_sets(), self.run_config.eval, int(self.run_config.model.passes)
-        model = self.score_per_episode(sets["val"], ev.batch_size, passes)["err_pass"]
+        model = self.score_per_episode(sets["val"], ev.batch_size, every_pass=True)["err_pass"]
         em = torch.cat([baselines.em_iteration_errors(part, sets["spec"], passes).double()
                         for part in batch_chunks(sets["val"], ev.batch_size)])
         return {"err_pass": model, "err_em_iter": em}
 
-    def score_per_episode(self, batch: Batch, batch_size: int, passes: Optional[int] = None
+    def score_per_episode(self, batch: Batch, batch_size: int, every_pass: bool = False
                           ) -> dict[str, torch.Tensor]:
         """score_episodes on a fixed batch through the trainer's precision plugin, as the training step runs."""
         plugin = self.trainer.precision_plugin if self._trainer is not None else None
@@ -203,7 +203,8 @@ class ClusterModule(L.LightningModule):
 
         context = plugin.forward_context if plugin is not None else contextlib.nullcontext
         return score_episodes(self.model, batch, batch_size, padded=self.padded, points_padded=self.points_padded,
-                              count=passes is None, prepare=prepare, forward_context=context, passes=passes)
+                              count=not every_pass, prepare=prepare, forward_context=context,
+                              every_pass=every_pass)
 
     def score(self, batch: Batch, batch_size: int) -> dict[str, float]:
         """Model loss / err / err_anchored / ari (and k_acc / k_loss with a count head) on a fixed batch, in
