@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Iterator, Literal
 
 import numpy as np
 import torch
@@ -122,6 +122,22 @@ def em(points: torch.Tensor, mask: torch.Tensor, kmask: torch.Tensor, init: torc
     """`iters` EM iterations from centroids `init`, with uniform initial weights and one shared initial
     variance: the mean squared distance of valid points to their nearest init centroid, per coordinate."""
     mix = _Mixture(points, mask, kmask, covariance, reg)
+    for parameters in _em_parameters(mix, init, iters, covariance, reg):
+        pass
+    return mix.result(*parameters)
+
+
+def em_iterations(points: torch.Tensor, mask: torch.Tensor, kmask: torch.Tensor, init: torch.Tensor, iters: int,
+                  covariance: Literal["spherical", "diag"] = "spherical", reg: float = 1e-6) -> list[EMResult]:
+    """`em` after each of 1..iters iterations from the same start, in one run: entry t − 1 is what
+    `em(..., iters=t)` returns."""
+    mix = _Mixture(points, mask, kmask, covariance, reg)
+    return [mix.result(*parameters) for parameters in _em_parameters(mix, init, iters, covariance, reg)][1:]
+
+
+def _em_parameters(mix: _Mixture, init: torch.Tensor, iters: int, covariance: str, reg: float
+                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(means, weights, variances) at the start (see `em`) and after each of `iters` iterations."""
     kf = mix.km.to(F64)
     means = init.to(F64) * kf[..., None]
     weights = kf / kf.sum(-1, keepdim=True).clamp(min=1)
@@ -131,11 +147,12 @@ def em(points: torch.Tensor, mask: torch.Tensor, kmask: torch.Tensor, init: torc
         variances = shared[:, None].expand(-1, means.shape[1]).clone()
     else:
         variances = shared[:, None, None].expand(-1, means.shape[1], mix.x.shape[-1]).clone()
+    yield means, weights, variances
     for _ in range(iters):
         log_joint = mix.log_joint(means, weights, variances)
         resp = (log_joint - torch.logsumexp(log_joint, dim=-1, keepdim=True)).exp()
         weights, means, variances = mix.m_step(resp, means)
-    return mix.result(means, weights, variances)
+        yield means, weights, variances
 
 
 def em_from_responsibilities(points: torch.Tensor, mask: torch.Tensor, kmask: torch.Tensor, resp: torch.Tensor,
@@ -246,3 +263,12 @@ def evaluate_baselines(batch: dict[str, torch.Tensor], spec: TaskSpec, em_iters:
         out["err_em_depth"] = metrics.misclustering_rate(pred, labels, mask, k)
         out["err_em_depth_anchored"] = metrics.anchored_error(pred, labels, mask)
     return {key: value.float() for key, value in out.items()}
+
+
+def em_iteration_errors(batch: dict[str, torch.Tensor], spec: TaskSpec, iters: int) -> torch.Tensor:
+    """[B, iters] float32: EM's permutation-minimised err after t = 1..iters iterations, from the start and
+    with the covariance of `evaluate_baselines` (its err_em is column em_iters − 1, run that far)."""
+    points, mask, kmask, labels = batch["points"], batch["mask"], batch["kmask"], batch["labels"]
+    fits = em_iterations(points, mask, kmask, baseline_init(batch, spec), iters, em_covariance(spec))
+    return torch.stack([metrics.misclustering_rate(fit.log_resp.argmax(-1), labels, mask, kmask.shape[1])
+                        for fit in fits], dim=1).float()

@@ -170,9 +170,12 @@ class ClusterTransformer(nn.Module):
         return [self.blocks[0]] * self.cfg.depth if self.cfg.tied else list(self.blocks)
 
     def forward(self, points: torch.Tensor, mask: Optional[torch.Tensor], init: torch.Tensor,
-                kmask: Optional[torch.Tensor]) -> torch.Tensor:
-        """The last pass's logits after the passes the model was trained for (cfg.passes)."""
-        return self.forward_passes(points, mask, init, kmask)[-1][0]
+                kmask: Optional[torch.Tensor], every_pass: bool = False) -> torch.Tensor:
+        """The last pass's logits after the passes the model was trained for (cfg.passes); with `every_pass`
+        each pass's, stacked [passes, B, n, k]. Through forward, not forward_passes, so that hooks which gather
+        a sharded model's parameters for a forward (DeepSpeed ZeRO-3's) run."""
+        outputs = self.forward_passes(points, mask, init, kmask)
+        return torch.stack([logits for logits, _ in outputs]) if every_pass else outputs[-1][0]
 
     def forward_passes(self, points: torch.Tensor, mask: Optional[torch.Tensor], init: torch.Tensor,
                        kmask: Optional[torch.Tensor], passes: Optional[int] = None, detached: int = 0

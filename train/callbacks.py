@@ -290,11 +290,14 @@ class RunControl(Callback):
         values = module.evaluate()  # type: ignore[operator]
         row = {"step": step, "split": "val", **values}
         self.last_val = row
+        # The per-episode figures behind the final row, for intervals that resample episodes. Every rank makes
+        # them: a model trained to iterate runs its passes once more there, and a sharded model (ZeRO-3)
+        # gathers its parameters from all ranks for a forward.
+        episodes = module.episode_results() if final else None  # type: ignore[operator]
         if trainer.is_global_zero:
             self.tracker.log(row)
-            if final:  # the per-episode figures behind the final row, for intervals that resample episodes
-                write_episode_results(self.run_dir, module.episode_results(), step,  # type: ignore[operator]
-                                      int(module.run_config.eval.seed))
+            if episodes is not None:
+                write_episode_results(self.run_dir, episodes, step, int(module.run_config.eval.seed))
         self._progress_update(trainer, val_err=values["err"])
         # Every rank computed the same numbers; rank 0's decision is broadcast so ranks cannot disagree.
         improved = bool(trainer.strategy.broadcast(values["loss"] < self.best_loss and step > 0))

@@ -168,21 +168,33 @@ class ClusterModule(L.LightningModule):
 
     def episode_results(self) -> dict[str, np.ndarray]:
         """The last evaluation's figures per eval episode, by index: points (valid points), k, and err / loss of
-        the model and of the baselines (em, lloyd, oracle; init when the task has one), as
-        rundir.write_episode_results stores them. Call after `evaluate()`."""
+        the model and of the baselines (em, lloyd, oracle; init when the task has one), and for a model trained
+        to iterate `iteration_episodes`, as rundir.write_episode_results stores them. Call after `evaluate()`."""
         if self._last_val_scores is None:
             raise RuntimeError("episode_results() needs an evaluate() first")
         val = self._eval_sets()["val"]
         figures = {"err_model": self._last_val_scores["err"], "loss_model": self._last_val_scores["loss"],
                    **{key: value for key, value in self.baseline_episodes().items()
                       if key in EPISODE_BASELINE_KEYS}}
+        if self.run_config.model.passes > 1:
+            figures.update(self.iteration_episodes())
         out = {"points": val["mask"].sum(1).numpy(), "k": val["k"].numpy()}
         out.update({key: value.double().numpy() for key, value in figures.items()})
         return out
 
-    def score(self, batch: Batch, batch_size: int) -> dict[str, float]:
-        """Model loss / err / err_anchored / ari (and k_acc / k_loss with a count head) on a fixed batch, in
-        chunks, as means over episodes, through the trainer's precision plugin as the training step is."""
+    def iteration_episodes(self) -> dict[str, torch.Tensor]:
+        """Per eval episode [E, T] (T = model.passes): err_pass, the model's err after each of its passes t,
+        and err_em_iter, EM's after t iterations from the same start (the report's passes against EM
+        iterations). A second look at the eval set, so only the final evaluation takes it."""
+        sets, ev, passes = self._eval_sets(), self.run_config.eval, int(self.run_config.model.passes)
+        model = self.score_per_episode(sets["val"], ev.batch_size, every_pass=True)["err_pass"]
+        em = torch.cat([baselines.em_iteration_errors(part, sets["spec"], passes).double()
+                        for part in batch_chunks(sets["val"], ev.batch_size)])
+        return {"err_pass": model, "err_em_iter": em}
+
+    def score_per_episode(self, batch: Batch, batch_size: int, every_pass: bool = False
+                          ) -> dict[str, torch.Tensor]:
+        """score_episodes on a fixed batch through the trainer's precision plugin, as the training step runs."""
         plugin = self.trainer.precision_plugin if self._trainer is not None else None
 
         def prepare(part: Batch) -> Batch:
@@ -190,8 +202,14 @@ class ClusterModule(L.LightningModule):
             return plugin.convert_input(part) if plugin is not None else part
 
         context = plugin.forward_context if plugin is not None else contextlib.nullcontext
-        scores = score_episodes(self.model, batch, batch_size, padded=self.padded, points_padded=self.points_padded,
-                                count=True, prepare=prepare, forward_context=context)
+        return score_episodes(self.model, batch, batch_size, padded=self.padded, points_padded=self.points_padded,
+                              count=not every_pass, prepare=prepare, forward_context=context,
+                              every_pass=every_pass)
+
+    def score(self, batch: Batch, batch_size: int) -> dict[str, float]:
+        """Model loss / err / err_anchored / ari (and k_acc / k_loss with a count head) on a fixed batch, in
+        chunks, as means over episodes."""
+        scores = self.score_per_episode(batch, batch_size)
         if batch is self._eval_sets()["val"]:
             self._last_val_scores = scores
         row = {key: float(scores[key].mean()) for key in ("loss", "err", "err_anchored", "ari")}

@@ -223,17 +223,24 @@ def episodes_path(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir) / EPISODES
 
 
+def _per_episode(points: np.ndarray, ndim: int) -> np.ndarray:
+    """points [E] shaped to broadcast against an [E] or [E, T] array of error rates or counts."""
+    return points.reshape(-1, *[1] * (ndim - 1))
+
+
 def write_episode_results(run_dir: str | os.PathLike, figures: dict[str, np.ndarray], step: int, eval_seed: int) -> None:
     """Store one evaluation per episode: `figures` holds points and k ([E] integers) and err_<method> /
-    loss_<method> ([E] floats, as ClusterModule.episode_results gives them). An error rate is stored as its
-    count of mis-clustered points (err · points, an integer), so the file is small and the means exact."""
+    loss_<method> ([E] floats, as ClusterModule.episode_results gives them; err_pass / err_em_iter [E, T] of a
+    model trained to iterate). An error rate is stored as its count of mis-clustered points (err · points, an
+    integer), so the file is small and the means exact."""
     points = np.asarray(figures["points"]).astype(np.int64)
     arrays: dict[str, np.ndarray] = {"points": points.astype(np.uint16 if points.max(initial=0) < 2**16 else np.int64),
                                      "k": np.asarray(figures["k"]).astype(np.uint8),
                                      "step": np.asarray(int(step)), "eval_seed": np.asarray(int(eval_seed))}
     for key, value in figures.items():
         if key.startswith("err_"):
-            counts = np.rint(np.asarray(value, dtype=np.float64) * points).astype(np.int64)
+            rates = np.asarray(value, dtype=np.float64)
+            counts = np.rint(rates * _per_episode(points, rates.ndim)).astype(np.int64)
             arrays[f"errors_{key[4:]}"] = counts.astype(arrays["points"].dtype)
         elif key.startswith("loss_"):
             arrays[key] = np.asarray(value, dtype=np.float32)
@@ -246,8 +253,9 @@ def write_episode_results(run_dir: str | os.PathLike, figures: dict[str, np.ndar
 
 
 def read_episode_results(run_dir: str | os.PathLike) -> Optional[dict[str, Any]]:
-    """{"step", "eval_seed", "points" [E], "k" [E], "err_<method>" [E] (rates), "loss_<method>" [E]} as float64
-    arrays, or None when the run has no episode file; ConfigError naming the file when it is unreadable."""
+    """{"step", "eval_seed", "points" [E], "k" [E], "err_<method>" [E] (rates; [E, T] for err_pass and
+    err_em_iter), "loss_<method>" [E]} as float64 arrays, or None when the run has no episode file;
+    ConfigError naming the file when it is unreadable."""
     path = episodes_path(run_dir)
     if not path.is_file():
         return None
@@ -264,7 +272,7 @@ def read_episode_results(run_dir: str | os.PathLike) -> Optional[dict[str, Any]]
                            "k": raw["k"].astype(np.int64)}
     for key, value in raw.items():
         if key.startswith("errors_"):
-            out[f"err_{key[7:]}"] = value.astype(np.float64) / np.maximum(points, 1)
+            out[f"err_{key[7:]}"] = value.astype(np.float64) / _per_episode(np.maximum(points, 1), value.ndim)
         elif key.startswith("loss_"):
             out[key] = value.astype(np.float64)
     lengths = {key: len(value) for key, value in out.items() if isinstance(value, np.ndarray)}

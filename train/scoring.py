@@ -29,7 +29,7 @@ def score_episodes(model: Any, batch: Batch, batch_size: int, padded: bool = Tru
                    points_padded: Optional[bool] = None, count: bool = False,
                    prepare: Optional[Callable[[Batch], Batch]] = None,
                    forward_context: Callable[[], ContextManager[Any]] = contextlib.nullcontext,
-                   ) -> dict[str, torch.Tensor]:
+                   every_pass: bool = False) -> dict[str, torch.Tensor]:
     """Per-episode figures of a ClusterTransformer on `batch`, in chunks of `batch_size`, as tensors [B] on
     the host: loss (anchored or permutation-minimised CE, as the task's labels are), err (permutation-minimised),
     err_anchored and ari in float64, the episodes' k; with `count` (a model with a count head, on its own
@@ -40,7 +40,8 @@ def score_episodes(model: Any, batch: Batch, batch_size: int, padded: bool = Tru
     under `forward_context()` (the plugin's autocast), so evaluation takes the training step's precision path.
     A model without init tokens (learned slots) gets the kmask widened to its slots and its logits cut back to
     the episodes' k, so a task with fewer clusters than the model has slots scores as its own. `padded` /
-    `points_padded` (default: `padded`) False: the main / count pass gets no attention mask (see model_inputs)."""
+    `points_padded` (default: `padded`) False: the main / count pass gets no attention mask (see model_inputs).
+    With `every_pass` also err_pass [B, T]: err after each of the model's T = cfg.passes passes."""
     # torch and the models (~2 s of CPU to import): `report` imports this module without evaluating a model.
     import torch
 
@@ -73,7 +74,8 @@ def score_episodes(model: Any, batch: Batch, batch_size: int, padded: bool = Tru
                     part = {**part, "spectrum": covariance_spectrum(part["points"], part["mask"])}
                 part = prepare(part) if prepare is not None else part
                 with forward_context():
-                    logits = model(*model_inputs(part, padded))
+                    every = model(*model_inputs(part, padded), every_pass=True) if every_pass else None
+                    logits = every[-1] if every_pass else model(*model_inputs(part, padded))
                 logits = logits.float()[..., :width]
                 labels, mask, kmask = part["labels"], part["mask"], part["kmask"][:, :width]
                 pred = logits.argmax(-1)
@@ -83,6 +85,9 @@ def score_episodes(model: Any, batch: Batch, batch_size: int, padded: bool = Tru
                 values = {"loss": loss, "err": misclustering_rate(pred, labels, mask, k),
                           "err_anchored": anchored_error(pred, labels, mask),
                           "ari": adjusted_rand_index(pred, labels, mask, k), "k": part["k"]}
+                if every_pass:
+                    values["err_pass"] = torch.stack([misclustering_rate(each.float()[..., :width].argmax(-1),
+                                                                         labels, mask, k) for each in every], dim=1)
                 if counting:
                     with forward_context():
                         count_logits = model.count_logits(part["points"], part["mask"] if count_masked else None,

@@ -159,6 +159,23 @@ def test_evaluate_baselines_keys_and_ordering() -> None:
     assert out["err_oracle"].mean() <= out["err_em"].mean() + 0.01
 
 
+@pytest.mark.parametrize("noise", ["isotropic", "diagonal"])
+def test_em_iterations_are_em_stopped_after_each_iteration(noise: str) -> None:
+    spec = TaskSpec(k=3, d=4, n=80, separation=2.5, noise=noise, init_noise=0.8).validate()
+    batch = sample_episodes(spec, 0, range(24))
+    covariance = baselines.em_covariance(spec)
+    args = (batch["points"], batch["mask"], batch["kmask"], batch["init"])
+    path = baselines.em_iterations(*args, 4, covariance)
+    assert len(path) == 4
+    for t, fit in enumerate(path, start=1):
+        alone = baselines.em(*args, t, covariance)
+        assert torch.equal(fit.log_resp, alone.log_resp) and torch.equal(fit.means, alone.means)
+    errors = baselines.em_iteration_errors(batch, spec, 4)
+    assert errors.shape == (24, 4) and errors.dtype == torch.float32
+    assert torch.equal(errors[:, 2], baselines.evaluate_baselines(batch, spec, em_iters=3)["err_em"])
+    assert not torch.equal(errors[:, 0], errors[:, 3])
+
+
 def test_oracle_student_t_beats_gaussian_rule_on_heavy_tails() -> None:
     spec = TaskSpec(k=2, d=2, n=400, separation=3.0, noise="student_t", noise_df=3.0).validate()
     batch = sample_episodes(spec, 2, range(100))

@@ -255,6 +255,9 @@ def test_each_pass_starts_from_the_last_ones_centroids(centroid_head):
     with torch.no_grad():
         outputs = model.forward_passes(points, mask, init, kmask)
         assert len(outputs) == 3 and torch.equal(model(points, mask, init, kmask), outputs[-1][0])
+        every = model(points, mask, init, kmask, every_pass=True)
+        assert every.shape == (3, *outputs[0][0].shape)
+        assert all(torch.equal(every[t], outputs[t][0]) for t in range(3))
         logits, head = outputs[0]
         if centroid_head:
             expected = head

@@ -505,3 +505,21 @@ def test_passes_drawn_per_batch_and_length_buckets_resume_exactly(tmp_path):
     assert "resuming from step 40" in resumed.stderr
     no_duplicate_steps(run_dir)
     assert_same_rows(rows(run_dir), rows(reference))
+
+
+@pytest.mark.slow
+def test_a_model_trained_to_iterate_saves_every_pass_against_em_iterations(tmp_path):
+    """episodes.npz of a 2-pass model: err after each pass and EM's after each iteration, [E, 2]; the last
+    pass is the model's err, EM's second iteration its err_em (eval.em_iters = 2)."""
+    import numpy as np
+
+    from emformer.train.rundir import read_episode_results
+
+    run_dir = tmp_path / "run"
+    assert run_cli(run_dir, "model.passes=2", "trainer.max_steps=6", "trainer.val_every=6", "trainer.log_every=6",
+                   "trainer.ckpt_every=6", "eval.episodes=24", "eval.em_iters=2") == 0
+    episodes = read_episode_results(run_dir)
+    assert episodes["err_pass"].shape == episodes["err_em_iter"].shape == (24, 2)
+    assert ((episodes["err_pass"] >= 0) & (episodes["err_pass"] <= 1)).all()
+    assert np.array_equal(episodes["err_pass"][:, -1], episodes["err_model"])
+    assert np.array_equal(episodes["err_em_iter"][:, -1], episodes["err_em"])

@@ -309,3 +309,19 @@ def test_more_passes_at_test_time_do_not_hurt_a_model_trained_to_iterate():
     for t in (5, 8):
         diff = err[t] - err[3]
         assert float(diff.mean()) <= 3 * float(diff.std()) / math.sqrt(len(diff)) + 1e-3, (t, err)
+
+
+def test_the_final_evaluation_of_a_model_trained_to_iterate_keeps_every_pass_and_em_iteration():
+    """episode_results: err after each of T passes and EM's after each of T iterations, [E, T]; the last pass
+    is the model's err, EM's column em_iters is its err_em; a one-pass model keeps neither."""
+    module = ClusterModule(small_config(*ITERATE, "eval.em_iters=2"))
+    module.evaluate()
+    out = module.episode_results()
+    assert out["err_pass"].shape == out["err_em_iter"].shape == (48, 3)
+    assert (out["err_pass"] >= 0).all() and (out["err_pass"] <= 1).all()
+    assert torch.equal(torch.from_numpy(out["err_pass"][:, -1]), torch.from_numpy(out["err_model"]))
+    assert torch.equal(torch.from_numpy(out["err_em_iter"][:, 1]), torch.from_numpy(out["err_em"]))
+    assert not (out["err_em_iter"][:, 0] == out["err_em_iter"][:, 2]).all()  # the columns are other iterations
+    one = ClusterModule(small_config())
+    one.evaluate()
+    assert not {"err_pass", "err_em_iter"} & one.episode_results().keys()

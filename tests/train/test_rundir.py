@@ -107,3 +107,20 @@ def test_episode_results_round_trip_as_error_counts_and_a_damaged_file_is_named(
     rundir.episodes_path(tmp_path).write_bytes(b"not a zip")
     with pytest.raises(ConfigError, match="episodes.npz: not a readable episode file"):
         rundir.read_episode_results(tmp_path)
+
+
+def test_per_pass_errors_round_trip_as_two_dimensional_counts(tmp_path):
+    """A model trained to iterate keeps err after each pass and EM's after each iteration, [E, T]."""
+    import numpy as np
+
+    points = np.array([64, 30, 40])
+    per_pass = np.array([[9, 5, 3], [30, 2, 0], [4, 4, 4]]) / points[:, None]
+    figures = {"points": points, "k": np.array([2, 3, 2]), "err_model": per_pass[:, -1],
+               "err_pass": per_pass, "err_em_iter": np.array([[8, 6, 5], [3, 3, 1], [0, 0, 0]]) / points[:, None]}
+    rundir.write_episode_results(tmp_path, figures, step=8, eval_seed=1_000_000_000)
+    with np.load(rundir.episodes_path(tmp_path)) as raw:
+        assert raw["errors_pass"].shape == (3, 3) and raw["errors_pass"].dtype == np.uint16
+        assert raw["errors_pass"][1].tolist() == [30, 2, 0]
+    back = rundir.read_episode_results(tmp_path)
+    assert np.array_equal(back["err_pass"], per_pass) and np.array_equal(back["err_em_iter"], figures["err_em_iter"])
+    assert np.array_equal(back["err_model"], per_pass[:, -1]) and back["err_model"].shape == (3,)

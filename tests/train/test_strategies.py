@@ -155,6 +155,22 @@ def test_deepspeed_zero3_shards_every_parameter_resumes_and_exports(ddp_run, tmp
     assert sum(w.numel() for w in weights.values()) == json.loads((run_dir / "meta.json").read_text())["param_count"]
 
 
+@pytest.mark.slow
+def test_the_final_evaluation_of_a_sharded_model_trained_to_iterate_keeps_every_pass(tmp_path):
+    """Under ZeRO-3 every parameter is a shard outside a forward: the per-pass evaluation runs through the
+    model's forward on both ranks (a direct forward_passes call would see empty placeholders)."""
+    pytest.importorskip("deepspeed")
+    from emformer.train.rundir import read_episode_results
+
+    run_dir = tmp_path / "zero3-passes"
+    train(run_dir, "trainer.max_steps=4", "trainer.val_every=4", "trainer.log_every=4", "trainer.ckpt_every=4",
+          "eval.episodes=16", "model.passes=2", "strategy=deepspeed_zero3", "trainer.devices=2",
+          "data.batch_size=16", "strategy.param_persistence_threshold=0", "trainer.progress=false")
+    episodes = read_episode_results(run_dir)
+    assert episodes["err_pass"].shape == episodes["err_em_iter"].shape == (16, 2)
+    assert (episodes["err_pass"][:, -1] == episodes["err_model"]).all()
+
+
 # ---------------------------------------------------------------------------------------------- precision
 def test_bf16_mixed_runs_on_cpu_and_auto_stays_fp32_there():
     assert strategies.resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"

@@ -62,7 +62,7 @@ def build_report(sweep_dir: str | Path | Sequence[str | Path], out_dir: str | Pa
                         heads=checks.axis_trends(points, "model.heads", runs, margin),
                         separation=checks.separation_trends(points, runs),
                         beyond=checks.beyond_theory(points, shifted),
-                        em=checks.em_comparisons(points))
+                        em=checks.em_comparisons(points), passes=checks.passes_against_em(points))
 
     from emformer.train.report import plots  # matplotlib only when there is something to draw
 
@@ -76,6 +76,8 @@ def build_report(sweep_dir: str | Path | Sequence[str | Path], out_dir: str | Pa
         figures["depth_heads"] = plots.axis_trends(sections.depth, sections.heads, out / FIGURES["depth_heads"])
     if sections.separation:
         figures["separation"] = plots.separation(sections.separation, out / FIGURES["separation"])
+    if sections.passes:
+        figures["passes"] = plots.passes_against_em(sections.passes, out / FIGURES["passes"])
 
     names = [records.sweep_name(d) for d in sweep_dirs]
     result = ReportResult(out, out / "report.md", figures, summary_rows(sections), runs, problems, sections)

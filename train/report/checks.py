@@ -693,6 +693,61 @@ def em_comparisons(points: Sequence[Point]) -> list[EmComparison]:
     return sorted(out, key=lambda c: c.point)
 
 
+# --------------------------------------------------------------------------- passes against EM iterations
+PASS_EPISODE_KEYS = {"model": "err_pass", "em": "err_em_iter"}
+"""each side's [E, T] per-episode errors in a run's episodes.npz (a model trained to iterate saves them)"""
+
+
+@dataclass
+class PassesAgainstEm:
+    """A point of a model trained to iterate: err after t passes against EM's err after t iterations from the
+    same init on the same eval episodes, t = 1..T (the passes every seed's run saved)."""
+
+    point: str
+    model: list[scaling.Interval]
+    """seed-mean err after t passes, t = 1..T"""
+    em: list[scaling.Interval]
+    """seed-mean EM err after t iterations"""
+    rows: list[EmComparison]
+    """per t (point "t = ..."): err − err_EM paired per episode and its verdict, as `em_comparisons` decides"""
+
+    @property
+    def passes(self) -> list[int]:
+        return list(range(1, len(self.rows) + 1))
+
+
+def passes_against_em(points: Sequence[Point]) -> list[PassesAgainstEm]:
+    """One comparison per point whose runs saved per-pass errors; [] when none did. The intervals resample
+    seeds and eval episodes in one set of draws for every t, so each t's difference is paired episode by
+    episode as err − err_EM is."""
+    keys = varying_keys(points)
+    out = []
+    for point in points:
+        runs = [r for r in point.runs
+                if r.episodes is not None and all(key in r.episodes for key in PASS_EPISODE_KEYS.values())]
+        if not runs:
+            continue
+        passes = min(min(r.episodes[key].shape[1] for key in PASS_EPISODE_KEYS.values()) for r in runs)
+        obs = resample.Observations()
+        for run in runs:
+            episodes = run.episodes
+            eval_set = (episodes["eval_seed"], len(episodes["points"]))
+            for t in range(1, passes + 1):
+                model, em = (episodes[PASS_EPISODE_KEYS[side]][:, t - 1] for side in ("model", "em"))
+                for key, values in (("model", model), ("em", em), ("difference", model - em)):
+                    obs.add(key, float(t), run.seed, float(values.mean()), values, eval_set)
+        names = [(key, t) for key in ("model", "em", "difference") for t in range(1, passes + 1)]
+        intervals = resample.resample(
+            lambda tables, slots: {f"{key} {t}": _mean_over(tables.get(key, {}).get(float(t), {}), slots)
+                                   for key, t in names}, obs)
+        model = [intervals[f"model {t}"] for t in range(1, passes + 1)]
+        em = [intervals[f"em {t}"] for t in range(1, passes + 1)]
+        rows = [EmComparison(f"t = {t}", model[t - 1].estimate, em[t - 1].estimate, intervals[f"difference {t}"])
+                for t in range(1, passes + 1)]
+        out.append(PassesAgainstEm(label(point.values, keys), model, em, rows))
+    return sorted(out, key=lambda c: c.point)
+
+
 # --------------------------------------------------------------------------- beyond the theory
 
 def outside_theory(values: dict[str, Any]) -> list[str]:

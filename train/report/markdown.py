@@ -47,6 +47,8 @@ def render(result: ReportResult, sweep_dirs: Sequence[Path], names: Sequence[str
     out += ["", *_axis_section(s.depth, s.heads)]
     out += ["", *_separation_section(s.separation)]
     out += ["", *_em_section(s.em)]
+    if s.passes:  # only sweeps with a model trained to iterate (configs/sweeps/beyond.yaml has one)
+        out += ["", *_passes_section(s.passes)]
     out += ["", *_beyond_section(s.beyond)]
     out += ["", *_noise_section(s)]
     out += ["", *_rules_section()]
@@ -201,6 +203,24 @@ def _em_section(rows: Sequence[checks.EmComparison]) -> list[str]:
                                  r.difference.describe(4), r.difference.label, f"**{r.verdict}**") for r in rows])]
 
 
+def _passes_section(comparisons: Sequence[checks.PassesAgainstEm]) -> list[str]:
+    out = ["## Passes against EM iterations", "",
+           "A model trained to iterate (model.passes = T) run for t = 1..T passes beside EM run for t iterations "
+           "from the same init, on the same eval episodes (each run's final evaluation, episodes.npz): does each "
+           "pass do at least what an EM iteration does? err − err_EM is taken episode by episode and its interval "
+           f"resamples seeds and eval episodes (method named); {checks.BEATS} when the whole interval is below 0, "
+           f"{checks.LOSES} when above, {checks.TIE} otherwise, as in the section above.", "",
+           f"![passes against EM iterations]({FIGURES['passes']})"]
+    for comparison in comparisons:
+        rows = [(t, fmt(model.estimate), model.describe(4), fmt(em.estimate), em.describe(4),
+                 fmt(row.difference.estimate), row.difference.describe(4), f"**{row.verdict}**")
+                for t, model, em, row in zip(comparison.passes, comparison.model, comparison.em, comparison.rows)]
+        out += ["", f"{comparison.point} ({comparison.rows[0].difference.label}):", "",
+                md_table(["t", "err after t passes", "interval", "EM err after t iterations", "interval",
+                          "err − err_EM", "interval", "verdict"], rows)]
+    return out
+
+
 OLD_SHARED_SET = 512
 """the eval set every seed shared before eval.seed derived from data.seed (eval.episodes of the study then)"""
 
@@ -218,6 +238,11 @@ def _noise_section(s: Any) -> list[str]:
     for trend in s.separation:
         if trend.noise:
             rows.append((f"separation: slope of log err vs Δ² ({trend.family})", *trend.noise, trend.fit))
+    for comparison in s.passes:
+        last = comparison.rows[-1].difference
+        if last.noise:
+            rows.append((f"passes against EM iterations: err − err_EM at t = {comparison.passes[-1]} "
+                         f"({comparison.point})", *last.noise, last))
     out = ["## Noise budget: seeds against eval episodes", ""]
     if not rows:
         return out + ["The runs saved no per-episode results (episodes.npz), so the eval episodes' share of the "

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from emformer.train.report.checks import (  # noqa: E402
-    RATE_SLOPE, AxisTrend, Point, SampleComplexity, SeparationTrend, label, varying_keys,
+    RATE_SLOPE, AxisTrend, PassesAgainstEm, Point, SampleComplexity, SeparationTrend, label, varying_keys,
 )
 from emformer.train.report.records import SHORT_NAMES  # noqa: E402
 
@@ -233,4 +233,25 @@ def separation(trends: Sequence[SeparationTrend], path: Path) -> Path:
     ax_ratio.set(yscale="log", xlabel="separation Δ", ylabel="ratio to the oracle's err",
                  title="how far from the minimax floor (1 = oracle)")
     ax_ratio.legend(loc="upper left")
+    return _save(fig, path)
+
+
+def passes_against_em(comparisons: Sequence[PassesAgainstEm], path: Path) -> Path:
+    """err after t passes (model) and after t iterations (EM, same init) against t, one panel per point, with
+    each seed mean's interval as error bars where it has one."""
+    fig, axes = plt.subplots(1, len(comparisons), figsize=(5.5 * len(comparisons), 4.2), squeeze=False)
+    for ax, comparison in zip(axes[0], comparisons):
+        for side, (name, colour, style) in (("model", ("model, t passes", "tab:blue", "-")),
+                                            ("em", (f"{BASELINE_STYLE['em'][0]}, t iterations",
+                                                    *BASELINE_STYLE["em"][1:]))):
+            intervals = getattr(comparison, side)
+            ts = np.asarray(comparison.passes, dtype=float) + (0.06 if side == "em" else -0.06)
+            estimates = np.array([i.estimate for i in intervals])
+            below = np.array([i.estimate - i.low if i.ok else 0.0 for i in intervals])
+            above = np.array([i.high - i.estimate if i.ok else 0.0 for i in intervals])
+            ax.errorbar(ts, estimates, yerr=[below, above], color=colour, ls=style, marker="o", ms=4, capsize=3,
+                        label=name)
+        ax.set(xlabel="t (model passes / EM iterations, same init)", ylabel="err (permutation-minimised)",
+               title=comparison.point, xticks=comparison.passes)
+        ax.legend(loc="upper right")
     return _save(fig, path)

@@ -10,7 +10,7 @@ from emformer.train.report import checks, scaling
 from emformer.train.report.records import RunRecord
 
 FIGURES = {"curves": "curves.png", "sample_complexity": "sample_complexity.png", "depth_heads": "depth_heads.png",
-           "separation": "separation.png"}
+           "separation": "separation.png", "passes": "passes_em.png"}
 NOT_IN_SWEEP = "not in this sweep"
 
 
@@ -42,6 +42,7 @@ class Sections:
     separation: list[checks.SeparationTrend]
     beyond: Optional[list[checks.SettingRow]]
     em: list[checks.EmComparison]
+    passes: list[checks.PassesAgainstEm]
 
 
 @dataclass

@@ -21,6 +21,10 @@ EM_CHECK = "model vs EM from the same init"
 """the summary row of the check made at every point (replication.py compares it point by point)"""
 
 
+PASSES_CHECK = "passes against EM iterations"
+"""the summary row of a model trained to iterate: err after t passes against EM after t iterations"""
+
+
 def percent(value: float, digits: int = 2) -> str:
     """A relative figure as a signed percentage ("-0.33%"); n/a when not finite."""
     if value is None or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -117,6 +121,16 @@ def summary_rows(sections: Sections) -> list[Check]:
                           f"Against EM from the same init on the same eval episodes, the model "
                           f"{'; '.join(f'{v.lower()} at {counts[v]} of {len(em)} points' for v in (checks.BEATS, checks.TIE, checks.LOSES) if counts[v])} "
                           f"({method}).", method=method))
+    for comparison in sections.passes:
+        verdicts = [(t, row.verdict) for t, row in zip(comparison.passes, comparison.rows)]
+        last = comparison.rows[-1].difference
+        said = "; ".join(f"{v.lower()} at t ∈ {{{', '.join(str(t) for t, w in verdicts if w == v)}}}"
+                         for v in dict.fromkeys(v for _, v in verdicts))
+        rows.append(Check(f"{PASSES_CHECK} ({comparison.point})", FIGURES["passes"], fmt(last.estimate),
+                          last.describe(4), "err − err_EM < 0 at every t", "—",
+                          f"{comparison.point}: after t passes the model, against EM after t iterations from the "
+                          f"same init on the same eval episodes, {said} ({last.label}; the figure is err − err_EM "
+                          f"at t = {len(verdicts)}).", method=last.label, fit=last))
     if beyond is None:
         rows.append(Check("beyond the theory: model vs EM", "—", "—", "—", "err < err_EM", NOT_IN_SWEEP,
                           "No run of the sweep is outside the theory's assumptions."))

@@ -120,8 +120,8 @@ def test_report_writes_every_plot_and_the_summary_table(built):
         assert path.is_file() and path.stat().st_size > 10_000 and path.read_bytes()[:4] == b"\x89PNG"
     text = result.report_path.read_text()
     assert text.index("## Summary") < text.index("## Sample complexity")
-    for figure in FIGURES.values():
-        assert f"]({figure})" in text
+    for name, figure in FIGURES.items():  # passes_em.png needs per-pass episode files: tested on its own below
+        assert (f"]({figure})" in text) == (name != "passes")
     assert "not in this sweep" not in text
     assert NOT_IN_SWEEP not in format_summary(result)
 
@@ -237,3 +237,44 @@ def test_test_time_shifts_evaluate_each_checkpoint_against_em(tmp_path):
     with pytest.raises(ConfigError, match="task.KEY=VALUE"):
         report.build_report(sweep, tmp_path / "bad", test_shifts=["task.d=8"])
 
+
+
+def test_passes_against_em_iterations_verdicts_follow_the_episodes(tmp_path):
+    """Runs of a model trained to iterate with fabricated per-pass episodes: after 1 pass it errs far more
+    than EM after 1 iteration, after 2 exactly as EM, after 3 far less; the section, its figure and the
+    summary row say LOSES, TIE, BEATS. A sweep without per-pass episodes has no such section."""
+    import numpy as np
+
+    from emformer.train import rundir
+
+    sweep = tmp_path / "iterated"
+    episodes, points = 64, np.full(64, 40)
+    for seed in range(5):
+        run_dir = make_run(sweep / "runs", ["data.source=fresh", "model.passes=3"], seed)
+        rng = np.random.default_rng(seed)
+        em = rng.binomial(40, [0.3, 0.15, 0.1], size=(episodes, 3)) / 40
+        model = np.stack([np.minimum(em[:, 0] + rng.binomial(40, 0.2, episodes) / 40, 1), em[:, 1],
+                          rng.binomial(40, 0.01, episodes) / 40], axis=1)
+        rundir.write_episode_results(run_dir, {"points": points, "k": np.full(episodes, 2),
+                                               "err_model": model[:, -1], "err_em": em[:, -1],
+                                               "err_pass": model, "err_em_iter": em}, step=200,
+                                     eval_seed=1_000_000_000 + seed)
+    result = report.build_report(sweep, tmp_path / "out")
+    (comparison,) = result.sections.passes
+    assert comparison.passes == [1, 2, 3]
+    assert [r.verdict for r in comparison.rows] == [checks.LOSES, checks.TIE, checks.BEATS]
+    assert comparison.rows[1].difference.estimate == 0.0
+    assert comparison.rows[0].difference.method == "two-level bootstrap"
+    assert comparison.model[2].estimate < comparison.em[2].estimate and comparison.em[0].ok
+    text = result.report_path.read_text()
+    assert "## Passes against EM iterations" in text and f"]({FIGURES['passes']})" in text
+    assert "| 3 |" in text and f"**{checks.BEATS}**" in text
+    assert result.figures["passes"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (row,) = [c for c in result.checks if c.name.startswith("passes against EM iterations")]
+    assert "loses to em at t ∈ {1}" in row.sentence and "beats em at t ∈ {3}" in row.sentence
+
+    plain = tmp_path / "plain"
+    make_run(plain / "runs", ["data.source=fresh"], 0)
+    result = report.build_report(plain, tmp_path / "plain-out")
+    assert result.sections.passes == [] and "passes" not in result.figures
+    assert "Passes against EM iterations" not in result.report_path.read_text()
