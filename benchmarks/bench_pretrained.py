@@ -45,6 +45,8 @@ FULL = {"episodes": 8, "task_episodes": 120, "share_episodes": 512}
 QUICK = {"episodes": 2, "task_episodes": 16, "share_episodes": 16}
 SHARE_SES = 2.0
 """the model's own share: a difference from EM beyond this many paired standard errors is a verdict"""
+BLOBS_SEEDS = 10
+"""make_blobs sets per number of centres in the unknown-k table"""
 CURVE_EPISODES = 128
 """episodes of the pass-by-pass table (every len // CURVE_EPISODES-th of the share table's)"""
 
@@ -270,12 +272,38 @@ def unknown_k_table(model: str, count: int, info: dict[str, Any]) -> tuple[dict[
                            "mean_confidence": float(conf.mean()), "cpu_s": float(np.mean(r["cpu"]))}
         f = figures[method]
         rows.append([method, f["k_accuracy"], f["mean_confidence"], f["ece"], fmt(f["cpu_s"], 2)])
+    blobs_figures, blobs_text = blobs_k_accuracy(clusterer, ks, BLOBS_SEEDS if count >= 100 else 2)
+    figures["make_blobs"] = blobs_figures
     text = (f"{count} fresh episodes of the model's own task (k ∈ [{info['k_min']}, {info['k_max']}], d ∈ "
             f"[{info['task'].get('d_min') or info['task']['d']}, {info['task']['d']}], n ∈ [{info['task']['n']}, "
             f"{info['task'].get('n_max') or info['task']['n']}], Δ ∈ [{info['task']['separation']}, "
             f"{info['task'].get('separation_max') or info['task']['separation']}]); BIC over the same k range:\n\n"
-            + markdown_table(["method", "k accuracy", "mean confidence", "ECE", "CPU s / episode"], rows))
+            + markdown_table(["method", "k accuracy", "mean confidence", "ECE", "CPU s / episode"], rows)
+            + "\n\n" + blobs_text)
     return figures, text
+
+
+def blobs_k_accuracy(clusterer: Any, ks: list[int], seeds: int) -> tuple[dict[str, Any], str]:
+    """How often k is right on scikit-learn's make_blobs(300, centers=c, n_features=5), c = 2..6, `seeds` sets
+    each: the count head's argmax against GaussianMixture (full) + BIC over the model's k range."""
+    from sklearn.datasets import make_blobs
+
+    right = {"emformer count head": {}, "GMM full + BIC": {}}
+    for c in range(2, 7):
+        for method in right:
+            right[method][c] = 0
+        for seed in range(seeds):
+            X, _ = make_blobs(300, centers=c, n_features=5, random_state=seed)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                picks = {"emformer count head": clusterer.predict_k_proba(X), "GMM full + BIC": gmm_bic(X, ks, "full", seed)[1]}
+            for method, proba in picks.items():
+                right[method][c] += int(max(proba, key=proba.get) == c)
+    rows = [[method] + [f"{counts[c]} / {seeds}" for c in counts] + [f"{sum(counts.values())} / {5 * seeds}"]
+            for method, counts in right.items()]
+    text = (f"k right on `make_blobs(300, centers=c, n_features=5, random_state=s)`, s = 0..{seeds - 1}:\n\n"
+            + markdown_table(["method"] + [f"c={c}" for c in range(2, 7)] + ["all"], rows))
+    return {method: {"right": counts, "sets": seeds} for method, counts in right.items()}, text
 
 
 def polish_table(model: str, count: int, info: dict[str, Any]) -> tuple[dict[str, Any], str]:
