@@ -45,8 +45,8 @@ import torch
 
 from emformer.data import inits
 from emformer.data.standardize import STANDARD_SCALE, standardization
-from emformer.models import baselines
-from emformer.models.export_format import CONFIG_FILE, clusterer_defaults, count_temperature
+from emformer.models import baselines, calibration
+from emformer.models.export_format import CONFIG_FILE, clusterer_defaults, count_posterior
 from emformer.models.export_loader import load_exported_model
 from emformer.models.inputs import (ArrayLike, InputError, OutOfRangeWarning, ParameterError, UnsupportedProblemError,
                                     as_points, float64_tensor, model_input)
@@ -57,6 +57,10 @@ INIT_MODES = inits.POINT_INITS
 STANDARDIZE_MODES = (True, False, "isotropic", "features")
 DEFAULT_INIT_ITERS = 10
 AUTO = "auto"
+BIC_STARTS = 5
+"""k-means++ starts of the spherical EM whose BIC weighs on P(k | X) (`Clusterer._k_evidence`)"""
+BIC_EM_ITERS = 20
+"""EM iterations from each of those starts"""
 
 
 
@@ -119,7 +123,8 @@ class Clusterer:
         self.k_max = int(arch["k_max"])
         self.k_min = int(arch.get("k_min", 2))
         self.has_count_head = bool(arch.get("count_head", False))
-        self.count_temperature = count_temperature(config, CONFIG_FILE)  # fitted at export on held-out episodes
+        # P(k | X)'s temperature and BIC weight, fitted at export on held-out episodes (models/calibration.py)
+        self.count_temperature, self.bic_weight = count_posterior(config, CONFIG_FILE)
         self._check_params()
 
     # ------------------------------------------------------------------ construction
@@ -252,8 +257,7 @@ class Clusterer:
         k_proba = None
         if k is None:
             k_proba = self._k_proba(points, mean, scale)
-            distinct = len(np.unique(points, axis=0))
-            k = max((kk for kk in k_proba if kk <= distinct), key=k_proba.get)
+            k = max(k_proba, key=k_proba.get)
         self._warn_outside_training(k, points.shape[1], points.shape[0])
         proba, init_used, score = self._episode(points, k, init, mean, scale, self.n_init, self.em_steps)
         return {"mean_": mean, "scale_": scale, "probabilities_": proba, "labels_": proba.argmax(1),
@@ -285,7 +289,8 @@ class Clusterer:
         return self.predict_proba(X).argmax(1)
 
     def predict_k_proba(self, X: ArrayLike) -> dict[int, float]:
-        """P(k | X) from the model's count head, as {k: probability} over the k it was trained on."""
+        """P(k | X) as {k: probability} over the k the model was trained on (at most X's distinct points): its
+        count head, calibrated at export, weighed with the BIC of each k (models/calibration.py, `_k_evidence`)."""
         if not self.has_count_head:
             raise ParameterError("predict_k_proba: this model has no count head (trained without model.count_head)")
         points = as_points(X)
@@ -429,12 +434,48 @@ class Clusterer:
         return proba[best].double().cpu().numpy(), init_x, float(fit.log_likelihood[best])
 
     def _k_proba(self, points: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> dict[int, float]:
+        """P(k | X) over the k the model takes and X's distinct points allow."""
+        ks, logits, bics = self._k_evidence(points, mean, scale, bool(self.bic_weight))
+        log_p = calibration.k_log_posterior(logits, bics, self.count_temperature, self.bic_weight)
+        return {k: float(p) for k, p in zip(ks, log_p.exp().tolist())}
+
+    def _k_evidence(self, points: np.ndarray, mean: np.ndarray, scale: np.ndarray, with_bic: bool
+                    ) -> tuple[list[int], torch.Tensor, Optional[torch.Tensor]]:
+        """What P(k | X) weighs: (the k, the count head's logits [K], with_bic: the BIC of each k [K], else
+        None). The BIC is that of spherical EM (BIC_STARTS k-means++ starts, BIC_EM_ITERS iterations each, the
+        most likely kept) in the standardized coordinates: model selection needs maximum-likelihood fits, which
+        EM's iterations approach at a cost linear in n, where the model's own fits at every k (seven forward
+        passes of `n_passes` each) cost more than the clustering itself."""
         z = model_input(torch.as_tensor((points - mean) / scale, device=self.device), "X")[None]
         z = torch.nn.functional.pad(z, (0, self.d_max - z.shape[-1]))
         with torch.inference_mode():
-            logits = self.model.count_logits(z, None)  # one whole episode: no point is padded
-        proba = torch.softmax(logits.double() / self.count_temperature, -1)[0].cpu().numpy()
-        return {self.k_min + j: float(p) for j, p in enumerate(proba)}
+            logits = self.model.count_logits(z, None)[0].double().cpu()  # one whole episode: no point is padded
+        distinct = len(np.unique(points, axis=0))
+        ks = [self.k_min + j for j in range(len(logits)) if self.k_min + j <= distinct]
+        if not with_bic:
+            return ks, logits[: len(ks)], None
+        z = torch.as_tensor((points - mean) / scale, device=self.device)[None].expand(BIC_STARTS, -1, -1)
+        mask = torch.ones(BIC_STARTS, z.shape[1], dtype=torch.bool, device=self.device)
+        rng = np.random.default_rng(self.random_state)
+        likelihood = []
+        for k in ks:
+            kmask = torch.ones(BIC_STARTS, k, dtype=torch.bool, device=self.device)
+            uniforms = torch.as_tensor(rng.random((BIC_STARTS, k)), device=self.device)
+            starts = inits.kmeans_plus_plus(z, mask, kmask, uniforms)
+            likelihood.append(float(baselines.em(z, mask, kmask, starts, BIC_EM_ITERS).log_likelihood.max()))
+        spread = int((np.ptp(points, axis=0) > 0).sum())
+        bics = calibration.bic(torch.tensor(likelihood), torch.tensor(float(len(points))),
+                               torch.tensor(float(max(spread, 1))), torch.tensor(ks))
+        return ks, logits[: len(ks)], bics
+
+    def k_evidence(self, X: ArrayLike) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+        """(the k, the count head's logits, the BIC of each k) of one data set: what the export fits P(k | X)'s
+        temperature and BIC weight on (models/calibration.py)."""
+        if not self.has_count_head:
+            raise ParameterError("k_evidence: this model has no count head (trained without model.count_head)")
+        points = as_points(X)
+        self._check_d(points.shape[1])
+        return self._k_evidence(points, *self._standardization(points), True)
 
     def _forward_batch(self, x: torch.Tensor, mask: torch.Tensor, init: Optional[torch.Tensor], kmask: torch.Tensor,
                        rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -49,12 +49,20 @@ def clusterer_defaults(config: dict[str, Any], where: str) -> dict[str, int]:
     return dict(defaults)
 
 
-def count_temperature(config: dict[str, Any], where: str) -> float:
-    """The temperature the count head's logits are divided by (1 when the export has no calibration)."""
-    value = config.get(COUNT_HEAD, {}).get("temperature", 1.0) if isinstance(config.get(COUNT_HEAD), dict) else 1.0
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise CheckpointError(f"{where}: {COUNT_HEAD}.temperature: expected a number > 0, got {value!r}")
-    return float(value)
+def count_posterior(config: dict[str, Any], where: str) -> tuple[float, float]:
+    """(T, λ) of P(k | X) (models/calibration.py): the count head's temperature and the weight of the BIC of
+    the model's own fits; (1, 0) when the export has no calibration (the count head's softmax alone)."""
+    section = config.get(COUNT_HEAD, {})
+    if not isinstance(section, dict):
+        raise CheckpointError(f"{where}: '{COUNT_HEAD}' must be an object, got {section!r}")
+    out = []
+    for key, default, least in (("temperature", 1.0, "> 0"), ("bic_weight", 0.0, ">= 0")):
+        value = section.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                value > 0 if key == "temperature" else value >= 0):
+            raise CheckpointError(f"{where}: {COUNT_HEAD}.{key}: expected a number {least}, got {value!r}")
+        out.append(float(value))
+    return out[0], out[1]
 
 
 def read_export_config(model_dir: str | Path) -> dict[str, Any]:

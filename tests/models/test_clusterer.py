@@ -447,17 +447,18 @@ def test_auto_k_from_the_count_head(tmp_path: Path, fake_export: Path) -> None:
     assert sorted(k_proba) == [2, 3, 4] and sum(k_proba.values()) == pytest.approx(1.0)
     clusterer.fit(X)
     assert clusterer.n_clusters_ == max(k_proba, key=k_proba.get) and clusterer.k_proba_ == pytest.approx(k_proba)
-    # The export fitted the count head's temperature on the eval set and measured it on the test set; the
-    # Clusterer divides the count logits by it.
+    # The export fitted P(k | X)'s temperature and BIC weight on the eval set and measured them on the test
+    # set; the Clusterer combines the count logits and the BIC of its own fit at each k with them.
     calibration = clusterer.config["count_head"]
-    assert calibration["temperature"] > 0 and calibration["fitted_on"]["seed"] != calibration["test"]["seed"]
-    assert calibration["test"]["k_accuracy"] == calibration["test_uncalibrated"]["k_accuracy"]  # T keeps the argmax
-    assert calibration["test"]["nll"] <= calibration["test_uncalibrated"]["nll"] + 0.05
-    z = torch.as_tensor((X - clusterer.mean_) / clusterer.scale_, dtype=torch.float32)[None]
-    with torch.no_grad():
-        logits = clusterer.model.count_logits(torch.nn.functional.pad(z, (0, clusterer.d_max - X.shape[1])), None)[0].double()
-    want = torch.softmax(logits / calibration["temperature"], -1).numpy()
-    np.testing.assert_allclose([k_proba[k] for k in sorted(k_proba)], want, rtol=1e-6)
+    assert calibration["temperature"] > 0 and calibration["bic_weight"] >= 0
+    assert calibration["fitted_on"]["seed"] != calibration["test"]["seed"]
+    assert 0 <= calibration["test"]["ece"] <= 1 and 0 <= calibration["test_count_head_alone"]["k_accuracy"] <= 1
+    ks, logits, bics = clusterer.k_evidence(X)
+    assert ks == [2, 3, 4] and bics.shape == (3,)
+    from emformer.models.calibration import k_log_posterior
+
+    want = k_log_posterior(logits, bics, calibration["temperature"], calibration["bic_weight"]).exp().numpy()
+    np.testing.assert_allclose([k_proba[k] for k in ks], want, rtol=1e-6)
     assert clusterer.probabilities_.shape == (40, clusterer.n_clusters_)
     with pytest.raises(ParameterError, match="n_clusters: required, .* k in \\[2, 4\\] \\(or 'auto'\\)"):
         Clusterer.from_pretrained(export).fit(X)

@@ -28,6 +28,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -178,10 +179,10 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, onnx: bool = 
         (out_dir / ONNX_FILE).unlink()  # a stale model.onnx from an earlier export would not match these weights
 
     config = build_export_config(architecture, task, loaded, meta, eval_row, files, onnx_info, model)
-    if model.count_head is not None:
-        config[COUNT_HEAD] = count_calibration(model, task, run)
     if clusterer_defaults:
         config[CLUSTERER_DEFAULTS] = dict(clusterer_defaults)
+    if model.count_head is not None:
+        config[COUNT_HEAD] = count_calibration(model, config, run)
     config["selection"] = _eval_row(run_dir, loaded.step) if run_dir else None  # the eval-set row it was chosen on
     card = model_card(config, str(out_dir))
     publish(out_dir / CARD_FILE, lambda tmp: tmp.write_text(card))
@@ -243,23 +244,39 @@ def _test_row(model: Any, task: TaskSpec, run: RunConfig, step: Optional[int]) -
             "episodes_version": EPISODES_VERSION, **metrics}
 
 
-def count_calibration(model: Any, task: TaskSpec, run: RunConfig) -> dict[str, Any]:
-    """The count head's temperature, fitted on the run's eval set (what the checkpoint was selected on, never
-    the test set), and its k accuracy and ECE on the test set before and after (models/calibration.py)."""
+def count_calibration(model: Any, config: dict[str, Any], run: RunConfig) -> dict[str, Any]:
+    """P(k | X)'s temperature and BIC weight (models/calibration.py), fitted on the run's eval set (what the
+    checkpoint was selected on, never the test set) through the Clusterer the export will be; k accuracy and
+    ECE on the test set with them, and of the count head alone (T = 1, λ = 0)."""
     from emformer.data.stream import eval_set
-    from emformer.models.calibration import count_figures, fit_temperature
-    from emformer.train.scoring import score_episodes
+    from emformer.models.calibration import count_figures, fit_k_posterior
+    from emformer.models.clusterer import Clusterer
 
-    def logits_and_target(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = score_episodes(model, eval_set(task, seed, run.eval.episodes), run.eval.batch_size, count=True)
-        return scores["count_logits"], scores["k"] - int(model.cfg.k_min)
+    task = TaskSpec(**config["task"])
+    clusterer = Clusterer(model, config, n_clusters="auto", random_state=0)
+    k_all = torch.arange(task.k, task.k_pad + 1)
+
+    def evidence(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        batch = eval_set(task, seed, run.eval.episodes)
+        logits, bics = [], []
+        for points, mask in zip(batch["points"], batch["mask"]):
+            ks, row_logits, row_bics = clusterer.k_evidence(points[mask].double().numpy())
+            if len(ks) < len(k_all):  # fewer distinct points than clusters: those k are impossible
+                row_logits = torch.cat([row_logits, torch.full((len(k_all) - len(ks),), -math.inf)])
+                row_bics = torch.cat([row_bics, torch.full((len(k_all) - len(ks),), math.inf)])
+            logits.append(row_logits)
+            bics.append(row_bics)
+        return torch.stack(logits), torch.stack(bics), batch["k"] - task.k
 
     fit_seed, test_seed = int(run.eval.seed), held_out_test_seed(run)
-    temperature = fit_temperature(*logits_and_target(fit_seed))
-    test = logits_and_target(test_seed)
-    return {"temperature": temperature, "fitted_on": {"seed": fit_seed, "episodes": run.eval.episodes},
-            "test": {"seed": test_seed, "episodes": run.eval.episodes, **count_figures(*test, temperature)},
-            "test_uncalibrated": count_figures(*test)}
+    fit_logits, fit_bics, fit_target = evidence(fit_seed)
+    temperature, bic_weight = fit_k_posterior(fit_logits, fit_target, fit_bics)
+    test_logits, test_bics, test_target = evidence(test_seed)
+    return {"temperature": temperature, "bic_weight": bic_weight,
+            "fitted_on": {"seed": fit_seed, "episodes": run.eval.episodes},
+            "test": {"seed": test_seed, "episodes": run.eval.episodes,
+                     **count_figures(test_logits, test_target, temperature, test_bics, bic_weight)},
+            "test_count_head_alone": count_figures(test_logits, test_target)}
 
 
 # ------------------------------------------------------------------------------------------- run files
