@@ -1,16 +1,22 @@
 """The shipped pretrained clusterer (pretrained/emformer-gmm-small) on data nobody trained it on.
 
-Four tables, every figure measured in the run that writes them:
+Five tables, every figure measured in the run that writes them:
   1. its learning curve per k against EM and the oracle (the val rows of its training run, curve.jsonl
      beside the export);
-  2. unknown k: accuracy and expected calibration error (ECE, 10 confidence bins) of its count head's
-     P(k | X) against scikit-learn GaussianMixture + BIC over the same k range (P(k | X) ∝ exp(−BIC_k / 2));
-  3. EM polish: error and log-likelihood for em_steps m ∈ {0, 1, 3} against EM from k-means++ alone;
-  4. adjusted Rand index and CPU time of the model (given k, and auto k) against KMeans(n_init=10),
-     GaussianMixture (full, spherical; given k and BIC over k), and our EM, on make_blobs sets of varied
-     spread and anisotropy, Student-t and unequal-weight episodes, and two real data sets (PCA to the
-     model's d). ▲ marks a model cell above every baseline of its row that knows as much about k
-     (given k: KMeans, GMMs, EM; auto k: the BIC columns) by more than 0.01, ▼ one below the best of them
+  2. the model's own share: per k, the model alone (its default passes, one k-means++ start, no restarts,
+     no EM polish) against EM from the same start after T and after 10 iterations, paired per episode, and
+     pass by pass against EM iteration by iteration;
+  3. unknown k: accuracy and expected calibration error (ECE, 10 confidence bins) of the Clusterer's
+     P(k | X) and of its count head alone, against scikit-learn GaussianMixture + BIC over the same k range
+     (P(k | X) ∝ exp(−BIC_k / 2)), on its own task and on make_blobs;
+  4. EM polish and restarts: error and log-likelihood for em_steps m ∈ {0, 1, 3}, the shipped defaults, and
+     the same restarts and EM steps without the model, against EM from k-means++ alone;
+  5. adjusted Rand index and CPU time of the model (given k, and auto k; the shipped defaults beside the
+     same restarts and EM steps without the model) against KMeans(n_init=10), GaussianMixture (full,
+     spherical; given k and BIC over k), and our EM, on make_blobs sets of varied spread and anisotropy,
+     Student-t and unequal-weight episodes, and two real data sets (PCA to the model's d). ▲ marks a model
+     cell above every baseline of its row that knows as much about k (given k: KMeans, GMMs, EM, the
+     restarts without the model; auto k: the BIC columns) by more than 0.01, ▼ one below the best of them
      by more than 0.01.
 
 Times are CPU seconds per data set (time.process_time, one torch thread), which other processes on a
@@ -250,17 +256,13 @@ def unknown_k_table(model: str, count: int, info: dict[str, Any]) -> tuple[dict[
     items = task_episodes(count, SEED, **own_task(info))
     ks = list(range(info["k_min"], info["k_max"] + 1))
     clusterer = Clusterer.from_pretrained(model)
-    results: dict[str, dict[str, list]] = {m: {"conf": [], "correct": [], "cpu": []} for m in
-                                           ("emformer count head", "GMM spherical + BIC", "GMM full + BIC")}
+    results: dict[str, dict[str, list]] = {m: {"conf": [], "correct": [], "cpu": []} for m in K_METHODS}
     for index, (X, y, k) in enumerate(items):
         for method in results:
             start = time.process_time()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                if method == "emformer count head":
-                    proba = clusterer.predict_k_proba(X)
-                else:
-                    proba = gmm_bic(X, ks, "spherical" if "spherical" in method else "full", index)[1]
+                proba = k_proba(method, clusterer, X, ks, index)
             results[method]["cpu"].append(time.process_time() - start)
             best = max(proba, key=proba.get)
             results[method]["conf"].append(proba[best])
@@ -283,21 +285,36 @@ def unknown_k_table(model: str, count: int, info: dict[str, Any]) -> tuple[dict[
     return figures, text
 
 
+K_METHODS = ("emformer auto k: P(k | X)", "emformer count head alone", "GMM spherical + BIC", "GMM full + BIC")
+"""the unknown-k rows: the Clusterer's calibrated P(k | X) (count head and BIC of EM), its count head's softmax
+alone, and scikit-learn's mixtures with P(k) ∝ exp(−BIC_k / 2)"""
+
+
+def k_proba(method: str, clusterer: Any, X: np.ndarray, ks: list[int], seed: int) -> dict[int, float]:
+    """P(k | X) of one K_METHODS row."""
+    if method == "emformer auto k: P(k | X)":
+        return clusterer.predict_k_proba(X)
+    if method == "emformer count head alone":
+        kk, logits, _ = clusterer.k_evidence(X)
+        return dict(zip(kk, torch.softmax(logits, -1).tolist()))
+    return gmm_bic(X, ks, "spherical" if "spherical" in method else "full", seed)[1]
+
+
 def blobs_k_accuracy(clusterer: Any, ks: list[int], seeds: int) -> tuple[dict[str, Any], str]:
     """How often k is right on scikit-learn's make_blobs(300, centers=c, n_features=5), c = 2..6, `seeds` sets
-    each: the count head's argmax against GaussianMixture (full) + BIC over the model's k range."""
+    each, for every K_METHODS row (BIC over the model's k range)."""
     from sklearn.datasets import make_blobs
 
-    right = {"emformer count head": {}, "GMM full + BIC": {}}
+    right: dict[str, dict[int, int]] = {method: {} for method in K_METHODS}
     for c in range(2, 7):
         for method in right:
             right[method][c] = 0
         for seed in range(seeds):
             X, _ = make_blobs(300, centers=c, n_features=5, random_state=seed)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                picks = {"emformer count head": clusterer.predict_k_proba(X), "GMM full + BIC": gmm_bic(X, ks, "full", seed)[1]}
-            for method, proba in picks.items():
+            for method in right:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    proba = k_proba(method, clusterer, X, ks, seed)
                 right[method][c] += int(max(proba, key=proba.get) == c)
     rows = [[method] + [f"{counts[c]} / {seeds}" for c in counts] + [f"{sum(counts.values())} / {5 * seeds}"]
             for method, counts in right.items()]

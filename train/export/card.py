@@ -46,4 +46,5 @@ def model_card(config: dict[str, Any], where: str = "EXPORT_DIR") -> str:
         separation=_span(task["separation"], task["separation_max"]), span=_span,
         err_minus_em=err - err_em, em_iters=run_eval.get("em_iters", "?"),
         defaults=", ".join(f"{key}={value}" for key, value in (config.get("clusterer_defaults") or {}).items()),
+        count=config.get("count_head"),
     )

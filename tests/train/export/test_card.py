@@ -42,3 +42,15 @@ def _without_eval_and_onnx() -> dict:
 @pytest.mark.parametrize("name, config", [("full", CONFIG), ("bare", _without_eval_and_onnx())])
 def test_card_matches_the_golden_file(name, config):
     assert model_card(config, "exports/it's") == (GOLDEN / f"model_card_{name}.md").read_text()
+
+
+def test_card_of_an_iterating_model_with_a_calibrated_count_head():
+    config = copy.deepcopy(CONFIG)
+    config["architecture"].update(passes=8, passes_min=1, count_head=True)
+    figures = {"k_accuracy": 0.8125, "mean_confidence": 0.79, "ece": 0.031, "nll": 0.5}
+    config["count_head"] = {"temperature": 1.7, "bic_weight": 0.42, "fitted_on": {"seed": 1000000000, "episodes": 512},
+                            "test": {"seed": 1000000001, "episodes": 512, **figures},
+                            "test_count_head_alone": {**figures, "k_accuracy": 0.6, "ece": 0.2}}
+    card = model_card(config, "exports/it")
+    assert "It runs 8 passes by default" in card and "trained with 1 to 8 passes a batch" in card
+    assert "T = 1.7" in card and "λ = 0.42" in card and "k accuracy 0.8125" in card and "ECE 0.2" in card
