@@ -153,8 +153,8 @@ def em_from(X: np.ndarray, init: np.ndarray, iters: int) -> tuple[np.ndarray, fl
 
 
 def restarts_em(X: np.ndarray, k: int, seed: int, n_init: int, em_steps: int) -> np.ndarray:
-    """The shipped defaults' restarts and EM steps without the model: `n_init` k-means++ starts, `em_steps` EM
-    iterations from each, the one of highest likelihood (responsibilities [n, k])."""
+    """The shipped defaults' restarts without the model: `n_init` k-means++ starts, `em_steps` EM iterations
+    from each (the model's passes plus its EM steps), the one of highest likelihood (responsibilities [n, k])."""
     fits = [em_from(X, kmeanspp_start(X, k, seed * 1_000 + r), em_steps) for r in range(n_init)]
     return max(fits, key=lambda fit: fit[1])[0]
 
@@ -182,11 +182,12 @@ def methods(model: str, ks: list[int], k_max: int, info: dict[str, Any]
         return fit
 
     n_init, em_steps = shipped_defaults(info)
+    iters = info["passes"] + em_steps
     return {
         "emformer": ("model", emformer()),
         f"emformer n_init={n_init} em_steps={em_steps}": ("model", emformer(n_init=n_init, em_steps=em_steps)),
-        f"no model: {n_init} k-means++ + EM {em_steps} it.": (
-            "given", lambda X, k, s: restarts_em(X, k, s, n_init, em_steps).argmax(-1)),
+        f"no model: {n_init} k-means++ + EM {iters} it.": (
+            "given", lambda X, k, s: restarts_em(X, k, s, n_init, iters).argmax(-1)),
         "KMeans n_init=10": ("given", lambda X, k, s: KMeans(k, n_init=10, random_state=s).fit_predict(X)),
         "GMM full": ("given", lambda X, k, s: GaussianMixture(k, covariance_type="full", random_state=s).fit_predict(X)),
         "GMM spherical": ("given", lambda X, k, s: GaussianMixture(k, covariance_type="spherical", random_state=s).fit_predict(X)),
@@ -349,8 +350,9 @@ def polish_table(model: str, count: int, info: dict[str, Any]) -> tuple[dict[str
     variants[f"emformer n_init={n_init} em_steps={em_steps}"] = lambda X, k, s: Clusterer.from_pretrained(
         model, n_clusters=k, em_steps=em_steps, n_init=n_init, random_state=s).fit(X).probabilities_
 
-    variants[f"no model: {n_init} k-means++ starts + EM {em_steps} it., best likelihood"] = (
-        lambda X, k, s: restarts_em(X, k, s, n_init, em_steps))
+    iters = info["passes"] + em_steps
+    variants[f"no model: {n_init} k-means++ starts + EM {iters} it., best likelihood"] = (
+        lambda X, k, s: restarts_em(X, k, s, n_init, iters))
     for iters in (3, 10, EM_ITERS):
         variants[f"EM from k-means++, {iters} it."] = (lambda iters: lambda X, k, s: em_from(
             X, kmeanspp_start(X, k, s), iters)[0])(iters)
