@@ -398,7 +398,8 @@ def share_table(model: str, count: int, info: dict[str, Any]) -> tuple[dict[str,
         mask = torch.ones(1, len(X), dtype=torch.bool)
         return float(metrics.misclustering_rate(torch.as_tensor(pred)[None], torch.as_tensor(y)[None], mask, k)[0])
 
-    steps = sorted({1, 2, 3, passes} | set(range(2, passes + 1, 2)))
+    # past the trained passes too (2T): more passes should refine, not undo
+    steps = sorted({1, 2, 3, passes, 2 * passes} | set(range(2, passes + 1, 2)))
     per: dict[str, list] = {"k": [], "model": [], "em_T": [], "em_10": []}
     by_t: dict[int, dict[str, list]] = {t: {"model": [], "em": []} for t in steps}
     curve_every = max(1, len(items) // CURVE_EPISODES)
@@ -450,7 +451,8 @@ def share_table(model: str, count: int, info: dict[str, Any]) -> tuple[dict[str,
             + markdown_table(["k", "episodes", f"model alone ({passes} passes)", f"EM, {passes} it.", "EM, 10 it.",
                               f"model − EM-{passes}", "model − EM-10", "vs EM-10"], rows)
             + f"\n\nPass by pass (all k, every {curve_every}th episode: {len(by_t[steps[0]]['model'])}): the model "
-            "after t passes against EM after t iterations from the same start:\n\n"
+            f"after t passes (`n_passes=t`; it was trained for up to {passes}) against EM after t iterations from "
+            "the same start:\n\n"
             + markdown_table(["t", "model, t passes", "EM, t it.", "model − EM", "verdict"], curve_rows))
     return figures, text
 
