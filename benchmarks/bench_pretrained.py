@@ -47,8 +47,8 @@ SEED = 5_000_011
 SECTION_TITLE = "## The pretrained clusterer on data nobody trained it on"
 EM_ITERS = 100
 MARGIN = 0.01
-FULL = {"episodes": 8, "task_episodes": 120, "share_episodes": 512}
-QUICK = {"episodes": 2, "task_episodes": 16, "share_episodes": 16}
+FULL = {"episodes": 8, "task_episodes": 120, "share_episodes": 512, "k_episodes": 512}
+QUICK = {"episodes": 2, "task_episodes": 8, "share_episodes": 8, "k_episodes": 8}
 SHARE_SES = 2.0
 """the model's own share: a difference from EM beyond this many paired standard errors is a verdict"""
 BLOBS_SEEDS = 10
@@ -275,7 +275,7 @@ def unknown_k_table(model: str, count: int, info: dict[str, Any]) -> tuple[dict[
                            "mean_confidence": float(conf.mean()), "cpu_s": float(np.mean(r["cpu"]))}
         f = figures[method]
         rows.append([method, f["k_accuracy"], f["mean_confidence"], f["ece"], fmt(f["cpu_s"], 2)])
-    blobs_figures, blobs_text = blobs_k_accuracy(clusterer, ks, BLOBS_SEEDS if count >= 100 else 2)
+    blobs_figures, blobs_text = blobs_k_accuracy(clusterer, ks, BLOBS_SEEDS if count >= 100 else 1)
     figures["make_blobs"] = blobs_figures
     text = (f"{count} fresh episodes of the model's own task (k ∈ [{info['k_min']}, {info['k_max']}], d ∈ "
             f"[{info['task'].get('d_min') or info['task']['d']}, {info['task']['d']}], n ∈ [{info['task']['n']}, "
@@ -511,7 +511,7 @@ def run(model: str = "emformer-gmm-small", quick: bool = False, heading: bool = 
             ("share", "The model's own share: the model alone against EM from the same start, per k",
              lambda: share_table(model, sizes["share_episodes"], info)),
             ("unknown_k", "Unknown k: P(k | X) against GaussianMixture + BIC",
-             lambda: unknown_k_table(model, sizes["task_episodes"], info)),
+             lambda: unknown_k_table(model, sizes["k_episodes"], info)),
             ("polish", "EM polish (em_steps) and restarts (n_init)",
              lambda: polish_table(model, sizes["task_episodes"], info)),
             ("table", "Adjusted Rand index and time on data nobody trained it on",

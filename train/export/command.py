@@ -38,8 +38,11 @@ import torch
 
 from emformer.data.episodes import sample_episodes
 from emformer.data.standardize import STANDARD_SCALE
+from emformer.data.stream import eval_set
 from emformer.data.tasks import EPISODES_VERSION, TaskSpec
 from emformer.errors import CheckpointError, ConfigError
+from emformer.models.calibration import count_figures, fit_k_posterior
+from emformer.models.clusterer import Clusterer
 from emformer.models.export_loader import check_state_dict, load_exported_model
 from emformer.models.export_format import (
     CARD_FILE, CLUSTERER_DEFAULTS, CONFIG_FILE, COUNT_HEAD, DEFAULTABLE, EXPORT_FORMAT, EXPORT_FORMAT_VERSION, ONNX_FILE,
@@ -248,10 +251,6 @@ def count_calibration(model: Any, config: dict[str, Any], run: RunConfig) -> dic
     """P(k | X)'s temperature and BIC weight (models/calibration.py), fitted on the run's eval set (what the
     checkpoint was selected on, never the test set) through the Clusterer the export will be; k accuracy and
     ECE on the test set with them, and of the count head alone (T = 1, λ = 0)."""
-    from emformer.data.stream import eval_set
-    from emformer.models.calibration import count_figures, fit_k_posterior
-    from emformer.models.clusterer import Clusterer
-
     task = TaskSpec(**config["task"])
     clusterer = Clusterer(model, config, n_clusters="auto", random_state=0)
     k_all = torch.arange(task.k, task.k_pad + 1)
