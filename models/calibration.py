@@ -85,11 +85,6 @@ def fit_k_posterior(logits: torch.Tensor, target: torch.Tensor, bics: Optional[t
     return float(math.exp(result.x[0])), float(math.exp(result.x[1]))
 
 
-def fit_temperature(logits: torch.Tensor, target: torch.Tensor) -> float:
-    """The T alone (λ = 0) minimising the held-out NLL of softmax(logits / T)."""
-    return fit_k_posterior(logits, target)[0]
-
-
 def count_figures(logits: torch.Tensor, target: torch.Tensor, temperature: float = 1.0,
                   bics: Optional[torch.Tensor] = None, bic_weight: float = 0.0) -> dict[str, float]:
     """k accuracy, mean confidence, ECE and NLL of `k_log_posterior` against `target` (indices)."""

@@ -446,15 +446,15 @@ class Clusterer:
         most likely kept) in the standardized coordinates: model selection needs maximum-likelihood fits, which
         EM's iterations approach at a cost linear in n, where the model's own fits at every k (seven forward
         passes of `n_passes` each) cost more than the clustering itself."""
-        z = model_input(torch.as_tensor((points - mean) / scale, device=self.device), "X")[None]
-        z = torch.nn.functional.pad(z, (0, self.d_max - z.shape[-1]))
+        standardized = torch.as_tensor((points - mean) / scale, device=self.device)  # float64
+        z = torch.nn.functional.pad(model_input(standardized, "X")[None], (0, self.d_max - points.shape[1]))
         with torch.inference_mode():
             logits = self.model.count_logits(z, None)[0].double().cpu()  # one whole episode: no point is padded
         distinct = len(np.unique(points, axis=0))
         ks = [self.k_min + j for j in range(len(logits)) if self.k_min + j <= distinct]
         if not with_bic:
             return ks, logits[: len(ks)], None
-        z = torch.as_tensor((points - mean) / scale, device=self.device)[None].expand(BIC_STARTS, -1, -1)
+        z = standardized[None].expand(BIC_STARTS, -1, -1)
         mask = torch.ones(BIC_STARTS, z.shape[1], dtype=torch.bool, device=self.device)
         rng = np.random.default_rng(self.random_state)
         likelihood = []

@@ -33,7 +33,7 @@ def score_episodes(model: Any, batch: Batch, batch_size: int, padded: bool = Tru
     """Per-episode figures of a ClusterTransformer on `batch`, in chunks of `batch_size`, as tensors [B] on
     the host: loss (anchored or permutation-minimised CE, as the task's labels are), err (permutation-minimised),
     err_anchored and ari in float64, the episodes' k; with `count` (a model with a count head, on its own
-    k range) also k_correct, k_loss and count_logits [B, K].
+    k range) also k_correct and k_loss.
 
     `prepare` turns a host chunk into what the model takes (device, dtype: a trainer's precision plugin casts
     floats to the compute dtype where the weights are cast, as DeepSpeed's bf16 does), and the forward runs
@@ -96,7 +96,6 @@ def score_episodes(model: Any, batch: Batch, batch_size: int, padded: bool = Tru
                     k_min = int(model.cfg.k_min)
                     values["k_correct"] = count_logits.argmax(-1) == part["k"] - k_min
                     values["k_loss"] = count_loss(count_logits, part["k"], k_min)
-                    values["count_logits"] = count_logits  # [B, K]: for the export's temperature
                 for key, value in values.items():
                     out.setdefault(key, []).append(value.cpu() if key == "k" else value.double().cpu())
     finally:

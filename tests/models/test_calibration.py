@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from emformer.models.calibration import (bic, count_figures, expected_calibration_error, fit_k_posterior,
-                                         fit_temperature, k_log_posterior)
+from emformer.models.calibration import bic, count_figures, expected_calibration_error, fit_k_posterior, k_log_posterior
 
 
 def test_expected_calibration_error_is_the_binned_gap_between_accuracy_and_confidence():
@@ -21,16 +20,17 @@ def test_the_fitted_temperature_undoes_over_and_under_confidence(true_temperatur
     calibrated = torch.randn(4000, 7, generator=generator, dtype=torch.float64) * 1.5
     target = torch.multinomial(torch.softmax(calibrated, -1), 1, generator=generator)[:, 0]
     logits = calibrated * true_temperature  # what a head that is off by this temperature would output
-    temperature = fit_temperature(logits, target)
+    temperature, weight = fit_k_posterior(logits, target)  # no BIC: the temperature alone
+    assert weight == 0.0
     assert temperature == pytest.approx(true_temperature, rel=0.1)
     before, after = count_figures(logits, target), count_figures(logits, target, temperature)
     assert after["k_accuracy"] == before["k_accuracy"]  # the argmax does not move
     assert after["ece"] < 0.03 < before["ece"] and after["nll"] < before["nll"]
 
 
-def test_fit_temperature_refuses_mismatched_shapes():
+def test_fit_k_posterior_refuses_mismatched_shapes():
     with pytest.raises(ValueError, match=r"logits \[E, K\] \(and BICs \[E, K\]\) and targets \[E\]"):
-        fit_temperature(torch.zeros(5, 3), torch.zeros(4, dtype=torch.long))
+        fit_k_posterior(torch.zeros(5, 3), torch.zeros(4, dtype=torch.long))
 
 
 def test_the_bic_weight_is_fitted_where_the_data_speak_and_the_count_head_does_not():

@@ -251,7 +251,7 @@ def count_calibration(model: Any, config: dict[str, Any], run: RunConfig) -> dic
     """P(k | X)'s temperature and BIC weight (models/calibration.py), fitted on the run's eval set (what the
     checkpoint was selected on, never the test set) through the Clusterer the export will be; k accuracy and
     ECE on the test set with them, and of the count head alone (T = 1, λ = 0)."""
-    task = TaskSpec(**config["task"])
+    task = run.task
     clusterer = Clusterer(model, config, n_clusters="auto", random_state=0)
     k_all = torch.arange(task.k, task.k_pad + 1)
 
