@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from emformer.errors import DEEPSPEED_INSTALL, CheckpointError
-from emformer.train.rundir import LAST, checkpoint_dir
+from emformer.train.rundir import BEST, LAST, checkpoint_dir
 
 
 @dataclasses.dataclass
@@ -73,25 +73,57 @@ def check_resumable(path: Path, model: torch.nn.Module, prefix: str = "model.") 
         if "state_dict" not in state:
             raise CheckpointError(f"{path}: no 'state_dict' in checkpoint (keys: {sorted(state)[:8]})")
         weights = state["state_dict"]
-    expected = {prefix + name: tensor.shape for name, tensor in model.state_dict().items()}
     if weights:
-        for name, shape in expected.items():
-            if name not in weights:
-                raise CheckpointError(f"{path}: tensor '{name}' missing: the checkpoint was written by a "
-                                      "different model; use a new --run-dir")
-            found = tuple(weights[name].shape)
-            if found != tuple(shape) and weights[name].numel() > 0:  # ZeRO-3 stores empty placeholders
-                raise CheckpointError(f"{path}: tensor '{name}' has shape {list(found)} but the model "
-                                      f"built from the config needs {list(shape)}: different model shape; "
-                                      "use a new --run-dir")
-        extra = sorted(set(weights) - set(expected))
-        if extra:
-            raise CheckpointError(f"{path}: unexpected tensor '{extra[0]}': the checkpoint was written by a "
-                                  "different model; use a new --run-dir")
+        _check_shapes(weights, model, path, prefix, "use a new --run-dir")
     step = state.get("global_step")
     if step is None:
         raise CheckpointError(f"{path}: no 'global_step' in checkpoint: not written by `emformer train`")
     return int(step)
+
+
+def _check_shapes(weights: dict[str, Any], model: torch.nn.Module, path: Path, prefix: str, advice: str) -> None:
+    """Raise CheckpointError, naming the file and the tensor, unless `weights` has exactly the tensors of
+    `model` (keys `prefix` + name) in its shapes."""
+    expected = {prefix + name: tensor.shape for name, tensor in model.state_dict().items()}
+    for name, shape in expected.items():
+        if name not in weights:
+            raise CheckpointError(f"{path}: tensor '{name}' missing: the checkpoint was written by a "
+                                  f"different model; {advice}")
+        found = tuple(weights[name].shape)
+        if found != tuple(shape) and weights[name].numel() > 0:  # ZeRO-3 stores empty placeholders
+            raise CheckpointError(f"{path}: tensor '{name}' has shape {list(found)} but the model "
+                                  f"built from the config needs {list(shape)}: different model shape; {advice}")
+    extra = sorted(set(weights) - set(expected))
+    if extra:
+        raise CheckpointError(f"{path}: unexpected tensor '{extra[0]}': the checkpoint was written by a "
+                              f"different model; {advice}")
+
+
+def init_path(source: str | Path) -> Path:
+    """trainer.init_from as a checkpoint path: a run dir stands for its checkpoints/best.ckpt."""
+    path = Path(source)
+    if path.is_dir() and checkpoint_dir(path).is_dir():  # a run dir (a DeepSpeed checkpoint has no checkpoints/)
+        best = checkpoint_dir(path) / BEST
+        if not best.exists():
+            raise CheckpointError(f"trainer.init_from={source}: a directory without {best.relative_to(path)} "
+                                  "(give a checkpoint file, or a run dir that has a best checkpoint)")
+        return best
+    if not path.exists():
+        raise CheckpointError(f"trainer.init_from={source}: no such checkpoint file, DeepSpeed checkpoint "
+                              "directory or run dir")
+    return path
+
+
+def load_initial_weights(source: str | Path, model: torch.nn.Module) -> LoadedCheckpoint:
+    """trainer.init_from: copy a checkpoint's model weights (fp32, any format load_checkpoint reads) into
+    `model`, after checking every tensor's name and shape against it. Returns the checkpoint read."""
+    loaded = load_checkpoint(init_path(source))
+    _check_shapes(loaded.state_dict, model, loaded.path, "",
+                  "trainer.init_from needs a checkpoint of the model the config builds (same model.* shapes)")
+    with torch.no_grad():
+        model.load_state_dict({name: tensor.to(model.state_dict()[name].dtype)
+                               for name, tensor in loaded.state_dict.items()})
+    return loaded
 
 
 def save_atomic(trainer: Any, path: Path) -> None:

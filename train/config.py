@@ -75,6 +75,9 @@ class TrainerConfig:
     """Lightning callbacks: [{class_path: ..., init_args: {...}}] (train/extensions.py)"""
     loggers: list[dict[str, Any]] = field(default_factory=list)
     """Lightning loggers fed every row of the run: [{class_path: ..., init_args: {...}}] (train/extensions.py)"""
+    init_from: Optional[str] = None
+    """fine-tuning: the model weights a fresh run starts from (a checkpoint file or DeepSpeed directory, or a
+    run dir: its checkpoints/best.ckpt); optimizer, schedule and step start anew; null: random init"""
 
 
 @dataclass
@@ -141,7 +144,7 @@ _NEUTRAL_AT = {"task": {"d_min": None, "n_log": False, "standardize": False, "di
                         "student_t_share": 0.25},
                "model": {"count_head": False, "count_spectrum": False, "passes": 1, "passes_min": None,
                          "grad_passes": None, "tied": False},
-               "data": {"buckets": 0}}
+               "data": {"buckets": 0}, "trainer": {"init_from": None}}
 
 
 def configs_root(config_path: Path) -> Path:

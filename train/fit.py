@@ -34,7 +34,7 @@ from omegaconf import OmegaConf
 from emformer.data.shards import verify_shards
 from emformer.errors import ConfigError
 from emformer.train import extensions, rundir, strategies
-from emformer.train.checkpoints import check_resumable, resume_path
+from emformer.train.checkpoints import check_resumable, load_initial_weights, resume_path
 from emformer.train.cli import add_config_arguments
 from emformer.train.config import (RunConfig, config_hash, differing_keys, load_run_config, run_name, schema_help,
                                    to_dict)
@@ -202,7 +202,11 @@ def build(cfg: RunConfig, run_dir: Path, hardware: Hardware, is_zero: bool) -> R
     params = module.model.num_parameters()
     checkpoint = resume_path(run_dir)
     resumed_from = check_resumable(checkpoint, module.model) if checkpoint is not None else None
-    meta = _meta(run_dir, params, resumed_from, hardware, cfg)
+    initial = None
+    if checkpoint is None and cfg.trainer.init_from:  # a resumed run has its own weights already
+        loaded = load_initial_weights(cfg.trainer.init_from, module.model)
+        initial = {"path": str(loaded.path), "step": loaded.step}
+    meta = _meta(run_dir, params, resumed_from, hardware, cfg, initial)
     if is_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         rundir.write_config(run_dir, cfg)
@@ -344,7 +348,7 @@ def _extend(run_dir: Path, cfg: RunConfig, is_zero: bool) -> None:
 
 
 def _meta(run_dir: Path, params: int, resumed_from: Optional[int], hardware: Hardware,
-          cfg: RunConfig) -> dict[str, Any]:
+          cfg: RunConfig, initial: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     import lightning  # heavy: loaded by build already, only for a run that trains (see there)
 
     previous = rundir.read_meta(run_dir)
@@ -363,6 +367,7 @@ def _meta(run_dir: Path, params: int, resumed_from: Optional[int], hardware: Har
         "strategy": str(cfg.strategy.name), "precision": hardware.precision, "versions": versions,
         "slurm": {key: os.environ[key] for key in SLURM_KEYS if key in os.environ},
         "created_at": previous.get("created_at", _now()), "starts": starts, "argv": sys.argv,
+        "init_from": initial or previous.get("init_from"),
     }
 
 
