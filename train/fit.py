@@ -211,7 +211,8 @@ def build(cfg: RunConfig, run_dir: Path, hardware: Hardware, is_zero: bool) -> R
         run_dir.mkdir(parents=True, exist_ok=True)
         rundir.write_config(run_dir, cfg)
         rundir.write_meta(run_dir, meta)
-        where = f"resuming from step {resumed_from}" if resumed_from is not None else "from scratch"
+        where = (f"resuming from step {resumed_from}" if resumed_from is not None
+                 else f"weights from {initial['path']} (step {initial['step']})" if initial else "from scratch")
         print(f"emformer train: {run_dir} ({where}): {params:,} parameters, {hardware.accelerator} x "
               f"{int(cfg.trainer.devices) * int(cfg.trainer.num_nodes)}, strategy {cfg.strategy.name}, "
               f"precision {hardware.precision}", file=sys.stderr, flush=True)

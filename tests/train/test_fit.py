@@ -416,6 +416,39 @@ SHORT = ("trainer.val_every=10", "trainer.log_every=5", "trainer.ckpt_every=10",
 
 
 @pytest.mark.slow
+def test_init_from_starts_a_fresh_run_from_another_runs_weights(tmp_path):
+    """A run started from a finished run's dir evaluates at step 0 exactly as that run's best checkpoint did
+    (same eval set, same weights), then trains its own steps from step 0, and its meta says where the weights
+    came from."""
+    source, tuned = tmp_path / "source", tmp_path / "tuned"
+    train(source, *SHORT, "trainer.max_steps=20")
+    result = train(tuned, *SHORT, "trainer.max_steps=10", f"trainer.init_from={source}")
+    assert f"weights from {source / 'checkpoints' / 'best.ckpt'} (step 20)" in result.stderr
+    first = next(row for row in rows(tuned) if row["split"] == "val")
+    best = min((row for row in rows(source) if row["split"] == "val"), key=lambda row: row["err"])
+    assert first["step"] == 0 and (first["loss"], first["err"]) == (best["loss"], best["err"])
+    assert json.loads((tuned / "DONE").read_text())["step"] == 10
+    meta = json.loads((tuned / "meta.json").read_text())
+    assert meta["init_from"] == {"path": str(source / "checkpoints" / "best.ckpt"), "step": 20}
+
+
+def test_init_from_another_model_shape_or_no_checkpoint_is_one_line_and_writes_nothing(tmp_path, capsys):
+    from export_fixtures import make_fake_run
+
+    source = make_fake_run(tmp_path / "source")
+    assert run_cli(tmp_path / "wider", "model.width=64", f"trainer.init_from={source}") == 2
+    err = capsys.readouterr().err
+    assert f"{source / 'checkpoints' / 'best.ckpt'}: tensor '" in err and "different model shape" in err
+    assert "trainer.init_from" in err and len(err.strip().splitlines()) == 1
+    assert run_cli(tmp_path / "nowhere", f"trainer.init_from={tmp_path / 'missing'}") == 2
+    assert "no such checkpoint file" in capsys.readouterr().err
+    (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
+    assert run_cli(tmp_path / "bare", f"trainer.init_from={tmp_path / 'empty'}") == 2
+    assert "without checkpoints/best.ckpt" in capsys.readouterr().err
+    assert not any((tmp_path / name).exists() for name in ("wider", "nowhere", "bare"))
+
+
+@pytest.mark.slow
 def test_extend_continues_a_finished_run_exactly_as_a_longer_run(tmp_path):
     """20 steps, then --extend to 40, gives the rows of a straight 40-step run: the debug config warms up
     over 20 steps, so the first 20 steps follow the same schedule either way, and the restored schedule
