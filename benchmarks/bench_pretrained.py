@@ -7,7 +7,7 @@ Five tables, every figure measured in the run that writes them:
      no EM polish) against EM from the same start after T and after 10 iterations, paired per episode, and
      pass by pass against EM iteration by iteration;
   3. unknown k: accuracy and expected calibration error (ECE, 10 confidence bins) of the Clusterer's
-     P(k | X) and of its count head alone, against scikit-learn GaussianMixture + BIC over the same k range
+     P(k | X) and of each of its two votes alone, against scikit-learn GaussianMixture + BIC over the same k range
      (P(k | X) ∝ exp(−BIC_k / 2)), on its own task and on make_blobs;
   4. EM polish and restarts: error and log-likelihood for em_steps m ∈ {0, 1, 3}, the shipped defaults, and
      the same restarts and EM steps without the model, against EM from k-means++ alone;
@@ -286,18 +286,20 @@ def unknown_k_table(model: str, count: int, info: dict[str, Any]) -> tuple[dict[
     return figures, text
 
 
-K_METHODS = ("emformer auto k: P(k | X)", "emformer count head alone", "GMM spherical + BIC", "GMM full + BIC")
-"""the unknown-k rows: the Clusterer's calibrated P(k | X) (count head and BIC of EM), its count head's softmax
-alone, and scikit-learn's mixtures with P(k) ∝ exp(−BIC_k / 2)"""
+K_METHODS = ("emformer auto k: P(k | X)", "emformer count head alone", "emformer's BIC alone (tied spherical EM)",
+             "GMM spherical + BIC", "GMM full + BIC")
+"""the unknown-k rows: the Clusterer's calibrated P(k | X), each of its two votes alone (the count head's softmax;
+the BIC of its tied spherical EM, P(k) ∝ exp(−BIC_k / 2)), and scikit-learn's mixtures with P(k) ∝ exp(−BIC_k / 2)"""
 
 
 def k_proba(method: str, clusterer: Any, X: np.ndarray, ks: list[int], seed: int) -> dict[int, float]:
     """P(k | X) of one K_METHODS row."""
     if method == "emformer auto k: P(k | X)":
         return clusterer.predict_k_proba(X)
-    if method == "emformer count head alone":
-        kk, logits, _ = clusterer.k_evidence(X)
-        return dict(zip(kk, torch.softmax(logits, -1).tolist()))
+    if method.startswith("emformer"):
+        kk, logits, bics = clusterer.k_evidence(X)
+        score = logits if "count head" in method else -(bics - bics.min()) / 2
+        return dict(zip(kk, torch.softmax(score.double(), -1).tolist()))
     return gmm_bic(X, ks, "spherical" if "spherical" in method else "full", seed)[1]
 
 

@@ -1,7 +1,8 @@
 """Classical baselines, batched over episodes in torch with padding masks (DESIGN §2).
 
-- `em`: EM for Gaussian mixtures with spherical (one variance per component, sklearn's 'spherical') or
-  diagonal ('diag') covariances, weights estimated, `reg` added to variances like sklearn's reg_covar.
+- `em`: EM for Gaussian mixtures with spherical (one variance per component, sklearn's 'spherical'), tied
+  spherical (one variance shared by all components) or diagonal ('diag') covariances, weights estimated,
+  `reg` added to variances like sklearn's reg_covar.
   One iteration = E-step then M-step, as sklearn counts them; the returned log_resp is a final E-step with
   the final parameters (what sklearn's fit_predict returns).
 - `em_from_responsibilities`: the same EM started from a soft assignment (a model's), for the Clusterer's
@@ -45,7 +46,7 @@ class EMResult:
     weights: torch.Tensor
     """[B,k] (0 on padded clusters)"""
     variances: torch.Tensor
-    """[B,k] (spherical) or [B,k,d] (diag)"""
+    """[B,k] (spherical; tied: one value repeated) or [B,k,d] (diag)"""
     log_resp: torch.Tensor
     """[B,n,k] log responsibilities under the final parameters; padded clusters -inf"""
     log_likelihood: torch.Tensor
@@ -63,8 +64,8 @@ class _Mixture:
 
     def __init__(self, points: torch.Tensor, mask: torch.Tensor, kmask: torch.Tensor, covariance: str,
                  reg: float) -> None:
-        if covariance not in ("spherical", "diag"):
-            raise ValueError(f"covariance must be 'spherical' or 'diag', got {covariance!r}")
+        if covariance not in ("spherical", "tied", "diag"):
+            raise ValueError(f"covariance must be 'spherical', 'tied' or 'diag', got {covariance!r}")
         self.out_dtype = points.dtype if points.dtype.is_floating_point else torch.float32
         self.x, self.m = prepare_points(points, mask)
         self.km = kmask.bool()
@@ -76,7 +77,7 @@ class _Mixture:
     def log_joint(self, means: torch.Tensor, weights: torch.Tensor, variances: torch.Tensor) -> torch.Tensor:
         """[B,n,k] log w_j + log N(x_i; μ_j, Σ_j) up to the constant −(d/2) log 2π; padded clusters −inf."""
         x, dims = self.x, self.dims
-        if self.covariance == "spherical":
+        if self.covariance != "diag":  # spherical and tied: one variance per cluster, the same for all if tied
             log_lik = -0.5 * (sq_dist(x, means) / variances[:, None, :]
                               + self.n_dims[:, None, None] * torch.log(variances)[:, None, :])
         else:
@@ -98,11 +99,15 @@ class _Mixture:
         # E[x²] − E[x]² per coordinate (sklearn's diag estimator, by expansion), then reg.
         avg_x2 = torch.bmm(resp.transpose(1, 2), x * x) / mass[..., None]
         per_dim = (avg_x2 - new_means * new_means).clamp(min=0)
-        if self.covariance == "spherical":
-            variances = (per_dim * self.dims[:, None, :]).sum(-1) / self.n_dims[:, None] + self.reg
-        else:
+        if self.covariance == "diag":
             variances = per_dim + self.reg
-        variances = torch.where(km if self.covariance == "spherical" else km[..., None], variances,
+        else:
+            variances = (per_dim * self.dims[:, None, :]).sum(-1) / self.n_dims[:, None]
+            if self.covariance == "tied":  # the clusters' variances pooled, weighted by their mass
+                pooled = (variances * mass * km).sum(-1, keepdim=True) / (mass * km).sum(-1, keepdim=True)
+                variances = pooled.expand_as(variances)
+            variances = variances + self.reg
+        variances = torch.where(km if self.covariance != "diag" else km[..., None], variances,
                                 torch.ones_like(variances))  # padded clusters: any positive value
         return weights, means, variances
 
@@ -118,7 +123,7 @@ class _Mixture:
 
 
 def em(points: torch.Tensor, mask: torch.Tensor, kmask: torch.Tensor, init: torch.Tensor, iters: int,
-       covariance: Literal["spherical", "diag"] = "spherical", reg: float = 1e-6) -> EMResult:
+       covariance: Literal["spherical", "tied", "diag"] = "spherical", reg: float = 1e-6) -> EMResult:
     """`iters` EM iterations from centroids `init`, with uniform initial weights and one shared initial
     variance: the mean squared distance of valid points to their nearest init centroid, per coordinate."""
     mix = _Mixture(points, mask, kmask, covariance, reg)
@@ -128,7 +133,7 @@ def em(points: torch.Tensor, mask: torch.Tensor, kmask: torch.Tensor, init: torc
 
 
 def em_iterations(points: torch.Tensor, mask: torch.Tensor, kmask: torch.Tensor, init: torch.Tensor, iters: int,
-                  covariance: Literal["spherical", "diag"] = "spherical", reg: float = 1e-6) -> list[EMResult]:
+                  covariance: Literal["spherical", "tied", "diag"] = "spherical", reg: float = 1e-6) -> list[EMResult]:
     """`em` after each of 1..iters iterations from the same start, in one run: entry t − 1 is what
     `em(..., iters=t)` returns."""
     mix = _Mixture(points, mask, kmask, covariance, reg)
@@ -143,7 +148,7 @@ def _em_parameters(mix: _Mixture, init: torch.Tensor, iters: int, covariance: st
     weights = kf / kf.sum(-1, keepdim=True).clamp(min=1)
     nearest = neg_inf_pad(-sq_dist(mix.x, means), mix.km).amax(-1).neg()  # [B,n] squared distance to nearest
     shared = (nearest * mix.m).sum(-1) / (mix.n_valid * mix.n_dims) + reg  # [B]
-    if covariance == "spherical":
+    if covariance != "diag":
         variances = shared[:, None].expand(-1, means.shape[1]).clone()
     else:
         variances = shared[:, None, None].expand(-1, means.shape[1], mix.x.shape[-1]).clone()
@@ -156,7 +161,7 @@ def _em_parameters(mix: _Mixture, init: torch.Tensor, iters: int, covariance: st
 
 
 def em_from_responsibilities(points: torch.Tensor, mask: torch.Tensor, kmask: torch.Tensor, resp: torch.Tensor,
-                             iters: int, covariance: Literal["spherical", "diag"] = "spherical",
+                             iters: int, covariance: Literal["spherical", "tied", "diag"] = "spherical",
                              reg: float = 1e-6) -> EMResult:
     """EM started from a soft assignment resp [B,n,k] (e.g. a model's): the M-step of resp, then `iters` EM
     iterations (E-step, M-step), then the final E-step. iters = 0 fits the mixture of resp itself: its

@@ -58,8 +58,8 @@ STANDARDIZE_MODES = (True, False, "isotropic", "features")
 DEFAULT_INIT_ITERS = 10
 AUTO = "auto"
 BIC_STARTS = 5
-"""k-means++ starts of the spherical EM whose BIC weighs on P(k | X) (`Clusterer._k_evidence`)"""
-BIC_EM_ITERS = 20
+"""k-means++ starts of the tied spherical EM whose BIC votes on P(k | X) (`Clusterer._k_evidence`)"""
+BIC_EM_ITERS = 50
 """EM iterations from each of those starts"""
 
 
@@ -123,8 +123,8 @@ class Clusterer:
         self.k_max = int(arch["k_max"])
         self.k_min = int(arch.get("k_min", 2))
         self.has_count_head = bool(arch.get("count_head", False))
-        # P(k | X)'s temperature and BIC weight, fitted at export on held-out episodes (models/calibration.py)
-        self.count_temperature, self.bic_weight = count_posterior(config, CONFIG_FILE)
+        # P(k | X)'s calibration, fitted at export on held-out episodes (models/calibration.py)
+        self.k_posterior = count_posterior(config, CONFIG_FILE)
         self._check_params()
 
     # ------------------------------------------------------------------ construction
@@ -435,15 +435,15 @@ class Clusterer:
 
     def _k_proba(self, points: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> dict[int, float]:
         """P(k | X) over the k the model takes and X's distinct points allow."""
-        ks, logits, bics = self._k_evidence(points, mean, scale, bool(self.bic_weight))
-        log_p = calibration.k_log_posterior(logits, bics, self.count_temperature, self.bic_weight)
+        ks, logits, bics = self._k_evidence(points, mean, scale, self.k_posterior.bic_share is not None)
+        log_p = calibration.k_log_posterior(logits, bics, torch.tensor(float(len(points))), self.k_posterior)
         return {k: float(p) for k, p in zip(ks, log_p.exp().tolist())}
 
     def _k_evidence(self, points: np.ndarray, mean: np.ndarray, scale: np.ndarray, with_bic: bool
                     ) -> tuple[list[int], torch.Tensor, Optional[torch.Tensor]]:
         """What P(k | X) weighs: (the k, the count head's logits [K], with_bic: the BIC of each k [K], else
-        None). The BIC is that of spherical EM (BIC_STARTS k-means++ starts, BIC_EM_ITERS iterations each, the
-        most likely kept) in the standardized coordinates: model selection needs maximum-likelihood fits, which
+        None). The BIC is that of tied spherical EM (BIC_STARTS k-means++ starts, BIC_EM_ITERS iterations each,
+        the most likely kept) in the standardized coordinates: model selection needs maximum-likelihood fits, which
         EM's iterations approach at a cost linear in n, where the model's own fits at every k (seven forward
         passes of `n_passes` each) cost more than the clustering itself."""
         standardized = torch.as_tensor((points - mean) / scale, device=self.device)  # float64
@@ -462,7 +462,8 @@ class Clusterer:
             kmask = torch.ones(BIC_STARTS, k, dtype=torch.bool, device=self.device)
             uniforms = torch.as_tensor(rng.random((BIC_STARTS, k)), device=self.device)
             starts = inits.kmeans_plus_plus(z, mask, kmask, uniforms)
-            likelihood.append(float(baselines.em(z, mask, kmask, starts, BIC_EM_ITERS).log_likelihood.max()))
+            fit = baselines.em(z, mask, kmask, starts, BIC_EM_ITERS, covariance="tied")
+            likelihood.append(float(fit.log_likelihood.max()))
         spread = int((np.ptp(points, axis=0) > 0).sum())
         bics = calibration.bic(torch.tensor(likelihood), torch.tensor(float(len(points))),
                                torch.tensor(float(max(spread, 1))), torch.tensor(ks))

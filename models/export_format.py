@@ -13,12 +13,14 @@ Files are published atomically and readable by others (an export is meant to be 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Callable
 
 from emformer.atomic import atomic_write, sha256_file
 from emformer.errors import CheckpointError
+from emformer.models.calibration import KPosterior
 
 EXPORT_FORMAT = "emformer-export"
 EXPORT_FORMAT_VERSION = 1
@@ -28,8 +30,9 @@ ONNX_FILE = "model.onnx"
 CARD_FILE = "README.md"
 CLUSTERER_DEFAULTS = "clusterer_defaults"
 COUNT_HEAD = "count_head"
-"""config.json's count-head calibration: {"temperature": T, "fitted_on": ..., "test": ...} (exports with a count
-head; older ones lack it and read T = 1)"""
+"""config.json's P(k | X) calibration: {"temperature", "bic_weight", "bic_share", "bic_share_per_log_n" (the
+fields of models.calibration.KPosterior), "fitted_on": ..., "test": ...} (exports with a count head; a field
+absent reads as KPosterior's default: an export without any reads the count head's softmax alone)"""
 DEFAULTABLE = {"n_init": 1, "em_steps": 0, "n_passes": 1, "init_iters": 0}
 """the Clusterer parameters an export may set defaults for, with their least value (integers; what a user
 passes still wins)"""
@@ -49,20 +52,23 @@ def clusterer_defaults(config: dict[str, Any], where: str) -> dict[str, int]:
     return dict(defaults)
 
 
-def count_posterior(config: dict[str, Any], where: str) -> tuple[float, float]:
-    """(T, λ) of P(k | X) (models/calibration.py): the count head's temperature and the weight of the BIC of
-    the model's own fits; (1, 0) when the export has no calibration (the count head's softmax alone)."""
+def count_posterior(config: dict[str, Any], where: str) -> KPosterior:
+    """P(k | X)'s numbers (models/calibration.py): the count head's temperature, the BIC vote's sharpness
+    and its share; the count head's softmax alone when the export has no calibration."""
     section = config.get(COUNT_HEAD, {})
     if not isinstance(section, dict):
         raise CheckpointError(f"{where}: '{COUNT_HEAD}' must be an object, got {section!r}")
-    out = []
-    for key, default, least in (("temperature", 1.0, "> 0"), ("bic_weight", 0.0, ">= 0")):
-        value = section.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-                value > 0 if key == "temperature" else value >= 0):
-            raise CheckpointError(f"{where}: {COUNT_HEAD}.{key}: expected a number {least}, got {value!r}")
-        out.append(float(value))
-    return out[0], out[1]
+    values: dict[str, Any] = {}
+    for key, least, check in (("temperature", "> 0", lambda v: v > 0), ("bic_weight", ">= 0", lambda v: v >= 0),
+                              ("bic_share", "(or null)", math.isfinite),
+                              ("bic_share_per_log_n", "", math.isfinite)):
+        if key not in section or (key == "bic_share" and section[key] is None):
+            continue
+        value = section[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not check(value):
+            raise CheckpointError(f"{where}: {COUNT_HEAD}.{key}: expected a finite number {least}, got {value!r}")
+        values[key] = float(value)
+    return KPosterior(**values)
 
 
 def read_export_config(model_dir: str | Path) -> dict[str, Any]:

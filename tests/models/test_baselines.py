@@ -97,7 +97,7 @@ def test_masked_padding_changes_nothing() -> None:
     batch = _episodes(spec, 6)
     padded = _pad(batch, extra_points=17, extra_clusters=2)
     n, k = spec.n, spec.k
-    for covariance in ("spherical", "diag"):
+    for covariance in ("spherical", "tied", "diag"):
         a = baselines.em(batch["points"], batch["mask"], batch["kmask"], batch["init"], 5, covariance)
         p = baselines.em(padded["points"], padded["mask"], padded["kmask"], padded["init"], 5, covariance)
         torch.testing.assert_close(p.means[:, :k], a.means, rtol=1e-5, atol=1e-5)
@@ -135,6 +135,29 @@ def test_variable_n_and_k_in_one_batch_match_each_episode_alone() -> None:
         torch.testing.assert_close(full.log_resp[b, :n, :k], alone.log_resp[0], rtol=1e-4, atol=1e-4)
         assert torch.equal(full_lloyd[b, :n], baselines.lloyd(pts, msk, kms, ini, 6)[1][0])
         torch.testing.assert_close(full_pp[b, :k], inits.kmeans_plus_plus(pts, msk, kms, u[b:b + 1, :k])[0])
+
+
+def test_tied_em_pools_one_variance_over_the_clusters_weighted_by_their_mass() -> None:
+    """The tied M-step of a soft assignment: the spherical means and weights, and one variance, the
+    responsibility-weighted mean squared distance per coordinate over every point and cluster (padded clusters
+    and points out of it)."""
+    spec = TaskSpec(k=3, d=4, n=50, separation=3.0)
+    batch = _pad(_episodes(spec, 3), extra_points=5, extra_clusters=1)
+    m, km = batch["mask"], batch["kmask"]
+    x = batch["points"].double().masked_fill(~m[..., None], 0.0)  # what padding holds is not a point
+    resp = torch.softmax(torch.randn(3, x.shape[1], km.shape[1], generator=torch.Generator().manual_seed(2),
+                                     dtype=torch.float64).masked_fill(~km[:, None, :], -math.inf), -1)
+    tied = baselines.em_from_responsibilities(x, m, km, resp, 0, "tied", reg=0.0)
+    spherical = baselines.em_from_responsibilities(x, m, km, resp, 0, "spherical", reg=0.0)
+    torch.testing.assert_close(tied.means, spherical.means)
+    torch.testing.assert_close(tied.weights, spherical.weights)
+    r = resp * m[..., None]
+    distance = ((x[:, :, None, :] - tied.means.double()[:, None]) ** 2).sum(-1)  # [B, n, k]
+    pooled = (r * distance).sum((1, 2)) / (r.sum((1, 2)) * spec.d)
+    k = spec.k
+    torch.testing.assert_close(tied.variances[:, :k].double(), pooled[:, None].expand(-1, k), rtol=1e-6, atol=1e-9)
+    with pytest.raises(ValueError, match="'spherical', 'tied' or 'diag'"):
+        baselines.em(x, m, km, batch["init"], 1, "full")
 
 
 def test_spherical_em_ignores_dimension_padding() -> None:

@@ -1,11 +1,14 @@
 """The count head's calibration: ECE, and the temperature that fits held-out episodes."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
 
-from emformer.models.calibration import bic, count_figures, expected_calibration_error, fit_k_posterior, k_log_posterior
+from emformer.models.calibration import (KPosterior, bic, count_figures, expected_calibration_error, fit_k_posterior,
+                                         k_log_posterior)
 
 
 def test_expected_calibration_error_is_the_binned_gap_between_accuracy_and_confidence():
@@ -20,35 +23,51 @@ def test_the_fitted_temperature_undoes_over_and_under_confidence(true_temperatur
     calibrated = torch.randn(4000, 7, generator=generator, dtype=torch.float64) * 1.5
     target = torch.multinomial(torch.softmax(calibrated, -1), 1, generator=generator)[:, 0]
     logits = calibrated * true_temperature  # what a head that is off by this temperature would output
-    temperature, weight = fit_k_posterior(logits, target)  # no BIC: the temperature alone
-    assert weight == 0.0
-    assert temperature == pytest.approx(true_temperature, rel=0.1)
-    before, after = count_figures(logits, target), count_figures(logits, target, temperature)
+    posterior = fit_k_posterior(logits, target)  # no BIC: the temperature alone
+    assert posterior.bic_share is None
+    assert posterior.temperature == pytest.approx(true_temperature, rel=0.1)
+    before, after = count_figures(logits, target), count_figures(logits, target, posterior)
     assert after["k_accuracy"] == before["k_accuracy"]  # the argmax does not move
     assert after["ece"] < 0.03 < before["ece"] and after["nll"] < before["nll"]
 
 
 def test_fit_k_posterior_refuses_mismatched_shapes():
-    with pytest.raises(ValueError, match=r"logits \[E, K\] \(and BICs \[E, K\]\) and targets \[E\]"):
+    with pytest.raises(ValueError, match=r"logits \[E, K\] \(and BICs \[E, K\] with n \[E\]\) and targets \[E\]"):
         fit_k_posterior(torch.zeros(5, 3), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="with n"):  # BICs without the point counts their share depends on
+        fit_k_posterior(torch.zeros(5, 3), torch.zeros(5, dtype=torch.long), torch.zeros(5, 3))
 
 
-def test_the_bic_weight_is_fitted_where_the_data_speak_and_the_count_head_does_not():
-    """Targets follow the BIC's evidence while the count logits are noise: the fit gives the BIC its weight
-    and the posterior is right where the logits alone are at chance."""
+def test_the_bic_gets_the_share_where_it_is_right_and_a_wrong_bic_costs_a_bounded_price():
+    """On many points the targets follow the BIC; on few the BIC is confidently wrong and the count head is
+    right. The fitted mixture gives the BIC its share on many points and the head on few, right on both; a
+    posterior that scaled the BIC into the head's logits could not be both (one weight for all n)."""
     generator = torch.Generator().manual_seed(1)
-    target = torch.randint(0, 5, (600,), generator=generator)
-    logits = torch.randn(600, 5, generator=generator, dtype=torch.float64)
-    gaps = torch.rand(600, 5, generator=generator, dtype=torch.float64) * 20 + 5
-    bics = gaps.scatter(1, target[:, None], 0.0)  # the right k has the lowest BIC, by 5 to 25
-    temperature, weight = fit_k_posterior(logits, target, bics)
-    assert weight > 0.2
-    figures = count_figures(logits, target, temperature, bics, weight)
-    assert figures["k_accuracy"] == 1.0 and count_figures(logits, target)["k_accuracy"] < 0.35
-    torch.testing.assert_close(k_log_posterior(logits, bics, 2.0, 0.0), torch.log_softmax(logits / 2, -1))
+    E, K = 800, 5
+    target = torch.randint(0, K, (E,), generator=generator)
+    n = torch.where(torch.arange(E) % 2 == 0, 1000.0, 40.0).double()
+    many = n > 100
+    noise = torch.randn(E, K, generator=generator, dtype=torch.float64)
+    # the head: noise on many points, a clear vote for the target on few
+    logits = torch.where(many[:, None], noise, noise + 4.0 * torch.nn.functional.one_hot(target, K))
+    gaps = torch.rand(E, K, generator=generator, dtype=torch.float64) * 200 + 50
+    wrong = (target + 1) % K
+    bics = torch.where(many[:, None], gaps.scatter(1, target[:, None], 0.0), gaps.scatter(1, wrong[:, None], 0.0))
+    posterior = fit_k_posterior(logits, target, bics, n)
+    assert posterior.bic_share is not None and posterior.bic_share_per_log_n > 0
+    assert float(posterior.share(torch.tensor(1000.0))) > 0.9 > 0.1 > float(posterior.share(torch.tensor(40.0)))
+    figures = count_figures(logits, target, posterior, bics, n)
+    assert figures["k_accuracy"] > 0.95 and figures["ece"] < 0.05
+    assert count_figures(logits, target)["k_accuracy"] < 0.65  # the head alone: at chance on many points
+    # no share: the temperature-scaled head, whatever the BIC says
+    torch.testing.assert_close(k_log_posterior(logits, bics, n, KPosterior(2.0)), torch.log_softmax(logits / 2, -1))
+    # an impossible k (logit -inf, BIC +inf) gets no probability from either vote
+    logits[0, -1], bics[0, -1] = -math.inf, math.inf
+    log_p = k_log_posterior(logits[:1], bics[:1], n[:1], posterior)
+    assert float(log_p[0, -1].exp()) == 0.0 and float(log_p.exp().sum()) == pytest.approx(1.0)
 
 
-def test_bic_counts_the_spherical_mixtures_parameters():
-    # k d means, k variances and k - 1 weights: 2·3 + 2 + 1 = 9 parameters for k = 2 in 3-d
+def test_bic_counts_the_tied_spherical_mixtures_parameters():
+    # tied spherical: k d means, one variance and k - 1 weights: 2·3 + 1 + 1 = 8 parameters for k = 2 in 3-d
     value = bic(torch.tensor([[-1.5]]), torch.tensor([100.0]), torch.tensor([3.0]), torch.tensor([2]))
-    assert float(value) == pytest.approx(-2 * 100 * -1.5 + 9 * np.log(100))
+    assert float(value) == pytest.approx(-2 * 100 * -1.5 + 8 * np.log(100))

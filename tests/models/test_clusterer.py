@@ -447,17 +447,19 @@ def test_auto_k_from_the_count_head(tmp_path: Path, fake_export: Path) -> None:
     assert sorted(k_proba) == [2, 3, 4] and sum(k_proba.values()) == pytest.approx(1.0)
     clusterer.fit(X)
     assert clusterer.n_clusters_ == max(k_proba, key=k_proba.get) and clusterer.k_proba_ == pytest.approx(k_proba)
-    # The export fitted P(k | X)'s temperature and BIC weight on the eval set and measured them on the test
-    # set; the Clusterer combines the count logits and the BIC of its own fit at each k with them.
+    # The export fitted P(k | X) on the eval set and measured it on the test set; the Clusterer mixes the
+    # count logits' and the BIC's votes on k with it.
     calibration = clusterer.config["count_head"]
     assert calibration["temperature"] > 0 and calibration["bic_weight"] >= 0
+    assert isinstance(calibration["bic_share"], float) and isinstance(calibration["bic_share_per_log_n"], float)
     assert calibration["fitted_on"]["seed"] != calibration["test"]["seed"]
     assert 0 <= calibration["test"]["ece"] <= 1 and 0 <= calibration["test_count_head_alone"]["k_accuracy"] <= 1
     ks, logits, bics = clusterer.k_evidence(X)
     assert ks == [2, 3, 4] and bics.shape == (3,)
-    from emformer.models.calibration import k_log_posterior
+    from emformer.models.calibration import KPosterior, k_log_posterior
 
-    want = k_log_posterior(logits, bics, calibration["temperature"], calibration["bic_weight"]).exp().numpy()
+    posterior = KPosterior(**{key: calibration[key] for key in KPosterior().to_dict()})
+    want = k_log_posterior(logits, bics, torch.tensor(40.0), posterior).exp().numpy()
     np.testing.assert_allclose([k_proba[k] for k in ks], want, rtol=1e-6)
     assert clusterer.probabilities_.shape == (40, clusterer.n_clusters_)
     with pytest.raises(ParameterError, match="n_clusters: required, .* k in \\[2, 4\\] \\(or 'auto'\\)"):

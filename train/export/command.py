@@ -248,14 +248,14 @@ def _test_row(model: Any, task: TaskSpec, run: RunConfig, step: Optional[int]) -
 
 
 def count_calibration(model: Any, config: dict[str, Any], run: RunConfig) -> dict[str, Any]:
-    """P(k | X)'s temperature and BIC weight (models/calibration.py), fitted on the run's eval set (what the
-    checkpoint was selected on, never the test set) through the Clusterer the export will be; k accuracy and
-    ECE on the test set with them, and of the count head alone (T = 1, λ = 0)."""
+    """P(k | X)'s calibration (models/calibration.py), fitted on the run's eval set (what the checkpoint was
+    selected on, never the test set) through the Clusterer the export will be; k accuracy and ECE on the test
+    set with it, and of the count head alone (its softmax, T = 1)."""
     task = run.task
     clusterer = Clusterer(model, config, n_clusters="auto", random_state=0)
     k_all = torch.arange(task.k, task.k_pad + 1)
 
-    def evidence(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def evidence(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         batch = eval_set(task, seed, run.eval.episodes)
         logits, bics = [], []
         for points, mask in zip(batch["points"], batch["mask"]):
@@ -265,16 +265,16 @@ def count_calibration(model: Any, config: dict[str, Any], run: RunConfig) -> dic
                 row_bics = torch.cat([row_bics, torch.full((len(k_all) - len(ks),), math.inf)])
             logits.append(row_logits)
             bics.append(row_bics)
-        return torch.stack(logits), torch.stack(bics), batch["k"] - task.k
+        return torch.stack(logits), torch.stack(bics), batch["mask"].sum(1).double(), batch["k"] - task.k
 
     fit_seed, test_seed = int(run.eval.seed), held_out_test_seed(run)
-    fit_logits, fit_bics, fit_target = evidence(fit_seed)
-    temperature, bic_weight = fit_k_posterior(fit_logits, fit_target, fit_bics)
-    test_logits, test_bics, test_target = evidence(test_seed)
-    return {"temperature": temperature, "bic_weight": bic_weight,
+    fit_logits, fit_bics, fit_n, fit_target = evidence(fit_seed)
+    posterior = fit_k_posterior(fit_logits, fit_target, fit_bics, fit_n)
+    test_logits, test_bics, test_n, test_target = evidence(test_seed)
+    return {**posterior.to_dict(),
             "fitted_on": {"seed": fit_seed, "episodes": run.eval.episodes},
             "test": {"seed": test_seed, "episodes": run.eval.episodes,
-                     **count_figures(test_logits, test_target, temperature, test_bics, bic_weight)},
+                     **count_figures(test_logits, test_target, posterior, test_bics, test_n)},
             "test_count_head_alone": count_figures(test_logits, test_target)}
 
 
