@@ -466,15 +466,19 @@ def curve_table(export_dir: Path, info: dict[str, Any]) -> tuple[dict[str, Any],
         return {}, f"(no {path.name} beside the export: no learning curve)"
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     ks = list(range(info["k_min"], info["k_max"] + 1))
-    header = ["step"] + [f"k={k}" for k in ks] + ["all k", "k accuracy"]
-    body = [[r["step"]] + [fmt(r.get(f"err_k{k}"), 3) for k in ks] + [fmt(r["err"], 3), fmt(r.get("k_acc"), 3)]
-            for r in rows]
+    staged = any("run" in r for r in rows)  # a model trained in stages (trainer.init_from): each run's rows
+    header = (["run", "step"] if staged else ["step"]) + [f"k={k}" for k in ks] + ["all k", "k accuracy"]
+    body = [([r.get("run", "")] if staged else []) + [r["step"]] + [fmt(r.get(f"err_k{k}"), 3) for k in ks]
+            + [fmt(r["err"], 3), fmt(r.get("k_acc"), 3)] for r in rows]
     last = rows[-1]
-    body.append(["EM, 10 it. (same k-means++ init)"] + [fmt(last.get(f"err_em_k{k}"), 3) for k in ks]
+    lead = [""] if staged else []
+    body.append(["EM, 10 it. (same k-means++ init)"] + lead + [fmt(last.get(f"err_em_k{k}"), 3) for k in ks]
                 + [fmt(last.get("err_em"), 3), "—"])
-    body.append(["oracle"] + [fmt(last.get(f"err_oracle_k{k}"), 3) for k in ks] + [fmt(last.get("err_oracle"), 3), "—"])
+    body.append(["oracle"] + lead + [fmt(last.get(f"err_oracle_k{k}"), 3) for k in ks]
+                + [fmt(last.get("err_oracle"), 3), "—"])
     text = ("Mis-clustering rate on its fixed val set (fresh episodes of the training task) during training, per k, "
-            "with the count head's k accuracy:\n\n" + markdown_table(header, body))
+            "with the count head's k accuracy" + (" (a run in stages: each starts from the one above it, at its "
+                                                 "step 0)" if staged else "") + ":\n\n" + markdown_table(header, body))
     return {"rows": rows}, text
 
 

@@ -416,20 +416,21 @@ SHORT = ("trainer.val_every=10", "trainer.log_every=5", "trainer.ckpt_every=10",
 
 
 @pytest.mark.slow
-def test_init_from_starts_a_fresh_run_from_another_runs_weights(tmp_path):
+def test_init_from_starts_a_fresh_run_from_another_runs_weights(debug_run, tmp_path):
     """A run started from a finished run's dir evaluates at step 0 exactly as that run's best checkpoint did
     (same eval set, same weights), then trains its own steps from step 0, and its meta says where the weights
     came from."""
-    source, tuned = tmp_path / "source", tmp_path / "tuned"
-    train(source, *SHORT, "trainer.max_steps=20")
-    result = train(tuned, *SHORT, "trainer.max_steps=10", f"trainer.init_from={source}")
-    assert f"weights from {source / 'checkpoints' / 'best.ckpt'} (step 20)" in result.stderr
+    source, tuned = debug_run[0], tmp_path / "tuned"
+    # best.ckpt is the lowest val loss after step 0 (train/callbacks.py)
+    best = min((row for row in rows(source) if row["split"] == "val" and row["step"] > 0), key=lambda row: row["loss"])
+    result = train(tuned, "trainer.max_steps=5", "trainer.val_every=5", "trainer.progress=false",
+                   f"trainer.init_from={source}")
+    assert f"weights from {source / 'checkpoints' / 'best.ckpt'} (step {best['step']})" in result.stderr
     first = next(row for row in rows(tuned) if row["split"] == "val")
-    best = min((row for row in rows(source) if row["split"] == "val"), key=lambda row: row["err"])
     assert first["step"] == 0 and (first["loss"], first["err"]) == (best["loss"], best["err"])
-    assert json.loads((tuned / "DONE").read_text())["step"] == 10
+    assert json.loads((tuned / "DONE").read_text())["step"] == 5
     meta = json.loads((tuned / "meta.json").read_text())
-    assert meta["init_from"] == {"path": str(source / "checkpoints" / "best.ckpt"), "step": 20}
+    assert meta["init_from"] == {"path": str(source / "checkpoints" / "best.ckpt"), "step": best["step"]}
 
 
 def test_init_from_another_model_shape_or_no_checkpoint_is_one_line_and_writes_nothing(tmp_path, capsys):
