@@ -271,19 +271,38 @@ def unknown_k_table(model: str, count: int, info: dict[str, Any]) -> tuple[dict[
     figures, rows = {}, []
     for method, r in results.items():
         conf, correct = np.array(r["conf"]), np.array(r["correct"], dtype=float)
+        lo, hi = ece_interval(conf, correct)
         figures[method] = {"k_accuracy": float(correct.mean()), "ece": expected_calibration_error(conf, correct),
-                           "mean_confidence": float(conf.mean()), "cpu_s": float(np.mean(r["cpu"]))}
+                           "ece_interval": [lo, hi], "mean_confidence": float(conf.mean()),
+                           "cpu_s": float(np.mean(r["cpu"]))}
         f = figures[method]
-        rows.append([method, f["k_accuracy"], f["mean_confidence"], f["ece"], fmt(f["cpu_s"], 2)])
+        rows.append([method, f["k_accuracy"], f["mean_confidence"], f["ece"], f"[{lo:.3f}, {hi:.3f}]",
+                     fmt(f["cpu_s"], 2)])
     blobs_figures, blobs_text = blobs_k_accuracy(clusterer, ks, BLOBS_SEEDS if count >= 100 else 1)
     figures["make_blobs"] = blobs_figures
     text = (f"{count} fresh episodes of the model's own task (k ∈ [{info['k_min']}, {info['k_max']}], d ∈ "
             f"[{info['task'].get('d_min') or info['task']['d']}, {info['task']['d']}], n ∈ [{info['task']['n']}, "
             f"{info['task'].get('n_max') or info['task']['n']}], Δ ∈ [{info['task']['separation']}, "
             f"{info['task'].get('separation_max') or info['task']['separation']}]); BIC over the same k range:\n\n"
-            + markdown_table(["method", "k accuracy", "mean confidence", "ECE", "CPU s / episode"], rows)
+            + markdown_table(["method", "k accuracy", "mean confidence", "ECE",
+                              f"ECE, {ECE_BOOTSTRAP_LEVEL:.0%} bootstrap interval", "CPU s / episode"], rows)
+            + f"\n\nThe interval resamples the episodes ({ECE_BOOTSTRAP_DRAWS} draws, percentiles): a 10-bin ECE on a "
+            "few hundred episodes carries a few hundredths of sampling noise of its own."
             + "\n\n" + blobs_text)
     return figures, text
+
+
+ECE_BOOTSTRAP_DRAWS = 2000
+ECE_BOOTSTRAP_LEVEL = 0.95
+
+
+def ece_interval(confidence: np.ndarray, correct: np.ndarray, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the ECE over episodes (ECE_BOOTSTRAP_DRAWS resamples)."""
+    rng = np.random.default_rng(seed)
+    draws = [expected_calibration_error(confidence[i], correct[i])
+             for i in rng.integers(0, len(confidence), size=(ECE_BOOTSTRAP_DRAWS, len(confidence)))]
+    tail = (1 - ECE_BOOTSTRAP_LEVEL) / 2 * 100
+    return float(np.percentile(draws, tail)), float(np.percentile(draws, 100 - tail))
 
 
 K_METHODS = ("emformer auto k: P(k | X)", "emformer count head alone", "emformer's BIC alone (tied spherical EM)",

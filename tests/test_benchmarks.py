@@ -257,6 +257,17 @@ def test_pretrained_bench_section_rewrite_and_paired_verdicts(tmp_path):
     assert bench_pretrained.paired(np.array([0.1, 0.12, 0.11, 0.09]))[2] == "LOSES"
     assert bench_pretrained.paired(np.array([-0.1, -0.12, -0.11, -0.09]))[2] == "BEATS"
     assert bench_pretrained.paired(np.array([0.1, -0.1, 0.05, -0.05]))[2] == "TIE"
+    # the ECE's interval brackets it and narrows with the episodes: calibrated at 0.7 by construction
+    rng = np.random.default_rng(0)
+    widths = []
+    for count in (100, 1600):
+        confidence = np.full(count, 0.7)
+        correct = (rng.random(count) < 0.7).astype(float)
+        lo, hi = bench_pretrained.ece_interval(confidence, correct)
+        ece = bench_pretrained.expected_calibration_error(confidence, correct)
+        assert lo <= ece <= hi
+        widths.append(hi - lo)
+    assert widths[1] < widths[0] / 2
     path = tmp_path / "BENCHMARKS.md"
     path.write_text("# Benchmarks\n\n## Data\n\nold data\n")
     title = bench_pretrained.SECTION_TITLE
