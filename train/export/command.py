@@ -187,7 +187,9 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, onnx: bool = 
     if model.count_head is not None:
         config[COUNT_HEAD] = count_calibration(model, config, run)
     config["selection"] = _eval_row(run_dir, loaded.step) if run_dir else None  # the eval-set row it was chosen on
-    card = model_card(config, str(out_dir))
+    # Re-exporting into a published model keeps what its maintainer added to the card (title, known limits).
+    old_card = (out_dir / CARD_FILE).read_text() if (out_dir / CARD_FILE).is_file() else ""
+    card = with_added_sections(model_card(config, str(out_dir)), old_card)
     publish(out_dir / CARD_FILE, lambda tmp: tmp.write_text(card))
     write_export_config(out_dir, config)  # last: it vouches for the files above
     return out_dir

@@ -197,6 +197,17 @@ def test_reexport_without_onnx_removes_stale_onnx(fake_run: Path, tmp_path: Path
     assert not (out / "model.onnx").exists()
 
 
+def test_reexport_keeps_the_sections_and_title_a_maintainer_gave_the_card(fake_run: Path, tmp_path: Path) -> None:
+    out = export_run(fake_run, tmp_path / "model")
+    card = out / "README.md"
+    lines = card.read_text().split("\n", 1)
+    card.write_text("# emformer model card: my-model\n" + lines[1] + "\n## Known limits\n\n- a maintainer's line\n")
+    export_run(fake_run, out)
+    text = card.read_text()
+    assert text.startswith("# emformer model card: my-model\n") and text.count("## Known limits") == 1
+    assert text.rstrip().endswith("- a maintainer's line") and text.count("## Evaluation") == 1
+
+
 # ------------------------------------------------------------------------------------------- DeepSpeed
 # One launch of two CPU ranks (gloo) writes a ZeRO-2 and a ZeRO-3 checkpoint, each in the layout Lightning's
 # DeepSpeedStrategy uses (a directory at checkpoints/last.ckpt, tag "checkpoint", the Lightning client state
