@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 # into .venv first (see README); `setup` keeps any torch that is already there.
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup demo study study-replication test test-fast bench clean-demo
+.PHONY: setup demo study study-replication pretrained test test-fast bench clean-demo
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -28,6 +28,19 @@ study: setup
 study-replication: setup
 	$(VENV)/bin/emformer study --out docs/study-replication 'sweep.seeds=[5,6,7,8,9]'
 	$(VENV)/bin/emformer replication docs/study docs/study-replication --readme README.md
+
+# the shipped emformer-gmm-small (docs/export.md): three training stages, each starting from the one before
+# (trainer.init_from), the export, its learning curve (every stage's val rows) and its benchmark section
+PRETRAINED_STAGES := pretrained:pretrained pretrained_iterate:pretrained-iterate pretrained_iterate4:pretrained-iterate4
+PRETRAINED_OUT    := pretrained/emformer-gmm-small
+pretrained: setup
+	for stage in $(PRETRAINED_STAGES); do \
+	  $(VENV)/bin/emformer train configs/$${stage%%:*}.yaml --run-dir runs/$${stage##*:} || exit 1; done
+	$(VENV)/bin/emformer export runs/pretrained-iterate4 --out $(PRETRAINED_OUT) --clusterer-defaults n_init=10
+	for stage in $(PRETRAINED_STAGES); do run=$${stage##*:}; \
+	  grep '"split": "val"' runs/$$run/metrics.jsonl | sed "s/^{/{\"run\": \"$$run\", /"; \
+	done > $(PRETRAINED_OUT)/curve.jsonl.tmp && mv $(PRETRAINED_OUT)/curve.jsonl.tmp $(PRETRAINED_OUT)/curve.jsonl
+	$(PY) benchmarks/bench_pretrained.py --write BENCHMARKS.md
 
 test: setup
 	$(PY) -m pytest -q tests
