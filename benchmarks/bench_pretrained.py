@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 import warnings
@@ -549,13 +550,15 @@ def run(model: str = "emformer-gmm-small", quick: bool = False, heading: bool = 
 
 def replace_section(path: Path, title: str, text: str) -> None:
     """Put `text` (starting with the `## title` line) in place of that section of the markdown file, or at
-    its end; the rest of the file is kept."""
+    its end; the rest of the file is kept. The section ends at the next `## ` heading or at the begin marker
+    of a hand-measured block (`<!-- NAME:begin -->`, benchmarks/common.py), which stays."""
     old = path.read_text() if path.is_file() else ""
     start = old.find(title)
     if start < 0:
         new = old.rstrip("\n") + "\n\n" + text
     else:
-        end = old.find("\n## ", start + len(title))
+        ends = [m.start() for m in re.finditer(r"\n(## |<!-- [\w-]+:begin -->)", old[start + len(title):])]
+        end = start + len(title) + ends[0] if ends else -1
         new = old[:start] + text.rstrip("\n") + "\n" + (old[end:] if end >= 0 else "")
     write_report(path, new)
 

@@ -278,6 +278,11 @@ def test_pretrained_bench_section_rewrite_and_paired_verdicts(tmp_path):
     path.write_text(text + "\n## Later\n\nkept\n")
     bench_pretrained.replace_section(path, title, f"{title}\n\nthird\n")
     assert "kept" in path.read_text() and "third" in path.read_text() and "second" not in path.read_text()
+    # a hand-measured block right after the section keeps its begin marker
+    block = "<!-- by-hand:begin -->\n## By hand\n\nmeasured\n<!-- by-hand:end -->\n"
+    path.write_text(path.read_text().replace("\n## Later", "\n" + block + "\n## Later"))
+    bench_pretrained.replace_section(path, title, f"{title}\n\nfourth\n")
+    assert block in path.read_text() and "fourth" in path.read_text() and "third" not in path.read_text()
 
 
 @pytest.mark.slow
