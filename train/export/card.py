@@ -52,6 +52,8 @@ def model_card(config: dict[str, Any], where: str = "EXPORT_DIR") -> str:
         err_minus_em=err - err_em, em_iters=run_eval.get("em_iters", "?"),
         defaults=", ".join(f"{key}={value}" for key, value in (config.get("clusterer_defaults") or {}).items()),
         count=config.get("count_head"), shares=_bic_shares(config),
+        default_passes=int((config.get("clusterer_defaults") or {}).get("n_passes",
+                                                                        config["architecture"].get("passes", 1))),
     )
 
 

@@ -54,6 +54,9 @@ def test_card_of_an_iterating_model_with_a_calibrated_count_head():
                             "test_count_head_alone": {**figures, "k_accuracy": 0.6, "ece": 0.2}}
     card = model_card(config, "exports/it")
     assert "It runs 8 passes by default" in card and "trained with 1 to 8 passes a batch" in card
+    assert "past them" not in card
+    past = model_card({**config, "clusterer_defaults": {"n_passes": 16}}, "exports/it")
+    assert "It runs 16 passes by default" in past and "trained with 1 to 8 passes a batch; its clusterer_defaults" in past
     assert "T = 1.7" in card and "λ = 0.42" in card and "k accuracy 0.8125" in card and "ECE 0.2" in card
     # w(n) = sigmoid(0.5 + log(n / 256)): 0.5 + log(1/8) = -1.58 at n = 32, 0.5 at 256, 0.5 + log 4 at 1024
     assert "a = 0.5, b = 1" in card and "w(32) = 0.17, w(256) = 0.62, w(1024) = 0.87" in card
