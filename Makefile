@@ -36,7 +36,7 @@ PRETRAINED_OUT    := pretrained/emformer-gmm-small
 pretrained: setup
 	for stage in $(PRETRAINED_STAGES); do \
 	  $(VENV)/bin/emformer train configs/$${stage%%:*}.yaml --run-dir runs/$${stage##*:} || exit 1; done
-	$(VENV)/bin/emformer export runs/pretrained-iterate4 --out $(PRETRAINED_OUT) --clusterer-defaults n_init=10
+	$(VENV)/bin/emformer export runs/pretrained-iterate4 --out $(PRETRAINED_OUT) --clusterer-defaults n_init=10 n_passes=16
 	for stage in $(PRETRAINED_STAGES); do run=$${stage##*:}; \
 	  grep '"split": "val"' runs/$$run/metrics.jsonl | sed "s/^{/{\"run\": \"$$run\", /"; \
 	done > $(PRETRAINED_OUT)/curve.jsonl.tmp && mv $(PRETRAINED_OUT)/curve.jsonl.tmp $(PRETRAINED_OUT)/curve.jsonl

@@ -413,15 +413,15 @@ def share_table(model: str, count: int, info: dict[str, Any]) -> tuple[dict[str,
     from emformer import Clusterer
     from emformer.models import metrics
 
-    passes = info["passes"]
+    passes, trained = info["passes"], info["trained_passes"]
     items = task_episodes(count, SEED + 2, **own_task(info))
 
     def err(X: np.ndarray, y: np.ndarray, pred: np.ndarray, k: int) -> float:
         mask = torch.ones(1, len(X), dtype=torch.bool)
         return float(metrics.misclustering_rate(torch.as_tensor(pred)[None], torch.as_tensor(y)[None], mask, k)[0])
 
-    # past the trained passes too (2T): more passes should refine, not undo
-    steps = sorted({1, 2, 3, passes, 2 * passes} | set(range(2, passes + 1, 2)))
+    # past the trained and the default passes too: more passes should refine, not undo
+    steps = sorted({1, 2, 3, trained, 2 * trained, passes, passes + passes // 2} | set(range(2, trained + 1, 2)))
     per: dict[str, list] = {"k": [], "model": [], "em_T": [], "em_10": []}
     by_t: dict[int, dict[str, list]] = {t: {"model": [], "em": []} for t in steps}
     curve_every = max(1, len(items) // CURVE_EPISODES)
@@ -473,8 +473,8 @@ def share_table(model: str, count: int, info: dict[str, Any]) -> tuple[dict[str,
             + markdown_table(["k", "episodes", f"model alone ({passes} passes)", f"EM, {passes} it.", "EM, 10 it.",
                               f"model − EM-{passes}", "model − EM-10", "vs EM-10"], rows)
             + f"\n\nPass by pass (all k, every {curve_every}th episode: {len(by_t[steps[0]]['model'])}): the model "
-            f"after t passes (`n_passes=t`; it was trained for up to {passes}) against EM after t iterations from "
-            "the same start:\n\n"
+            f"after t passes (`n_passes=t`; it was trained for up to {trained}, and runs {passes} by default) against "
+            "EM after t iterations from the same start:\n\n"
             + markdown_table(["t", "model, t passes", "EM, t it.", "model − EM", "verdict"], curve_rows))
     return figures, text
 
@@ -510,7 +510,9 @@ def model_info(model: str) -> tuple[Path, dict[str, Any]]:
     config = read_export_config(export_dir)
     arch, task = config["architecture"], config["task"]
     return export_dir, {"k_min": int(arch.get("k_min", 2)), "k_max": int(arch["k_max"]), "d": int(arch["d_in"]),
-                        "task": task, "passes": int(arch.get("passes", 1)),
+                        "task": task, "trained_passes": int(arch.get("passes", 1)),
+                        # what the Clusterer runs: the export's clusterer_defaults n_passes, else the trained passes
+                        "passes": int(config.get("clusterer_defaults", {}).get("n_passes", arch.get("passes", 1))),
                         "defaults": config.get("clusterer_defaults", {})}
 
 
