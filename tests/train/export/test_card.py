@@ -54,7 +54,9 @@ def test_card_of_an_iterating_model_with_a_calibrated_count_head():
                             "test_count_head_alone": {**figures, "k_accuracy": 0.6, "ece": 0.2}}
     card = model_card(config, "exports/it")
     assert "It runs 8 passes by default" in card and "trained with 1 to 8 passes a batch" in card
-    assert "past them" not in card
+    assert "past them" not in card and "started from" not in card
+    config["training"]["run_config"].setdefault("trainer", {})["init_from"] = "runs/stage-1"
+    assert "| started from (trainer.init_from) | runs/stage-1 |\n" in model_card(config, "exports/it")
     past = model_card({**config, "clusterer_defaults": {"n_passes": 16}}, "exports/it")
     assert "It runs 16 passes by default" in past and "trained with 1 to 8 passes a batch; its clusterer_defaults" in past
     assert "T = 1.7" in card and "λ = 0.42" in card and "k accuracy 0.8125" in card and "ECE 0.2" in card
