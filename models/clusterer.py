@@ -470,8 +470,8 @@ class Clusterer:
         return ks, logits[: len(ks)], bics
 
     def k_evidence(self, X: ArrayLike) -> tuple[list[int], torch.Tensor, torch.Tensor]:
-        """(the k, the count head's logits, the BIC of each k) of one data set: what the export fits P(k | X)'s
-        temperature and BIC weight on (models/calibration.py)."""
+        """(the k, the count head's logits, the BIC of each k) of one data set: what the export fits P(k | X) on
+        (models/calibration.py)."""
         if not self.has_count_head:
             raise ParameterError("k_evidence: this model has no count head (trained without model.count_head)")
         points = as_points(X)
