@@ -120,9 +120,7 @@ def load_initial_weights(source: str | Path, model: torch.nn.Module) -> LoadedCh
     loaded = load_checkpoint(init_path(source))
     _check_shapes(loaded.state_dict, model, loaded.path, "",
                   "trainer.init_from needs a checkpoint of the model the config builds (same model.* shapes)")
-    with torch.no_grad():
-        model.load_state_dict({name: tensor.to(model.state_dict()[name].dtype)
-                               for name, tensor in loaded.state_dict.items()})
+    model.load_state_dict(loaded.state_dict)  # copies into the model's own tensors, in their dtype
     return loaded
 
 
