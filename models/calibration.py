@@ -4,21 +4,24 @@ Two experts vote on k. The count head reads k off the pooled point tokens and th
 BIC of a Gaussian mixture fitted at each k reads it off the likelihood. Each is right where the other fails:
 the BIC is near certain and near always right on many points of Gaussian clusters, and wrong with the same
 certainty on few points or on shapes its model lacks (Student-t tails, per-axis noise), where the head, trained
-on those shapes, is better. A posterior proportional to exp(logit / T − λ · BIC / 2) cannot be both: one
-confidently wrong BIC costs its likelihood without bound, so a weight fitted by maximum likelihood shrinks
-until the BIC no longer decides even where it is right. So P(k | X) is a mixture of the two, its share set by
-the number of points:
+on those shapes, is better. P(k | X) pools them log-linearly (a product of experts), the BIC's vote floored:
 
-    P(k | X) = w(n) · softmax_k(−λ · BIC_k / 2) + (1 − w(n)) · softmax_k(logit_k / T),
-    w(n) = sigmoid(a + b · (log n − log N_REF)),     BIC_k = −2 n ℓ_k + (k d + k) log n
+    log P(k | X) = log_softmax_k( logit_k / T + β · log( ε(n) / K + (1 − ε(n)) · softmax_k(−λ · BIC_k / 2) ) ),
+    ε(n) = sigmoid(a + b · (log n − log N_REF)),     BIC_k = −2 n ℓ_k + (k d + k) log n
 
 where ℓ_k is the mean log-likelihood per point of the tied spherical mixture (one variance shared by the
 clusters: per-cluster variances let a cluster of a few points collapse and the BIC over-count) that EM fits at
-k (`Clusterer._k_evidence`), d the coordinates with spread. A wrong expert costs at most −log of the other's
-share, so the fit can keep the BIC sharp where it is reliable. w = 0 is the temperature-scaled count head
-alone (Guo et al. 2017: one T fixes the confidence without moving the argmax). The export fits (T, λ, a, b)
-by maximum likelihood on the run's eval set and measures the expected calibration error on its test set
-(train/export/command.py); the Clusterer applies what its config.json holds.
+k (`Clusterer._k_evidence`), d the coordinates with spread and K the number of possible k. Where the two agree
+the pool is surer than either, as their agreement warrants; the floor ε bounds what a confidently wrong BIC
+costs (at most β · log(K / ε) in logit units), so the fit can keep the BIC sharp where it is reliable. (A
+posterior ∝ exp(logit / T − λ · BIC / 2), with no floor, cannot: one confidently wrong BIC costs its likelihood
+without bound and the fitted λ shrinks until the BIC decides nothing. A mixture w · BIC vote + (1 − w) · head
+vote, measured before this pool, is bounded too but cannot be sure where the two agree nor unsure where they
+disagree: under-confident in the one case, over-confident in the other; BENCHMARKS.md's unknown-k table.)
+β = None is the temperature-scaled count head alone (Guo et al. 2017: one T fixes the confidence without
+moving the argmax). The export fits (T, λ, β, a, b) by maximum likelihood on the run's eval set and measures
+the expected calibration error on its test set (train/export/command.py); the Clusterer applies what its
+config.json holds.
 """
 from __future__ import annotations
 
@@ -50,29 +53,33 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins
 
 
 N_REF = 256
-"""the n at which w(n) = sigmoid(a): the middle of the task's n range on a log scale, so a and b are fitted
+"""the n at which ε(n) = sigmoid(a): the middle of the task's n range on a log scale, so a and b are fitted
 nearly independently"""
 
 
 @dataclasses.dataclass(frozen=True)
 class KPosterior:
     """The numbers of P(k | X) (module doc), as config.json's count_head holds them. The defaults are the
-    count head's own softmax (T = 1, no BIC share)."""
+    count head's own softmax (T = 1, no BIC in the pool)."""
 
     temperature: float = 1.0
     bic_weight: float = 0.0
     """λ: the sharpness of the BIC's own vote softmax(−λ · BIC / 2)"""
-    bic_share: Optional[float] = None
-    """a: the logit of the BIC's share at n = N_REF; None: no share (the count head alone)"""
-    bic_share_per_log_n: float = 0.0
-    """b: how the share's logit grows with log n"""
+    bic_pool: Optional[float] = None
+    """β: the weight of the BIC's floored vote in the pool; None: the count head alone"""
+    bic_floor: float = 0.0
+    """a: the logit of the floor ε at n = N_REF"""
+    bic_floor_per_log_n: float = 0.0
+    """b: how the floor's logit grows with log n"""
 
-    def share(self, n: torch.Tensor) -> torch.Tensor:
-        """w(n) [...] for point counts n [...]."""
+    @property
+    def uses_bic(self) -> bool:
+        return self.bic_pool is not None
+
+    def floor(self, n: torch.Tensor) -> torch.Tensor:
+        """ε(n) [...] for point counts n [...]: the share of the BIC's vote spread evenly over the possible k."""
         n = torch.as_tensor(n, dtype=torch.float64)
-        if self.bic_share is None:
-            return torch.zeros_like(n)
-        return torch.sigmoid(self.bic_share + self.bic_share_per_log_n * (n.clamp(min=1).log() - math.log(N_REF)))
+        return torch.sigmoid(self.bic_floor + self.bic_floor_per_log_n * (n.clamp(min=1).log() - math.log(N_REF)))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -89,19 +96,21 @@ def bic(log_likelihood: torch.Tensor, n: torch.Tensor, d: torch.Tensor, ks: torc
 def k_log_posterior(logits: torch.Tensor, bics: Optional[torch.Tensor], n: Optional[torch.Tensor],
                     posterior: KPosterior) -> torch.Tensor:
     """log P(k | X) [..., K] from count logits, the BIC of each k and the point counts n [...] (both needed
-    only when the posterior gives the BIC a share). A k that is impossible (fewer distinct points) has logit
-    −inf and BIC +inf."""
-    head = torch.log_softmax(logits.double() / posterior.temperature, -1)
-    if posterior.bic_share is None:
-        return head
+    only when the posterior pools the BIC). A k that is impossible (fewer distinct points) has logit −inf and
+    BIC +inf."""
+    head = logits.double() / posterior.temperature
+    if not posterior.uses_bic:
+        return torch.log_softmax(head, -1)
     if bics is None or n is None:
-        raise ValueError("k_log_posterior: a posterior with a BIC share needs the BIC of every k and n")
+        raise ValueError("k_log_posterior: a posterior that pools the BIC needs the BIC of every k and n")
     bics = bics.double()
     finite = torch.isfinite(bics)
     gap = torch.where(finite, bics - bics.masked_fill(~finite, math.inf).amin(-1, keepdim=True), 0.0)
     vote = torch.log_softmax((-posterior.bic_weight * gap / 2).masked_fill(~finite, -math.inf), -1)
-    share = posterior.share(n)[..., None]
-    return torch.logaddexp(torch.log(share) + vote, torch.log1p(-share) + head)
+    floor = posterior.floor(n)[..., None]
+    possible = finite.sum(-1, keepdim=True).clamp(min=1).double()
+    floored = torch.logaddexp(torch.log(floor) - torch.log(possible), torch.log1p(-floor) + vote)
+    return torch.log_softmax(head + posterior.bic_pool * floored.masked_fill(~finite, -math.inf), -1)
 
 
 def posterior_nll(logits: torch.Tensor, bics: Optional[torch.Tensor], n: Optional[torch.Tensor],
@@ -114,7 +123,7 @@ def posterior_nll(logits: torch.Tensor, bics: Optional[torch.Tensor], n: Optiona
 def fit_k_posterior(logits: torch.Tensor, target: torch.Tensor, bics: Optional[torch.Tensor] = None,
                     n: Optional[torch.Tensor] = None) -> KPosterior:
     """The KPosterior maximising the likelihood of held-out targets [E] (indices); without `bics` the
-    temperature alone (no BIC share)."""
+    temperature alone (no BIC in the pool)."""
     from scipy.optimize import minimize, minimize_scalar
 
     if logits.ndim != 2 or target.shape != logits.shape[:1] or len(target) < 2 or (
@@ -127,16 +136,18 @@ def fit_k_posterior(logits: torch.Tensor, target: torch.Tensor, bics: Optional[t
                                  bounds=LOG_T_RANGE, method="bounded", options={"xatol": 1e-4})
         return KPosterior(float(math.exp(result.x)))
 
-    def unpack(v: np.ndarray) -> KPosterior:
+    def unpack(v: np.ndarray) -> KPosterior:  # log T, log λ, log β, a, b
         return KPosterior(float(math.exp(np.clip(v[0], *LOG_T_RANGE))), float(math.exp(np.clip(v[1], -12, 4))),
-                          float(v[2]), float(v[3]))
+                          float(math.exp(np.clip(v[2], -12, 4))), float(np.clip(v[3], -30, 30)),
+                          float(np.clip(v[4], -30, 30)))
 
     best = None
-    # Nelder-Mead from a few starts (a sharp and a soft BIC vote, a small and an even share): the likelihood
-    # of a mixture has flat stretches where one expert's share is near 0.
-    for start in ([0.0, -1.0, 0.0, 0.0], [0.0, -4.0, -2.0, 0.0], [0.0, 0.0, 2.0, 0.0]):
+    # Nelder-Mead from a few starts (a sharp and a soft BIC vote, a low and a high floor): the likelihood has
+    # flat stretches where the floor is near 0 or 1.
+    for start in ([0.0, -1.0, 0.0, -2.0, 0.0], [0.0, -3.0, 0.0, 0.0, 0.0], [0.0, 0.0, -1.0, -4.0, 0.0],
+                  [0.0, -1.0, 0.0, 2.0, 0.0]):
         result = minimize(lambda v: posterior_nll(logits, bics, n, target, unpack(v)), x0=start, method="Nelder-Mead",
-                          options={"xatol": 1e-4, "fatol": 1e-7, "maxiter": 4000})
+                          options={"xatol": 1e-4, "fatol": 1e-7, "maxiter": 5000})
         if best is None or result.fun < best.fun:
             best = result
     return unpack(best.x)

@@ -435,7 +435,7 @@ class Clusterer:
 
     def _k_proba(self, points: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> dict[int, float]:
         """P(k | X) over the k the model takes and X's distinct points allow."""
-        ks, logits, bics = self._k_evidence(points, mean, scale, self.k_posterior.bic_share is not None)
+        ks, logits, bics = self._k_evidence(points, mean, scale, self.k_posterior.uses_bic)
         log_p = calibration.k_log_posterior(logits, bics, torch.tensor(float(len(points))), self.k_posterior)
         return {k: float(p) for k, p in zip(ks, log_p.exp().tolist())}
 

@@ -30,9 +30,12 @@ ONNX_FILE = "model.onnx"
 CARD_FILE = "README.md"
 CLUSTERER_DEFAULTS = "clusterer_defaults"
 COUNT_HEAD = "count_head"
-"""config.json's P(k | X) calibration: {"temperature", "bic_weight", "bic_share", "bic_share_per_log_n" (the
-fields of models.calibration.KPosterior), "fitted_on": ..., "test": ...} (exports with a count head; a field
-absent reads as KPosterior's default: an export without any reads the count head's softmax alone)"""
+"""config.json's P(k | X) calibration: {"temperature", "bic_weight", "bic_pool", "bic_floor",
+"bic_floor_per_log_n" (the fields of models.calibration.KPosterior), "fitted_on": ..., "test": ...} (exports
+with a count head; a field absent reads as KPosterior's default: an export without any reads the count head's
+softmax alone)"""
+RETIRED_COUNT_FIELDS = ("bic_share", "bic_share_per_log_n")
+"""the mixture form of P(k | X) that one earlier emformer fitted; no longer read (the log-linear pool replaced it)"""
 DEFAULTABLE = {"n_init": 1, "em_steps": 0, "n_passes": 1, "init_iters": 0}
 """the Clusterer parameters an export may set defaults for, with their least value (integers; what a user
 passes still wins)"""
@@ -53,16 +56,20 @@ def clusterer_defaults(config: dict[str, Any], where: str) -> dict[str, int]:
 
 
 def count_posterior(config: dict[str, Any], where: str) -> KPosterior:
-    """P(k | X)'s numbers (models/calibration.py): the count head's temperature, the BIC vote's sharpness
-    and its share; the count head's softmax alone when the export has no calibration."""
+    """P(k | X)'s numbers (models/calibration.py): the count head's temperature, the BIC vote's sharpness,
+    weight and floor; the count head's softmax alone when the export has no calibration."""
     section = config.get(COUNT_HEAD, {})
     if not isinstance(section, dict):
         raise CheckpointError(f"{where}: '{COUNT_HEAD}' must be an object, got {section!r}")
+    retired = [key for key in RETIRED_COUNT_FIELDS if section.get(key) is not None]
+    if retired:
+        raise CheckpointError(f"{where}: {COUNT_HEAD}.{retired[0]}: P(k | X) in the mixture form of an earlier emformer, "
+                              f"which this one no longer reads; refit it with `emformer export --rescore MODEL_DIR`")
     values: dict[str, Any] = {}
     for key, least, check in (("temperature", "> 0", lambda v: v > 0), ("bic_weight", ">= 0", lambda v: v >= 0),
-                              ("bic_share", "(or null)", math.isfinite),
-                              ("bic_share_per_log_n", "", math.isfinite)):
-        if key not in section or (key == "bic_share" and section[key] is None):
+                              ("bic_pool", ">= 0 (or null)", lambda v: v >= 0), ("bic_floor", "", math.isfinite),
+                              ("bic_floor_per_log_n", "", math.isfinite)):
+        if key not in section or (key == "bic_pool" and section[key] is None):
             continue
         value = section[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not check(value):

@@ -24,7 +24,7 @@ def test_the_fitted_temperature_undoes_over_and_under_confidence(true_temperatur
     target = torch.multinomial(torch.softmax(calibrated, -1), 1, generator=generator)[:, 0]
     logits = calibrated * true_temperature  # what a head that is off by this temperature would output
     posterior = fit_k_posterior(logits, target)  # no BIC: the temperature alone
-    assert posterior.bic_share is None
+    assert not posterior.uses_bic
     assert posterior.temperature == pytest.approx(true_temperature, rel=0.1)
     before, after = count_figures(logits, target), count_figures(logits, target, posterior)
     assert after["k_accuracy"] == before["k_accuracy"]  # the argmax does not move
@@ -38,9 +38,9 @@ def test_fit_k_posterior_refuses_mismatched_shapes():
         fit_k_posterior(torch.zeros(5, 3), torch.zeros(5, dtype=torch.long), torch.zeros(5, 3))
 
 
-def test_the_bic_gets_the_share_where_it_is_right_and_a_wrong_bic_costs_a_bounded_price():
+def test_the_bic_decides_where_it_is_right_and_a_wrong_bic_costs_a_bounded_price():
     """On many points the targets follow the BIC; on few the BIC is confidently wrong and the count head is
-    right. The fitted mixture gives the BIC its share on many points and the head on few, right on both; a
+    right. The fitted pool floors the BIC's vote on few points and keeps it sharp on many, right on both; a
     posterior that scaled the BIC into the head's logits could not be both (one weight for all n)."""
     generator = torch.Generator().manual_seed(1)
     E, K = 800, 5
@@ -54,17 +54,34 @@ def test_the_bic_gets_the_share_where_it_is_right_and_a_wrong_bic_costs_a_bounde
     wrong = (target + 1) % K
     bics = torch.where(many[:, None], gaps.scatter(1, target[:, None], 0.0), gaps.scatter(1, wrong[:, None], 0.0))
     posterior = fit_k_posterior(logits, target, bics, n)
-    assert posterior.bic_share is not None and posterior.bic_share_per_log_n > 0
-    assert float(posterior.share(torch.tensor(1000.0))) > 0.9 > 0.1 > float(posterior.share(torch.tensor(40.0)))
+    assert posterior.uses_bic and posterior.bic_floor_per_log_n < 0
+    assert float(posterior.floor(torch.tensor(1000.0))) < 0.1 < 0.9 < float(posterior.floor(torch.tensor(40.0)))
     figures = count_figures(logits, target, posterior, bics, n)
     assert figures["k_accuracy"] > 0.95 and figures["ece"] < 0.05
     assert count_figures(logits, target)["k_accuracy"] < 0.65  # the head alone: at chance on many points
-    # no share: the temperature-scaled head, whatever the BIC says
+    # no BIC in the pool: the temperature-scaled head, whatever the BIC says
     torch.testing.assert_close(k_log_posterior(logits, bics, n, KPosterior(2.0)), torch.log_softmax(logits / 2, -1))
     # an impossible k (logit -inf, BIC +inf) gets no probability from either vote
     logits[0, -1], bics[0, -1] = -math.inf, math.inf
     log_p = k_log_posterior(logits[:1], bics[:1], n[:1], posterior)
     assert float(log_p[0, -1].exp()) == 0.0 and float(log_p.exp().sum()) == pytest.approx(1.0)
+
+
+def test_where_the_votes_agree_the_pool_is_surer_than_either_and_a_floored_bic_cannot_overrule_a_sure_head():
+    head = torch.log(torch.tensor([[0.6, 0.3, 0.1]], dtype=torch.float64))
+    bics = torch.tensor([[0.0, 4.0, 8.0]], dtype=torch.float64)  # the BIC's vote, λ = 1: 0.84, 0.11, 0.02
+    n = torch.tensor([256.0], dtype=torch.float64)
+    posterior = KPosterior(1.0, 1.0, 1.0, bic_floor=-20.0)  # floor ~0: the product of the two votes
+    p = k_log_posterior(head, bics, n, posterior).exp()[0]
+    vote = torch.softmax(-bics[0] / 2, -1)
+    torch.testing.assert_close(p, torch.softmax(head[0], -1) * vote / (torch.softmax(head[0], -1) * vote).sum())
+    assert float(p[0]) > max(0.6, float(vote[0]))
+    # a BIC sure of k = 3 (gap 1000) against a head sure of k = 1: with a floor of 1/2 it moves the head's
+    # log-odds by at most log((1/2 + 1/6) / (1/6)) = log 4
+    sure_head = torch.tensor([[6.0, 0.0, 0.0]], dtype=torch.float64)
+    wrong_bics = torch.tensor([[1000.0, 1000.0, 0.0]], dtype=torch.float64)
+    p = k_log_posterior(sure_head, wrong_bics, n, KPosterior(1.0, 1.0, 1.0, bic_floor=0.0)).exp()[0]
+    assert float(p[0]) > 0.9 and float(torch.log(p[2] / p[1])) == pytest.approx(math.log(4), rel=1e-6)
 
 
 def test_bic_counts_the_tied_spherical_mixtures_parameters():

@@ -439,7 +439,7 @@ def test_em_steps_polish_the_models_assignment(fake_export: Path) -> None:
 def test_auto_k_from_the_count_head(tmp_path: Path, fake_export: Path) -> None:
     from emformer.train.export.command import export_run
 
-    run = make_fake_run(tmp_path / "run", ("task.k=2", "task.k_max=4", "model.count_head=true"))
+    run = make_fake_run(tmp_path / "run", ("task.k=2", "task.k_max=4", "model.count_head=true", "eval.episodes=48"))
     export = export_run(run, tmp_path / "export")
     X, _ = _blobs(40, 4, 3, 5.0, seed=10)
     clusterer = Clusterer.from_pretrained(export, n_clusters="auto", random_state=0)
@@ -447,11 +447,12 @@ def test_auto_k_from_the_count_head(tmp_path: Path, fake_export: Path) -> None:
     assert sorted(k_proba) == [2, 3, 4] and sum(k_proba.values()) == pytest.approx(1.0)
     clusterer.fit(X)
     assert clusterer.n_clusters_ == max(k_proba, key=k_proba.get) and clusterer.k_proba_ == pytest.approx(k_proba)
-    # The export fitted P(k | X) on the eval set and measured it on the test set; the Clusterer mixes the
+    # The export fitted P(k | X) on the eval set and measured it on the test set; the Clusterer pools the
     # count logits' and the BIC's votes on k with it.
     calibration = clusterer.config["count_head"]
     assert calibration["temperature"] > 0 and calibration["bic_weight"] >= 0
-    assert isinstance(calibration["bic_share"], float) and isinstance(calibration["bic_share_per_log_n"], float)
+    assert calibration["bic_pool"] >= 0
+    assert isinstance(calibration["bic_floor"], float) and isinstance(calibration["bic_floor_per_log_n"], float)
     assert calibration["fitted_on"]["seed"] != calibration["test"]["seed"]
     assert 0 <= calibration["test"]["ece"] <= 1 and 0 <= calibration["test_count_head_alone"]["k_accuracy"] <= 1
     ks, logits, bics = clusterer.k_evidence(X)

@@ -12,8 +12,8 @@ import torch
 from emformer.models.export_format import CONFIG_FILE, count_posterior
 
 TEMPLATE = Path(__file__).with_name("model_card.md.j2")
-SHARE_AT = (32, 256, 1024)
-"""the n at which the card gives the BIC's share of P(k | X)"""
+FLOOR_AT = (32, 256, 1024)
+"""the n at which the card gives the floor of the BIC's vote in P(k | X)"""
 
 
 def _fmt(value: Any) -> str:
@@ -51,15 +51,15 @@ def model_card(config: dict[str, Any], where: str = "EXPORT_DIR") -> str:
         separation=_span(task["separation"], task["separation_max"]), span=_span,
         err_minus_em=err - err_em, em_iters=run_eval.get("em_iters", "?"),
         defaults=", ".join(f"{key}={value}" for key, value in (config.get("clusterer_defaults") or {}).items()),
-        count=config.get("count_head"), shares=_bic_shares(config),
+        count=config.get("count_head"), floors=_bic_floors(config),
         default_passes=int((config.get("clusterer_defaults") or {}).get("n_passes",
                                                                         config["architecture"].get("passes", 1))),
     )
 
 
-def _bic_shares(config: dict[str, Any]) -> Optional[str]:
-    """The BIC's share of P(k | X) at a few n ("w(32) = 0.12, ..."), None without one."""
+def _bic_floors(config: dict[str, Any]) -> Optional[str]:
+    """The floor of the BIC's vote in P(k | X) at a few n ("ε(32) = 0.12, ..."), None without the BIC."""
     posterior = count_posterior(config, CONFIG_FILE)
-    if posterior.bic_share is None:
+    if not posterior.uses_bic:
         return None
-    return ", ".join(f"w({n}) = {float(posterior.share(torch.tensor(float(n)))):.2f}" for n in SHARE_AT)
+    return ", ".join(f"ε({n}) = {float(posterior.floor(torch.tensor(float(n)))):.2f}" for n in FLOOR_AT)

@@ -48,7 +48,8 @@ def test_card_of_an_iterating_model_with_a_calibrated_count_head():
     config = copy.deepcopy(CONFIG)
     config["architecture"].update(passes=8, passes_min=1, count_head=True)
     figures = {"k_accuracy": 0.8125, "mean_confidence": 0.79, "ece": 0.031, "nll": 0.5}
-    config["count_head"] = {"temperature": 1.7, "bic_weight": 0.42, "bic_share": 0.5, "bic_share_per_log_n": 1.0,
+    config["count_head"] = {"temperature": 1.7, "bic_weight": 0.42, "bic_pool": 2.5, "bic_floor": 0.5,
+                            "bic_floor_per_log_n": 1.0,
                             "fitted_on": {"seed": 1000000000, "episodes": 512},
                             "test": {"seed": 1000000001, "episodes": 512, **figures},
                             "test_count_head_alone": {**figures, "k_accuracy": 0.6, "ece": 0.2}}
@@ -59,9 +60,10 @@ def test_card_of_an_iterating_model_with_a_calibrated_count_head():
     assert "| started from (trainer.init_from) | runs/stage-1 |\n" in model_card(config, "exports/it")
     past = model_card({**config, "clusterer_defaults": {"n_passes": 16}}, "exports/it")
     assert "It runs 16 passes by default" in past and "trained with 1 to 8 passes a batch; its clusterer_defaults" in past
-    assert "T = 1.7" in card and "λ = 0.42" in card and "k accuracy 0.8125" in card and "ECE 0.2" in card
-    # w(n) = sigmoid(0.5 + log(n / 256)): 0.5 + log(1/8) = -1.58 at n = 32, 0.5 at 256, 0.5 + log 4 at 1024
-    assert "a = 0.5, b = 1" in card and "w(32) = 0.17, w(256) = 0.62, w(1024) = 0.87" in card
-    del config["count_head"]["bic_share"]  # no BIC share: the temperature-scaled count head alone
+    assert "T = 1.7" in card and "λ = 0.42" in card and "β = 2.5" in card
+    assert "k accuracy 0.8125" in card and "ECE 0.2" in card
+    # ε(n) = sigmoid(0.5 + log(n / 256)): 0.5 + log(1/8) = -1.58 at n = 32, 0.5 at 256, 0.5 + log 4 at 1024
+    assert "a = 0.5, b = 1" in card and "ε(32) = 0.17, ε(256) = 0.62, ε(1024) = 0.87" in card
+    del config["count_head"]["bic_pool"]  # no BIC in the pool: the temperature-scaled count head alone
     card = model_card(config, "exports/it")
-    assert "P(k | X) = softmax(logit_k / T)" in card and "w(n)" not in card
+    assert "P(k | X) = softmax(logit_k / T)" in card and "ε(n)" not in card

@@ -360,3 +360,22 @@ def test_rescore_remeasures_the_test_figures_in_place_and_keeps_added_sections(t
     assert "rescored" in capsys.readouterr().out
     assert cli_main(["export", str(export), "--rescore", "--out", str(tmp_path / "x")]) == 2
     assert "--rescore: takes an export directory alone" in capsys.readouterr().err
+
+
+def test_rescore_refits_p_k_of_x_as_a_fresh_export_would_even_from_a_retired_form(tmp_path):
+    """A count-head export whose count_head is in the mixture form an earlier emformer wrote does not load;
+    `--rescore` refits it in place, to what a fresh export of the same run writes, and then it loads."""
+    from emformer.models.export_format import read_export_config, write_export_config
+
+    run = make_fake_run(tmp_path / "run", ("task.k=2", "task.k_max=4", "model.count_head=true", "eval.episodes=48"))
+    export = export_run(run, tmp_path / "export")
+    config = read_export_config(export)
+    fresh = config["count_head"]
+    config["count_head"] = {"temperature": 0.8, "bic_weight": 0.5, "bic_share": 0.2, "bic_share_per_log_n": 0.1}
+    write_export_config(export, config)
+    with pytest.raises(CheckpointError, match="count_head.bic_share: .* --rescore"):
+        Clusterer.from_pretrained(export, n_clusters="auto")
+    assert cli_main(["export", str(export), "--rescore"]) == 0
+    refit = read_export_config(export)["count_head"]
+    assert refit == fresh and refit["fitted_on"]["episodes"] == 2 * config["training"]["run_config"]["eval"]["episodes"]
+    assert Clusterer.from_pretrained(export, n_clusters="auto").k_posterior.uses_bic
