@@ -260,12 +260,8 @@ def unknown_k_table(model: str, count: int, info: dict[str, Any]) -> tuple[dict[
     clusterer = Clusterer.from_pretrained(model)
     results: dict[str, dict[str, list]] = {m: {"conf": [], "correct": [], "cpu": []} for m in K_METHODS}
     for index, (X, y, k) in enumerate(items):
-        for method in results:
-            start = time.process_time()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                proba = k_proba(method, clusterer, X, ks, index)
-            results[method]["cpu"].append(time.process_time() - start)
+        for method, (proba, cpu) in k_probas(clusterer, X, ks, index).items():
+            results[method]["cpu"].append(cpu)
             best = max(proba, key=proba.get)
             results[method]["conf"].append(proba[best])
             results[method]["correct"].append(best == k)
@@ -287,7 +283,8 @@ def unknown_k_table(model: str, count: int, info: dict[str, Any]) -> tuple[dict[
             f"{info['task'].get('separation_max') or info['task']['separation']}]); BIC over the same k range:\n\n"
             + markdown_table(["method", "k accuracy", "mean confidence", "ECE",
                               f"ECE, {ECE_BOOTSTRAP_LEVEL:.0%} bootstrap interval", "CPU s / episode"], rows)
-            + f"\n\nThe interval resamples the episodes ({ECE_BOOTSTRAP_DRAWS} draws, percentiles): a 10-bin ECE on a "
+            + "\n\nThe emformer rows share one `k_evidence` per episode (count logits and the BIC of each k), so "
+            "their CPU column is that one cost." + f" The interval resamples the episodes ({ECE_BOOTSTRAP_DRAWS} draws, percentiles): a 10-bin ECE on a "
             "few hundred episodes carries a few hundredths of sampling noise of its own."
             + "\n\n" + blobs_text)
     return figures, text
@@ -312,15 +309,27 @@ K_METHODS = ("emformer auto k: P(k | X)", "emformer count head alone", "emformer
 the BIC of its tied spherical EM, P(k) ∝ exp(−BIC_k / 2)), and scikit-learn's mixtures with P(k) ∝ exp(−BIC_k / 2)"""
 
 
-def k_proba(method: str, clusterer: Any, X: np.ndarray, ks: list[int], seed: int) -> dict[int, float]:
-    """P(k | X) of one K_METHODS row."""
-    if method == "emformer auto k: P(k | X)":
-        return clusterer.predict_k_proba(X)
-    if method.startswith("emformer"):
+def k_probas(clusterer: Any, X: np.ndarray, ks: list[int], seed: int) -> dict[str, tuple[dict[int, float], float]]:
+    """P(k | X) of every K_METHODS row with its CPU seconds. The emformer rows share one `k_evidence` (the count
+    logits and the BIC of each k: what `predict_k_proba` computes), so each shows that one cost."""
+    from emformer.models.calibration import k_log_posterior
+
+    out: dict[str, tuple[dict[int, float], float]] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        start = time.process_time()
         kk, logits, bics = clusterer.k_evidence(X)
-        score = logits if "count head" in method else -(bics - bics.min()) / 2
-        return dict(zip(kk, torch.softmax(score.double(), -1).tolist()))
-    return gmm_bic(X, ks, "spherical" if "spherical" in method else "full", seed)[1]
+        cpu = time.process_time() - start
+        votes = {K_METHODS[0]: k_log_posterior(logits, bics, torch.tensor(float(len(X))), clusterer.k_posterior),
+                 K_METHODS[1]: torch.log_softmax(logits.double(), -1),
+                 K_METHODS[2]: torch.log_softmax(-(bics.double() - bics.min()) / 2, -1)}
+        for method, log_p in votes.items():
+            out[method] = dict(zip(kk, log_p.exp().tolist())), cpu
+        for method in K_METHODS[3:]:
+            start = time.process_time()
+            proba = gmm_bic(X, ks, "spherical" if "spherical" in method else "full", seed)[1]
+            out[method] = proba, time.process_time() - start
+    return out
 
 
 def blobs_k_accuracy(clusterer: Any, ks: list[int], seeds: int) -> tuple[dict[str, Any], str]:
@@ -334,10 +343,7 @@ def blobs_k_accuracy(clusterer: Any, ks: list[int], seeds: int) -> tuple[dict[st
             right[method][c] = 0
         for seed in range(seeds):
             X, _ = make_blobs(300, centers=c, n_features=5, random_state=seed)
-            for method in right:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    proba = k_proba(method, clusterer, X, ks, seed)
+            for method, (proba, _) in k_probas(clusterer, X, ks, seed).items():
                 right[method][c] += int(max(proba, key=proba.get) == c)
     rows = [[method] + [f"{counts[c]} / {seeds}" for c in counts] + [f"{sum(counts.values())} / {5 * seeds}"]
             for method, counts in right.items()]
