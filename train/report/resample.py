@@ -179,8 +179,12 @@ class _Draws:
             groups.setdefault((own, len(obs.episodes[entry])), []).append(entry)
         for (_, size), entries in sorted(groups.items(), key=lambda kv: repr(kv[0])):
             matrix = np.stack([obs.episodes[e] for e in entries])  # [m, E]
-            picks = rng.integers(0, size, size=(n_boot, size)) + size * np.arange(n_boot)[:, None]
-            weights = np.bincount(picks.ravel(), minlength=n_boot * size).reshape(n_boot, size) / size
+            picks = rng.integers(0, size, size=(n_boot, size))
+            # row by row: the same counts as one bincount over offset picks, without its n_boot·size temporaries
+            weights = np.empty((n_boot, size))
+            for b, row in enumerate(picks):
+                weights[b] = np.bincount(row, minlength=size)
+            weights /= size
             for entry, row in zip(entries, matrix @ weights.T):  # [m, n_boot]
                 self.means[entry] = row
 
