@@ -261,9 +261,10 @@ set to the next"""
 
 
 def count_calibration(model: Any, config: dict[str, Any], run: RunConfig) -> dict[str, Any]:
-    """P(k | X)'s calibration (models/calibration.py), fitted on the run's eval seed (the eval set the checkpoint
-    was selected on, extended to COUNT_FIT_SCALE times its size; never the test set) through the Clusterer the export will be; k accuracy and ECE on the test
-    set with it, and of the count head alone (its softmax, T = 1)."""
+    """P(k | X)'s calibration (models/calibration.py), fitted on the run's eval seed (the eval set the
+    checkpoint was selected on, extended to COUNT_FIT_SCALE times its size; never the test set) through the
+    Clusterer the export will be; k accuracy and ECE on the test set with it, and of the count head alone (its
+    softmax, T = 1)."""
     task = run.task
     # the evidence alone: whatever count_head the config holds already (an older fit) plays no part
     clusterer = Clusterer(model, {key: value for key, value in config.items() if key != COUNT_HEAD},
