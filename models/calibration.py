@@ -19,9 +19,9 @@ without bound and the fitted λ shrinks until the BIC decides nothing. A mixture
 vote, measured before this pool, is bounded too but cannot be sure where the two agree nor unsure where they
 disagree: under-confident in the one case, over-confident in the other; BENCHMARKS.md's unknown-k table.)
 β = None is the temperature-scaled count head alone (Guo et al. 2017: one T fixes the confidence without
-moving the argmax). The export fits (T, λ, β, a, b) by maximum likelihood on the run's eval set and measures
-the expected calibration error on its test set (train/export/command.py); the Clusterer applies what its
-config.json holds.
+moving the argmax). The export fits (T, λ, β, a, b) by maximum likelihood on the run's eval seed (twice
+the eval set's episodes) and measures the expected calibration error on its test set (train/export/command.py);
+the Clusterer applies what its config.json holds.
 """
 from __future__ import annotations
 
@@ -110,7 +110,9 @@ def k_log_posterior(logits: torch.Tensor, bics: Optional[torch.Tensor], n: Optio
     floor = posterior.floor(n)[..., None]
     possible = finite.sum(-1, keepdim=True).clamp(min=1).double()
     floored = torch.logaddexp(torch.log(floor) - torch.log(possible), torch.log1p(-floor) + vote)
-    return torch.log_softmax(head + posterior.bic_pool * floored.masked_fill(~finite, -math.inf), -1)
+    # an impossible k is masked after the weighting: β = 0 times its −inf would be nan
+    pooled = head + posterior.bic_pool * floored.masked_fill(~finite, 0.0)
+    return torch.log_softmax(pooled.masked_fill(~finite, -math.inf), -1)
 
 
 def posterior_nll(logits: torch.Tensor, bics: Optional[torch.Tensor], n: Optional[torch.Tensor],

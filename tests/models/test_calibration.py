@@ -1,6 +1,7 @@
 """The count head's calibration: ECE, and the temperature that fits held-out episodes."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -65,6 +66,9 @@ def test_the_bic_decides_where_it_is_right_and_a_wrong_bic_costs_a_bounded_price
     logits[0, -1], bics[0, -1] = -math.inf, math.inf
     log_p = k_log_posterior(logits[:1], bics[:1], n[:1], posterior)
     assert float(log_p[0, -1].exp()) == 0.0 and float(log_p.exp().sum()) == pytest.approx(1.0)
+    # β = 0: the BIC weighs nothing, the head decides alone, and the impossible k stays impossible (not nan)
+    zero = k_log_posterior(logits[:1], bics[:1], n[:1], dataclasses.replace(posterior, bic_pool=0.0))
+    torch.testing.assert_close(zero, k_log_posterior(logits[:1], None, None, KPosterior(posterior.temperature)))
 
 
 def test_where_the_votes_agree_the_pool_is_surer_than_either_and_a_floored_bic_cannot_overrule_a_sure_head():

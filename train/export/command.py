@@ -200,9 +200,7 @@ def rescore_export(export_dir: str | Path) -> Path:
     config (config.json), and refit its P(k | X) (count_calibration) when it has a count head, rewriting its
     eval row, count_head and card; weights and the other files stay as they are."""
     export_dir = resolve_model_dir(export_dir)
-    config = read_export_config(export_dir)
-    config.pop(COUNT_HEAD, None)  # refitted below; an older form of it may not even load
-    model, config = load_exported_model(export_dir, config=config)
+    model, config = load_exported_model(export_dir)
     where = f"{export_dir / CONFIG_FILE}: training.run_config"
     run = to_run_config(config["training"]["run_config"], where=where)
     task = run.task.validate(where + ".task")
