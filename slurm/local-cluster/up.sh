@@ -3,6 +3,7 @@
 #
 #   sudo slurm/local-cluster/up.sh              # installs munge + slurm if missing, writes the config, starts daemons
 #   sudo slurm/local-cluster/up.sh --nodes 2    # nodes n1, n2: one slurmd each, on this host
+#   sudo slurm/local-cluster/up.sh --fresh      # a controller it starts forgets the jobs an earlier one saved
 #   sudo slurm/local-cluster/down.sh            # cancels jobs, stops the daemons by pid file
 #
 # Exit status: 0 up, 3 SLURM cannot be installed here (no apt-get, or apt fails), 1 any other failure.
@@ -15,6 +16,9 @@
 # because Lightning takes MASTER_ADDR from the first node's name: up.sh adds `127.0.0.1 n1 .. nN` to
 # /etc/hosts when they do not (marked, and removed again by down.sh). One partition, `debug`.
 # Writes /etc/slurm/slurm.conf, but refuses to replace one it did not write (FORCE=1 overrides).
+# --fresh (the test suite's): a slurmctld that up.sh starts is started with -c, so the jobs in its saved state
+# are dropped. Without it, a controller killed while a job ran (a machine stopped mid-test) comes back with that
+# job still RUNNING on nodes that no longer run it, and it holds them until its time limit.
 set -euo pipefail
 
 MARKER="# written by emformer slurm/local-cluster/up.sh"
@@ -22,6 +26,7 @@ CONF=/etc/slurm/slurm.conf
 PARTITION=${PARTITION:-debug}
 HOST=$(hostname -s)
 NODES=${NODES:-1}
+FRESH=0
 
 . "$(dirname "$0")/lib.sh"  # say, alive, slurmd_pidfile, HOSTS_MARKER
 die() { echo "[local-cluster] error: $*" >&2; exit 1; }
@@ -30,8 +35,9 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --nodes) [ $# -ge 2 ] || die "--nodes needs a number"; NODES=$2; shift 2 ;;
         --nodes=*) NODES=${1#--nodes=}; shift ;;
+        --fresh) FRESH=1; shift ;;
         -h|--help) sed -n '2,/^set -euo/s/^# \{0,1\}//p' "$0"; exit 0 ;;
-        *) die "unknown argument '$1' (expected --nodes N)" ;;
+        *) die "unknown argument '$1' (expected --nodes N or --fresh)" ;;
     esac
 done
 [[ "$NODES" =~ ^[1-9][0-9]*$ ]] || die "--nodes: expected an integer >= 1, got '$NODES'"
@@ -168,8 +174,13 @@ if [ "$ours" != "${hosts_line:+$hosts_line  $HOSTS_MARKER}" ]; then
 fi
 
 if ! alive /run/slurm/slurmctld.pid slurmctld; then
-    say "starting slurmctld"
-    /usr/sbin/slurmctld
+    if [ "$FRESH" = 1 ]; then
+        say "starting slurmctld (--fresh: without the jobs of its saved state)"
+        /usr/sbin/slurmctld -c
+    else
+        say "starting slurmctld"
+        /usr/sbin/slurmctld
+    fi
 fi
 wait_for 20 "slurmctld (scontrol ping)" bash -c 'scontrol ping | grep -q UP'
 for name in "${node_names[@]}"; do

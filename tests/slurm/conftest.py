@@ -51,8 +51,9 @@ def slurm_cluster() -> Iterator[str]:
         reason = _why_not_startable()
         if reason:
             pytest.skip(f"no SLURM for the slurm tests: {reason}")
-        done = subprocess.run(["bash", str(LOCAL_CLUSTER / "up.sh"), "--nodes", str(NODES)], capture_output=True,
-                              text=True, timeout=UP_TIMEOUT_S)
+        # --fresh: a controller saved by a session killed mid-job would bring that job back, holding the nodes.
+        done = subprocess.run(["bash", str(LOCAL_CLUSTER / "up.sh"), "--nodes", str(NODES), "--fresh"],
+                              capture_output=True, text=True, timeout=UP_TIMEOUT_S)
         if done.returncode == 3:
             pytest.skip(f"no SLURM for the slurm tests: up.sh cannot install it here: {done.stderr.strip()}")
         if done.returncode != 0:

@@ -44,7 +44,13 @@ def wait_for(what: str, condition: Callable[[], Any], timeout: float = WAIT_S, p
         if value:
             return value
         time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; SLURM's queue:\n{_queue()}")
+
+
+def _queue() -> str:
+    """squeue with each job's state and why it waits (a job pending on Resources names what holds them)."""
+    done = subprocess.run(["squeue", "-a", "-o", "%.12i %.9T %.20R %.10M %.10l %N"], capture_output=True, text=True)
+    return done.stdout + done.stderr
 
 
 def states(sweep_dir: Path) -> list[str]:
