@@ -19,6 +19,7 @@ drop out of a draw silently. A bootstrap with too many such draws has no interva
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import replace
 from typing import Callable, Hashable, Mapping, Optional, Sequence, Union
@@ -158,6 +159,19 @@ far below any slope a study resolves, so an interval that reaches it is censored
 grid must not be narrowed to where the estimates happen to lie."""
 
 
+@functools.lru_cache(maxsize=64)
+def _asymptote_design(x: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(z = x^b on the grid [B, n], its row means, z centred, the clipped sum of its squares): the part of the
+    fit that depends on the x only, which every bootstrap draw of a study shares (read-only arrays)."""
+    z = np.asarray(x)[None, :] ** ASYMPTOTE_EXPONENTS[:, None]
+    zm = z.mean(1, keepdims=True)
+    centred = z - zm
+    spread = np.maximum((centred ** 2).sum(1), 1e-300)
+    for array in (z, zm, centred, spread):
+        array.setflags(write=False)
+    return z, zm, centred, spread
+
+
 def asymptote_fit(xs: Sequence[float], ys: Sequence[float]) -> Optional[tuple[float, float, float]]:
     """Least-squares (L_∞, a, b) of y = L_∞ + a·x^b with L_∞ free; None with < 3 points or no decay (a ≤ 0).
 
@@ -167,9 +181,9 @@ def asymptote_fit(xs: Sequence[float], ys: Sequence[float]) -> Optional[tuple[fl
     if len(x) < 3 or len(set(x.tolist())) < 3 or not np.all(np.isfinite(y)) or np.any(x <= 0):
         return None
     scale = x.min()  # x / min(x) keeps x^b within [small, 1] for every b of the grid
-    z = (x[None, :] / scale) ** ASYMPTOTE_EXPONENTS[:, None]
-    zm, ym = z.mean(1, keepdims=True), y.mean()
-    a = ((z - zm) * (y - ym)).sum(1) / np.maximum(((z - zm) ** 2).sum(1), 1e-300)
+    z, zm, centred, spread = _asymptote_design(tuple((x / scale).tolist()))
+    ym = y.mean()
+    a = (centred * (y - ym)).sum(1) / spread
     c = ym - a * zm[:, 0]
     rss = ((y[None, :] - c[:, None] - a[:, None] * z) ** 2).sum(1)
     i = int(np.argmin(rss))
