@@ -48,8 +48,9 @@ SEED = 5_000_011
 SECTION_TITLE = "## The pretrained clusterer on data nobody trained it on"
 EM_ITERS = 100
 MARGIN = 0.01
-FULL = {"episodes": 8, "task_episodes": 120, "share_episodes": 512, "k_episodes": 512}
-QUICK = {"episodes": 2, "task_episodes": 8, "share_episodes": 8, "k_episodes": 8}
+FULL = {"episodes": 8, "task_episodes": 120, "share_episodes": 512, "k_episodes": 512, "points": None}
+QUICK = {"episodes": 2, "task_episodes": 4, "share_episodes": 8, "k_episodes": 8, "points": 96}
+"""points: the ARI table's data sets cut to this many points (quick: a check of the script, not a figure)"""
 SHARE_SES = 2.0
 """the model's own share: a difference from EM beyond this many paired standard errors is a verdict"""
 BLOBS_SEEDS = 10
@@ -104,8 +105,10 @@ def real(name: str, d: int, classes: Optional[int] = None) -> list:
     return [(X, y, len(np.unique(y)))]
 
 
-def data_sets(episodes: int, d_model: int) -> dict[str, list]:
-    return {
+def data_sets(episodes: int, d_model: int, points: Optional[int] = None) -> dict[str, list]:
+    """name -> [(X, y, k)]; `points`: each set cut to that many of its points (a fixed random subset; k is
+    still the set's)."""
+    sets = {
         "blobs k=3 d=2 σ=1": blobs(episodes, 100, 300, 3, 2, 1.0),
         "blobs k=5 d=8 σ=2.5": blobs(episodes, 200, 400, 5, 8, 2.5),
         "blobs k=4 d=4 σ∈{0.5,1,2,3}": blobs(episodes, 300, 400, 4, 4, [0.5, 1.0, 2.0, 3.0]),
@@ -118,6 +121,14 @@ def data_sets(episodes: int, d_model: int) -> dict[str, list]:
         f"digits 0–7 (PCA {d_model}) k=8": real("digits", d_model, classes=8),
         f"digits (PCA {d_model}) k=10": real("digits", d_model),
     }
+    if points is None:
+        return sets
+    rng = np.random.default_rng(0)
+    cut = {}
+    for name, items in sets.items():
+        keeps = [np.sort(rng.permutation(len(X))[:points]) for X, _, _ in items]
+        cut[name] = [(X[keep], y[keep], k) for (X, y, k), keep in zip(items, keeps)]
+    return cut
 
 
 # ------------------------------------------------------------------------------------------ methods
@@ -202,12 +213,13 @@ def methods(model: str, ks: list[int], k_max: int, info: dict[str, Any]
 
 
 # ------------------------------------------------------------------------------------------ figures
-def main_table(model: str, episodes: int, info: dict[str, Any]) -> tuple[dict[str, Any], str]:
+def main_table(model: str, episodes: int, info: dict[str, Any], points: Optional[int] = None
+               ) -> tuple[dict[str, Any], str]:
     from sklearn.metrics import adjusted_rand_score
 
     ks = list(range(info["k_min"], info["k_max"] + 1))
     table = methods(model, ks, info["k_max"], info)
-    sets = data_sets(episodes, info["d"])
+    sets = data_sets(episodes, info["d"], points)
     figures: dict[str, Any] = {}
     rows_ari, rows_time = [], []
     for name, items in sets.items():
@@ -549,7 +561,7 @@ def run(model: str = "emformer-gmm-small", quick: bool = False, heading: bool = 
             ("polish", "EM polish (em_steps) and restarts (n_init)",
              lambda: polish_table(model, sizes["task_episodes"], info)),
             ("table", "Adjusted Rand index and time on data nobody trained it on",
-             lambda: main_table(model, sizes["episodes"], info))):
+             lambda: main_table(model, sizes["episodes"], info, sizes["points"]))):
         progress(f"pretrained: {title}")
         figures[key], text = work()
         parts += [f"### {title}", "", text, ""]
