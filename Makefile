@@ -6,6 +6,9 @@ PIP    := $(PY) -m pip
 # Pinned CPU wheel: an unpinned torch pulls a several-GB CUDA build. GPU users install their torch
 # into .venv first (see README); `setup` keeps any torch that is already there.
 TORCH  ?= torch==2.13.0
+# pytest-xdist workers for `make test` (one test file per worker, so a module's fixtures are built once). Each
+# test runs one torch thread, so 2 keeps CI's 2 cores busy; the DDP and SLURM tests start 2 processes of their own.
+TEST_WORKERS ?= 2
 
 .PHONY: setup demo study study-replication pretrained test test-fast bench clean-demo
 setup: $(VENV)/.installed
@@ -43,7 +46,7 @@ pretrained: setup
 	$(PY) benchmarks/bench_pretrained.py --write BENCHMARKS.md
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not slurm" tests
