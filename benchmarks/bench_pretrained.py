@@ -269,7 +269,8 @@ def unknown_k_table(model: str, count: int, info: dict[str, Any]) -> tuple[dict[
 
     items = task_episodes(count, SEED, **own_task(info))
     ks = list(range(info["k_min"], info["k_max"] + 1))
-    clusterer = Clusterer.from_pretrained(model, random_state=0)  # its tied EM draws k-means++ starts: fixed, as at export
+    # random_state: its tied EM draws k-means++ starts; fixed, as at export, so the table is reproducible
+    clusterer = Clusterer.from_pretrained(model, random_state=0)
     results: dict[str, dict[str, list]] = {m: {"conf": [], "correct": [], "cpu": []} for m in K_METHODS}
     for index, (X, y, k) in enumerate(items):
         for method, (proba, cpu) in k_probas(clusterer, X, ks, index).items():
