@@ -445,6 +445,9 @@ def test_auto_k_from_the_count_head(tmp_path: Path, fake_export: Path) -> None:
     clusterer = Clusterer.from_pretrained(export, n_clusters="auto", random_state=0)
     k_proba = clusterer.predict_k_proba(X)
     assert sorted(k_proba) == [2, 3, 4] and sum(k_proba.values()) == pytest.approx(1.0)
+    # the BIC's tied-EM starts come from random_state: a seeded Clusterer gives the same P(k | X) every time
+    # (docs/export.md)
+    assert Clusterer.from_pretrained(export, n_clusters="auto", random_state=0).predict_k_proba(X) == k_proba
     clusterer.fit(X)
     assert clusterer.n_clusters_ == max(k_proba, key=k_proba.get) and clusterer.k_proba_ == pytest.approx(k_proba)
     # The export fitted P(k | X) on the eval set and measured it on the test set; the Clusterer pools the
