@@ -8,14 +8,32 @@ import numpy as np
 import pytest
 import torch
 
-from emformer.models.calibration import (KPosterior, bic, count_figures, expected_calibration_error, fit_k_posterior,
-                                         k_log_posterior)
+from emformer.models.calibration import (KPosterior, bic, calibrated_ece_quantile, count_figures,
+                                         expected_calibration_error, fit_k_posterior, k_log_posterior)
 
 
 def test_expected_calibration_error_is_the_binned_gap_between_accuracy_and_confidence():
     assert expected_calibration_error(np.array([0.9] * 10), np.array([1] * 9 + [0], dtype=float)) == pytest.approx(0.0)
     assert expected_calibration_error(np.array([0.9] * 10), np.zeros(10)) == pytest.approx(0.9)
     assert expected_calibration_error(np.array([0.55, 0.95]), np.array([1.0, 1.0])) == pytest.approx(0.5 * 0.45 + 0.5 * 0.05)
+
+
+def test_the_calibrated_ece_quantile_is_the_ece_that_sampling_alone_gives():
+    rng = np.random.default_rng(1)
+    confidence = rng.uniform(0.3, 1.0, 512)
+    band = calibrated_ece_quantile(confidence, draws=400, seed=2)
+    # the same draws through expected_calibration_error, one at a time
+    correct = np.random.default_rng(2).random((400, 512)) < confidence
+    slow = [expected_calibration_error(confidence, c) for c in correct]
+    assert band == pytest.approx(float(np.quantile(slow, 0.95)), abs=1e-12)
+    # a calibrated predictor's ECE on fresh cases stays below it about 95% of the time; one 0.15 over-confident
+    # does not, and more cases narrow it
+    fresh = [expected_calibration_error(confidence, rng.random(512) < confidence) for _ in range(400)]
+    assert 0.9 < np.mean(np.array(fresh) <= band) < 0.99
+    assert expected_calibration_error(confidence, rng.random(512) < confidence - 0.15) > band
+    assert calibrated_ece_quantile(rng.uniform(0.3, 1.0, 4096), draws=400) < band / 2
+    with pytest.raises(ValueError, match="calibrated_ece_quantile: confidences \\[N\\]"):
+        calibrated_ece_quantile(np.zeros((2, 2)))
 
 
 @pytest.mark.parametrize("true_temperature", [0.5, 3.0])
