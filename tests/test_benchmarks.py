@@ -295,7 +295,7 @@ def test_pretrained_bench_runs_at_tiny_sizes():
     assert share["per_k"]["all"]["episodes"] == share["episodes"] and str(share["passes"]) in share["by_passes"]
     assert all(row["verdict_em_10"] in ("BEATS", "TIE", "LOSES") for row in share["per_k"].values())
     assert 0 <= figures["unknown_k"]["emformer auto k: P(k | X)"]["k_accuracy"] <= 1
-    assert all(0 < figures["unknown_k"][method]["ece_if_calibrated"] < 1 for method in bench_pretrained.K_METHODS)
+    assert all(0 <= figures["unknown_k"][method]["ece_if_calibrated"] < 1 for method in bench_pretrained.K_METHODS)
     assert set(figures["unknown_k"]["make_blobs"]) == set(bench_pretrained.K_METHODS)
     assert figures["table"]["digits (PCA 16) k=10"]["ari"]["emformer"] is None  # k above the model's slots
     assert all(row["ari"]["KMeans n_init=10"] is not None for row in figures["table"].values())
