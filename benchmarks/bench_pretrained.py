@@ -300,8 +300,8 @@ def unknown_k_table(model: str, count: int, info: dict[str, Any]) -> tuple[dict[
             + "\n\nThe emformer rows share one `k_evidence` per episode (count logits and the BIC of each k), so "
             "their CPU column is that one cost." + f" The interval resamples the episodes ({ECE_BOOTSTRAP_DRAWS} draws, percentiles): a 10-bin ECE on a "
             "few hundred episodes carries a few hundredths of sampling noise of its own. \"ECE if calibrated\": "
-            "the 95th percentile of the ECE that a perfectly calibrated P(k | X) with the same confidences shows on these "
-            "episodes (each pick right with probability its confidence; `calibrated_ece_quantile`, 2000 draws): an "
+            "the 95th percentile of the ECE that a perfectly calibrated P(k | X) with the same confidences shows on "
+            "these episodes (each pick right with probability its confidence; `calibrated_ece_quantile`, 2000 draws): an "
             "ECE below it is what sampling alone gives."
             + "\n\n" + blobs_text)
     return figures, text
