@@ -367,8 +367,20 @@ def _identity(points: Sequence[Point] | Sequence[dict[str, Any]]) -> list[tuple[
     return [(p.id, p.name) if isinstance(p, Point) else (int(p["id"]), str(p["name"])) for p in points]
 
 
+def _keep_ids(old: Sequence[dict[str, Any]], points: list[Point]) -> list[Point]:
+    """The points of a spec that extends the one which made `old` (every old run still in it, new ones added):
+    each old run keeps its id (a SLURM array or a launch record in flight names runs by id), the new runs take
+    the ids after them in the spec's order."""
+    ids = {str(p["name"]): int(p["id"]) for p in old}
+    fresh = itertools.count(max(ids.values(), default=-1) + 1)
+    kept = [dataclasses.replace(p, id=ids[p.name] if p.name in ids else next(fresh)) for p in points]
+    return sorted(kept, key=lambda p: p.id)
+
+
 def prepare_sweep(spec: SweepSpec, out: str | Path | None = None) -> Sweep:
-    """Create (or re-open) the sweep dir; refuse one that a different spec made."""
+    """Create (or re-open) the sweep dir; refuse one that a different spec made. A spec that only adds runs
+    to the one that made it (new points or seeds, every old run unchanged) extends it: the old runs keep their
+    ids and results, so a committed study grows a family without re-running the rest."""
     points = expand_points(spec)
     sweep_dir = Path(out) if out is not None else Path("sweeps") / spec.name
     if rundir.index_path(sweep_dir).is_file():
@@ -376,10 +388,13 @@ def prepare_sweep(spec: SweepSpec, out: str | Path | None = None) -> Sweep:
         if _identity(old) != _identity(points):
             old_names = {p["name"] for p in old}
             new_names = {p.name for p in points}
-            raise ConfigError(
-                f"{sweep_dir} was made by a different sweep spec ({len(new_names - old_names)} new points, "
-                f"{len(old_names - new_names)} missing, e.g. {sorted(new_names ^ old_names)[:2] or 'order differs'}); "
-                "refusing to mix them: choose another --out or remove that directory")
+            if old_names - new_names:
+                raise ConfigError(
+                    f"{sweep_dir} was made by a different sweep spec ({len(new_names - old_names)} new points, "
+                    f"{len(old_names - new_names)} missing, e.g. {sorted(old_names - new_names)[:2]}); "
+                    "refusing to mix them: choose another --out or remove that directory (a spec that only "
+                    "adds points extends a sweep)")
+            points = _keep_ids(old, points)
     elif sweep_dir.exists() and any(sweep_dir.iterdir()):
         raise ConfigError(f"{sweep_dir} exists, is not empty and holds no sweep (no index.json): choose another --out")
     for point in points:

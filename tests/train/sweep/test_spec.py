@@ -112,6 +112,34 @@ def test_a_sweep_dir_of_another_spec_is_refused(tmp_path: Path, capsys: pytest.C
     assert "not a sweep directory" in capsys.readouterr().err
 
 
+def test_a_spec_that_only_adds_runs_extends_the_sweep_and_keeps_every_old_id(tmp_path: Path) -> None:
+    """How a committed study grows a family: new points and seeds join, every old run keeps its id (a SLURM
+    array or launch record in flight names runs by id), its config and its files; dropping a run is refused."""
+    def spec(depths: list[int], seeds: list[int]) -> Path:
+        return write_spec(tmp_path, overrides={"trainer.max_steps": 20}, grid={"model.depth": depths,
+                                                                               "model.heads": [1, 2]}, seeds=seeds)
+
+    sweep_dir = tmp_path / "s"
+    old = prepare_sweep(load_spec(spec([1, 2], [0])), sweep_dir)
+    marker = old.run_dir(old.points[3]) / "DONE"
+    marker.write_text("{}")
+    wider = prepare_sweep(load_spec(spec([1, 2, 4], [0, 1])), sweep_dir)
+    ids = {p.name: p.id for p in wider.points}
+    assert all(ids[p.name] == p.id for p in old.points)
+    assert sorted(ids.values()) == list(range(12)) and [p.id for p in wider.points] == sorted(ids.values())
+    assert marker.read_text() == "{}"
+    assert [(p["id"], p["name"]) for p in json.loads((sweep_dir / "index.json").read_text())["points"]] == [
+        (p.id, p.name) for p in wider.points]
+    assert {p.id for p in load_sweep(sweep_dir).points} == set(range(12))
+    todo, skipped = points_to_run(wider)
+    assert skipped == {"done": [3]} and len(todo) == 11
+    # re-opening with the wider spec is a resume: the same ids again
+    again = prepare_sweep(load_spec(spec([1, 2, 4], [0, 1])), sweep_dir)
+    assert [(p.id, p.name) for p in again.points] == [(p.id, p.name) for p in wider.points]
+    with pytest.raises(ConfigError, match="4 missing.*refusing to mix.*only adds points extends"):
+        prepare_sweep(load_spec(spec([2, 4], [0, 1])), sweep_dir)
+
+
 @pytest.mark.slow
 def test_local_backend_runs_k_at_a_time_and_resumes_a_crashed_point(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
