@@ -147,6 +147,12 @@ _NEUTRAL_AT = {"task": {"d_min": None, "n_log": False, "standardize": False, "di
                "data": {"buckets": 0}, "trainer": {"init_from": None}}
 
 
+def neutral_defaults() -> dict[str, Any]:
+    """Dotted key -> value of the keys that joined the config after runs were made (_NEUTRAL_AT): a run whose
+    config.yaml lacks one ran at this value, as its name (the hash leaves a neutral value out) says."""
+    return {f"{section}.{key}": value for section, keys in _NEUTRAL_AT.items() for key, value in keys.items()}
+
+
 def configs_root(config_path: Path) -> Path:
     """The folder holding config groups beside a file: the nearest ancestor with a `task/` or `model/` dir."""
     for folder in [config_path.parent, *config_path.parent.parents]:

@@ -18,6 +18,7 @@ import yaml
 
 from emformer.errors import ConfigError
 from emformer.train import rundir
+from emformer.train.config import neutral_defaults
 from emformer.train.extensions import hashed_callbacks
 
 DONE, PARTIAL, NO_METRICS, MISSING = "done", "partial", "no metrics", "missing"
@@ -39,7 +40,7 @@ _IGNORED_KEYS = {
 SHORT_NAMES = {
     "N": "N", "model.depth": "L", "model.heads": "M", "model.width": "D", "task.separation": "Δ",
     "task.k": "k", "task.n": "n", "task.d": "d", "task.init": "init", "task.weights": "weights",
-    "task.noise": "noise", "task.init_noise": "ρ", "trainer.max_steps": "steps",
+    "task.noise": "noise", "task.init_noise": "ρ", "trainer.max_steps": "steps", "model.passes": "T",
 }
 
 
@@ -111,7 +112,10 @@ class RunRecord:
 
 
 def point_values(run: RunRecord) -> dict[str, Any]:
-    values = {k: v for k, v in run.flat.items()
+    # a key newer than the run's config.yaml is at its neutral value there: runs made before and after it
+    # joined are one point when they agree (and a sweep does not seem to vary it)
+    flat = {**neutral_defaults(), **run.flat}
+    values = {k: v for k, v in flat.items()
               if k not in _IGNORED_KEYS and k not in SEED_KEYS and not k.startswith(_IGNORED_PREFIXES)}
     values["N"] = run.pool_size
     # as in the run's name: callbacks that only observe (LearningRateMonitor ...) do not make another point
