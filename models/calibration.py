@@ -42,21 +42,26 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins
     """Σ_b (n_b / N) |accuracy_b − confidence_b| over equal-width confidence bins: the confidence is the
     probability of the predicted class, `correct` whether the prediction was right."""
     confidence, correct = np.asarray(confidence, dtype=np.float64), np.asarray(correct, dtype=np.float64)
-    which = _confidence_bins(confidence, bins)
-    total = 0.0
-    for b in range(bins):
+    return float(_binned_ece(confidence, correct[None], bins)[0])
+
+
+def _binned_ece(confidence: np.ndarray, correct: np.ndarray, bins: int) -> np.ndarray:
+    """The ECE of confidences [N] against each row of outcomes `correct` [D, N]: [D]. The bins hang on the
+    confidences alone, so they are the same for every row."""
+    which = np.clip(np.digitize(confidence, np.linspace(0, 1, bins + 1)[1:-1]), 0, bins - 1)
+    ece = np.zeros(len(correct))
+    for b in np.unique(which):
         inside = which == b
-        if inside.any():
-            total += inside.mean() * abs(correct[inside].mean() - confidence[inside].mean())
-    return float(total)
+        ece += inside.mean() * np.abs(correct[:, inside].mean(1) - confidence[inside].mean())
+    return ece
 
 
-def _confidence_bins(confidence: np.ndarray, bins: int) -> np.ndarray:
-    """each confidence's equal-width bin, 0 .. bins − 1"""
-    return np.clip(np.digitize(confidence, np.linspace(0, 1, bins + 1)[1:-1]), 0, bins - 1)
+CALIBRATED_ECE_LEVEL = 0.95
+CALIBRATED_ECE_DRAWS = 2000
 
 
-def calibrated_ece_quantile(confidence: np.ndarray, level: float = 0.95, draws: int = 2000, seed: int = 0) -> float:
+def calibrated_ece_quantile(confidence: np.ndarray, level: float = CALIBRATED_ECE_LEVEL,
+                            draws: int = CALIBRATED_ECE_DRAWS, seed: int = 0) -> float:
     """The `level` quantile of the ECE that a perfectly calibrated predictor with these confidences shows on this
     many cases (each right with probability its confidence; `draws` simulations): an ECE below it is what
     sampling alone gives, so the data cannot tell the predictor from a calibrated one."""
@@ -65,12 +70,7 @@ def calibrated_ece_quantile(confidence: np.ndarray, level: float = 0.95, draws: 
         raise ValueError(f"calibrated_ece_quantile: confidences [N], N >= 1, and a level in (0, 1) expected, got "
                          f"shape {confidence.shape} and level {level}")
     correct = np.random.default_rng(seed).random((draws, len(confidence))) < confidence
-    which = _confidence_bins(confidence, ECE_BINS)
-    ece = np.zeros(draws)
-    for b in np.unique(which):  # the bins hang on the confidences alone, the same in every draw
-        inside = which == b
-        ece += inside.mean() * np.abs(correct[:, inside].mean(1) - confidence[inside].mean())
-    return float(np.quantile(ece, level))
+    return float(np.quantile(_binned_ece(confidence, correct.astype(np.float64), ECE_BINS), level))
 
 
 N_REF = 256
