@@ -272,6 +272,7 @@ def test_passes_against_em_iterations_verdicts_follow_the_episodes(tmp_path):
     assert result.figures["passes"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     (row,) = [c for c in result.checks if c.name.startswith("passes against EM iterations")]
     assert "loses to em at t ∈ {1}" in row.sentence and "beats em at t ∈ {3}" in row.sentence
+    assert row.verdict == "—"  # mixed over t: no one verdict (one where every t agrees)
 
     plain = tmp_path / "plain"
     make_run(plain / "runs", ["data.source=fresh"], 0)
