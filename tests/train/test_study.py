@@ -1,6 +1,6 @@
-"""`emformer study`: the shipped spec has what the study needs (five seeds, four checks), and the command runs end to end at a
-microscopic size, resumes (skips finished runs from their small files alone) and rebuilds the same report
-from committed-style run directories (no checkpoints)."""
+"""`emformer study`: the shipped spec has what the study needs (five seeds, four checks and passes against EM), and
+the command runs end to end at a microscopic size, resumes (skips finished runs from their small files alone)
+and rebuilds the same report from committed-style run directories (no checkpoints)."""
 from __future__ import annotations
 
 import math
@@ -45,6 +45,9 @@ def test_the_study_spec_covers_the_four_checks_from_five_seeds():
     heads = {c.model.heads for c in fresh if c.task.init_noise == 0.3 and c.task.separation == 3.0 and c.model.depth == 2}
     deltas = {c.task.separation for c in fresh if c.model.heads == 2 and c.model.depth == 2 and c.task.init_noise == 0.3}
     assert depth == {1, 2, 4, 8} and heads == {1, 2, 4, 8} and deltas == {float(d) for d in range(1, 7)}
+    # passes against EM iterations: one point trained to iterate, the depth family's L = 2 otherwise
+    (looped,) = [c for c in fresh if c.model.passes > 1]
+    assert looped.model.depth == 2 and looped.task.init_noise == 1.0 and looped.model.passes == 4
 
 
 TINY = """\
@@ -159,3 +162,19 @@ def test_the_readme_leads_with_the_replication_table_that_emformer_replication_w
     assert readme.index(replication.START) < readme.index("## The two commands")
     assert f"{replication.START}\n{text}{replication.END}" in readme
     assert (REPO / "docs" / "replication.md").read_text().endswith(text)
+
+
+SMALL_RUN_FILES = {"DONE", "config.yaml", "meta.json", "metrics.jsonl", "episodes.npz"}
+
+
+@pytest.mark.parametrize("committed_dir", [COMMITTED, REPLICATION], ids=lambda d: d.name)
+def test_a_committed_study_holds_each_run_s_small_files_only(committed_dir):
+    """What git holds of a committed study (a fresh clone has nothing else): per run, the files the report and a
+    re-run need; never a checkpoint, console log, per-run figure or local launch record."""
+    listed = subprocess.run(["git", "ls-files", str(committed_dir.relative_to(REPO))], cwd=REPO,
+                            capture_output=True, text=True)
+    if listed.returncode != 0:
+        pytest.skip(f"not a git checkout: {listed.stderr.strip()}")
+    runs = [Path(line) for line in listed.stdout.splitlines() if "/sweep/runs/" in line]
+    assert runs and {path.name for path in runs} == SMALL_RUN_FILES
+    assert not [line for line in listed.stdout.splitlines() if "/sweep/local/" in line]
