@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import time
@@ -40,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from common import REPO, fmt, markdown_table, progress, write_report  # noqa: E402
+from common import REPO, fmt, machine_info, machine_markdown, markdown_table, progress, write_report  # noqa: E402
 
 from emformer.models.calibration import (CALIBRATED_ECE_DRAWS, CALIBRATED_ECE_LEVEL,  # noqa: E402
                                           calibrated_ece_quantile, expected_calibration_error)
@@ -562,7 +563,8 @@ def run(model: str = "emformer-gmm-small", quick: bool = False, heading: bool = 
     sizes = QUICK if quick else FULL
     export_dir, info = model_info(model)
     figures: dict[str, Any] = {}
-    parts = [SECTION_TITLE, "", f"Command: `{command(model, quick)}`", ""] if heading else []
+    machine = machine_info() if heading else None
+    parts = []
     for key, title, work in (
             ("curve", "Learning curve per k", lambda: curve_table(export_dir, info)),
             ("share", "The model's own share: the model alone against EM from the same start, per k",
@@ -576,6 +578,10 @@ def run(model: str = "emformer-gmm-small", quick: bool = False, heading: bool = 
         progress(f"pretrained: {title}")
         figures[key], text = work()
         parts += [f"### {title}", "", text, ""]
+    if machine is not None:  # written alone (not by run_all, whose header names the machine): say where
+        load_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+        parts = [SECTION_TITLE, "", f"Command: `{command(model, quick)}`, on this machine (the file's header is "
+                 "run_all's, which did not write this section):", "", machine_markdown(machine, load_end), "", *parts]
     return figures, "\n".join(parts)
 
 

@@ -289,8 +289,11 @@ def test_pretrained_bench_section_rewrite_and_paired_verdicts(tmp_path):
 def test_pretrained_bench_runs_at_tiny_sizes():
     import bench_pretrained
 
-    figures, text = bench_pretrained.run(quick=True, heading=False)
-    assert set(figures) == {"curve", "share", "unknown_k", "polish", "table"} and bench_pretrained.SECTION_TITLE not in text
+    figures, text = bench_pretrained.run(quick=True)  # as --write: the section names the machine it ran on
+    assert set(figures) == {"curve", "share", "unknown_k", "polish", "table"} and text.startswith(bench_pretrained.SECTION_TITLE)
+    header = text[:text.index("### ")]
+    assert "bench_pretrained.py --model emformer-gmm-small --quick" in header and "- CPU: " in header
+    assert "- code: git " in header and "load average" in header
     share = figures["share"]
     assert share["per_k"]["all"]["episodes"] == share["episodes"] and str(share["passes"]) in share["by_passes"]
     assert all(row["verdict_em_10"] in ("BEATS", "TIE", "LOSES") for row in share["per_k"].values())
