@@ -178,10 +178,13 @@ def fit_k_posterior(logits: torch.Tensor, target: torch.Tensor, bics: Optional[t
 
 def count_figures(logits: torch.Tensor, target: torch.Tensor, posterior: KPosterior = KPosterior(),
                   bics: Optional[torch.Tensor] = None, n: Optional[torch.Tensor] = None) -> dict[str, float]:
-    """k accuracy, mean confidence, ECE and NLL of `k_log_posterior` against `target` (indices)."""
+    """k accuracy, mean confidence, ECE and NLL of `k_log_posterior` against `target` (indices), and the ECE a
+    perfectly calibrated P(k | X) with the same confidences stays under on as many episodes
+    (`calibrated_ece_quantile`): what the ECE is to be read against."""
     proba = k_log_posterior(logits, bics, n, posterior).exp()
     confidence, pred = proba.max(-1)
     correct = (pred == target.long()).double()
     return {"k_accuracy": float(correct.mean()), "mean_confidence": float(confidence.mean()),
             "ece": expected_calibration_error(confidence.numpy(), correct.numpy()),
+            "ece_if_calibrated": calibrated_ece_quantile(confidence.double().numpy()),
             "nll": posterior_nll(logits, bics, n, target, posterior)}

@@ -48,6 +48,10 @@ def test_the_fitted_temperature_undoes_over_and_under_confidence(true_temperatur
     before, after = count_figures(logits, target), count_figures(logits, target, posterior)
     assert after["k_accuracy"] == before["k_accuracy"]  # the argmax does not move
     assert after["ece"] < 0.03 < before["ece"] and after["nll"] < before["nll"]
+    # the calibrated reference: the miscalibrated head's ECE is far above it, the fitted one's about at it
+    confidence = torch.softmax(calibrated, -1).max(-1).values.numpy()
+    assert after["ece_if_calibrated"] == pytest.approx(calibrated_ece_quantile(confidence), rel=0.2)
+    assert before["ece"] > 2 * before["ece_if_calibrated"] and after["ece"] < 2 * after["ece_if_calibrated"]
 
 
 def test_fit_k_posterior_refuses_mismatched_shapes():

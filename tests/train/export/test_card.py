@@ -64,6 +64,12 @@ def test_card_of_an_iterating_model_with_a_calibrated_count_head():
     assert "k accuracy 0.8125" in card and "ECE 0.2" in card
     # ε(n) = sigmoid(0.5 + log(n / 256)): 0.5 + log(1/8) = -1.58 at n = 32, 0.5 at 256, 0.5 + log 4 at 1024
     assert "a = 0.5, b = 1" in card and "ε(32) = 0.17, ε(256) = 0.62, ε(1024) = 0.87" in card
+    assert "perfectly calibrated" not in card  # an export from before the figure was recorded
+    config["count_head"]["test"]["ece_if_calibrated"] = 0.0547
+    config["count_head"]["test_count_head_alone"]["ece_if_calibrated"] = 0.0624
+    card = model_card(config, "exports/it")
+    assert ("error (10 bins) 0.0310 (a perfectly calibrated P(k | X) with the same confidences shows up to 0.0547 on "
+            "as many episodes: its 95th percentile)") in card and "ECE 0.2000 (calibrated: up to 0.0624)" in card
     del config["count_head"]["bic_pool"]  # no BIC in the pool: the temperature-scaled count head alone
     card = model_card(config, "exports/it")
     assert "P(k | X) = softmax(logit_k / T)" in card and "ε(n)" not in card
