@@ -178,7 +178,9 @@ def report(figures: dict[str, Any], tables: dict[str, str], seconds: dict[str, f
         lines += ["> **--quick run**: tiny sizes and a 30-step model. These figures check that the scripts work; "
                   "they measure nothing. `make bench` gives the real ones.", ""]
     lines += [f"Written by `{command}` in {total / 60:.1f} min ({', '.join(f'{k} {v:.0f} s' for k, v in seconds.items())}). "
-              "Every figure below was measured in that run, on this machine:", "", machine_markdown(info, load_end), "",
+              f"The figures of the sections it measured ({', '.join(seconds)}) were measured in that run, on this "
+              "machine (a section one bench script rewrote alone since names its own):", "",
+              machine_markdown(info, load_end), "",
               "Wall-clock rates depend on the load: on a shared machine they are lower bounds.", ""]
     if carried:
         lines += [f"Not re-measured by that command, carried over as they were from the previous report (each "

@@ -194,6 +194,8 @@ def test_run_all_carries_every_kept_section_over(tmp_path, monkeypatch):
     assert run_all.main(["--sections", "data", "--out", str(out)]) == 0
     text = out.read_text()
     assert "old tables" not in text and hand in text and gpu in text
+    # the header claims its machine for the sections it measured, not for every figure in the file
+    assert "The figures of the sections it measured (data) were measured in that run" in text
 
 
 def test_gpu_check_without_a_gpu_says_so(tmp_path):
