@@ -43,7 +43,7 @@ import torch  # noqa: E402
 
 from common import REPO, fmt, machine_info, machine_markdown, markdown_table, progress, write_report  # noqa: E402
 
-from emformer.models.calibration import (CALIBRATED_ECE_DRAWS, CALIBRATED_ECE_LEVEL,  # noqa: E402
+from emformer.models.calibration import (CALIBRATED_ECE_DRAWS, CALIBRATED_ECE_PERCENTILE,  # noqa: E402
                                           calibrated_ece_quantile, expected_calibration_error)
 
 SEED = 5_000_011
@@ -301,20 +301,19 @@ def unknown_k_table(model: str, count: int, info: dict[str, Any]) -> tuple[dict[
             f"{info['task'].get('separation_max') or info['task']['separation']}]); BIC over the same k range:\n\n"
             + markdown_table(["method", "k accuracy", "mean confidence", "ECE",
                               f"ECE, {ECE_BOOTSTRAP_LEVEL:.0%} bootstrap interval",
-                              f"ECE if calibrated, {CALIBRATED_PCT}th pct.", "CPU s / episode"], rows)
+                              f"ECE if calibrated, {CALIBRATED_ECE_PERCENTILE}th pct.", "CPU s / episode"], rows)
             + "\n\nThe emformer rows share one `k_evidence` per episode (count logits and the BIC of each k), so "
             f"their CPU column is that one cost. The interval resamples the episodes ({ECE_BOOTSTRAP_DRAWS} draws, "
             "percentiles): a 10-bin ECE on a few hundred episodes carries a few hundredths of sampling noise of its "
-            f"own, hence this many episodes. \"ECE if calibrated\": the {CALIBRATED_PCT}th percentile of the ECE that "
-            "a perfectly calibrated P(k | X) with the same confidences shows on these episodes (each pick right with "
-            f"probability its confidence; `calibrated_ece_quantile`, {CALIBRATED_ECE_DRAWS} draws): an ECE below it "
-            "is what sampling alone gives."
+            f"own, hence this many episodes. \"ECE if calibrated\": the {CALIBRATED_ECE_PERCENTILE}th percentile of "
+            "the ECE that a perfectly calibrated P(k | X) with the same confidences shows on these episodes (each pick "
+            f"right with probability its confidence; `calibrated_ece_quantile`, {CALIBRATED_ECE_DRAWS} draws): an ECE "
+            "below it is what sampling alone gives."
             + "\n\n" + blobs_text)
     return figures, text
 
 
 ECE_BOOTSTRAP_DRAWS = 2000
-CALIBRATED_PCT = round(CALIBRATED_ECE_LEVEL * 100)
 ECE_BOOTSTRAP_LEVEL = 0.95
 
 

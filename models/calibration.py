@@ -57,6 +57,8 @@ def _binned_ece(confidence: np.ndarray, correct: np.ndarray, bins: int) -> np.nd
 
 
 CALIBRATED_ECE_LEVEL = 0.95
+CALIBRATED_ECE_PERCENTILE = round(100 * CALIBRATED_ECE_LEVEL)
+"""the level as the percentile the bench's table and the model card name"""
 CALIBRATED_ECE_DRAWS = 2000
 
 
@@ -186,5 +188,5 @@ def count_figures(logits: torch.Tensor, target: torch.Tensor, posterior: KPoster
     correct = (pred == target.long()).double()
     return {"k_accuracy": float(correct.mean()), "mean_confidence": float(confidence.mean()),
             "ece": expected_calibration_error(confidence.numpy(), correct.numpy()),
-            "ece_if_calibrated": calibrated_ece_quantile(confidence.double().numpy()),
+            "ece_if_calibrated": calibrated_ece_quantile(confidence.numpy()),
             "nll": posterior_nll(logits, bics, n, target, posterior)}

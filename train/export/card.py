@@ -9,7 +9,7 @@ from typing import Any, Optional
 import jinja2
 import torch
 
-from emformer.models.calibration import CALIBRATED_ECE_LEVEL
+from emformer.models.calibration import CALIBRATED_ECE_PERCENTILE
 from emformer.models.export_format import CONFIG_FILE, count_posterior
 
 TEMPLATE = Path(__file__).with_name("model_card.md.j2")
@@ -52,7 +52,7 @@ def model_card(config: dict[str, Any], where: str = "EXPORT_DIR") -> str:
         separation=_span(task["separation"], task["separation_max"]), span=_span,
         err_minus_em=err - err_em, em_iters=run_eval.get("em_iters", "?"),
         defaults=", ".join(f"{key}={value}" for key, value in (config.get("clusterer_defaults") or {}).items()),
-        count=config.get("count_head"), floors=_bic_floors(config), calibrated_pct=round(100 * CALIBRATED_ECE_LEVEL),
+        count=config.get("count_head"), floors=_bic_floors(config), calibrated_pct=CALIBRATED_ECE_PERCENTILE,
         default_passes=int((config.get("clusterer_defaults") or {}).get("n_passes",
                                                                         config["architecture"].get("passes", 1))),
     )
