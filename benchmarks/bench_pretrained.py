@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 import time
@@ -41,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from common import REPO, fmt, machine_info, machine_markdown, markdown_table, progress, write_report  # noqa: E402
+from common import (REPO, fmt, load_average, machine_info, machine_markdown, markdown_table, progress,  # noqa: E402
+                    write_report)
 
 from emformer.models.calibration import (CALIBRATED_ECE_DRAWS, CALIBRATED_ECE_PERCENTILE,  # noqa: E402
                                           calibrated_ece_quantile, expected_calibration_error)
@@ -578,9 +578,9 @@ def run(model: str = "emformer-gmm-small", quick: bool = False, heading: bool = 
         figures[key], text = work()
         parts += [f"### {title}", "", text, ""]
     if machine is not None:  # written alone (not by run_all, whose header names the machine): say where
-        load_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
         parts = [SECTION_TITLE, "", f"Command: `{command(model, quick)}`, on this machine (the file's header is "
-                 "run_all's, which did not write this section):", "", machine_markdown(machine, load_end), "", *parts]
+                 "run_all's, which did not write this section):", "", machine_markdown(machine, load_average()), "",
+                 *parts]
     return figures, "\n".join(parts)
 
 

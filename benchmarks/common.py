@@ -91,6 +91,11 @@ def gpu_description() -> Optional[str]:
     return ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
 
 
+def load_average() -> Optional[float]:
+    """The 1-minute load average; None where the OS has none."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
 def machine_info() -> dict[str, Any]:
     import torch
 
@@ -99,7 +104,7 @@ def machine_info() -> dict[str, Any]:
         "memory_gib": _memory_gib(), "gpu": gpu_description(), "platform": platform.platform(),
         "python": platform.python_version(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
         "numpy": _version("numpy"), "scikit-learn": _version("scikit-learn"), "lightning": _version("lightning"),
-        "git_commit": git_commit(), "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "git_commit": git_commit(), "load_avg_1m": load_average(),
     }
 
 

@@ -33,9 +33,9 @@ from typing import Any, Callable, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from emformer.train import rundir  # noqa: E402
-from common import (CACHE, REPO, TrainedModel, kept_sections, machine_info, machine_markdown,  # noqa: E402
-                    progress, replace_section, resolved_hash, save_json, trained_model, usable_cpus,
-                    write_report)
+from common import (CACHE, REPO, TrainedModel, kept_sections, load_average, machine_info,  # noqa: E402
+                    machine_markdown, progress, replace_section, resolved_hash, save_json, trained_model,
+                    usable_cpus, write_report)
 
 SECTIONS = ("data", "train", "inference", "quality", "pretrained")
 REFERENCE = "configs/reference.yaml"
@@ -172,7 +172,7 @@ def report(figures: dict[str, Any], tables: dict[str, str], seconds: dict[str, f
     report) fills the sections not run this time, with their `carried_remarks`, marked as carried."""
     carried = carried or {}
     total = sum(seconds.values())
-    load_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    load_end = load_average()
     lines = ["# Benchmarks", ""]
     if quick:
         lines += ["> **--quick run**: tiny sizes and a 30-step model. These figures check that the scripts work; "
